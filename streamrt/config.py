@@ -1,0 +1,150 @@
+"""Typed, frozen configuration of one stream.
+
+A :class:`StreamConfig` holds everything that decides the *shape* of the stream's state (resolution,
+denoising steps, frames per step, CFG mode) plus the few scalars that can change between frames
+without re-allocating anything (guidance scale, delta). Two streams with equal configs have
+identically shaped buffers, so a config is also the key for captured CUDA graphs and engines.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+
+class CfgType(str, enum.Enum):
+    """How classifier-free guidance is computed (see DESIGN.md section 2, step 4).
+
+    - ``NONE``: no guidance; one UNet row per batch row.
+    - ``FULL``: classic CFG; the batch is doubled with negative-prompt rows.
+    - ``SELF``: residual CFG (RCFG); the unconditional prediction is ``delta * stock_noise``.
+    - ``INITIALIZE``: RCFG whose stock noise is re-seeded by F extra negative-prompt rows per call.
+    """
+
+    NONE = "none"
+    FULL = "full"
+    SELF = "self"
+    INITIALIZE = "initialize"
+
+
+@dataclass(frozen=True)
+class SimilarityFilterConfig:
+    """Skip frames that barely differ from the last processed input.
+
+    Args:
+        enabled (`bool`, defaults to `False`): turn the filter on.
+        threshold (`float`, defaults to `0.98`): cosine similarity above which frames may be skipped.
+        max_skip (`int`, defaults to `10`): never skip more than this many frames in a row.
+    """
+
+    enabled: bool = False
+    threshold: float = 0.98
+    max_skip: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"similarity threshold must be in (0, 1), got {self.threshold}")
+        if self.max_skip < 0:
+            raise ValueError(f"similarity max_skip must be >= 0, got {self.max_skip}")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Configuration of a stream.
+
+    Args:
+        width (`int`, defaults to `512`): image width in pixels; a multiple of 8.
+        height (`int`, defaults to `512`): image height in pixels; a multiple of 8.
+        t_index_list (`tuple[int, ...]`, defaults to `(32, 45)`): indices into the LCM schedule of
+            ``num_inference_steps`` timesteps, one per denoising step (``n = len(t_index_list)``).
+        num_inference_steps (`int`, defaults to `50`): length of the LCM schedule the indices point into.
+        frames_per_step (`int`, defaults to `1`): F, input frames consumed per call.
+        cfg_type (`CfgType`, defaults to `CfgType.SELF`): guidance mode.
+        guidance_scale (`float`, defaults to `1.2`): CFG scale; guidance only happens when > 1.
+        delta (`float`, defaults to `1.0`): RCFG strength of the virtual negative (``self``/``initialize``).
+        do_add_noise (`bool`, defaults to `True`): re-noise the latents carried to the next step.
+        seed (`int`, defaults to `2`): seed of the fixed stream noise.
+        similarity_filter (`SimilarityFilterConfig`): optional skipping of near-identical frames.
+    """
+
+    width: int = 512
+    height: int = 512
+    t_index_list: tuple[int, ...] = (32, 45)
+    num_inference_steps: int = 50
+    frames_per_step: int = 1
+    cfg_type: CfgType = CfgType.SELF
+    guidance_scale: float = 1.2
+    delta: float = 1.0
+    do_add_noise: bool = True
+    seed: int = 2
+    similarity_filter: SimilarityFilterConfig = field(default_factory=SimilarityFilterConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
+        object.__setattr__(self, "cfg_type", CfgType(self.cfg_type))
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value <= 0 or value % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+        if not self.t_index_list:
+            raise ValueError("t_index_list must name at least one timestep index")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        bad = [t for t in self.t_index_list if not 0 <= t < self.num_inference_steps]
+        if bad:
+            raise ValueError(
+                f"t_index_list entries {bad} are outside the schedule: each must be in "
+                f"[0, {self.num_inference_steps - 1}] for num_inference_steps={self.num_inference_steps}"
+            )
+        if list(self.t_index_list) != sorted(self.t_index_list):
+            raise ValueError(f"t_index_list must be increasing (noisiest step first), got {list(self.t_index_list)}")
+        if self.frames_per_step < 1:
+            raise ValueError(f"frames_per_step must be >= 1, got {self.frames_per_step}")
+        if self.delta < 0:
+            raise ValueError(f"delta must be >= 0, got {self.delta}")
+
+    # Derived sizes -------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        """n, the number of denoising steps in flight."""
+        return len(self.t_index_list)
+
+    @property
+    def batch_rows(self) -> int:
+        """B = n * F, rows of the denoising batch."""
+        return self.num_steps * self.frames_per_step
+
+    @property
+    def guided(self) -> bool:
+        """Whether guidance is applied at all (a scale <= 1 turns every cfg_type into ``none``)."""
+        return self.cfg_type is not CfgType.NONE and self.guidance_scale > 1.0
+
+    @property
+    def uncond_rows(self) -> int:
+        """Negative-prompt rows placed before the B conditional rows in the UNet batch."""
+        if not self.guided:
+            return 0
+        if self.cfg_type is CfgType.FULL:
+            return self.batch_rows
+        if self.cfg_type is CfgType.INITIALIZE:
+            return self.frames_per_step
+        return 0
+
+    @property
+    def unet_rows(self) -> int:
+        """Rows of the UNet batch (what an engine or CUDA graph is built for)."""
+        return self.batch_rows + self.uncond_rows
+
+    @property
+    def uses_stock_noise(self) -> bool:
+        """RCFG keeps a stock noise for ``self`` and ``initialize``."""
+        return self.cfg_type in (CfgType.SELF, CfgType.INITIALIZE)
+
+    def shape_key(self) -> tuple:
+        """Everything that changes buffer shapes or the captured step (not the live scalars)."""
+        return (self.width, self.height, self.t_index_list, self.num_inference_steps,
+                self.frames_per_step, self.cfg_type, self.guided, self.do_add_noise)
+
+    def with_(self, **changes) -> "StreamConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)

@@ -1,0 +1,49 @@
+"""Checking and normalising image frames at the stream's boundary.
+
+Frames are ``[N, H, W, C]`` float tensors in ``[0, 1]`` (the layout of video frames and of ComfyUI's
+IMAGE). One channel is repeated to RGB and an alpha channel is dropped; anything else is refused.
+All functions return views where they can, so nothing is copied before the stream's own staging
+buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FrameError(ValueError):
+    """Input frames the stream cannot use; the message names the problem."""
+
+
+def as_rgb_frames(frames: torch.Tensor, *, width: int | None = None, height: int | None = None,
+                  check_finite: bool = True) -> torch.Tensor:
+    """Validate ``frames`` and return an ``[N, H, W, 3]`` floating view of them.
+
+    Raises:
+        FrameError: not a tensor, wrong rank, empty batch, unsupported channel count, a size that is not
+            the stream's, or NaN/inf values.
+    """
+    if not isinstance(frames, torch.Tensor):
+        raise FrameError(f"frames must be a torch.Tensor [N, H, W, C], got {type(frames).__name__}")
+    if frames.dim() == 3:
+        frames = frames.unsqueeze(0)
+    if frames.dim() != 4:
+        raise FrameError(f"frames must have shape [N, H, W, C], got {tuple(frames.shape)}")
+    n, h, w, c = frames.shape
+    if n == 0:
+        raise FrameError("the batch of frames is empty")
+    if c == 1:
+        frames = frames.expand(n, h, w, 3)
+    elif c == 4:
+        frames = frames[..., :3]
+    elif c != 3:
+        raise FrameError(f"frames must have 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {c} "
+                         f"(shape {tuple(frames.shape)}; expected [N, H, W, C])")
+    if (width is not None and w != width) or (height is not None and h != height):
+        raise FrameError(f"frames are {w}x{h} but the stream is {width}x{height}; resize the frames or "
+                         f"configure the stream for {w}x{h}")
+    if not frames.dtype.is_floating_point:
+        raise FrameError(f"frames must be floating point in [0, 1], got {frames.dtype}")
+    if check_finite and not bool(torch.isfinite(frames).all()):
+        raise FrameError("frames contain NaN or infinite values")
+    return frames

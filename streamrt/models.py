@@ -1,0 +1,106 @@
+"""The models a stream runs: UNet, VAE (full or TAESD), CLIP text encoder, tokenizer, LCM schedule.
+
+:class:`StreamModels` is what every stream of one pipeline shares. It is built from diffusers
+components; loading from the files a user has lives in :mod:`streamrt.loading`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .prompts import PromptEncoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class StreamModels:
+    """The components of a streaming pipeline, on one device in one dtype.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel``.
+        vae: a diffusers ``AutoencoderKL`` or ``AutoencoderTiny`` (TAESD).
+        text_encoder: a transformers ``CLIPTextModel``.
+        tokenizer: the matching ``CLIPTokenizer``.
+        scheduler: a diffusers ``LCMScheduler`` (its config gives the noise schedule and prediction type).
+        identity (`dict`): what the weights are (files, LoRA set); engine and pipeline caches key on it.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    identity: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False).eval()
+        self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
+
+    # What the stream needs to know about the models ----------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def is_tiny_vae(self) -> bool:
+        return type(self.vae).__name__ == "AutoencoderTiny"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        cfg = self.vae.config
+        if self.is_tiny_vae:
+            return 2 ** sum(1 for _ in cfg.encoder_block_out_channels[1:])
+        return 2 ** (len(cfg.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def text_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "StreamModels":
+        """Move every module (in place) and return self."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        self.prompt_encoder.clear()
+        return self
+
+    # VAE in the stream's conventions: images in [-1, 1] NCHW, latents unscaled -----------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images in [-1, 1] (the VAE's mean for a full VAE: deterministic, no sampling)."""
+        if self.is_tiny_vae:
+            return self.vae.encode(images, return_dict=False)[0]
+        return self.vae.encode(images, return_dict=False)[0].mode()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in about [-1, 1] from (unscaled) latents."""
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    def predict(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                **unet_kwargs: Any) -> torch.Tensor:
+        """One UNet call; extra kwargs (SDXL ``added_cond_kwargs``, ControlNet residuals) pass through."""
+        return self.unet(sample, timesteps, encoder_hidden_states=embeds, return_dict=False, **unet_kwargs)[0]
