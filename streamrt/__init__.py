@@ -9,12 +9,13 @@ from .frames import FrameError, as_rgb_frames
 from .loading import ModelLoadError, load_diffusers_folder
 from .models import StreamModels
 from .schedule import StreamSchedule, build_schedule, lcm_boundary_scalings
+from .sessions import StreamRequest, StreamSessions
 from .stream import Stream, StreamBuffers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CfgType", "FrameError", "ModelLoadError", "SimilarityFilterConfig", "Stream", "StreamBuffers",
-    "StreamConfig", "StreamModels", "StreamSchedule", "as_rgb_frames", "build_schedule",
+    "StreamConfig", "StreamModels", "StreamRequest", "StreamSchedule", "StreamSessions", "as_rgb_frames", "build_schedule",
     "lcm_boundary_scalings", "load_diffusers_folder", "__version__",
 ]

@@ -1,0 +1,19 @@
+"""StreamRT's ComfyUI nodes: thin adapters between ComfyUI and the ``streamrt`` core."""
+
+from __future__ import annotations
+
+from .api import ComfyExtension, io
+from .loaders import LoadStreamPipeline
+from .sampler import StreamSampler
+
+NODES: list[type[io.ComfyNode]] = [LoadStreamPipeline, StreamSampler]
+
+
+class StreamRTExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> StreamRTExtension:
+    """ComfyUI's entry point for V3 node packs."""
+    return StreamRTExtension()

@@ -1,0 +1,120 @@
+"""The one module of the pack that touches ComfyUI: its public node API and runtime services.
+
+Everything ComfyUI-specific that the node modules need goes through here, so a ComfyUI release
+that moves something is a change in one file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+import comfy.model_management as model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.utils
+import folder_paths
+from comfy_api.latest import ComfyExtension, io  # noqa: F401  (re-exported for the node modules)
+
+logger = logging.getLogger(__name__)
+
+CATEGORY = "StreamRT"
+PIPELINE = io.Custom("STREAMRT_PIPELINE")
+
+
+def torch_device() -> torch.device:
+    """ComfyUI's compute device (honours --cpu and --cuda-device)."""
+    return model_management.get_torch_device()
+
+
+def diffusers_folders() -> list[str]:
+    """Diffusers model folders (holding model_index.json) under every ``models/diffusers`` path."""
+    found = set()
+    for base in folder_paths.get_folder_paths("diffusers"):
+        for root, _dirs, files in os.walk(base, followlinks=True):
+            if "model_index.json" in files:
+                found.add(os.path.relpath(root, base).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def resolve_diffusers_folder(name: str) -> str:
+    """Absolute path of a folder returned by :func:`diffusers_folders`."""
+    for base in folder_paths.get_folder_paths("diffusers"):
+        path = os.path.join(base, name)
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            return path
+    raise FileNotFoundError(f"diffusers model {name!r} was not found under models/diffusers")
+
+
+def taesd_folders() -> list[str]:
+    """Diffusers AutoencoderTiny folders (config.json + weights) under ``models/vae_approx``."""
+    found = set()
+    for base in folder_paths.get_folder_paths("vae_approx"):
+        for root, _dirs, files in os.walk(base, followlinks=True):
+            if "config.json" in files:
+                found.add(os.path.relpath(root, base).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def resolve_taesd_folder(name: str) -> str:
+    for base in folder_paths.get_folder_paths("vae_approx"):
+        path = os.path.join(base, name)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    raise FileNotFoundError(f"TAESD {name!r} was not found under models/vae_approx")
+
+
+class Progress:
+    """ComfyUI's progress bar plus the interrupt check, as one ``progress(done, total)`` callback."""
+
+    def __init__(self, total: int, node_id: str | None) -> None:
+        self._bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.update_absolute(done, total)
+        model_management.throw_exception_if_processing_interrupted()
+
+
+def check_interrupted() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel (never swallow it)."""
+    model_management.throw_exception_if_processing_interrupted()
+
+
+class MemoryWatch:
+    """Tells the pack when ComfyUI frees memory (``POST /free``, or room needed for other models).
+
+    ComfyUI only unloads what it tracks as a ``ModelPatcher``. The pack registers one patcher around
+    an empty module, sized like the pack's GPU use, each time it runs; when ComfyUI unloads it the
+    ``ON_DETACH`` callback releases the pack's pipelines and streams, and the next run reloads.
+    """
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self._patcher: comfy.model_patcher.ModelPatcher | None = None
+        # A detached patcher must outlive ComfyUI's unload loop: dropping its last reference inside
+        # the callback runs its finalizer, which edits the list ComfyUI is iterating.
+        self._retired: comfy.model_patcher.ModelPatcher | None = None
+
+    def _on_detach(self, patcher, unpatch_all: bool) -> None:
+        # ComfyUI also detaches (unpatch_all=False) when a loaded model is loaded again; only a real
+        # unload (free_memory -> model_unload) passes unpatch_all=True.
+        if unpatch_all and patcher is self._patcher:
+            logger.info("ComfyUI unloaded models: releasing StreamRT pipelines and streams")
+            self._retired, self._patcher = self._patcher, None
+            self._release(collect=False)
+
+    def keep_registered(self, size_bytes: int) -> None:
+        """Make sure ComfyUI counts the pack as a loaded model of ``size_bytes``."""
+        if self._patcher is None:
+            holder = torch.nn.Module()
+            patcher = comfy.model_patcher.ModelPatcher(holder, load_device=torch_device(),
+                                                       offload_device=model_management.unet_offload_device())
+            patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, self._on_detach)
+            self._patcher = patcher
+            model_management.load_models_gpu([patcher])
+        # Report the pipelines' real size as loaded, so ComfyUI's memory planning accounts for it.
+        self._patcher.size = max(int(size_bytes), 1)
+        self._patcher.model.model_loaded_weight_memory = self._patcher.size

@@ -1,0 +1,119 @@
+"""Stream Sampler: advance a persistent stream with this execution's frames (or txt2img)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..streamrt import CfgType, SimilarityFilterConfig, StreamConfig, StreamRequest
+from . import api
+from .api import io
+from .runtime import SESSIONS, PipelineHandle
+
+logger = logging.getLogger(__name__)
+
+
+def parse_t_index_list(text: str) -> tuple[int, ...]:
+    """``"32, 45"`` -> ``(32, 45)``, with an error that says what is wrong."""
+    try:
+        values = tuple(int(part) for part in text.replace(";", ",").split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"t_index_list must be comma-separated integers such as '32,45', got {text!r}") from None
+    if not values:
+        raise ValueError("t_index_list is empty: give at least one index, such as '32,45'")
+    return values
+
+
+class StreamSampler(io.ComfyNode):
+    """The stateful realtime sampler."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamRTSampler",
+            display_name="Stream Sampler (StreamRT)",
+            category=api.CATEGORY,
+            description=(
+                "Runs a StreamDiffusion-style stream whose state (latent buffer, noise, RCFG stock noise) "
+                "persists across queue executions. One frame per execution (e.g. a webcam) gives a coherent "
+                "stream, len(t_index_list)-1 frames behind the input. A batch of more frames than frames_per_step "
+                "(a video) is processed in one execution and returned aligned with the input frames. "
+                "Without an image it runs txt2img. Each sampler node keeps its own stream."),
+            inputs=[
+                api.PIPELINE.Input("pipeline", tooltip="From Load Stream Pipeline."),
+                io.Image.Input("image", optional=True,
+                               tooltip="Input frame(s). Leave unconnected for txt2img."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="Prompt. Changing it re-encodes once; an unchanged prompt is never re-encoded."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Negative prompt, used by cfg_type full and initialize."),
+                io.String.Input("t_index_list", default="32,45",
+                                tooltip="Denoising steps as indices into the LCM schedule, noisiest first. "
+                                        "Lower indices change the image more. One index per step in flight."),
+                io.Int.Input("num_inference_steps", default=50, min=1, max=1000,
+                             tooltip="Length of the LCM schedule that t_index_list indexes."),
+                io.Combo.Input("cfg_type", options=[c.value for c in CfgType], default=CfgType.SELF.value,
+                               tooltip="none: no guidance. full: classic CFG (2x UNet batch). self: residual CFG "
+                                       "(no extra UNet rows). initialize: RCFG seeded by negative-prompt rows."),
+                io.Float.Input("guidance_scale", default=1.2, min=0.0, max=20.0, step=0.05,
+                               tooltip="Guidance strength; guidance is off at 1.0 or below."),
+                io.Float.Input("delta", default=1.0, min=0.0, max=5.0, step=0.05,
+                               tooltip="RCFG strength of the virtual negative (cfg_type self/initialize)."),
+                io.Int.Input("seed", default=2, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the stream's fixed noise. Keep it fixed for a stable stream."),
+                io.Int.Input("frames_per_step", default=1, min=1, max=16,
+                             tooltip="Frames processed together per stream step (F). A batch must be a multiple."),
+                io.Int.Input("width", default=0, min=0, max=4096, step=8,
+                             tooltip="Stream width; 0 = the input's width (512 for txt2img)."),
+                io.Int.Input("height", default=0, min=0, max=4096, step=8,
+                             tooltip="Stream height; 0 = the input's height (512 for txt2img)."),
+                io.Boolean.Input("add_noise", default=True,
+                                 tooltip="Re-noise the latents carried to the next step (StreamDiffusion default)."),
+                io.Boolean.Input("similarity_filter", default=False,
+                                 tooltip="Skip frames nearly identical to the last processed one (saves GPU time "
+                                         "on static scenes; the previous output is repeated)."),
+                io.Float.Input("similarity_threshold", default=0.98, min=0.5, max=0.9999, step=0.001,
+                               tooltip="Cosine similarity above which frames may be skipped."),
+                io.Int.Input("similarity_max_skip", default=10, min=0, max=1000,
+                             tooltip="Never skip more than this many frames in a row."),
+                io.Boolean.Input("reset", default=False,
+                                 tooltip="Clear the stream state before this execution (buffer, stock noise, "
+                                         "frame counter). Turn off again to keep streaming."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="Output frame(s), same count as the input.")],
+            hidden=[io.Hidden.unique_id],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs) -> float:
+        # A stream advances on every execution: never reuse a cached output.
+        return float("nan")
+
+    @classmethod
+    def execute(cls, pipeline: PipelineHandle, prompt: str, negative_prompt: str, t_index_list: str,
+                num_inference_steps: int, cfg_type: str, guidance_scale: float, delta: float, seed: int,
+                frames_per_step: int, width: int, height: int, add_noise: bool, similarity_filter: bool,
+                similarity_threshold: float, similarity_max_skip: int, reset: bool,
+                image: torch.Tensor | None = None) -> io.NodeOutput:
+        if image is not None and image.dim() == 4:
+            height = height or int(image.shape[1])
+            width = width or int(image.shape[2])
+        config = StreamConfig(
+            width=width or 512, height=height or 512, t_index_list=parse_t_index_list(t_index_list),
+            num_inference_steps=num_inference_steps, frames_per_step=frames_per_step, cfg_type=cfg_type,
+            guidance_scale=guidance_scale, delta=delta, do_add_noise=add_noise, seed=seed,
+            similarity_filter=SimilarityFilterConfig(similarity_filter, similarity_threshold, similarity_max_skip),
+        )
+        models = pipeline.models()
+        stream = SESSIONS.stream(cls.hidden.unique_id, models,
+                                 StreamRequest(config, prompt, negative_prompt, reset=reset))
+        api.check_interrupted()
+        if image is None:
+            frames = stream.step(None)
+        elif image.shape[0] == frames_per_step:
+            frames = stream.step(image)
+        else:
+            frames = stream.process_video(image, progress=api.Progress(image.shape[0], cls.hidden.unique_id))
+        return io.NodeOutput(frames)
