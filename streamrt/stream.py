@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 
+#: ``eager`` runs the step op by op; ``cuda_graph`` captures the whole step (encode, UNet, scheduler
+#: math, decode) once per stream and replays it. A compiled UNet (see :mod:`streamrt.backends`) runs
+#: under either.
+BACKENDS = ("eager", "cuda_graph")
+
 
 @dataclass(eq=False)
 class StreamBuffers:
@@ -83,9 +88,15 @@ class Stream:
     """
 
     def __init__(self, models: StreamModels, config: StreamConfig, *, prompt: str | Weighted = "",
-                 negative_prompt: str = "") -> None:
+                 negative_prompt: str = "", backend: str = "eager") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        if backend != "eager" and models.device.type != "cuda":
+            raise ValueError(f"backend {backend!r} needs the models on a CUDA device, they are on {models.device}")
         self.models = models
         self.config = config
+        self.backend = backend
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         scale = models.vae_scale_factor
         if config.width % scale or config.height % scale:
             raise ValueError(f"width and height must be multiples of {scale} for this VAE, "
@@ -305,6 +316,38 @@ class Stream:
         self._denoise()
         self._decode_output()
 
+    def _run_device_step(self, txt2img: bool) -> None:
+        if self.backend == "eager":
+            self._device_step(txt2img)
+            return
+        graph = self._graphs.get(txt2img)
+        if graph is None:
+            graph = self._graphs[txt2img] = self._capture(txt2img)
+        graph.replay()
+
+    def _capture(self, txt2img: bool) -> torch.cuda.CUDAGraph:
+        """Capture the device step in a CUDA graph, leaving the stream state as it was.
+
+        Warm-up runs (lazy initialisation, cuDNN autotuning, compilation) execute the step for real,
+        so the mutable state is saved first and restored after the capture.
+        """
+        buf = self.buffers
+        saved = {name: t.clone() for name, t in (("unet_in", buf.unet_in), ("stock", buf.stock))}
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._device_step(txt2img)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._device_step(txt2img)
+        buf.unet_in.copy_(saved["unet_in"])
+        buf.stock.copy_(saved["stock"])
+        logger.info("captured the stream step in a CUDA graph (%s, %dx%d, %d rows)", "txt2img" if txt2img else "img2img",
+                    self.config.width, self.config.height, self.config.unet_rows)
+        return graph
+
     # ------------------------------------------------------------------ hand-over
     def _hand_over(self, out: torch.Tensor | None) -> torch.Tensor:
         """Copy ``frames_out`` to the caller: into ``out`` (a slice of a batch result) or a new CPU tensor.
@@ -354,7 +397,7 @@ class Stream:
                 result = self._last_output if out is None else out.copy_(self._last_output)
                 self.frames_processed += self.config.frames_per_step
                 return result
-        self._device_step(txt2img)
+        self._run_device_step(txt2img)
         result = self._hand_over(out)
         if synchronize and result.device.type == "cpu" and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -385,6 +428,8 @@ class Stream:
         if total % f:
             raise FrameError(f"the number of frames ({total}) must be a multiple of frames_per_step={f}")
         pin = self.device.type == "cuda"
+        if pin and frames.device.type == "cpu" and not frames.is_pinned():
+            frames = frames.pin_memory()  # once per video, so every per-frame upload is asynchronous
         result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32, pin_memory=pin)
         groups = total // f
         lag = self.latency
