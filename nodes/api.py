@@ -118,3 +118,14 @@ class MemoryWatch:
         # Report the pipelines' real size as loaded, so ComfyUI's memory planning accounts for it.
         self._patcher.size = max(int(size_bytes), 1)
         self._patcher.model.model_loaded_weight_memory = self._patcher.size
+
+
+STATUS_EVENT = "streamrt.status"
+
+
+def send_status(data: dict) -> None:
+    """Send the sampler's status (fps, frames, backend, state) to the browser as a websocket event."""
+    from server import PromptServer
+
+    if PromptServer.instance is not None:
+        PromptServer.instance.send_sync(STATUS_EVENT, data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -106,14 +107,26 @@ class StreamSampler(io.ComfyNode):
             guidance_scale=guidance_scale, delta=delta, do_add_noise=add_noise, seed=seed,
             similarity_filter=SimilarityFilterConfig(similarity_filter, similarity_threshold, similarity_max_skip),
         )
+        node_id = cls.hidden.unique_id
         models = pipeline.models()
-        stream = SESSIONS.stream(cls.hidden.unique_id, models,
-                                 StreamRequest(config, prompt, negative_prompt, reset=reset))
+        fresh = SESSIONS.frames_processed(node_id) == 0
+        stream = SESSIONS.stream(node_id, models, StreamRequest(config, prompt, negative_prompt, reset=reset))
         api.check_interrupted()
+        start = time.perf_counter()
         if image is None:
             frames = stream.step(None)
         elif image.shape[0] == frames_per_step:
             frames = stream.step(image)
         else:
-            frames = stream.process_video(image, progress=api.Progress(image.shape[0], cls.hidden.unique_id))
+            frames = stream.process_video(image, progress=api.Progress(image.shape[0], node_id))
+        seconds = time.perf_counter() - start
+        count = int(frames.shape[0])
+        api.send_status({
+            "node": node_id, "frames": count, "seconds": seconds, "ms_per_frame": 1000.0 * seconds / count,
+            "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
+            "backend": stream.backend, "device": str(stream.device),
+            "state": "reset" if reset else ("warming" if fresh or stream.frames_processed <= stream.latency * frames_per_step
+                                            else "streaming"),
+        })
+        logger.info("stream %s: %d frame(s) in %.1f ms (%.1f fps)", node_id, count, 1000 * seconds, count / seconds)
         return io.NodeOutput(frames)

@@ -83,6 +83,12 @@ class StreamSessions:
                 stream.reset()
             return stream
 
+    def frames_processed(self, owner: Hashable) -> int:
+        """Frames the owner's stream has processed (0 when it has none)."""
+        with self._lock:
+            stream = self._streams.get(owner)
+            return 0 if stream is None else stream.frames_processed
+
     def drop_stream(self, owner: Hashable) -> bool:
         """Forget one owner's stream; True when there was one."""
         with self._lock:
