@@ -1,0 +1,132 @@
+"""Shared fixtures: a real ComfyUI server with the StreamRT pack mounted.
+
+* ``comfy_server`` (session): one server per cache mode, parametrized over
+  ``default`` / ``cache-none`` / ``cache-lru`` (flags ``()``, ``--cache-none``,
+  ``--cache-lru 10``).  Restrict with ``STREAMRT_CACHE_MODES=default`` (comma list)
+  for a quick local run.  pytest groups the tests by mode and stops one server
+  before starting the next.
+* ``streamrt_models_root`` (session): one models folder shared by all servers
+  (each server's ``<work>/models`` is a symlink to it), with the sub folders
+  ``checkpoints``, ``diffusers``, ``vae_approx``, ``loras``, ``engines``.
+* ``e2e_tiny_models`` (session): hook point for e2e tests that need (tiny, random) model
+  files: populate ``streamrt_models_root`` there; it returns that folder.
+  ``models_dir(server)`` gives a server's ``<work>/models`` (same files).  (Not named
+  ``tiny_models``: tests/stream_fixtures.py already has a ``tiny_models`` fixture that
+  returns in-process ``streamrt.StreamModels``.)
+
+On a failing test that used ``comfy_server`` the tail of the server log is added to
+the report.  The pack is mounted as ``nodes/StreamRT`` (module name / web path
+``/extensions/StreamRT/``).
+
+Environment: ``STREAMRT_COMFYUI`` (ComfyUI tree), ``STREAMRT_PYTHON`` (server
+interpreter), ``STREAMRT_SERVER_START_TIMEOUT`` (seconds, default 180),
+``STREAMRT_CACHE_MODES``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+if str(TESTS_DIR) not in sys.path:  # pytest.ini's pythonpath does this too; keep it for other rootdirs
+    sys.path.insert(0, str(TESTS_DIR))
+
+from comfy_harness import MODEL_FOLDERS, ComfyServer  # noqa: E402
+
+PACK_NAME = "StreamRT"
+
+#: cache mode name -> extra server flags
+CACHE_MODES: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "cache-none": ("--cache-none",),
+    "cache-lru": ("--cache-lru", "10"),
+}
+
+
+def selected_cache_modes() -> list[str]:
+    raw = os.environ.get("STREAMRT_CACHE_MODES", "").strip()
+    if not raw:
+        return list(CACHE_MODES)
+    modes = [m.strip() for m in raw.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in CACHE_MODES]
+    if unknown:
+        raise pytest.UsageError(f"STREAMRT_CACHE_MODES: unknown mode(s) {unknown}; known: {list(CACHE_MODES)}")
+    return modes
+
+
+class _RepoRootIsNotATestPackage:
+    """Collect the repo root as a plain directory, never as a package.
+
+    The repo root is the ComfyUI pack and holds an ``__init__.py`` meant to be imported by
+    ComfyUI only.  Since pytest 8 the collection tree starts at the rootdir (the folder of
+    pytest.ini), and a ``Package`` node imports its ``__init__.py`` in ``setup()`` before
+    the first test under it runs.  This global plugin (registered from ``pytest_configure``
+    below, so it also covers the root, above this conftest's own folder) answers
+    ``pytest_collect_directory`` for the repo root with a plain ``pytest.Dir``.
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path: Path, parent: pytest.Collector):
+        if Path(path).resolve() == REPO_ROOT:
+            return pytest.Dir.from_parent(parent, path=Path(path))
+        return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # also declared in pytest.ini; repeated so the marker exists under any rootdir
+    config.addinivalue_line("markers", "e2e: end-to-end test that starts a real ComfyUI server subprocess")
+    if not config.pluginmanager.has_plugin("streamrt-repo-root-guard"):
+        config.pluginmanager.register(_RepoRootIsNotATestPackage(), "streamrt-repo-root-guard")
+
+
+def models_dir(server: ComfyServer) -> Path:
+    """``<work>/models`` of a server (checkpoints/, diffusers/, vae_approx/, loras/, engines/)."""
+    return server.models_dir
+
+
+@pytest.fixture(scope="session")
+def streamrt_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for sub in MODEL_FOLDERS.values():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def e2e_tiny_models(streamrt_models_root: Path) -> Path:
+    """Hook point: write the tiny test models into ``streamrt_models_root`` here.
+
+    Servers see the files at once (``<work>/models`` links to that folder, and ComfyUI
+    re-lists model folders when their mtime changes).
+    """
+    return streamrt_models_root
+
+
+@pytest.fixture(scope="session", params=selected_cache_modes())
+def comfy_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 streamrt_models_root: Path):
+    mode = request.param
+    work = tmp_path_factory.mktemp(f"comfy-{mode}")
+    server = ComfyServer(REPO_ROOT, work, extra_args=CACHE_MODES[mode], pack_name=PACK_NAME,
+                         models_source=streamrt_models_root)
+    server.cache_mode = mode  # for tests that depend on caching
+    server.start(timeout=float(os.environ.get("STREAMRT_SERVER_START_TIMEOUT", "180")))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        server = getattr(item, "funcargs", {}).get("comfy_server")
+        if isinstance(server, ComfyServer):
+            report.sections.append((f"ComfyUI server log ({server.log_path}), last lines", server.log_tail(60)))
