@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
+from .kv_cache import KVCacheConfig
+
 
 class CfgType(str, enum.Enum):
     """How classifier-free guidance is computed (see DESIGN.md section 2, step 4).
@@ -65,6 +67,7 @@ class StreamConfig:
         do_add_noise (`bool`, defaults to `True`): re-noise the latents carried to the next step.
         seed (`int`, defaults to `2`): seed of the fixed stream noise.
         similarity_filter (`SimilarityFilterConfig`): optional skipping of near-identical frames.
+        kv_cache (`KVCacheConfig`): cached attention over earlier frames (off by default).
     """
 
     width: int = 512
@@ -78,6 +81,7 @@ class StreamConfig:
     do_add_noise: bool = True
     seed: int = 2
     similarity_filter: SimilarityFilterConfig = field(default_factory=SimilarityFilterConfig)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
@@ -143,7 +147,8 @@ class StreamConfig:
     def shape_key(self) -> tuple:
         """Everything that changes buffer shapes or the captured step (not the live scalars)."""
         return (self.width, self.height, self.t_index_list, self.num_inference_steps,
-                self.frames_per_step, self.cfg_type, self.guided, self.do_add_noise)
+                self.frames_per_step, self.cfg_type, self.guided, self.do_add_noise,
+                self.kv_cache.enabled, self.kv_cache.max_frames if self.kv_cache.enabled else 0)
 
     def with_(self, **changes) -> "StreamConfig":
         """A copy with some fields changed (validated again)."""

@@ -24,6 +24,7 @@ import torch
 
 from .config import CfgType, StreamConfig
 from .frames import FrameError, as_rgb_frames
+from .kv_cache import KVCache, install_kv_processors
 from .models import StreamModels
 from .prompts import Weighted, blended_noise
 from .schedule import StreamSchedule, build_schedule
@@ -120,6 +121,11 @@ class Stream:
         self._skipped_in_row = 0
         self._last_output: torch.Tensor | None = None
         self.unet_kwargs: dict = {}
+        self.kv: KVCache | None = None
+        if config.kv_cache.enabled:
+            install_kv_processors(models.unet)
+            self.kv = KVCache(config.kv_cache, self.device)
+            self.unet_kwargs["cross_attention_kwargs"] = {"kv_cache": self.kv}
         self._redraw_noise()
         self._write_embeddings()
         self.reset()
@@ -173,6 +179,8 @@ class Stream:
         self._skipped_in_row = 0
         self._last_output = None
         self._rng = random.Random(self.config.seed)
+        if self.kv is not None:
+            self.kv.clear()
 
     def set_seed(self, seed: int | Sequence[tuple[int, float]], method: str = "linear") -> None:
         """Redraw the stream noise for a seed, or a blend ``[(seed, weight), ...]`` (linear or slerp)."""
@@ -180,6 +188,8 @@ class Stream:
             return
         self._seeds, self._seed_method = (seed if isinstance(seed, int) else [tuple(s) for s in seed]), method
         self._redraw_noise()
+        if self.kv is not None:
+            self.kv.clear()  # cached K/V belong to the old noise
 
     def _redraw_noise(self) -> None:
         buf, f = self.buffers, self.config.frames_per_step
@@ -206,6 +216,15 @@ class Stream:
         buf.embeds[u:].copy_(cond.expand(self.config.batch_rows, -1, -1))
         if u:
             buf.embeds[:u].copy_(enc.encode(self._negative).expand(u, -1, -1))
+
+    def set_cache_window(self, window: int, interval: int | None = None) -> None:
+        """Change the cached-attention window (and interval) without reallocating."""
+        if self.kv is None:
+            raise ValueError("this stream has no attention cache (kv_cache.enabled is False)")
+        self.kv.set_window(window)
+        if interval is not None:
+            self.kv.set_interval(interval)
+        self.config = self.config.with_(kv_cache=self.kv.config)
 
     def set_guidance(self, guidance_scale: float | None = None, delta: float | None = None) -> None:
         """Change the live scalars. Crossing ``guidance_scale == 1`` changes the batch shape: make a new stream."""
@@ -262,7 +281,11 @@ class Stream:
         elif u:
             buf.unet_in[:f].copy_(buf.x_batch[:f])
 
+        if self.kv is not None:
+            self.kv.begin_call()
         pred = self.models.predict(buf.unet_in, buf.timesteps, buf.embeds, **self.unet_kwargs)
+        if self.kv is not None:
+            self.kv.end_call()
 
         buf.x32.copy_(buf.x_batch)
         all_rows = slice(0, b)
@@ -332,7 +355,8 @@ class Stream:
         so the mutable state is saved first and restored after the capture.
         """
         buf = self.buffers
-        saved = {name: t.clone() for name, t in (("unet_in", buf.unet_in), ("stock", buf.stock))}
+        mutable = [buf.unet_in, buf.stock] + ([self.kv.age] if self.kv is not None else [])
+        saved = [t.clone() for t in mutable]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -342,8 +366,8 @@ class Stream:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._device_step(txt2img)
-        buf.unet_in.copy_(saved["unet_in"])
-        buf.stock.copy_(saved["stock"])
+        for target, value in zip(mutable, saved):
+            target.copy_(value)
         logger.info("captured the stream step in a CUDA graph (%s, %dx%d, %d rows)", "txt2img" if txt2img else "img2img",
                     self.config.width, self.config.height, self.config.unet_rows)
         return graph
@@ -397,6 +421,8 @@ class Stream:
                 result = self._last_output if out is None else out.copy_(self._last_output)
                 self.frames_processed += self.config.frames_per_step
                 return result
+        if self.kv is not None:
+            self.kv.schedule_call()
         self._run_device_step(txt2img)
         result = self._hand_over(out)
         if synchronize and result.device.type == "cpu" and self.device.type == "cuda":

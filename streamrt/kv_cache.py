@@ -1,0 +1,240 @@
+"""Cached attention across frames (StreamV2V style, DESIGN.md section 3).
+
+Every self-attention (``attn1``) layer of the UNet also attends to the keys and values of earlier
+frames. Per layer, one pre-allocated buffer holds, along the token axis,
+``[current | slot 0 | ... | slot M-1 | scratch]`` for K and for V, each segment ``[rows, S_l, C_l]``.
+Attention reads the first ``1 + M`` segments under a boolean mask; after attention the current
+segment is copied into the slot chosen for this call (the scratch slot when this call is not a
+write), so the captured step has static shapes and no branching on values.
+
+Which slots take part is decided on the device from ``age`` (writes since the slot was written,
+huge when never written): a slot is valid when ``age < window``. The window can change at run
+time (``set_window``) without reallocating; slots never written or outside the window are masked.
+
+The caching processors live on the (shared) UNet and are inert unless a call passes
+``cross_attention_kwargs={"kv_cache": cache}``, so streams without a cache run the plain
+``AttnProcessor2_0`` path bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+logger = logging.getLogger(__name__)
+
+NEVER = 1 << 30
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """Cached attention settings.
+
+    Args:
+        enabled (`bool`, defaults to `False`): attend to earlier frames.
+        max_frames (`int`, defaults to `4`): M, ring slots allocated per layer (fixes memory and shapes).
+        window (`int`, defaults to `4`): slots attended to (the most recently written), ``1 <= window <= M``.
+        interval (`int`, defaults to `1`): write the current K/V into the ring every ``interval`` UNet calls.
+    """
+
+    enabled: bool = False
+    max_frames: int = 4
+    window: int = 4
+    interval: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_frames < 1:
+            raise ValueError(f"cache max_frames must be >= 1, got {self.max_frames}")
+        if not 1 <= self.window <= self.max_frames:
+            raise ValueError(f"cache window must be in [1, max_frames={self.max_frames}], got {self.window}")
+        if self.interval < 1:
+            raise ValueError(f"cache interval must be >= 1, got {self.interval}")
+
+
+class _LayerBuffers:
+    """One layer's K and V storage ``[rows, (M + 2) * S, C]``; ``mask`` ``[1, 1, 1, (M + 1) * S]`` is shared
+    by the layers with the same token count."""
+
+    def __init__(self, rows: int, tokens: int, channels: int, slots: int, device, dtype, mask: torch.Tensor) -> None:
+        self.tokens = tokens
+        self.key = torch.zeros(rows, (slots + 2) * tokens, channels, device=device, dtype=dtype)
+        self.value = torch.zeros_like(self.key)
+        self.mask = mask
+
+    def segments(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], -1, self.tokens, t.shape[-1])
+
+
+class KVCache:
+    """Per-stream ring of earlier frames' attention K/V for every ``attn1`` layer.
+
+    Layer buffers are allocated on the first UNet call (an eager call, before any CUDA graph capture)
+    when the token counts are known; nothing is allocated afterwards.
+    """
+
+    def __init__(self, config: KVCacheConfig, device: torch.device) -> None:
+        self.config = config
+        m = config.max_frames
+        self.device = device
+        self.layers: dict[int, _LayerBuffers] = {}
+        self.masks: dict[int, torch.Tensor] = {}  # token count -> [1, 1, 1, (M + 1) * S] bool
+        self.age = torch.full((m + 1,), NEVER, device=device, dtype=torch.int64)
+        self.window = torch.tensor(config.window, device=device, dtype=torch.int64)
+        self.write_slot = torch.tensor([m], device=device, dtype=torch.int64)  # m = scratch
+        self.write_segment = self.write_slot + 1  # segment 0 of a layer buffer is the current frame
+        self.write_flag = torch.zeros((), device=device, dtype=torch.int64)
+        self.slot_valid = torch.zeros(m, device=device, dtype=torch.bool)
+        self._calls = 0
+        self._next_slot = 0
+
+    # host side, between calls -------------------------------------------------------------------
+    def clear(self) -> None:
+        """Forget every cached frame (reset, seed change)."""
+        self.age.fill_(NEVER)
+        self._calls = 0
+        self._next_slot = 0
+
+    def set_window(self, window: int) -> None:
+        """Attend to the ``window`` most recent cached frames from the next call on (no reallocation)."""
+        if not 1 <= window <= self.config.max_frames:
+            raise ValueError(f"cache window must be in [1, {self.config.max_frames}], got {window}")
+        self.window.fill_(window)
+        self.config = KVCacheConfig(True, self.config.max_frames, window, self.config.interval)
+
+    def set_interval(self, interval: int) -> None:
+        if interval < 1:
+            raise ValueError(f"cache interval must be >= 1, got {interval}")
+        self.config = KVCacheConfig(True, self.config.max_frames, self.config.window, interval)
+
+    def schedule_call(self) -> None:
+        """Choose, on the host, where this call's K/V go (a ring slot or the scratch slot).
+
+        Two ``fill_`` kernels; no sync, no allocation. Runs outside the captured step.
+        """
+        write = self._calls % self.config.interval == 0
+        self._calls += 1
+        slot = self._next_slot if write else self.config.max_frames
+        if write:
+            self._next_slot = (self._next_slot + 1) % self.config.max_frames
+        self.write_slot.fill_(slot)
+        self.write_segment.fill_(slot + 1)
+        self.write_flag.fill_(int(write))
+
+    # device side, inside the step ---------------------------------------------------------------
+    def begin_call(self) -> None:
+        """Refresh the masks from slot ages and the window (before the UNet)."""
+        torch.lt(self.age[:-1], self.window, out=self.slot_valid)
+        for tokens, mask in self.masks.items():
+            mask.view(-1, tokens)[1:].copy_(self.slot_valid[:, None].expand(-1, tokens))
+
+    def end_call(self) -> None:
+        """Age the slots if this call wrote one (after the UNet)."""
+        self.age.add_(self.write_flag)
+        self.age.clamp_(max=NEVER)
+        self.age.index_fill_(0, self.write_slot, 0)
+
+    def layer(self, index: int, rows: int, tokens: int, channels: int, dtype: torch.dtype) -> _LayerBuffers:
+        buffers = self.layers.get(index)
+        if buffers is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("KVCache buffers must be allocated by an eager call before CUDA graph capture")
+            mask = self.masks.get(tokens)
+            if mask is None:
+                mask = torch.ones(1, 1, 1, (self.config.max_frames + 1) * tokens, device=self.device, dtype=torch.bool)
+                mask.view(-1, tokens)[1:].copy_(self.slot_valid[:, None].expand(-1, tokens))
+                self.masks[tokens] = mask
+            buffers = _LayerBuffers(rows, tokens, channels, self.config.max_frames, self.device, dtype, mask)
+            self.layers[index] = buffers
+        return buffers
+
+    def nbytes(self) -> int:
+        """Bytes held by the K/V storage (ring slots, current and scratch segments)."""
+        return sum(b.key.numel() * b.key.element_size() * 2 for b in self.layers.values())
+
+    def ring_nbytes(self) -> int:
+        """Bytes of the ring slots alone: ``M * sum_l rows * S_l * C_l * 2 (K and V) * element size``."""
+        m = self.config.max_frames
+        return sum(b.key.shape[0] * b.tokens * b.key.shape[-1] * b.key.element_size() * 2 * m
+                   for b in self.layers.values())
+
+
+class CachedSelfAttnProcessor:
+    """``attn1`` processor: current tokens attend to themselves and the cached frames of the same row."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self._plain = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, kv_cache: KVCache | None = None, **kwargs) -> torch.Tensor:
+        if kv_cache is None or encoder_hidden_states is not None:
+            return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        rows, tokens, _ = hidden_states.shape
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        buf = kv_cache.layer(self.index, rows, tokens, key.shape[-1], key.dtype)
+        key_all, value_all = buf.segments(buf.key), buf.segments(buf.value)
+        key_all[:, 0].copy_(key)
+        value_all[:, 0].copy_(value)
+        seen = (kv_cache.config.max_frames + 1) * tokens
+        heads, head_dim = attn.heads, key.shape[-1] // attn.heads
+        q = query.view(rows, -1, heads, head_dim).transpose(1, 2)
+        k = buf.key[:, :seen].view(rows, seen, heads, head_dim).transpose(1, 2)
+        v = buf.value[:, :seen].view(rows, seen, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=buf.mask, dropout_p=0.0, is_causal=False)
+        # The current frame joins the ring (or the scratch slot) after it has been attended.
+        key_all.index_copy_(1, kv_cache.write_segment, key.unsqueeze(1))
+        value_all.index_copy_(1, kv_cache.write_segment, value.unsqueeze(1))
+        out = out.transpose(1, 2).reshape(rows, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class PassThroughAttnProcessor(AttnProcessor2_0):
+    """Plain attention that accepts (and ignores) ``kv_cache``, for the non-cached layers."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 kv_cache: KVCache | None = None, **kwargs):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def install_kv_processors(unet) -> int:
+    """Put :class:`CachedSelfAttnProcessor` on every ``attn1`` and a pass-through on the rest (idempotent).
+
+    Returns the number of cached layers.
+    """
+    processors = unet.attn_processors
+    if all(isinstance(p, (CachedSelfAttnProcessor, PassThroughAttnProcessor)) for p in processors.values()):
+        return sum(isinstance(p, CachedSelfAttnProcessor) for p in processors.values())
+    new, index = {}, 0
+    for name in processors:
+        if name.endswith("attn1.processor"):
+            new[name] = CachedSelfAttnProcessor(index)
+            index += 1
+        else:
+            new[name] = PassThroughAttnProcessor()
+    unet.set_attn_processor(new)
+    logger.info("cached-attention processors installed on %d attn1 layers", index)
+    return index
