@@ -8,6 +8,8 @@ import time
 import torch
 
 from ..streamrt import CfgType, SimilarityFilterConfig, StreamConfig, StreamRequest
+from ..streamrt.backends import compile_models
+from ..streamrt.kv_cache import KVCacheConfig
 from . import api
 from .api import io
 from .runtime import SESSIONS, PipelineHandle
@@ -78,6 +80,21 @@ class StreamSampler(io.ComfyNode):
                                tooltip="Cosine similarity above which frames may be skipped."),
                 io.Int.Input("similarity_max_skip", default=10, min=0, max=1000,
                              tooltip="Never skip more than this many frames in a row."),
+                io.Combo.Input("acceleration", options=["eager", "cuda_graph", "compile"], default="eager",
+                               tooltip="eager: plain PyTorch. cuda_graph: the whole frame is captured once and "
+                                       "replayed (much faster on NVIDIA GPUs; first frame slower). compile: "
+                                       "torch.compile of UNet and VAE plus CUDA graph (fastest; the first run "
+                                       "compiles for a minute or more, cached under engine_cache/). GPU only."),
+                io.Boolean.Input("cached_attention", default=False,
+                                 tooltip="Temporal consistency for video: each self-attention layer also attends "
+                                         "to earlier frames' keys/values (StreamV2V). Costs memory and some speed."),
+                io.Int.Input("cache_max_frames", default=4, min=1, max=16,
+                             tooltip="Frames the attention cache holds (allocated once; changing it rebuilds)."),
+                io.Int.Input("cache_window", default=4, min=1, max=16,
+                             tooltip="How many of the most recent cached frames are attended (<= max frames; "
+                                     "changes live, no rebuild)."),
+                io.Int.Input("cache_interval", default=1, min=1, max=64,
+                             tooltip="Store this frame's keys/values every N frames."),
                 io.Boolean.Input("reset", default=False,
                                  tooltip="Clear the stream state before this execution (buffer, stock noise, "
                                          "frame counter). Turn off again to keep streaming."),
@@ -96,7 +113,8 @@ class StreamSampler(io.ComfyNode):
     def execute(cls, pipeline: PipelineHandle, prompt: str, negative_prompt: str, t_index_list: str,
                 num_inference_steps: int, cfg_type: str, guidance_scale: float, delta: float, seed: int,
                 frames_per_step: int, width: int, height: int, add_noise: bool, similarity_filter: bool,
-                similarity_threshold: float, similarity_max_skip: int, reset: bool,
+                similarity_threshold: float, similarity_max_skip: int, acceleration: str, cached_attention: bool,
+                cache_max_frames: int, cache_window: int, cache_interval: int, reset: bool,
                 image: torch.Tensor | None = None) -> io.NodeOutput:
         if image is not None and image.dim() == 4:
             height = height or int(image.shape[1])
@@ -106,11 +124,20 @@ class StreamSampler(io.ComfyNode):
             num_inference_steps=num_inference_steps, frames_per_step=frames_per_step, cfg_type=cfg_type,
             guidance_scale=guidance_scale, delta=delta, do_add_noise=add_noise, seed=seed,
             similarity_filter=SimilarityFilterConfig(similarity_filter, similarity_threshold, similarity_max_skip),
+            kv_cache=KVCacheConfig(cached_attention, cache_max_frames, min(cache_window, cache_max_frames),
+                                   cache_interval),
         )
         node_id = cls.hidden.unique_id
         models = pipeline.models()
+        backend = "eager" if acceleration == "eager" else "cuda_graph"
+        if backend != "eager" and models.device.type != "cuda":
+            raise ValueError(f"acceleration '{acceleration}' needs a CUDA GPU; the pipeline runs on {models.device}. "
+                             "Use 'eager'.")
+        if acceleration == "compile":
+            compile_models(models)
         fresh = SESSIONS.frames_processed(node_id) == 0
-        stream = SESSIONS.stream(node_id, models, StreamRequest(config, prompt, negative_prompt, reset=reset))
+        stream = SESSIONS.stream(node_id, models, StreamRequest(config, prompt, negative_prompt, reset=reset,
+                                                                backend=backend))
         api.check_interrupted()
         start = time.perf_counter()
         if image is None:

@@ -60,7 +60,8 @@ def build_graph(model: str, taesd: str, args: argparse.Namespace) -> Graph:
         "StreamRTSampler", pipeline=load.out(0), image=parts.out(0), prompt=args.prompt, negative_prompt="",
         t_index_list=args.steps, num_inference_steps=50, cfg_type="self", guidance_scale=1.2, delta=1.0,
         seed=2, frames_per_step=1, width=0, height=0, add_noise=True, similarity_filter=False,
-        similarity_threshold=0.98, similarity_max_skip=10, reset=True)
+        similarity_threshold=0.98, similarity_max_skip=10, acceleration=args.acceleration,
+        cached_attention=args.cached_attention, cache_max_frames=4, cache_window=4, cache_interval=1, reset=True)
     g.node("SaveImage", images=sampler.out(0), filename_prefix="streamrt_demo/frame")
     created = g.node("CreateVideo", images=sampler.out(0), fps=parts.out(2))
     g.node("SaveVideo", video=created.out(0), filename_prefix="streamrt_demo/video", format="mp4", codec="h264")
@@ -75,11 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="frame size (default 512 with --model, else 128)")
     parser.add_argument("--steps", default="32,45", help="t_index_list of the stream")
     parser.add_argument("--prompt", default="a watercolor painting of a planet, vivid colors")
+    parser.add_argument("--acceleration", default=None, choices=["eager", "cuda_graph", "compile"],
+                        help="default: cuda_graph on a GPU, eager on the CPU")
+    parser.add_argument("--cached-attention", action="store_true", help="attend to earlier frames (StreamV2V)")
     parser.add_argument("--out", default=str(REPO / "out" / "demo"), help="work folder (models, input, output)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
 
+    if args.acceleration is None:
+        args.acceleration = "cuda_graph" if torch.cuda.is_available() else "eager"
     work = Path(args.out).resolve()
     size = args.size or (512 if args.model else 128)
     models = work / "models"

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
-stamp=$VENV/.streamrt-setup-v1
+stamp=$VENV/.streamrt-setup-v2
 if [ -f "$stamp" ] && [ -f .comfyui/ComfyUI/main.py ]; then
   exit 0
 fi

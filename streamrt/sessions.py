@@ -32,6 +32,7 @@ class StreamRequest:
     prompt: str | list[tuple[str, float]] = ""
     negative_prompt: str = ""
     reset: bool = False
+    backend: str = "eager"
 
 
 class StreamSessions:
@@ -70,14 +71,20 @@ class StreamSessions:
             stream = self._streams.get(owner)
             if (stream is None or stream.models is not models
                     or stream.config.shape_key() != cfg.shape_key()
-                    or stream.config.similarity_filter != cfg.similarity_filter):
+                    or stream.config.similarity_filter != cfg.similarity_filter
+                    or stream.backend != request.backend):
                 if stream is not None:
                     logger.info("stream %s: config changed, building a new stream", owner)
-                stream = Stream(models, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt)
+                    self._streams.pop(owner)
+                    del stream  # free its buffers before allocating the new ones
+                stream = Stream(models, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
+                                backend=request.backend)
                 self._streams[owner] = stream
                 return stream
             stream.set_seed(cfg.seed)
             stream.set_guidance(cfg.guidance_scale, cfg.delta)
+            if cfg.kv_cache.enabled:
+                stream.set_cache_window(cfg.kv_cache.window, cfg.kv_cache.interval)
             stream.set_prompt(request.prompt, request.negative_prompt)
             if request.reset:
                 stream.reset()
@@ -98,7 +105,7 @@ class StreamSessions:
         """A summary of every live stream (for status displays)."""
         with self._lock:
             return {owner: {"frames": s.frames_processed, "width": s.config.width, "height": s.config.height,
-                            "steps": s.config.num_steps, "device": str(s.device)}
+                            "steps": s.config.num_steps, "device": str(s.device), "backend": s.backend}
                     for owner, s in self._streams.items()}
 
     def release(self, *, collect: bool = True) -> None:

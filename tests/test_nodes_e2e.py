@@ -17,11 +17,15 @@ import torch
 
 from comfy_harness import ComfyServer, ExecutionFailed, Graph, PromptRejected
 from streamrt import Stream, StreamConfig, load_diffusers_folder
+from streamrt.kv_cache import KVCacheConfig
 from streamrt.random_models import write_random_pipeline
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "tiny-sd"
+# Same architecture with the self-attention output projections scaled up, so that what a layer
+# attends to (e.g. cached frames) shows through 8-bit PNGs. Random weights either way.
+MODEL_STRONG_ATTN = "tiny-sd-strong-attn"
 TAESD = "tiny-taesd"
 SIZE = 64
 # Same-CPU float32 on both sides: differences come from 8-bit PNG rounding (<= 0.5/255) only.
@@ -29,7 +33,8 @@ PNG_ATOL = 1.01 / 255
 SAMPLER_DEFAULTS = dict(
     prompt="a red fox in the snow", negative_prompt="blurry", t_index_list="20,35", num_inference_steps=50,
     cfg_type="self", guidance_scale=1.5, delta=1.0, seed=7, frames_per_step=1, width=0, height=0,
-    add_noise=True, similarity_filter=False, similarity_threshold=0.98, similarity_max_skip=10, reset=False)
+    add_noise=True, similarity_filter=False, similarity_threshold=0.98, similarity_max_skip=10,
+    acceleration="eager", cached_attention=False, cache_max_frames=4, cache_window=4, cache_interval=1, reset=False)
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +42,17 @@ def e2e_tiny_models(streamrt_models_root: Path) -> Path:
     if not (streamrt_models_root / "diffusers" / MODEL / "model_index.json").is_file():
         write_random_pipeline(streamrt_models_root / "diffusers" / MODEL, "tiny",
                               taesd_folder=streamrt_models_root / "vae_approx" / TAESD)
+    strong = streamrt_models_root / "diffusers" / MODEL_STRONG_ATTN
+    if not (strong / "model_index.json").is_file():
+        from diffusers import UNet2DConditionModel
+
+        write_random_pipeline(strong, "tiny")
+        unet = UNet2DConditionModel.from_pretrained(strong, subfolder="unet", local_files_only=True)
+        with torch.no_grad():
+            for name, module in unet.named_modules():
+                if name.endswith("attn1"):
+                    module.to_out[0].weight.mul_(40.0)
+        unet.save_pretrained(strong / "unet")
     return streamrt_models_root
 
 
@@ -71,10 +87,10 @@ def as_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32) / 255.0)
 
 
-def sampler_graph(prefix: str, image_names: list[str] | None, **overrides) -> tuple[Graph, str]:
+def sampler_graph(prefix: str, image_names: list[str] | None, model: str = MODEL, **overrides) -> tuple[Graph, str]:
     """LoadImage(s) [-> ImageBatch chain] -> StreamRTSampler -> SaveImage; returns (graph, sampler id)."""
     g = Graph(prefix=prefix)
-    load = g.node("StreamRTLoadPipeline", id=f"{prefix}load", model=MODEL, taesd=TAESD, dtype="auto", device="auto")
+    load = g.node("StreamRTLoadPipeline", id=f"{prefix}load", model=model, taesd=TAESD, dtype="auto", device="auto")
     inputs = dict(SAMPLER_DEFAULTS, **overrides)
     if image_names:
         batch = g.node("LoadImage", image=image_names[0]).out(0)
@@ -287,3 +303,26 @@ def test_sampler_runs_concurrently_safe(server: ComfyServer) -> None:
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_cached_attention_persists_across_executions_and_reset_clears_it(server: ComfyServer) -> None:
+    prefix, clip = uid(), frames(4, seed=12)
+    names = upload(server, clip, prefix)
+    opts = dict(model=MODEL_STRONG_ATTN, cached_attention=True, cache_max_frames=3, cache_window=2, cache_interval=1)
+    got = [run_images(server, sampler_graph(prefix, [name], **opts)[0], f"{prefix}save")[0] for name in names]
+    core_models = load_diffusers_folder(server.models_dir / "diffusers" / MODEL_STRONG_ATTN, dtype="fp32",
+                                        device="cpu", taesd=server.models_dir / "vae_approx" / TAESD)
+    config = core_config().with_(kv_cache=KVCacheConfig(True, 3, 2, 1))
+    stream = Stream(core_models, config, prompt=SAMPLER_DEFAULTS["prompt"],
+                    negative_prompt=SAMPLER_DEFAULTS["negative_prompt"])
+    expected = [stream.step(as_tensor(clip[k:k + 1]))[0] for k in range(len(clip))]
+    for k in range(len(clip)):
+        assert_frames_close(got[k], expected[k])
+    # Without the cache the same executions give other frames: the cache really took part.
+    plain = Stream(core_models, core_config(), prompt=SAMPLER_DEFAULTS["prompt"],
+                   negative_prompt=SAMPLER_DEFAULTS["negative_prompt"])
+    plain_frames = [plain.step(as_tensor(clip[k:k + 1]))[0] for k in range(len(clip))]
+    assert max(np.abs(p.numpy() - e.numpy()).max() for p, e in zip(plain_frames[1:], expected[1:])) > 2 * PNG_ATOL
+    # reset clears buffer and cache: the first frame again
+    again = run_images(server, sampler_graph(prefix, names[:1], reset=True, **opts)[0], f"{prefix}save")[0]
+    np.testing.assert_allclose(again, got[0], atol=PNG_ATOL, rtol=0)
