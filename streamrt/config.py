@@ -85,7 +85,10 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
-        object.__setattr__(self, "cfg_type", CfgType(self.cfg_type))
+        try:
+            object.__setattr__(self, "cfg_type", CfgType(self.cfg_type))
+        except ValueError:
+            raise ValueError(f"unknown cfg_type {self.cfg_type!r}: use none, full, self or initialize") from None
         for name in ("width", "height"):
             value = getattr(self, name)
             if value <= 0 or value % 8:

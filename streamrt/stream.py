@@ -16,6 +16,7 @@ Two entry points:
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,13 +114,14 @@ class Stream:
         self.buffers = self._allocate()
         self._seeds: int | list[tuple[int, float]] = config.seed
         self._seed_method = "linear"
-        self._prompt: str | Weighted = prompt
+        self._prompt: str | Weighted = prompt if isinstance(prompt, str) else [tuple(p) for p in prompt]
         self._negative = negative_prompt
         self._prompt_method = "linear"
         self._rng = random.Random(config.seed)
         self.frames_processed = 0
         self._skipped_in_row = 0
         self._last_output: torch.Tensor | None = None
+        self._finite_scratch: dict[torch.device, torch.Tensor] = {}
         self.unet_kwargs: dict = {}
         self.kv: KVCache | None = None
         if config.kv_cache.enabled:
@@ -205,6 +207,7 @@ class Stream:
         recently used one comes from the encoder's cache.
         """
         negative = self._negative if negative_prompt is None else negative_prompt
+        prompt = prompt if isinstance(prompt, str) else [tuple(p) for p in prompt]  # a copy the caller can't mutate
         if prompt == self._prompt and negative == self._negative and method == self._prompt_method:
             return
         self._prompt, self._negative, self._prompt_method = prompt, negative, method
@@ -413,12 +416,16 @@ class Stream:
         outputs come from the empty buffer). ``frames=None`` runs txt2img from the stream's noise.
         Returns a CPU float32 tensor ``[F, H, W, 3]`` (pinned on CUDA), or fills ``out``.
         """
+        if frames is not None:
+            frames = self._check_frames(frames, self.config.frames_per_step)
+        return self._step(frames, out=out, synchronize=synchronize)
+
+    def _step(self, frames: torch.Tensor | None, *, out: torch.Tensor | None, synchronize: bool) -> torch.Tensor:
         txt2img = frames is None
         if not txt2img:
-            frames = self._check_frames(frames, self.config.frames_per_step)
             self._stage_frames(frames)
             if self._similar_enough_to_skip():
-                result = self._last_output if out is None else out.copy_(self._last_output)
+                result = self._last_output.clone() if out is None else out.copy_(self._last_output)
                 self.frames_processed += self.config.frames_per_step
                 return result
         if self.kv is not None:
@@ -428,15 +435,32 @@ class Stream:
         if synchronize and result.device.type == "cpu" and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         if self.config.similarity_filter.enabled:
-            self._last_output = result if out is None else result.clone()
+            if self._last_output is None:
+                self._last_output = torch.empty_like(result)
+            self._last_output.copy_(result)
         self.frames_processed += self.config.frames_per_step
         return result
 
-    def _check_frames(self, frames: torch.Tensor, count: int | None) -> torch.Tensor:
-        frames = as_rgb_frames(frames, width=self.config.width, height=self.config.height)
+    def _check_frames(self, frames: torch.Tensor, count: int | None, *, check_values: bool = True) -> torch.Tensor:
+        frames = as_rgb_frames(frames, width=self.config.width, height=self.config.height, check_finite=False)
         if count is not None and frames.shape[0] != count:
             raise FrameError(f"one stream step takes frames_per_step={count} frames, got {frames.shape[0]}")
+        if check_values:
+            self._check_finite(frames)
         return frames
+
+    def _check_finite(self, frames: torch.Tensor) -> None:
+        """Refuse NaN/inf input before it reaches the state, allocation-free.
+
+        NaN and inf survive a sum, which is written into a scalar kept per device. For frames on the CPU
+        (ComfyUI's IMAGE) this never touches the GPU; frames already on the GPU cost one host sync.
+        """
+        total = self._finite_scratch.get(frames.device)
+        if total is None:
+            total = self._finite_scratch[frames.device] = torch.zeros((), device=frames.device, dtype=torch.float64)
+        torch.sum(frames, dim=tuple(range(frames.dim())), dtype=torch.float64, out=total)
+        if not math.isfinite(float(total)):
+            raise FrameError("frames contain NaN or infinite values")
 
     @torch.inference_mode()
     def process_video(self, frames: torch.Tensor, *, progress: ProgressCallback | None = None) -> torch.Tensor:
@@ -449,7 +473,7 @@ class Stream:
         raise to stop (e.g. on a user interrupt); the stream stays usable.
         """
         f = self.config.frames_per_step
-        frames = as_rgb_frames(frames, width=self.config.width, height=self.config.height)
+        frames = self._check_frames(frames, None)  # values checked once for the whole video
         total = frames.shape[0]
         if total % f:
             raise FrameError(f"the number of frames ({total}) must be a multiple of frames_per_step={f}")
@@ -463,7 +487,7 @@ class Stream:
             group = min(call, groups - 1)
             target = call - lag
             dest = result[target * f:(target + 1) * f] if target >= 0 else None
-            self.step(frames[group * f:(group + 1) * f], out=dest, synchronize=False)
+            self._step(frames[group * f:(group + 1) * f], out=dest, synchronize=False)
             if target >= 0 and progress is not None:
                 progress((target + 1) * f, total)
         if self.device.type == "cuda":

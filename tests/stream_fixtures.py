@@ -1,0 +1,132 @@
+"""Shared fixtures and helpers for the ``test_stream_*`` tests (CPU, float32, tiny random models).
+
+Import the fixtures a test module needs explicitly, and ``_stream_tests_on_one_thread`` (autouse)::
+
+    from tests.stream_fixtures import _stream_tests_on_one_thread, tiny_models, make_frames  # noqa: F401
+
+The model folders are written once per session by :func:`streamrt.random_models.write_random_pipeline`
+and loaded back with :func:`streamrt.load_diffusers_folder`, the loader users go through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import streamrt
+from streamrt import StreamConfig
+from streamrt.random_models import write_random_pipeline
+
+SIZE = 64                      # 64x64 images, 8x8 latents: a step takes a few tens of ms on a CPU
+NEGATIVE = "blurry photo"      # a negative prompt that differs from every positive one used in tests
+
+
+@contextlib.contextmanager
+def one_cpu_thread():
+    """Run torch on one CPU thread for a while.
+
+    The tiny models' ops are far too small to gain from intra-op threads, and on a busy 2-core machine
+    OpenMP threads spinning against other processes make a 40 ms step take seconds.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _stream_tests_on_one_thread():
+    """Autouse in every module that imports it: each test runs torch on one CPU thread."""
+    with one_cpu_thread():
+        yield
+
+
+def _quiet_load(folder: Path, taesd: Path | None = None) -> streamrt.StreamModels:
+    """``load_diffusers_folder`` on the CPU in float32, without the loaders' chatter about accelerate."""
+    diffusers_logger = logging.getLogger("diffusers")
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return streamrt.load_diffusers_folder(folder, dtype="fp32", device="cpu", taesd=taesd)
+    finally:
+        diffusers_logger.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory) -> dict[str, Path]:
+    """Diffusers folders of the ``tiny`` (with a TAESD folder) and ``tiny-v`` random pipelines."""
+    root = tmp_path_factory.mktemp("stream_models")
+    folders = {"tiny": root / "tiny", "taesd": root / "taesd", "tiny_v": root / "tiny_v"}
+    with one_cpu_thread():
+        write_random_pipeline(folders["tiny"], "tiny", seed=0, taesd_folder=folders["taesd"])
+        write_random_pipeline(folders["tiny_v"], "tiny-v", seed=1)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_folders) -> streamrt.StreamModels:
+    """Epsilon-prediction tiny pipeline with its full ``AutoencoderKL``."""
+    return _quiet_load(tiny_folders["tiny"])
+
+
+@pytest.fixture(scope="session")
+def tiny_taesd_models(tiny_folders) -> streamrt.StreamModels:
+    """The same pipeline with the TAESD (``AutoencoderTiny``) VAE."""
+    return _quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])
+
+
+@pytest.fixture(scope="session")
+def tiny_v_models(tiny_folders) -> streamrt.StreamModels:
+    """v-prediction tiny pipeline (SD2-shaped) with its full VAE."""
+    return _quiet_load(tiny_folders["tiny_v"])
+
+
+@pytest.fixture
+def fresh_tiny_models(tiny_folders) -> streamrt.StreamModels:
+    """A private copy of the tiny pipeline (own prompt cache), for tests that change shared model state."""
+    return _quiet_load(tiny_folders["tiny"])
+
+
+def make_config(**changes) -> StreamConfig:
+    """A 64x64 stream config with test defaults (guided RCFG over two steps, F = 1)."""
+    base = dict(width=SIZE, height=SIZE, t_index_list=(20, 35), num_inference_steps=50, frames_per_step=1,
+                cfg_type="self", guidance_scale=1.5, delta=1.0, do_add_noise=True, seed=2)
+    base.update(changes)
+    return StreamConfig(**base)
+
+
+def make_frames(count: int, seed: int, size: int = SIZE, channels: int = 3) -> torch.Tensor:
+    """``count`` random frames ``[count, size, size, channels]`` in [0, 1], a different set per seed."""
+    gen = torch.Generator("cpu").manual_seed(10_000 + seed)
+    return torch.rand(count, size, size, channels, generator=gen)
+
+
+def frame_groups(calls: int, frames_per_step: int, seed: int = 0) -> list[torch.Tensor]:
+    """One group of F random frames per call, each group different."""
+    return [make_frames(frames_per_step, seed * 1000 + i) for i in range(calls)]
+
+
+def run_steps(stream: streamrt.Stream, groups) -> list[torch.Tensor]:
+    """Feed each group (``None`` = txt2img) to ``stream.step``; the outputs, cloned."""
+    return [stream.step(g).clone() for g in groups]
+
+
+def assert_all_equal(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    """Bit-for-bit equality of two lists of frames."""
+    assert len(got) == len(expected)
+    for k, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"output {k} differs (max abs diff {(a - b).abs().max().item():.3g})"
+
+
+def any_differs(got: list[torch.Tensor], expected: list[torch.Tensor], min_diff: float = 1e-6) -> bool:
+    """Whether some output differs from the other list by more than ``min_diff``."""
+    return any((a - b).abs().max().item() > min_diff for a, b in zip(got, expected))
