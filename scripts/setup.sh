@@ -6,9 +6,18 @@
 # Idempotent: a second run only checks. Set PYTHON to choose the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Headless Chromium + ChromeDriver for tests/test_browser_e2e.py (Debian packages; those tests skip without them)
+if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+  else
+    echo "setup: chromium/chromedriver missing (apt-get install chromium chromium-driver): browser tests will be skipped" >&2
+  fi
+fi
 PY=${PYTHON:-python3}
 VENV=.venv
-stamp=$VENV/.streamrt-setup-v2
+stamp=$VENV/.streamrt-setup-v3
 if [ -f "$stamp" ] && [ -f .comfyui/ComfyUI/main.py ]; then
   exit 0
 fi
