@@ -358,7 +358,11 @@ class Stream:
         so the mutable state is saved first and restored after the capture.
         """
         buf = self.buffers
-        mutable = [buf.unet_in, buf.stock] + ([self.kv.age] if self.kv is not None else [])
+        mutable = [buf.unet_in, buf.stock]
+        if self.kv is not None:
+            # Warm-up steps write this call's K/V into the slot it will overwrite, which this call may still
+            # read (the oldest slot when window == max_frames): restore the rings along with the ages.
+            mutable += [self.kv.age] + [t for b in self.kv.layers.values() for t in (b.key, b.value)]
         saved = [t.clone() for t in mutable]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
