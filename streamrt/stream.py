@@ -122,6 +122,13 @@ class Stream:
         self._skipped_in_row = 0
         self._last_output: torch.Tensor | None = None
         self._finite_scratch: dict[torch.device, torch.Tensor] = {}
+        self._host_stage: list[torch.Tensor] = []
+        self._host_events: list[torch.cuda.Event] = []
+        self._host_slot = 0
+        if self.device.type == "cuda":
+            shape = (config.frames_per_step, config.height, config.width, 3)
+            self._host_stage = [torch.empty(shape, pin_memory=True) for _ in range(2)]
+            self._host_events = [torch.cuda.Event() for _ in range(2)]
         self.unet_kwargs: dict = {}
         self.kv: KVCache | None = None
         if config.kv_cache.enabled:
@@ -244,7 +251,17 @@ class Stream:
     # ------------------------------------------------------------------ the per-frame path
     def _stage_frames(self, frames: torch.Tensor) -> None:
         buf = self.buffers
-        buf.frames_in.copy_(frames, non_blocking=True)
+        if self._host_stage and frames.device.type == "cpu" and not frames.is_pinned():
+            # An upload from pageable memory waits for the GPU to drain; go through two pinned buffers
+            # instead. The copy that last used this buffer was two calls ago, so the wait is immediate.
+            slot = self._host_slot
+            self._host_slot ^= 1
+            self._host_events[slot].synchronize()
+            self._host_stage[slot].copy_(frames)
+            buf.frames_in.copy_(self._host_stage[slot], non_blocking=True)
+            self._host_events[slot].record()
+        else:
+            buf.frames_in.copy_(frames, non_blocking=True)
         buf.image_in.copy_(buf.frames_in.permute(0, 3, 1, 2))
         buf.image_in.mul_(2).sub_(1)
 
@@ -482,8 +499,6 @@ class Stream:
         if total % f:
             raise FrameError(f"the number of frames ({total}) must be a multiple of frames_per_step={f}")
         pin = self.device.type == "cuda"
-        if pin and frames.device.type == "cpu" and not frames.is_pinned():
-            frames = frames.pin_memory()  # once per video, so every per-frame upload is asynchronous
         result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32, pin_memory=pin)
         groups = total // f
         lag = self.latency
