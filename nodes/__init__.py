@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from .api import ComfyExtension, io
-from .loaders import LoadStreamPipeline
+from .loaders import LoadStreamPipeline, StreamLora
 from .sampler import StreamSampler
 
-NODES: list[type[io.ComfyNode]] = [LoadStreamPipeline, StreamSampler]
+NODES: list[type[io.ComfyNode]] = [LoadStreamPipeline, StreamLora, StreamSampler]
 
 
 class StreamRTExtension(ComfyExtension):

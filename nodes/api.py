@@ -129,3 +129,77 @@ def send_status(data: dict) -> None:
 
     if PromptServer.instance is not None:
         PromptServer.instance.send_sync(STATUS_EVENT, data)
+
+
+# Model files for the loaders: checkpoints, LoRAs, ComfyUI's TAESD pair, CLIP tokenizer ---------------
+LORAS = io.Custom("STREAMRT_LORAS")
+#: file types listed as checkpoints / LoRAs (pickles are read as plain tensors only)
+WEIGHT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth")
+
+
+def checkpoint_files() -> list[str]:
+    """Single-file checkpoints under every ``models/checkpoints`` path (names as ComfyUI lists them)."""
+    return [n for n in folder_paths.get_filename_list("checkpoints") if n.lower().endswith(WEIGHT_SUFFIXES)]
+
+
+def resolve_checkpoint(name: str) -> str | None:
+    """Absolute path of a name from :func:`checkpoint_files`, or None."""
+    return folder_paths.get_full_path("checkpoints", name) if name.lower().endswith(WEIGHT_SUFFIXES) else None
+
+
+def lora_files() -> list[str]:
+    """LoRA files under every ``models/loras`` path."""
+    return [n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(WEIGHT_SUFFIXES)]
+
+
+def resolve_lora(name: str) -> str | None:
+    """Absolute path of a name from :func:`lora_files`, or None."""
+    return folder_paths.get_full_path("loras", name) if name.lower().endswith(WEIGHT_SUFFIXES) else None
+
+
+def comfy_taesd_files(name: str) -> tuple[str, str] | None:
+    """ComfyUI's ``<name>_encoder.*`` and ``<name>_decoder.*`` in ``models/vae_approx`` (as VAELoader finds them)."""
+    files = folder_paths.get_filename_list("vae_approx")
+    encoder = next((f for f in files if f.startswith(f"{name}_encoder.")), None)
+    decoder = next((f for f in files if f.startswith(f"{name}_decoder.")), None)
+    if encoder is None or decoder is None:
+        return None
+    return (folder_paths.get_full_path_or_raise("vae_approx", encoder),
+            folder_paths.get_full_path_or_raise("vae_approx", decoder))
+
+
+def comfy_taesd_names() -> list[str]:
+    """``["taesd"]`` when both of ComfyUI's SD1/SD2 TAESD files are in ``models/vae_approx``."""
+    return ["taesd"] if comfy_taesd_files("taesd") else []
+
+
+def clip_tokenizer_dir() -> str:
+    """The CLIP tokenizer files ComfyUI ships (``comfy/sd1_tokenizer``), used for single-file SD1/SD2."""
+    return os.path.join(os.path.dirname(os.path.abspath(comfy.utils.__file__)), "sd1_tokenizer")
+
+
+# ---- engines (nodes/engines.py) -------------------------------------------------------------------
+ENGINE_FOLDER = "streamrt_engines"
+PACK_ENGINE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine_cache")
+
+
+def register_engine_folder() -> None:
+    """Register the pack's ``engine_cache/`` as the model folder kind ``streamrt_engines`` (idempotent).
+
+    Appended after folders a user configured for that kind in extra_model_paths.yaml, so the user's
+    first folder is where new engines go; every folder is searched.
+    """
+    folder_paths.add_model_folder_path(ENGINE_FOLDER, PACK_ENGINE_DIR)
+
+
+def engine_folders() -> list[str]:
+    """Every ``streamrt_engines`` folder; the first one receives new engines."""
+    register_engine_folder()
+    return folder_paths.get_folder_paths(ENGINE_FOLDER)
+
+
+def text_ui(text: str):
+    """A node's text in the UI (what ``PreviewAny`` shows), for ``io.NodeOutput(..., ui=text_ui(...))``."""
+    from comfy_api.latest import ui
+
+    return ui.PreviewText(text)

@@ -1,12 +1,41 @@
-"""Load Stream Pipeline: pick a model the user has and get a STREAMRT_PIPELINE handle."""
+"""Load Stream Pipeline and StreamRT LoRA: pick models the user has and get a STREAMRT_PIPELINE handle."""
 
 from __future__ import annotations
 
+from ..streamrt.loading import PREDICTION_TYPES, ModelLoadError, PipelineSpec
+from ..streamrt.lora import LoraSpec
 from . import api
 from .api import io
 from .runtime import PipelineHandle
 
 NO_TAESD = "none (full VAE)"
+
+
+def resolve_model(name: str) -> str:
+    """A diffusers folder (models/diffusers) or a single-file checkpoint (models/checkpoints)."""
+    try:
+        return api.resolve_diffusers_folder(name)
+    except FileNotFoundError:
+        pass
+    path = api.resolve_checkpoint(name)
+    if path is None:
+        raise ModelLoadError(f"model {name!r} was not found: it is neither a diffusers folder under "
+                             "models/diffusers nor a checkpoint file under models/checkpoints")
+    return path
+
+
+def resolve_taesd(name: str) -> str | tuple[str, str] | None:
+    """None, ComfyUI's TAESD file pair, or an AutoencoderTiny folder (models/vae_approx)."""
+    if name == NO_TAESD:
+        return None
+    pair = api.comfy_taesd_files(name)
+    if pair is not None:
+        return pair
+    try:
+        return api.resolve_taesd_folder(name)
+    except FileNotFoundError:
+        raise ModelLoadError(f"TAESD {name!r} was not found under models/vae_approx (neither "
+                             f"{name}_encoder/{name}_decoder files nor an AutoencoderTiny folder)") from None
 
 
 class LoadStreamPipeline(io.ComfyNode):
@@ -18,30 +47,78 @@ class LoadStreamPipeline(io.ComfyNode):
             node_id="StreamRTLoadPipeline",
             display_name="Load Stream Pipeline (StreamRT)",
             category=api.CATEGORY,
-            description="Loads a Stable Diffusion 1.x/2.x model for realtime streaming. The loaded models "
-                        "are cached: queuing again does not reload them, and ComfyUI's 'Free model and "
-                        "node cache' releases them.",
+            description="Loads a Stable Diffusion 1.x/2.x model for realtime streaming, from a diffusers folder or "
+                        "a single-file checkpoint, with optional TAESD and LoRAs, without network access. The "
+                        "loaded models are cached (queuing again does not reload them) and ComfyUI's 'Free model "
+                        "and node cache' releases them.",
             inputs=[
-                io.Combo.Input("model", options=api.diffusers_folders(),
-                               tooltip="A diffusers model folder (with model_index.json) under models/diffusers."),
-                io.Combo.Input("taesd", options=[NO_TAESD] + api.taesd_folders(), default=NO_TAESD,
-                               tooltip="Tiny autoencoder (TAESD) from models/vae_approx: much faster encode and "
-                                       "decode than the full VAE, at a small cost in quality."),
+                io.Combo.Input("model", options=api.diffusers_folders() + api.checkpoint_files(),
+                               tooltip="Diffusers folders from models/diffusers (listed by folder name) and "
+                                       "single-file SD1.x/SD2.x checkpoints from models/checkpoints (listed with "
+                                       "their .safetensors/.ckpt extension). SDXL is not supported yet."),
+                io.Combo.Input("taesd", options=[NO_TAESD] + api.comfy_taesd_names() + api.taesd_folders(),
+                               default=NO_TAESD,
+                               tooltip="Tiny autoencoder from models/vae_approx: 'taesd' is ComfyUI's "
+                                       "taesd_encoder/taesd_decoder pair, other entries are diffusers "
+                                       "AutoencoderTiny folders. Much faster encode and decode than the full VAE, "
+                                       "at a small cost in quality."),
                 io.Combo.Input("dtype", options=["auto", "fp16", "bf16", "fp32"], default="auto",
                                tooltip="Weight precision. auto = fp16 on a GPU, fp32 on the CPU."),
                 io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto",
                                tooltip="auto = the device ComfyUI computes on."),
+                io.Combo.Input("prediction_type", options=list(PREDICTION_TYPES), default="auto", optional=True,
+                               tooltip="What the model predicts. auto: a diffusers folder's scheduler config; for "
+                                       "checkpoints epsilon for SD1.x and for SD2.x 512 models such as sd-turbo "
+                                       "(file name containing 'turbo'), v_prediction for SD2.x 768 models. Set it "
+                                       "when a checkpoint gives washed-out or noisy frames."),
+                api.LORAS.Input("loras", optional=True,
+                                tooltip="LoRAs to fuse into the weights at load time (from StreamRT LoRA nodes), "
+                                        "e.g. LCM-LoRA for a model that is not LCM-distilled."),
             ],
             outputs=[api.PIPELINE.Output(display_name="pipeline", tooltip="The streaming pipeline.")],
         )
 
     @classmethod
-    def execute(cls, model: str, taesd: str, dtype: str, device: str) -> io.NodeOutput:
-        handle = PipelineHandle(
-            model_path=api.resolve_diffusers_folder(model),
-            taesd_path=None if taesd == NO_TAESD else api.resolve_taesd_folder(taesd),
-            dtype=dtype,
-            device=str(api.torch_device()) if device == "auto" else device,
-        )
+    def execute(cls, model: str, taesd: str, dtype: str, device: str, prediction_type: str = "auto",
+                loras: tuple[LoraSpec, ...] | None = None) -> io.NodeOutput:
+        path = resolve_model(model)
+        handle = PipelineHandle(PipelineSpec(
+            model=path, taesd=resolve_taesd(taesd), loras=tuple(loras or ()), dtype=dtype,
+            device=str(api.torch_device()) if device == "auto" else device, prediction_type=prediction_type,
+            tokenizer_dir=api.clip_tokenizer_dir()))
         handle.models()  # load now, so a broken model fails on this node
         return io.NodeOutput(handle)
+
+
+class StreamLora(io.ComfyNode):
+    """Add one LoRA to a list that Load Stream Pipeline fuses at load time."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamRTLora",
+            display_name="StreamRT LoRA",
+            category=api.CATEGORY,
+            description="Adds a LoRA (kohya/ComfyUI or diffusers format, e.g. LCM-LoRA) to the list fused into the "
+                        "pipeline's weights when Load Stream Pipeline loads it. Chain several through 'loras'. "
+                        "Fused weights cost nothing per frame; changing the list or a strength reloads the model.",
+            inputs=[
+                io.Combo.Input("lora_name", options=api.lora_files(), tooltip="A LoRA file from models/loras."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Strength on the UNet. 0 leaves the UNet unchanged."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Strength on the text encoder (CLIP). 0 leaves it unchanged."),
+                api.LORAS.Input("loras", optional=True,
+                                tooltip="LoRAs from an earlier StreamRT LoRA node; this one is added after them."),
+            ],
+            outputs=[api.LORAS.Output(display_name="loras",
+                                      tooltip="The LoRA list, for Load Stream Pipeline or another StreamRT LoRA.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name: str, strength_model: float, strength_clip: float,
+                loras: tuple[LoraSpec, ...] | None = None) -> io.NodeOutput:
+        path = api.resolve_lora(lora_name)
+        if path is None:
+            raise ModelLoadError(f"LoRA {lora_name!r} was not found under models/loras")
+        return io.NodeOutput(tuple(loras or ()) + (LoraSpec(path, float(strength_model), float(strength_clip)),))

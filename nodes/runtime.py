@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..streamrt import StreamModels, StreamSessions, load_diffusers_folder
-from ..streamrt.loading import file_fingerprint
+from ..streamrt.loading import PipelineSpec
+from ..streamrt.models import StreamModels
+from ..streamrt.sessions import StreamSessions
 from .api import MemoryWatch
 
 SESSIONS = StreamSessions()
@@ -27,20 +27,20 @@ class PipelineHandle:
     output cache still holds this handle; :meth:`models` reloads them on the next run.
     """
 
-    model_path: str
-    taesd_path: str | None
-    dtype: str
-    device: str
+    spec: PipelineSpec
+
+    @property
+    def model_path(self) -> str:
+        return self.spec.model
 
     @property
     def key(self) -> tuple:
-        paths = [self.model_path] + ([self.taesd_path] if self.taesd_path else [])
-        return (self.model_path, self.taesd_path, self.dtype, self.device,
-                tuple(file_fingerprint([Path(p) for p in paths])))
+        """The spec (model, TAESD, LoRA set with strengths, dtype, device, prediction type) plus the
+        sizes and mtimes of every file it reads: a changed file or LoRA set means another pipeline."""
+        return self.spec.cache_key()
 
     def models(self) -> StreamModels:
-        """The loaded pipeline (cached by files, sizes, mtimes, dtype and device)."""
-        models = SESSIONS.pipeline(self.key, lambda: load_diffusers_folder(
-            self.model_path, dtype=self.dtype, device=self.device, taesd=self.taesd_path))
+        """The loaded pipeline (cached by :attr:`key`; a failed load leaves nothing cached)."""
+        models = SESSIONS.pipeline(self.key, self.spec.load)
         MEMORY.keep_registered(models_bytes(models))
         return models

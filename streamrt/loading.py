@@ -1,20 +1,46 @@
-"""Loading a :class:`~streamrt.models.StreamModels` from files on disk, offline.
+"""Loading a :class:`~streamrt.models.StreamModels` from the files a ComfyUI user has, offline.
 
-Diffusers folders (``model_index.json`` + component folders) and TAESD folders. Nothing here
-reaches the network: every ``from_pretrained`` runs with ``local_files_only=True``.
+- Diffusers folders (``model_index.json`` + component folders): :func:`load_diffusers_folder`.
+- Single-file SD1.x / SD2.x checkpoints (``models/checkpoints``), with component configs shipped in
+  the pack: :func:`load_checkpoint` (rules in :mod:`streamrt.checkpoints`).
+- TAESD as a diffusers ``AutoencoderTiny`` folder or ComfyUI's ``taesd_encoder`` / ``taesd_decoder``
+  files (``models/vae_approx``): :func:`load_taesd`.
+- LoRAs fused at load time (:mod:`streamrt.lora`).
+
+:class:`PipelineSpec` names all of that in one hashable value whose :meth:`~PipelineSpec.cache_key`
+adds file sizes and mtimes, so hosts can cache loaded pipelines. Nothing here reaches the network
+(``local_files_only=True`` everywhere) or runs code from a weight file: safetensors by default, and
+``.ckpt``/``.pt`` only through ``torch.load(weights_only=True)`` (:func:`read_weights`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .models import StreamModels
 
+if TYPE_CHECKING:
+    from .lora import LoraSpec
+
 logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+#: file types a checkpoint or LoRA may have (pickles are only ever read as plain tensors)
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+#: CLIP's context length; ComfyUI's tokenizer files say 8192 (ComfyUI chunks long prompts itself)
+CLIP_MAX_LENGTH = 77
 
 
 class ModelLoadError(RuntimeError):
@@ -55,21 +81,283 @@ def file_fingerprint(paths: list[Path]) -> list[tuple[str, int, int]]:
     return out
 
 
-def load_taesd(folder: str | os.PathLike, *, dtype: torch.dtype, device: torch.device):
-    """An ``AutoencoderTiny`` from a diffusers folder."""
+@contextmanager
+def _load_errors(what: str) -> Iterator[None]:
+    """Turn any failure into a :class:`ModelLoadError` naming ``what``, and let go of half-loaded models.
+
+    The frames of the failed call are cleared, so the exception (which ComfyUI keeps for its error
+    report) does not hold on to tensors. Heavy locals must therefore live in an inner function.
+    """
+    try:
+        yield
+    except ModelLoadError as exc:
+        traceback.clear_frames(exc.__traceback__)
+        if what in str(exc):
+            raise
+        raise ModelLoadError(f"{what}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        traceback.clear_frames(exc.__traceback__)
+        raise ModelLoadError(f"could not load {what}: {type(exc).__name__}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- weight files
+
+
+def _check_weight_file(path: Path) -> None:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: file not found")
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise ModelLoadError(f"{path}: unsupported file type {path.suffix!r} (use .safetensors; .ckpt/.pt/.pth/.bin "
+                             "are read as plain tensors only)")
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file, on the CPU, without running any code from the file.
+
+    ``.safetensors`` (and ``.sft``) files are read directly. ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` go
+    through ``torch.load(weights_only=True)``: a pickle that needs anything but tensors and plain
+    containers (and so could run code) is refused. A top-level ``state_dict`` entry is unwrapped.
+
+    Raises:
+        ModelLoadError: missing file, unsupported type, truncated or corrupt file, refused pickle.
+    """
+    path = Path(path)
+    _check_weight_file(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - the safetensors error types are not public
+            raise ModelLoadError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch names what the pickle wanted to import or call ("Unsupported global: GLOBAL os.system")
+        detail = next((line for line in lines if any(w in line.lower() for w in ("global", "class", "reduce"))), None)
+        if detail is None:
+            detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
+            raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {detail}") from None
+        detail = detail[:200]
+        raise ModelLoadError(
+            f"{path} was refused: it is a pickle that would need to run code to load ({detail}). StreamRT reads "
+            ".ckpt/.pt files only as plain tensors (torch.load weights_only=True); use a .safetensors version "
+            "of this model.") from None
+    except Exception as exc:  # noqa: BLE001 - zip / EOF / magic-number errors of torch.load
+        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)} if isinstance(data, dict) else {}
+    if not tensors:
+        raise ModelLoadError(f"{path} holds no tensors")
+    return tensors
+
+
+def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a weight file; for safetensors from the header alone (no tensor is read)."""
+    path = Path(path)
+    _check_weight_file(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return {k: tuple(v.shape) for k, v in read_weights(path).items()}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+
+
+# --------------------------------------------------------------------------- TAESD
+
+
+def taesd_pair(path: str | os.PathLike) -> tuple[Path, Path]:
+    """ComfyUI's ``<name>_encoder.<ext>`` and ``<name>_decoder.<ext>`` from either file of the pair."""
+    path = Path(path)
+    stem = path.name.split(".")[0]
+    for part in ("_encoder", "_decoder"):
+        if stem.endswith(part):
+            name = stem[: -len(part)]
+            break
+    else:
+        raise ModelLoadError(f"{path}: expected ComfyUI's TAESD files <name>_encoder.safetensors and "
+                             "<name>_decoder.safetensors, or a diffusers AutoencoderTiny folder")
+    found = {}
+    for part in ("encoder", "decoder"):
+        matches = sorted(p for p in path.parent.glob(f"{name}_{part}.*") if p.suffix.lower() in WEIGHT_SUFFIXES)
+        if not matches:
+            raise ModelLoadError(f"{path.parent / (name + '_' + part)}.safetensors: file not found (TAESD needs both "
+                                 "the encoder and the decoder file)")
+        found[part] = matches[0]
+    return found["encoder"], found["decoder"]
+
+
+def _comfy_taesd(encoder: Path, decoder: Path, dtype: torch.dtype, device: torch.device):
     from diffusers import AutoencoderTiny
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{folder} is not a diffusers AutoencoderTiny folder (no config.json)")
+    from .checkpoints import OTHER_TAESD, comfy_taesd_to_diffusers
+
+    for path in (encoder, decoder):
+        name = path.name.split(".")[0].rsplit("_", 1)[0]
+        if name in OTHER_TAESD:
+            raise ModelLoadError(f"{path} is {name}, the tiny autoencoder for {OTHER_TAESD[name]}; StreamRT streams "
+                                 "SD1.x/SD2.x models, which need taesd (taesd_encoder / taesd_decoder)")
+    config, state = comfy_taesd_to_diffusers(read_weights(encoder), read_weights(decoder))
+    vae = AutoencoderTiny(**config)
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(f"the TAESD files do not form a TAESD: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return torch.nn.Module.to(vae, device=device, dtype=dtype)
+
+
+def load_taesd(source: str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike], *, dtype: torch.dtype,
+               device: torch.device):
+    """An ``AutoencoderTiny`` from a diffusers folder or from ComfyUI's TAESD files.
+
+    Args:
+        source: a diffusers ``AutoencoderTiny`` folder (``config.json`` + weights); a pair
+            ``(encoder, decoder)`` of ComfyUI's files (``models/vae_approx/taesd_encoder.safetensors``,
+            ``taesd_decoder.safetensors``); or one file of that pair (the other is found beside it).
+            ``taesdxl`` / ``taesd3`` / ``taef1`` files are refused (other latent spaces).
+    """
+    if isinstance(source, (tuple, list)):
+        encoder, decoder = (Path(p) for p in source)
+        with _load_errors(f"TAESD {encoder.parent}"):
+            return _comfy_taesd(encoder, decoder, dtype, device)
+    folder = Path(source)
+    if folder.is_dir():
+        from diffusers import AutoencoderTiny
+
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{folder} is not a diffusers AutoencoderTiny folder (no config.json)")
+        with _load_errors(f"TAESD {folder}"):
+            return AutoencoderTiny.from_pretrained(folder, local_files_only=True, torch_dtype=dtype).to(device)
+    with _load_errors(f"TAESD {folder}"):
+        return _comfy_taesd(*taesd_pair(folder), dtype, device)
+
+
+def _taesd_paths(taesd) -> list[Path]:
+    if taesd is None:
+        return []
+    if isinstance(taesd, (tuple, list)):
+        return [Path(p) for p in taesd]
+    path = Path(taesd)
+    if path.is_dir():
+        return [path]
     try:
-        return AutoencoderTiny.from_pretrained(folder, local_files_only=True, torch_dtype=dtype).to(device)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise ModelLoadError(f"could not load TAESD from {folder}: {exc}") from exc
+        return list(taesd_pair(path))
+    except ModelLoadError:
+        return [path]
+
+
+# --------------------------------------------------------------------------- LoRAs and the pipeline spec
+
+
+def as_lora_specs(loras) -> tuple:
+    """``LoraSpec``s from specs, paths, ``(path, strength)`` or ``(path, strength_model, strength_clip)``."""
+    from .lora import LoraSpec
+
+    out = []
+    for item in loras or ():
+        if isinstance(item, LoraSpec):
+            out.append(item)
+        elif isinstance(item, (str, os.PathLike)):
+            out.append(LoraSpec(str(item)))
+        else:
+            path, *strengths = item
+            out.append(LoraSpec(str(path), float(strengths[0]), float(strengths[-1])))
+    return tuple(out)
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ModelLoadError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything that decides what a loaded pipeline holds; hashable, for caches.
+
+    Args:
+        model (`str`): a diffusers folder (``model_index.json``) or a single-file SD1.x/SD2.x checkpoint.
+        taesd: ``None`` (the model's VAE), an ``AutoencoderTiny`` folder, or ComfyUI's TAESD
+            ``(encoder, decoder)`` files (see :func:`load_taesd`).
+        loras (`tuple[LoraSpec, ...]`): fused in order at load time.
+        dtype (`str`), device (`str`): as :func:`resolve_dtype` / :func:`resolve_device` take them.
+        prediction_type (`str`): ``auto`` | ``epsilon`` | ``v_prediction`` (see :mod:`streamrt.checkpoints`).
+        tokenizer_dir (`str`, *optional*): CLIP tokenizer files for checkpoints (ComfyUI's ``comfy/sd1_tokenizer``).
+        config_dir (`str`, *optional*): component configs for a checkpoint (overrides the shipped ones).
+    """
+
+    model: str
+    taesd: str | tuple[str, str] | None = None
+    loras: tuple[LoraSpec, ...] = ()
+    dtype: str = "auto"
+    device: str = "auto"
+    prediction_type: str = "auto"
+    tokenizer_dir: str | None = None
+    config_dir: str | None = None
+
+    @property
+    def is_diffusers_folder(self) -> bool:
+        return Path(self.model).is_dir()
+
+    def files(self) -> list[Path]:
+        """Every file or folder the pipeline is read from (LoRAs aside)."""
+        from .checkpoints import SIDECAR_SUFFIX, sidecar_config_dir
+
+        paths = [Path(self.model)] + _taesd_paths(self.taesd)
+        if not self.is_diffusers_folder:
+            sidecar = Path(self.model + SIDECAR_SUFFIX)
+            if sidecar.is_file():
+                paths.append(sidecar)
+                try:
+                    paths.append(sidecar_config_dir(self.model))
+                except ModelLoadError:
+                    pass  # the load itself reports it
+            paths += [Path(p) for p in (self.config_dir, self.tokenizer_dir) if p]
+        return [p for p in paths if p.exists()]
+
+    def cache_key(self) -> tuple:
+        """This spec plus sizes and mtimes of every file it reads: equal keys mean equal weights."""
+        return (self, tuple(file_fingerprint(self.files())), tuple(lora.fingerprint() for lora in self.loras))
+
+    def load(self) -> StreamModels:
+        """Load the pipeline (see :func:`load_diffusers_folder` and :func:`load_checkpoint`)."""
+        if self.is_diffusers_folder:
+            return load_diffusers_folder(self.model, dtype=self.dtype, device=self.device, taesd=self.taesd,
+                                         loras=self.loras, prediction_type=self.prediction_type)
+        return load_checkpoint(self.model, tokenizer_dir=self.tokenizer_dir, dtype=self.dtype, device=self.device,
+                               taesd=self.taesd, loras=self.loras, prediction_type=self.prediction_type,
+                               config_dir=self.config_dir)
+
+
+def _finish(parts: dict, *, kind: str, files: list[Path], loras: tuple, dtype: torch.dtype,
+            device: torch.device) -> StreamModels:
+    """Cast and move the modules, fuse the LoRAs on the target device, and wrap them."""
+    from .lora import fuse_loras
+
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name] = torch.nn.Module.to(parts[name], device=device, dtype=dtype)
+    lora_ids = fuse_loras(loras, parts["unet"], parts["text_encoder"]) if loras else []
+    vocab = int(parts["text_encoder"].config.vocab_size)
+    if len(parts["tokenizer"]) > vocab:
+        raise ModelLoadError(f"the tokenizer has {len(parts['tokenizer'])} tokens but the text encoder only {vocab}: "
+                             "they do not belong together")
+    identity = {"kind": kind, "files": file_fingerprint(files), "loras": lora_ids,
+                "prediction_type": str(parts["scheduler"].config.prediction_type), "dtype": str(dtype),
+                "device": str(device)}
+    return StreamModels(unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+                        tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], identity=identity)
+
+
+# --------------------------------------------------------------------------- diffusers folders
 
 
 def load_diffusers_folder(folder: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
-                          device: str | torch.device = "auto", taesd: str | os.PathLike | None = None) -> StreamModels:
+                          device: str | torch.device = "auto", taesd=None, loras=(),
+                          prediction_type: str = "auto") -> StreamModels:
     """Load UNet, VAE, text encoder, tokenizer and an LCM schedule from a diffusers folder.
 
     Args:
@@ -77,17 +365,17 @@ def load_diffusers_folder(folder: str | os.PathLike, *, dtype: str | torch.dtype
             and ``scheduler/``.
         dtype: ``auto`` | ``fp16`` | ``bf16`` | ``fp32`` or a torch dtype.
         device: ``auto`` | ``cpu`` | ``cuda[:i]``.
-        taesd: optional AutoencoderTiny folder used instead of the folder's VAE.
+        taesd: optional TAESD used instead of the folder's VAE (see :func:`load_taesd`).
+        loras: LoRAs fused at load time (:class:`~streamrt.lora.LoraSpec`, paths or ``(path, strength)``).
+        prediction_type: ``auto`` (the folder's scheduler config), ``epsilon`` or ``v_prediction``.
 
     Raises:
         ModelLoadError: missing or unreadable files, with the path in the message.
     """
-    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     folder = Path(folder)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    _check_prediction_type(prediction_type)
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{folder} is not a diffusers folder: model_index.json is missing")
     missing = [c for c in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / c).is_dir()]
@@ -95,20 +383,133 @@ def load_diffusers_folder(folder: str | os.PathLike, *, dtype: str | torch.dtype
         missing.append("vae")
     if missing:
         raise ModelLoadError(f"{folder} lacks the component folders {missing}")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True,
-                                                     torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-        scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-        vae = (load_taesd(taesd, dtype=dtype, device=device) if taesd is not None else
-               AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype))
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - re-raised with the folder named
-        raise ModelLoadError(f"could not load the diffusers folder {folder}: {exc}") from exc
-    identity = {"kind": "diffusers", "files": file_fingerprint([folder] + ([Path(taesd)] if taesd else [])),
-                "dtype": str(dtype), "device": str(device)}
-    logger.info("loaded diffusers folder %s (%s, %s)", folder, dtype, device)
-    return StreamModels(unet=unet.to(device), vae=vae.to(device), text_encoder=text_encoder.to(device),
-                        tokenizer=tokenizer, scheduler=scheduler, identity=identity)
+    loras = as_lora_specs(loras)
+    with _load_errors(f"the diffusers folder {folder}"):
+        models = _load_diffusers_folder(folder, dtype, device, taesd, loras, prediction_type)
+    logger.info("loaded diffusers folder %s (%s, %s, %d LoRA(s))", folder, dtype, device, len(loras))
+    return models
+
+
+def _load_diffusers_folder(folder: Path, dtype: torch.dtype, device: torch.device, taesd, loras: tuple,
+                           prediction_type: str) -> StreamModels:
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    override = {} if prediction_type == "auto" else {"prediction_type": prediction_type}
+    parts = {
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
+                                                     torch_dtype=dtype),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True,
+                                                      torch_dtype=dtype),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+        "scheduler": LCMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True, **override),
+        "vae": (load_taesd(taesd, dtype=dtype, device=device) if taesd is not None else
+                AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype)),
+    }
+    return _finish(parts, kind="diffusers", files=[folder] + _taesd_paths(taesd), loras=loras, dtype=dtype,
+                   device=device)
+
+
+# --------------------------------------------------------------------------- single-file checkpoints
+
+
+def load_checkpoint(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+                    dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", taesd=None, loras=(),
+                    prediction_type: str = "auto", config_dir: str | os.PathLike | None = None) -> StreamModels:
+    """Load a single-file SD1.x / SD2.x checkpoint (ComfyUI's ``models/checkpoints``), offline.
+
+    The architecture is read from the file's keys and shapes and the component configs come with the
+    pack (see :mod:`streamrt.checkpoints` for the rules, the prediction type included).
+
+    Args:
+        path: a ``.safetensors`` file (``.ckpt``/``.pt`` are read as plain tensors only; a pickle that
+            would run code is refused).
+        tokenizer_dir: CLIP tokenizer files (``vocab.json``, ``merges.txt``): ComfyUI ships them in
+            ``comfy/sd1_tokenizer``. Not needed when the config folder has a ``tokenizer/``.
+        dtype, device: as in :func:`load_diffusers_folder`.
+        taesd: optional TAESD used instead of the checkpoint's VAE (see :func:`load_taesd`).
+        loras: LoRAs fused at load time.
+        prediction_type: ``auto`` | ``epsilon`` | ``v_prediction``.
+        config_dir: a diffusers-layout folder of component configs (``unet/``, ``vae/``,
+            ``text_encoder/``, ``scheduler/``, optionally ``tokenizer/``) used instead of the shipped ones;
+            default: the one named by a ``<path>.streamrt.json`` sidecar, if any.
+
+    Raises:
+        ModelLoadError: missing/corrupt/refused file, unsupported architecture (SDXL: "not supported
+            yet"), weights that do not fit the configs; the message names the file.
+    """
+    path = Path(path)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    _check_prediction_type(prediction_type)
+    loras = as_lora_specs(loras)
+    with _load_errors(str(path)):
+        models = _load_checkpoint(path, Path(tokenizer_dir) if tokenizer_dir else None, dtype, device, taesd, loras,
+                                  prediction_type, Path(config_dir) if config_dir else None)
+    logger.info("loaded checkpoint %s (%s, %s, %s, %s, %d LoRA(s))", path, models.identity["family"],
+                models.prediction_type, dtype, device, len(loras))
+    return models
+
+
+def _load_checkpoint(path: Path, tokenizer_dir: Path | None, dtype: torch.dtype, device: torch.device, taesd,
+                     loras: tuple, prediction_type: str, config_dir: Path | None) -> StreamModels:
+    from diffusers import LCMScheduler
+    from transformers import CLIPTokenizer
+
+    from . import checkpoints as ckpt
+
+    _check_weight_file(path)
+    config_dir = config_dir or ckpt.sidecar_config_dir(path)
+    if config_dir is not None and not (config_dir / "unet").is_dir():
+        raise ModelLoadError(f"config folder {config_dir} has no unet/ (expected a diffusers layout: unet/, vae/, "
+                             "text_encoder/, scheduler/)")
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:  # refuse SDXL & co. before reading gigabytes
+        shapes = read_shapes(path)
+        names = ckpt.normalize_keys(list(shapes))
+        ckpt.detect_architecture({names[k]: s for k, s in shapes.items()}, check_widths=config_dir is None)
+    raw = read_weights(path)
+    names = ckpt.normalize_keys(list(raw))
+    state = {names[k]: v for k, v in raw.items()}
+    del raw
+    arch = ckpt.detect_architecture({k: tuple(v.shape) for k, v in state.items()}, check_widths=config_dir is None)
+
+    if prediction_type != "auto":
+        reason = "asked for"
+    elif config_dir is not None:
+        prediction_type = LCMScheduler.load_config(config_dir, subfolder="scheduler")["prediction_type"]
+        reason = f"the scheduler config of {config_dir}"
+    else:
+        prediction_type, reason = ckpt.auto_prediction_type(arch, path.name, state.get(ckpt.V_NORM_KEY))
+    logger.info("%s: %s, %s (%s)", path.name, arch.family.upper(), prediction_type, reason)
+    configs = config_dir or ckpt.shipped_config_dir(arch.family, prediction_type)
+
+    if taesd is None and not arch.has_vae:
+        raise ModelLoadError("the checkpoint has no VAE (first_stage_model.*): pick a TAESD")
+    parts = ckpt.build_components(state, arch.family, configs, with_vae=taesd is None)
+    del state
+    if taesd is not None:
+        parts["vae"] = load_taesd(taesd, dtype=dtype, device=device)
+
+    if (configs / "tokenizer").is_dir():
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(configs / "tokenizer", local_files_only=True)
+    elif tokenizer_dir is not None:
+        if not (tokenizer_dir / "vocab.json").is_file():
+            raise ModelLoadError(f"{tokenizer_dir} holds no CLIP tokenizer (vocab.json, merges.txt)")
+        # SD2 pads with "!" (id 0) like its OpenCLIP training; SD1 with the end token.
+        pad = {"pad_token": "!"} if arch.family == "sd2" else {}
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True,
+                                                           model_max_length=CLIP_MAX_LENGTH, **pad)
+    else:
+        raise ModelLoadError("no tokenizer: pass tokenizer_dir (ComfyUI ships CLIP's in comfy/sd1_tokenizer)")
+    parts["scheduler"] = LCMScheduler.from_pretrained(configs, subfolder="scheduler", local_files_only=True,
+                                                      prediction_type=prediction_type)
+    files = [path] + [p for p in (Path(str(path) + ckpt.SIDECAR_SUFFIX), config_dir) if p and p.exists()]
+    models = _finish(parts, kind="checkpoint", files=files + _taesd_paths(taesd), loras=loras, dtype=dtype,
+                     device=device)
+    models.identity["family"] = arch.family
+    return models
+
+
+def load_pipeline(spec: PipelineSpec) -> StreamModels:
+    """Load what ``spec`` describes (a diffusers folder or a checkpoint)."""
+    return spec.load()

@@ -76,6 +76,38 @@ class StreamBuffers:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
 
 
+class _PinnedDrain:
+    """GPU -> pageable CPU result through two pinned buffers: frame k's host copy into the result runs
+    while the GPU computes frame k+1, and the result the caller keeps is ordinary memory."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._stage = [torch.empty(shape, pin_memory=True) for _ in range(2)]
+        self._events = [torch.cuda.Event() for _ in range(2)]
+        self._slot = 0
+        self._pending: tuple[int, torch.Tensor] | None = None
+
+    def buffer(self) -> torch.Tensor:
+        """The pinned buffer the next device-to-host copy goes into."""
+        return self._stage[self._slot]
+
+    def submitted(self, dest: torch.Tensor) -> None:
+        """The copy into :meth:`buffer` is enqueued; finish the previous one into its destination."""
+        self._events[self._slot].record()
+        previous, self._pending = self._pending, (self._slot, dest)
+        self._slot ^= 1
+        if previous is not None:
+            self._finish(*previous)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._finish(*self._pending)
+            self._pending = None
+
+    def _finish(self, slot: int, dest: torch.Tensor) -> None:
+        self._events[slot].synchronize()  # that frame's copy, not the work queued after it
+        dest.copy_(self._stage[slot])
+
+
 class Stream:
     """A StreamDiffusion-style stream with its whole state pre-allocated.
 
@@ -125,10 +157,12 @@ class Stream:
         self._host_stage: list[torch.Tensor] = []
         self._host_events: list[torch.cuda.Event] = []
         self._host_slot = 0
+        self._drain: _PinnedDrain | None = None
         if self.device.type == "cuda":
             shape = (config.frames_per_step, config.height, config.width, 3)
             self._host_stage = [torch.empty(shape, pin_memory=True) for _ in range(2)]
             self._host_events = [torch.cuda.Event() for _ in range(2)]
+            self._drain = _PinnedDrain(shape)
         self.unet_kwargs: dict = {}
         self.kv: KVCache | None = None
         if config.kv_cache.enabled:
@@ -441,7 +475,8 @@ class Stream:
             frames = self._check_frames(frames, self.config.frames_per_step)
         return self._step(frames, out=out, synchronize=synchronize)
 
-    def _step(self, frames: torch.Tensor | None, *, out: torch.Tensor | None, synchronize: bool) -> torch.Tensor:
+    def _step(self, frames: torch.Tensor | None, *, out: torch.Tensor | None, synchronize: bool,
+              hand_over: bool = True) -> torch.Tensor | None:
         txt2img = frames is None
         if not txt2img:
             self._stage_frames(frames)
@@ -452,6 +487,9 @@ class Stream:
         if self.kv is not None:
             self.kv.schedule_call()
         self._run_device_step(txt2img)
+        if not hand_over:
+            self.frames_processed += self.config.frames_per_step
+            return None
         result = self._hand_over(out)
         if synchronize and result.device.type == "cpu" and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -478,8 +516,8 @@ class Stream:
         """
         total = self._finite_scratch.get(frames.device)
         if total is None:
-            total = self._finite_scratch[frames.device] = torch.zeros((), device=frames.device, dtype=torch.float64)
-        torch.sum(frames, dim=tuple(range(frames.dim())), dtype=torch.float64, out=total)
+            total = self._finite_scratch[frames.device] = torch.zeros((), device=frames.device, dtype=torch.float32)
+        torch.sum(frames, dim=tuple(range(frames.dim())), dtype=torch.float32, out=total)
         if not math.isfinite(float(total)):
             raise FrameError("frames contain NaN or infinite values")
 
@@ -498,17 +536,27 @@ class Stream:
         total = frames.shape[0]
         if total % f:
             raise FrameError(f"the number of frames ({total}) must be a multiple of frames_per_step={f}")
-        pin = self.device.type == "cuda"
-        result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32, pin_memory=pin)
+        result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32)
         groups = total // f
         lag = self.latency
+        drain = None if self.config.similarity_filter.enabled else self._drain
         for call in range(groups + lag):
             group = min(call, groups - 1)
             target = call - lag
-            dest = result[target * f:(target + 1) * f] if target >= 0 else None
-            self._step(frames[group * f:(group + 1) * f], out=dest, synchronize=False)
-            if target >= 0 and progress is not None:
+            chunk = frames[group * f:(group + 1) * f]
+            if target < 0:  # the pipeline is filling: these outputs belong to earlier calls
+                self._step(chunk, out=None, synchronize=False, hand_over=self.config.similarity_filter.enabled)
+                continue
+            dest = result[target * f:(target + 1) * f]
+            if drain is None:
+                self._step(chunk, out=dest, synchronize=False)
+            else:
+                self._step(chunk, out=drain.buffer(), synchronize=False)
+                drain.submitted(dest)
+            if progress is not None:
                 progress((target + 1) * f, total)
+        if drain is not None:
+            drain.flush()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return result
@@ -517,8 +565,7 @@ class Stream:
     def txt2img(self, count: int = 1) -> torch.Tensor:
         """``count`` txt2img calls; returns the ``count * F`` frames, aligned like :meth:`process_video`."""
         f, lag = self.config.frames_per_step, self.latency
-        pin = self.device.type == "cuda"
-        result = torch.empty((count * f, self.config.height, self.config.width, 3), dtype=torch.float32, pin_memory=pin)
+        result = torch.empty((count * f, self.config.height, self.config.width, 3), dtype=torch.float32)
         for call in range(count + lag):
             target = call - lag
             self.step(None, out=result[target * f:(target + 1) * f] if target >= 0 else None, synchronize=False)

@@ -364,3 +364,22 @@ def test_kv_cache_under_cuda_graph_matches_eager_and_allocates_nothing():
         stream.step(groups[k % len(groups)])
     torch.cuda.synchronize()
     assert allocations() - before == 0
+
+
+def test_text_encoder_graph_matches_eager_and_a_new_prompt_allocates_only_its_cache_entry(fp32_models):
+    """The prompt encoder's captured graph gives the eager encoder's embeddings for new prompts."""
+    encoder = fp32_models.prompt_encoder
+    encoder.clear()
+    texts = ["a cat", "a red dog on the moon", "a cat"]
+    got = [encoder.encode(t) for t in texts]
+    assert encoder._graph not in (None, False), "the text encoder was not captured"
+    assert encoder.encoder_calls >= 2 and got[0] is got[2]  # the repeat is a cache hit
+    for text, emb in zip(texts, got):
+        ids = fp32_models.tokenizer(text, padding="max_length", max_length=fp32_models.tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt").input_ids.cuda()
+        with torch.inference_mode():
+            eager = fp32_models.text_encoder(ids, return_dict=False)[0]
+        torch.testing.assert_close(emb, eager, atol=1e-5, rtol=1e-5)
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    encoder.encode("a brand new prompt about a lighthouse")
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 1  # the cache entry

@@ -1,0 +1,223 @@
+"""Build Engines and Load Engines: TensorRT / TensorRT-RTX engines for a STREAMRT_PIPELINE.
+
+The work is in :mod:`streamrt.engines`; these nodes pick the cache folders, map the widgets to
+engine requests, and report what happened as text.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+
+from ..streamrt.config import CfgType, StreamConfig
+from ..streamrt.engines import (BACKENDS, COMPONENTS, TARGET_CHOICES, AttachResult, EngineCache, EngineModels,
+                                attach_engines, build_engines, installed_backends, local_target, requests_for_stream,
+                                runtime_problem, weights_fingerprint)
+from ..streamrt.engines.cache import CacheEntry
+from ..streamrt.models import StreamModels
+from . import api
+from .api import io
+from .runtime import PipelineHandle
+
+logger = logging.getLogger(__name__)
+
+api.register_engine_folder()
+
+COMPONENT_SETS: dict[str, tuple[str, ...]] = {
+    "unet + vae": COMPONENTS, "unet": ("unet",), "vae": ("vae_encoder", "vae_decoder"),
+}
+
+
+def engine_cache() -> EngineCache:
+    """The ``streamrt_engines`` folders: the first receives new engines, all are searched."""
+    folders = api.engine_folders()
+    return EngineCache(folders[0], extra_roots=tuple(folders[1:]))
+
+
+@dataclass(frozen=True)
+class EnginePipelineHandle(PipelineHandle):
+    """A STREAMRT_PIPELINE with engines attached: the sampler runs the UNet / VAE through the cached engines
+    that fit its config on this GPU, and on torch where none does (see :func:`stream_models`)."""
+
+    engine_backend: str = "auto"
+
+
+def with_engines(handle: PipelineHandle, backend: str) -> EnginePipelineHandle:
+    base = {f.name: getattr(handle, f.name) for f in fields(PipelineHandle)}
+    return EnginePipelineHandle(**base, engine_backend=backend)
+
+
+def stream_config_for(width: int, height: int, frames_per_step: int, denoising_steps: int,
+                      cfg_type: str) -> StreamConfig:
+    """A config with the shapes a sampler with these numbers has (guidance on for full / initialize)."""
+    return StreamConfig(width=width, height=height, t_index_list=tuple(range(denoising_steps)),
+                        num_inference_steps=max(50, denoising_steps), frames_per_step=frames_per_step,
+                        cfg_type=cfg_type, guidance_scale=1.0 if cfg_type == CfgType.NONE.value else 1.2)
+
+
+def stream_models(pipeline: PipelineHandle, models: StreamModels, config: StreamConfig) -> StreamModels | EngineModels:
+    """What the sampler streams with: ``models`` themselves, or :class:`EngineModels` when ``pipeline``
+    has engines attached and some fit ``config`` on this GPU. The same object comes back for the same
+    shapes (the session keeps its stream), and the reasons for running on torch are logged once."""
+    if not isinstance(pipeline, EnginePipelineHandle):
+        return models
+    key = (pipeline.engine_backend, config.width, config.height, config.unet_rows, config.frames_per_step,
+           config.kv_cache.max_frames if config.kv_cache.enabled else 0)
+    attached: dict = models.__dict__.setdefault("_streamrt_engine_models", {})
+    result: AttachResult | None = attached.get(key)
+    if result is None:
+        result = attach_engines(models, config, engine_cache(), backend=pipeline.engine_backend)
+        attached[key] = result
+        if result.engines:
+            logger.info("StreamRT engines attached: %s", ", ".join(r.name for r in result.engines.values()))
+        for note in result.notes:
+            logger.warning("StreamRT engines: %s", note)
+    return result.models
+
+
+def _entry_line(entry: CacheEntry, installed: dict[str, str], here: str | None, device) -> str:
+    if entry.record is None:
+        return f"  ! {entry.path.name}: {entry.error}"
+    key, rec = entry.record.key, entry.record
+    status = "usable here"
+    problem = runtime_problem(key.backend, device)
+    if problem is not None:
+        status = f"not usable here: {problem}"
+    elif installed.get(key.backend) != key.backend_version:
+        status = f"stale: built with {key.backend} {key.backend_version}, {installed.get(key.backend)} is installed"
+    elif key.target != here:
+        status = f"built for {key.target}, this GPU is {here}"
+    return f"  {key.describe()}  {rec.size / 1e6:.1f} MB  [{status}]\n    {rec.path}"
+
+
+def list_engines(models: StreamModels, cache: EngineCache) -> str:
+    """A text listing of the cached engines of this pipeline's weights, each with whether it can run here."""
+    weights = weights_fingerprint(models)
+    entries = cache.entries(weights)
+    installed = installed_backends()
+    here = local_target(models.device) if models.device.type == "cuda" else None
+    lines = [f"Engines for weights {weights} ({len(entries)} found in {', '.join(map(str, cache.roots))}):"]
+    lines += [_entry_line(e, installed, here, models.device) for e in entries] or ["  none: use Build Engines"]
+    return "\n".join(lines)
+
+
+class BuildEngines(io.ComfyNode):
+    """Build (or reuse) the engines a stream with these numbers runs on, and attach them to the pipeline."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamRTBuildEngines",
+            display_name="Build Engines (StreamRT)",
+            category=api.CATEGORY,
+            description=(
+                "Exports the pipeline's UNet and VAE encoder/decoder to ONNX and builds TensorRT engines for a stream "
+                "of these sizes, or reuses the ones already in the engine cache (models/streamrt_engines folders; "
+                "the pack's engine_cache/ by default). TensorRT-RTX builds ahead of time on any machine, even "
+                "without a GPU, for the GPU generation you choose; full TensorRT builds for the local GPU. Builds "
+                "take seconds to minutes. The pipeline output has the engines attached (like Load Engines): a Stream "
+                "Sampler fed from it uses the engines that fit, and PyTorch where none does."),
+            inputs=[
+                api.PIPELINE.Input("pipeline", tooltip="From Load Stream Pipeline."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8,
+                             tooltip="Stream width the engines are tuned for (must match the sampler's)."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8,
+                             tooltip="Stream height the engines are tuned for (must match the sampler's)."),
+                io.Int.Input("min_size", default=0, min=0, max=4096, step=8,
+                             tooltip="0 = engines for exactly width x height (fastest). Otherwise with max_size: "
+                                     "engines that accept any width and height in [min_size, max_size]."),
+                io.Int.Input("max_size", default=0, min=0, max=4096, step=8,
+                             tooltip="Largest width/height a dynamic engine accepts (0 = static, see min_size)."),
+                io.Int.Input("frames_per_step", default=1, min=1, max=16,
+                             tooltip="The sampler's frames_per_step (F): VAE engines take F frames."),
+                io.Int.Input("denoising_steps", default=2, min=1, max=50,
+                             tooltip="How many indices the sampler's t_index_list has (n). The UNet batch is "
+                                     "n x F rows, more with cfg_type full or initialize."),
+                io.Combo.Input("cfg_type", options=[c.value for c in CfgType], default=CfgType.SELF.value,
+                               tooltip="The sampler's cfg_type (full doubles the UNet batch, initialize adds F "
+                                       "rows). With guidance_scale <= 1 the sampler runs as 'none'."),
+                io.Combo.Input("backend", options=list(BACKENDS), default=BACKENDS[0],
+                               tooltip="tensorrt-rtx (pip install tensorrt-rtx polygraphy): RTX GPUs from the 20 "
+                                       "series on, builds without a GPU; not for Hopper/data-centre GPUs. tensorrt: "
+                                       "full TensorRT, builds on the GPU it will run on."),
+                io.Combo.Input("target", options=["auto", *TARGET_CHOICES], default="auto",
+                               tooltip="GPU generation the engines run on. auto = this machine's GPU. SM75 RTX 20xx, "
+                                       "SM80 A100, SM86 RTX 30xx, SM89 RTX 40xx, SM120 RTX 50xx."),
+                io.Combo.Input("precision", options=["fp16", "fp32"], default="fp16",
+                               tooltip="fp16 is the fast choice; fp32 only for debugging."),
+                io.Combo.Input("components", options=list(COMPONENT_SETS), default="unet + vae",
+                               tooltip="Which engines to build. Text encoders always stay in PyTorch."),
+                io.Boolean.Input("rebuild", default=False,
+                                 tooltip="Build again even when a valid engine is cached."),
+            ],
+            outputs=[api.PIPELINE.Output(display_name="pipeline",
+                                         tooltip="The pipeline with these engines attached (as from Load Engines)."),
+                     io.String.Output(display_name="report", tooltip="What was built or reused, and where.")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs) -> float:
+        return float("nan")  # always look at the cache: engines may have been deleted or damaged meanwhile
+
+    @classmethod
+    def execute(cls, pipeline: PipelineHandle, width: int, height: int, min_size: int, max_size: int,
+                frames_per_step: int, denoising_steps: int, cfg_type: str, backend: str, target: str,
+                precision: str, components: str, rebuild: bool) -> io.NodeOutput:
+        models = pipeline.models()
+        config = stream_config_for(width, height, frames_per_step, denoising_steps, cfg_type)
+        requests = requests_for_stream(config, components=COMPONENT_SETS[components], precision=precision,
+                                       backend=backend, target=target, min_size=min_size, max_size=max_size)
+        cache = engine_cache()
+        progress = api.Progress(100 * len(requests), cls.hidden.unique_id)
+        results = build_engines(models, requests, cache, progress=progress, force=rebuild)
+        first = results[0].key
+        lines = [f"StreamRT engines: {first.backend} {first.backend_version}, target {first.target}, "
+                 f"{first.precision}, weights {first.weights}"]
+        for r in results:
+            what = (f"built in {r.build_seconds:.1f} s (export {r.export_seconds:.1f} s)" if r.built else "reused")
+            lines.append(f"  {r.key.component:<12} {r.key.shapes.label():<28} {what:<34} {r.record.size / 1e6:8.1f} MB")
+        lines.append(f"Folder: {results[0].record.path.parent}")
+        report = "\n".join(lines)
+        logger.info("%s", report)
+        return io.NodeOutput(with_engines(pipeline, backend), report, ui=api.text_ui(report))
+
+
+class LoadEngines(io.ComfyNode):
+    """Attach the cached engines to a pipeline; the sampler uses those that fit."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamRTLoadEngines",
+            display_name="Load Engines (StreamRT)",
+            category=api.CATEGORY,
+            description=(
+                "Lists the engines in the cache for this pipeline and attaches them: a Stream Sampler fed from here "
+                "runs its UNet and VAE through the engines that match its size and batch on this GPU, and through "
+                "PyTorch where none does (the server log says why)."),
+            inputs=[
+                api.PIPELINE.Input("pipeline", tooltip="From Load Stream Pipeline."),
+                io.Combo.Input("backend", options=["auto", *BACKENDS], default="auto",
+                               tooltip="Which engines to use; auto = any installed backend that runs on this GPU."),
+            ],
+            outputs=[api.PIPELINE.Output(display_name="pipeline", tooltip="The pipeline, with engines attached."),
+                     io.String.Output(display_name="engines", tooltip="The engines found, and whether they run here.")],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs) -> float:
+        return float("nan")  # the listing shows the cache as it is now
+
+    @classmethod
+    def execute(cls, pipeline: PipelineHandle, backend: str) -> io.NodeOutput:
+        models = pipeline.models()
+        listing = list_engines(models, engine_cache())
+        return io.NodeOutput(with_engines(pipeline, backend), listing, ui=api.text_ui(listing))
+
+
+ENGINE_NODES: list[type[io.ComfyNode]] = [BuildEngines, LoadEngines]

@@ -1,0 +1,491 @@
+"""The engine cache: where engines live on disk, what they were built for, and whether to trust them.
+
+Layout under a cache folder (default: the pack's ``engine_cache/``; ComfyUI users can add folders
+as the model folder kind ``streamrt_engines``)::
+
+    <root>/<weights>/<component>_<shapes>_<precision>_<backend>-<version>_<target>_kv<window>_<digest>.engine
+    <root>/<weights>/<same name>.json        metadata sidecar: the key, the engine's sha256 and size
+    <root>/timing/<backend>-<version>-<target>.cache   TensorRT timing cache, shared by builds
+    <root>/.staging/<id>/                     a build in progress (ONNX export, partial engine)
+
+``<weights>`` is the weights fingerprint (a readable label plus a hash of
+:attr:`StreamModels.identity <streamrt.models.StreamModels.identity>`, which names the weight files
+and the LoRA set). The :class:`EngineKey` holds everything that changes an engine's bytes; its digest
+is part of the file name, so a changed key is a different file (a cache miss), never a stale hit.
+
+Writes are atomic: the engine is built inside ``.staging`` (same file system), moved into place with
+``os.replace``, and only then is the sidecar written (itself through a temporary file). The sidecar
+is the commit record: an engine without a matching sidecar is never used, an interrupted build
+leaves nothing under the engine's name, and a leftover staging folder is removed later.
+
+Every load checks the sidecar (format, key) and the file (size, sha256). A mismatch raises
+:class:`InvalidEngineError` saying what is wrong; callers with the models at hand rebuild
+(:func:`streamrt.engines.build.ensure_engine`), the others refuse with that message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import StreamModels
+from .spec import ENGINE_FORMAT, EngineShapes
+
+logger = logging.getLogger(__name__)
+
+ENGINE_SUFFIX = ".engine"
+META_SUFFIX = ".json"
+STAGING_DIR = ".staging"
+TIMING_DIR = "timing"
+#: staging folders older than this are leftovers of a killed process
+STALE_STAGING_SECONDS = 6 * 3600
+
+_NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+#: identity entries that describe where the weights are loaded, not what they are
+_RUNTIME_ONLY_IDENTITY = ("device", "dtype")
+
+
+class EngineCacheError(RuntimeError):
+    """An engine could not be found, stored or trusted; the message says which and why."""
+
+
+class EngineNameError(EngineCacheError, ValueError):
+    """An engine name that would leave the engine folder (or is not a plain relative name)."""
+
+
+class InvalidEngineError(EngineCacheError):
+    """An engine file that must not be used.
+
+    ``reason`` is one of ``"missing"`` (no file), ``"metadata"`` (no or unreadable sidecar),
+    ``"corrupt"`` (size or sha256 differ from the sidecar), ``"stale"`` (another engine format,
+    backend version or target) and ``"mismatch"`` (built for another key).
+    """
+
+    def __init__(self, message: str, *, reason: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.path = path
+
+
+def sanitize(text: str, fallback: str = "model", limit: int = 48) -> str:
+    """A file-name-safe version of ``text`` (letters, digits, ``._+-``), never empty, never hidden."""
+    cleaned = _UNSAFE.sub("-", str(text)).strip(".-_")[:limit].strip(".-_")
+    return cleaned or fallback
+
+
+def weights_folder(weights: str) -> str:
+    """The folder (inside a cache root) of one weights fingerprint's engines."""
+    return sanitize(weights, limit=80)
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+_COMPONENT_DIRS = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor", "safety_checker"}
+
+
+def _identity_label(identity: Mapping) -> str:
+    """A readable model name: the diffusers folder or the checkpoint file of the first weight file."""
+    if identity.get("name"):
+        return str(identity["name"])
+    files = [f[0] if isinstance(f, (list, tuple)) else f for f in identity.get("files", ())]
+    if files:
+        first = Path(str(files[0]))
+        if first.name == "model_index.json" or first.parent.name in _COMPONENT_DIRS:
+            return (first.parent.parent if first.parent.name in _COMPONENT_DIRS else first.parent).name
+        return first.stem
+    return str(identity.get("kind", "model"))
+
+
+def _hash_weights(models: StreamModels) -> str:
+    digest = hashlib.sha256()
+    for part in (models.unet, models.vae):
+        for name, tensor in sorted(part.state_dict().items()):
+            data = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def weights_fingerprint(models: StreamModels) -> str:
+    """``<label>-<16 hex>``: what the UNet/VAE weights are, for the cache key and folder name.
+
+    From :attr:`StreamModels.identity` (weight files, sizes and mtimes, LoRA set), without the
+    entries that only say where the weights were loaded (device, dtype: the engine precision is its
+    own key field). Models with an empty identity (built in memory) are fingerprinted by hashing
+    their UNet and VAE weights, which is slow for full-size models.
+    """
+    identity = {k: v for k, v in (models.identity or {}).items() if k not in _RUNTIME_ONLY_IDENTITY}
+    text = _canonical(identity)
+    memo = getattr(models, "_streamrt_weights_fingerprint", None)
+    if memo is not None and memo[0] == text:
+        return memo[1]
+    if identity:
+        digest, label = hashlib.sha256(text.encode()).hexdigest(), _identity_label(identity)
+    else:
+        logger.warning("the models have no identity: fingerprinting them by hashing their weights")
+        digest, label = _hash_weights(models), "unnamed"
+    fingerprint = f"{sanitize(label, limit=32)}-{digest[:16]}"
+    models._streamrt_weights_fingerprint = (text, fingerprint)
+    return fingerprint
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything that changes an engine's bytes.
+
+    Args:
+        weights (`str`): :func:`weights_fingerprint` of the models (weights files + LoRA set).
+        component (`str`): ``unet``, ``vae_encoder`` or ``vae_decoder``.
+        shapes (`EngineShapes`): batch rows and resolution (fixed or ranges), plus extra I/O symbols.
+        precision (`str`): ``fp16`` or ``fp32``.
+        backend (`str`): ``tensorrt-rtx`` or ``tensorrt``.
+        backend_version (`str`): the backend's version (engines do not load across versions).
+        target (`str`): compute capability the engine runs on, e.g. ``SM89``.
+        cache_window (`int`, defaults to `0`): cached-attention ring size in the engine's I/O.
+        format (`int`): :data:`~streamrt.engines.spec.ENGINE_FORMAT`, StreamRT's export/build recipe.
+    """
+
+    weights: str
+    component: str
+    shapes: EngineShapes
+    precision: str
+    backend: str
+    backend_version: str
+    target: str
+    cache_window: int = 0
+    format: int = ENGINE_FORMAT
+
+    def to_json(self) -> dict:
+        return {"weights": self.weights, "component": self.component, "shapes": self.shapes.to_json(),
+                "precision": self.precision, "backend": self.backend, "backend_version": self.backend_version,
+                "target": self.target, "cache_window": self.cache_window, "format": self.format}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "EngineKey":
+        return cls(weights=str(data["weights"]), component=str(data["component"]),
+                   shapes=EngineShapes.from_json(data["shapes"]), precision=str(data["precision"]),
+                   backend=str(data["backend"]), backend_version=str(data["backend_version"]),
+                   target=str(data["target"]), cache_window=int(data.get("cache_window", 0)),
+                   format=int(data.get("format", 0)))
+
+    def digest(self) -> str:
+        return hashlib.sha256(_canonical(self.to_json()).encode()).hexdigest()[:16]
+
+    def file_name(self) -> str:
+        stem = (f"{self.component}_{self.shapes.label()}_{self.precision}_{self.backend}-{self.backend_version}"
+                f"_{self.target}_kv{self.cache_window}")
+        return f"{sanitize(stem, limit=150)}_{self.digest()[:10]}{ENGINE_SUFFIX}"
+
+    def relative_name(self) -> str:
+        """``<weights>/<file name>``: the engine's name inside a cache folder."""
+        return f"{weights_folder(self.weights)}/{self.file_name()}"
+
+    def differences(self, other: "EngineKey") -> list[str]:
+        """``["target: SM86 != SM89", ...]`` for the fields where ``other`` differs from self."""
+        mine, theirs = self.to_json(), other.to_json()
+        return [f"{k}: {theirs[k]} != {mine[k]}" for k in mine if mine[k] != theirs.get(k)]
+
+    def describe(self) -> str:
+        window = f", cache window {self.cache_window}" if self.cache_window else ""
+        return (f"{self.component} ({self.shapes.label()}, {self.precision}, {self.backend} {self.backend_version}, "
+                f"{self.target}{window})")
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """A verified engine on disk."""
+
+    key: EngineKey
+    path: Path
+    sha256: str
+    size: int
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One engine file found while listing: a verified ``record``, or the ``error`` that rules it out."""
+
+    path: Path
+    record: EngineRecord | None
+    error: InvalidEngineError | None = None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The result of :meth:`EngineCache.lookup`: ``record`` on a hit, else ``error`` (why not)."""
+
+    key: EngineKey
+    record: EngineRecord | None
+    error: InvalidEngineError
+
+    @property
+    def hit(self) -> bool:
+        return self.record is not None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+class EngineCache:
+    """Engines under ``root`` (written and read) and ``extra_roots`` (only read).
+
+    Args:
+        root: the folder new engines go to (created when needed).
+        extra_roots: more folders searched by :meth:`lookup`, :meth:`find` and :meth:`entries`.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, extra_roots: tuple[str | os.PathLike, ...] = ()) -> None:
+        self.root = Path(root).expanduser().resolve()
+        roots = [self.root]
+        for extra in extra_roots:
+            path = Path(extra).expanduser().resolve()
+            if path not in roots:
+                roots.append(path)
+        self.roots: tuple[Path, ...] = tuple(roots)
+        self._verified: dict[Path, tuple[tuple, EngineRecord]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"EngineCache({str(self.root)!r}, extra_roots={[str(r) for r in self.roots[1:]]})"
+
+    # names -----------------------------------------------------------------------------------------
+    def resolve(self, name: str, root: Path | None = None) -> Path:
+        """The path of engine ``name`` (``<folder>/<file>``) under ``root``, refusing anything that could
+        leave it: absolute paths, ``..``, drive letters, backslashes, hidden or odd names, symlinks out."""
+        root = self.root if root is None else root
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise EngineNameError(f"invalid engine name {name!r}")
+        if "\\" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+            raise EngineNameError(f"engine name {name!r} must be a relative name like 'folder/file.engine'")
+        parts = name.split("/")
+        if len(parts) > 2 or any(not _NAME_PART.match(p) or p in (".", "..") for p in parts):
+            raise EngineNameError(f"engine name {name!r} is not a plain '<folder>/<file>' name inside the engine "
+                                  f"folder (letters, digits and ._+- only; no '..')")
+        path = (root / Path(*parts)).resolve()
+        if not path.is_relative_to(root):
+            raise EngineNameError(f"engine name {name!r} resolves outside the engine folder {root}")
+        return path
+
+    def engine_path(self, key: EngineKey, root: Path | None = None) -> Path:
+        return self.resolve(key.relative_name(), root)
+
+    @staticmethod
+    def meta_path(engine: Path) -> Path:
+        return engine.with_suffix(META_SUFFIX)
+
+    def timing_cache_path(self, backend: str, version: str, target: str) -> Path:
+        return self.resolve(f"{TIMING_DIR}/{sanitize(f'{backend}-{version}-{target}')}.cache")
+
+    # verification ----------------------------------------------------------------------------------
+    def verify(self, path: str | os.PathLike, expected: EngineKey | None = None) -> EngineRecord:
+        """Check the engine at ``path`` against its sidecar (and ``expected``); raises
+        :class:`InvalidEngineError`. A file verified before and unchanged since is not hashed again."""
+        path = Path(path)
+        meta_path = self.meta_path(path)
+        if not path.is_file():
+            raise InvalidEngineError(f"no engine file at {path}", reason="missing", path=path)
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            key = EngineKey.from_json(meta["key"])
+            sha, size = str(meta["engine"]["sha256"]), int(meta["engine"]["bytes"])
+        except FileNotFoundError:
+            raise InvalidEngineError(f"engine {path.name} has no metadata file {meta_path.name}: an interrupted or "
+                                     "foreign build; it is not used", reason="metadata", path=path) from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InvalidEngineError(f"engine metadata {meta_path} is unreadable ({exc}); the engine is not used",
+                                     reason="metadata", path=path) from None
+        if key.format != ENGINE_FORMAT:
+            raise InvalidEngineError(f"engine {path.name} was built by StreamRT engine format {key.format}, this "
+                                     f"version uses {ENGINE_FORMAT}: it is stale", reason="stale", path=path)
+        if expected is not None and key != expected:
+            diffs = "; ".join(expected.differences(key))
+            stale = {"backend_version", "target", "format"}
+            reason = "stale" if all(d.split(":")[0] in stale for d in expected.differences(key)) else "mismatch"
+            raise InvalidEngineError(f"engine {path.name} was built for something else ({diffs})",
+                                     reason=reason, path=path)
+        stat, mstat = path.stat(), meta_path.stat()
+        if stat.st_size != size:
+            raise InvalidEngineError(f"engine {path.name} is truncated or corrupt: {stat.st_size} bytes, its "
+                                     f"metadata says {size}", reason="corrupt", path=path)
+        stamp = (stat.st_size, stat.st_mtime_ns, mstat.st_mtime_ns, sha)
+        with self._lock:
+            memo = self._verified.get(path)
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
+        actual = sha256_file(path)
+        if actual != sha:
+            raise InvalidEngineError(f"engine {path.name} is corrupt: sha256 {actual[:12]}... differs from the "
+                                     f"{sha[:12]}... recorded when it was built", reason="corrupt", path=path)
+        record = EngineRecord(key=key, path=path, sha256=sha, size=size, meta=meta)
+        with self._lock:
+            self._verified[path] = (stamp, record)
+        return record
+
+    def lookup(self, key: EngineKey) -> Lookup:
+        """The verified engine for ``key`` in any root, or why there is none."""
+        first_error: InvalidEngineError | None = None
+        for root in self.roots:
+            path = self.engine_path(key, root)
+            try:
+                return Lookup(key, self.verify(path, key), InvalidEngineError("hit", reason="hit", path=path))
+            except InvalidEngineError as exc:
+                if exc.reason != "missing" and first_error is None:
+                    first_error = exc
+        if first_error is None:
+            first_error = InvalidEngineError(f"no engine for {key.describe()} in {', '.join(map(str, self.roots))}",
+                                             reason="missing", path=self.engine_path(key))
+        return Lookup(key, None, first_error)
+
+    def load(self, key: EngineKey) -> EngineRecord:
+        """The verified engine for ``key``; raises :class:`InvalidEngineError` with the reason (for callers
+        that cannot rebuild: build it with the Build Engines node / :func:`~streamrt.engines.build_engines`)."""
+        found = self.lookup(key)
+        if found.record is None:
+            raise InvalidEngineError(f"{found.error} (rebuild it with Build Engines)", reason=found.error.reason,
+                                     path=found.error.path)
+        return found.record
+
+    # listing -------------------------------------------------------------------------------------
+    def entries(self, weights: str | None = None) -> list[CacheEntry]:
+        """Every engine file in the roots (of one weights fingerprint when given), verified or not."""
+        out: list[CacheEntry] = []
+        for root in self.roots:
+            if not root.is_dir():
+                continue
+            folders = [root / weights_folder(weights)] if weights else sorted(p for p in root.iterdir() if p.is_dir())
+            for folder in folders:
+                if folder.name in (STAGING_DIR, TIMING_DIR) or not folder.is_dir():
+                    continue
+                for path in sorted(folder.glob(f"*{ENGINE_SUFFIX}")):
+                    try:
+                        out.append(CacheEntry(path, self.verify(path)))
+                    except InvalidEngineError as exc:
+                        out.append(CacheEntry(path, None, exc))
+        return out
+
+    def find(self, weights: str, component: str, *, rows: int, width: int, height: int, precision: str | None = None,
+             backend: str | None = None, backend_version: str | None = None, target: str | None = None,
+             cache_window: int = 0) -> list[EngineRecord]:
+        """Valid engines that accept ``rows`` x ``width`` x ``height`` (inside their ranges, and multiples of
+        the size step a dynamic UNet needs): exact static shapes first, then the ranges tuned (``opt``)
+        nearest to it."""
+        found = []
+        for entry in self.entries(weights):
+            rec = entry.record
+            if rec is None:
+                continue
+            k = rec.key
+            if (k.weights != weights or k.component != component or k.cache_window != cache_window
+                    or not k.shapes.covers(rows, width, height) or k.shapes.extra
+                    or width % int(rec.meta.get("pixel_multiple", 1)) or height % int(rec.meta.get("pixel_multiple", 1))
+                    or (precision and k.precision != precision) or (backend and k.backend != backend)
+                    or (backend_version and k.backend_version != backend_version) or (target and k.target != target)):
+                continue
+            found.append(rec)
+        return sorted(found, key=lambda r: (not r.key.shapes.is_static,
+                                            abs(r.key.shapes.width.opt - width) + abs(r.key.shapes.height.opt - height)
+                                            + abs(r.key.shapes.rows.opt - rows), r.name))
+
+    # writing ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private folder under ``<root>/.staging`` for one build; removed on exit, whatever happens."""
+        base = self.root / STAGING_DIR
+        base.mkdir(parents=True, exist_ok=True)
+        self.clean_staging()
+        folder = base / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        folder.mkdir()
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def clean_staging(self, max_age: float = STALE_STAGING_SECONDS) -> int:
+        """Remove staging folders left by killed processes (older than ``max_age`` seconds)."""
+        base = self.root / STAGING_DIR
+        removed = 0
+        if base.is_dir():
+            now = time.time()
+            for folder in base.iterdir():
+                with contextlib.suppress(OSError):
+                    if now - folder.stat().st_mtime > max_age:
+                        shutil.rmtree(folder, ignore_errors=True)
+                        removed += 1
+        return removed
+
+    def commit(self, key: EngineKey, built: str | os.PathLike, meta: Mapping | None = None) -> EngineRecord:
+        """Move the finished engine file ``built`` (inside this cache's staging folder) into place under
+        ``key`` and write its sidecar. Atomic: readers see the old engine, no engine, or the new one."""
+        built = Path(built)
+        size = built.stat().st_size
+        if size == 0:
+            raise EngineCacheError(f"refusing to store an empty engine file for {key.describe()}")
+        sha = sha256_file(built)
+        final = self.engine_path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        sidecar = self.meta_path(final)
+        record_meta = {
+            "streamrt_engine": ENGINE_FORMAT,
+            "key": key.to_json(),
+            "engine": {"file": final.name, "sha256": sha, "bytes": size},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **dict(meta or {}),
+        }
+        with contextlib.suppress(FileNotFoundError):
+            sidecar.unlink()  # from here until the new sidecar exists, the old engine is not trusted
+        os.replace(built, final)
+        _atomic_write_text(sidecar, json.dumps(record_meta, indent=2, sort_keys=True, default=str))
+        logger.info("stored engine %s (%.1f MB)", final, size / 1e6)
+        return self.verify(final, key)
+
+    def remove(self, key: EngineKey) -> bool:
+        """Delete the engine for ``key`` (and its sidecar) from the write root; True when there was one."""
+        path = self.engine_path(key)
+        existed = path.exists()
+        for p in (self.meta_path(path), path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        with self._lock:
+            self._verified.pop(path, None)
+        return existed

@@ -1,0 +1,732 @@
+"""Loading what a ComfyUI user has, offline: single-file checkpoints, ComfyUI's TAESD files, LoRAs.
+
+Every load path is checked against the same weights loaded from a diffusers folder: equal weights and
+an equal first frame of a stream (CPU, float32). The single-file checkpoints are written here from tiny
+random diffusers models by the inverse of diffusers' LDM conversion (this file's ``*_to_ldm``), and
+the detection rules are checked on the key names and shapes of the real SD1.5 / SD2.1 / sd-turbo
+architectures built on the meta device (no weights).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from streamrt import Stream, StreamConfig, StreamSessions
+from streamrt import checkpoints as ck
+from streamrt.loading import (
+    ModelLoadError, PipelineSpec, load_checkpoint, load_diffusers_folder, load_taesd, read_weights, taesd_pair,
+)
+from streamrt.lora import LoraSpec, fuse_lora, ldm_unet_names
+from streamrt.random_models import build_random_components, write_clip_tokenizer, write_random_pipeline
+
+SIZE = 64
+PROMPT, NEGATIVE = "a photo of a red cat", "blurry"
+COMFYUI = Path(os.environ.get("STREAMRT_COMFYUI") or Path(__file__).resolve().parents[1] / ".comfyui" / "ComfyUI")
+
+
+# =========================================================================== diffusers -> LDM (test side)
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+
+
+def _unet_prefixes(config) -> dict[str, tuple[str, bool]]:
+    """diffusers prefix -> (LDM prefix, is a resnet), from the UNet config (CompVis block numbering)."""
+    n, per = len(config["block_out_channels"]), config["layers_per_block"]
+    pre = {"time_embedding.linear_1.": ("time_embed.0.", False), "time_embedding.linear_2.": ("time_embed.2.", False),
+           "conv_in.": ("input_blocks.0.0.", False), "conv_norm_out.": ("out.0.", False),
+           "conv_out.": ("out.2.", False), "mid_block.resnets.0.": ("middle_block.0.", True),
+           "mid_block.attentions.0.": ("middle_block.1.", False), "mid_block.resnets.1.": ("middle_block.2.", True)}
+    for i in range(n):
+        for j in range(per):
+            k = (per + 1) * i + j + 1
+            pre[f"down_blocks.{i}.resnets.{j}."] = (f"input_blocks.{k}.0.", True)
+            pre[f"down_blocks.{i}.attentions.{j}."] = (f"input_blocks.{k}.1.", False)
+        if i < n - 1:
+            pre[f"down_blocks.{i}.downsamplers.0.conv."] = (f"input_blocks.{(per + 1) * (i + 1)}.0.op.", False)
+        for j in range(per + 1):
+            k = (per + 1) * i + j
+            pre[f"up_blocks.{i}.resnets.{j}."] = (f"output_blocks.{k}.0.", True)
+            pre[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{k}.1.", False)
+        if i < n - 1:
+            slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
+            pre[f"up_blocks.{i}.upsamplers.0."] = (f"output_blocks.{(per + 1) * i + per}.{slot}.", False)
+    return pre
+
+
+def ldm_name(key: str, config) -> str:
+    """The LDM name of a diffusers UNet key or module path (without ``model.diffusion_model.``)."""
+    pre = _unet_prefixes(config)
+    match = max((p for p in pre if (key + ".").startswith(p)), key=len)
+    new, resnet = pre[match]
+    rest = (key + ".")[len(match):]
+    if resnet:
+        for a, b in _RESNET:
+            if rest.startswith(a + "."):
+                rest = b + rest[len(a):]
+    return (new + rest).rstrip(".")
+
+
+def unet_to_ldm(sd: dict, config) -> dict:
+    return {"model.diffusion_model." + ldm_name(key, config): value for key, value in sd.items()}
+
+
+def vae_to_ldm(sd: dict, config) -> dict:
+    n = len(config["block_out_channels"])
+    pre = {}
+    for part in ("encoder", "decoder"):
+        pre[f"{part}.conv_norm_out."] = f"{part}.norm_out."
+        for k in range(2):
+            pre[f"{part}.mid_block.resnets.{k}."] = f"{part}.mid.block_{k + 1}."
+        pre[f"{part}.mid_block.attentions.0."] = f"{part}.mid.attn_1."
+    for i in range(n):
+        for j in range(config["layers_per_block"] + 1):
+            pre[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+            pre[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{n - 1 - i}.block.{j}."
+        pre[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+        pre[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{n - 1 - i}.upsample."
+    attention = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))
+    out = {}
+    for key, value in sd.items():
+        matches = [p for p in pre if key.startswith(p)]
+        if matches:
+            match = max(matches, key=len)
+            rest = key[len(match):]
+            if pre[match].endswith("attn_1."):
+                for a, b in attention:
+                    if rest.startswith(a):
+                        rest = b + rest[len(a):]
+                if value.dim() == 2:
+                    value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+            key = pre[match] + rest.replace("conv_shortcut", "nin_shortcut")
+        out["first_stage_model." + key] = value
+    return out
+
+
+def _with_text_model(sd: dict) -> dict:
+    """Real checkpoints name CLIP's tower ``text_model.*`` (transformers 5's CLIPTextModel does not)."""
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+
+
+def clip_to_ldm(sd: dict) -> dict:
+    return {"cond_stage_model.transformer." + k: v for k, v in _with_text_model(sd).items()}
+
+
+def open_clip_to_ldm(sd: dict) -> dict:
+    """SD2 text encoder -> OpenCLIP keys, plus the extra last layer and projection real files carry."""
+    prefix, out, qkv = "cond_stage_model.model.", {}, {}
+    names = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+             ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+    for key, value in _with_text_model(sd).items():
+        if key == "text_model.embeddings.token_embedding.weight":
+            out[prefix + "token_embedding.weight"] = value
+        elif key == "text_model.embeddings.position_embedding.weight":
+            out[prefix + "positional_embedding"] = value
+        elif key.startswith("text_model.final_layer_norm."):
+            out[prefix + "ln_final." + key.rsplit(".", 1)[1]] = value
+        else:
+            idx, rest = key[len("text_model.encoder.layers."):].split(".", 1)
+            proj = rest.split(".")[1]
+            if proj in ("q_proj", "k_proj", "v_proj"):
+                qkv.setdefault((idx, rest.rsplit(".", 1)[1]), {})[proj] = value
+                continue
+            for a, b in names:
+                rest = b + rest[len(a):] if rest.startswith(a) else rest
+            out[f"{prefix}transformer.resblocks.{idx}.{rest}"] = value
+    for (idx, kind), parts in qkv.items():
+        out[f"{prefix}transformer.resblocks.{idx}.attn.in_proj_{kind}"] = torch.cat(
+            [parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    last = max(int(k.split(".")[4]) for k in out if ".resblocks." in k)
+    for key in [k for k in out if f".resblocks.{last}." in k]:  # OpenCLIP's last layer, which SD2 skips
+        out[key.replace(f".resblocks.{last}.", f".resblocks.{last + 1}.")] = torch.full_like(out[key], 0.5)
+    width = out[prefix + "token_embedding.weight"].shape[1]
+    like = out[prefix + "token_embedding.weight"]
+    out[prefix + "text_projection"] = torch.ones(width, width, device=like.device)
+    out[prefix + "logit_scale"] = torch.ones((), device=like.device)
+    return out
+
+
+def ldm_state_dict(unet, vae, text_encoder, family: str) -> dict:
+    sd = {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config)}
+    text = text_encoder.state_dict()
+    sd.update(clip_to_ldm(text) if family == "sd1" else open_clip_to_ldm(text))
+    return sd
+
+
+def write_ldm_checkpoint(path: Path, models, family: str) -> Path:
+    """The models' weights as an original single-file checkpoint (with the extras real files carry)."""
+    sd = ldm_state_dict(models.unet, models.vae, models.text_encoder, family)
+    sd["alphas_cumprod"] = torch.linspace(1, 0, 1000)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def write_config_dir(folder: Path, diffusers_folder: Path, *, tokenizer: bool) -> Path:
+    """The component configs of a diffusers folder (no weights), optionally with its tokenizer."""
+    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+                      ("scheduler", "scheduler_config.json")):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(diffusers_folder / sub / name, folder / sub / name)
+    if tokenizer:
+        shutil.copytree(diffusers_folder / "tokenizer", folder / "tokenizer", dirs_exist_ok=True)
+    return folder
+
+
+def taesd_to_comfy(vae) -> tuple[dict, dict]:
+    """A diffusers AutoencoderTiny as ComfyUI's taesd_encoder / taesd_decoder state dicts."""
+    sd = vae.state_dict()
+    encoder = {k[len("encoder.layers."):]: v for k, v in sd.items() if k.startswith("encoder.layers.")}
+    decoder = {}
+    for key, value in sd.items():
+        if key.startswith("decoder.layers."):
+            head, rest = key[len("decoder.layers."):].split(".", 1)
+            decoder[f"{int(head) + 1}.{rest}"] = value  # ComfyUI's Decoder starts with a Clamp layer
+    return encoder, decoder
+
+
+def write_comfy_taesd(folder: Path, vae, name: str = "taesd") -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder, decoder = taesd_to_comfy(vae)
+    paths = (folder / f"{name}_encoder.safetensors", folder / f"{name}_decoder.safetensors")
+    save_file(encoder, str(paths[0]))
+    save_file(decoder, str(paths[1]))
+    return paths
+
+
+#: kohya names of LoRA layers written by :func:`lora_state_dict`: real SD1 LoRA spelling (text_model.*)
+LORA_LAYERS = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+        ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k":
+        ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
+    "lora_unet_down_blocks_0_attentions_0_proj_in": ("unet", "down_blocks.0.attentions.0.proj_in"),  # 1x1 conv
+    "lora_unet_down_blocks_0_resnets_0_conv1": ("unet", "down_blocks.0.resnets.0.conv1"),  # 3x3 conv (LoCon)
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder", "encoder.layers.0.self_attn.q_proj"),
+    "lora_te_text_model_encoder_layers_1_mlp_fc1": ("text_encoder", "encoder.layers.1.mlp.fc1"),
+}
+
+
+def lora_state_dict(models, *, rank: int = 4, alpha: float = 2.0, seed: int = 0, style: str = "kohya") -> dict:
+    """A random LoRA for :data:`LORA_LAYERS` in kohya (lora_down/up + alpha) or PEFT (lora_A/B) style."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for kohya, (target, module) in LORA_LAYERS.items():
+        weight = getattr(models, target).get_submodule(module).weight
+        if weight.dim() == 4:
+            down = torch.randn(rank, weight.shape[1], *weight.shape[2:], generator=gen) * 0.3
+            up = torch.randn(weight.shape[0], rank, 1, 1, generator=gen) * 0.3
+        else:
+            down = torch.randn(rank, weight.shape[1], generator=gen) * 0.3
+            up = torch.randn(weight.shape[0], rank, generator=gen) * 0.3
+        if style == "kohya":
+            out.update({f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up,
+                        f"{kohya}.alpha": torch.tensor(alpha)})
+        else:
+            name = f"unet.{module}" if target == "unet" else f"text_encoder.text_model.{module}"
+            out.update({f"{name}.lora_A.weight": down * (alpha / rank), f"{name}.lora_B.weight": up})
+    return out
+
+
+# =========================================================================== fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread():
+    """The tiny models' ops gain nothing from intra-op threads, which only contend on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def frame() -> torch.Tensor:
+    return torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(5))
+
+
+def first_frame(models) -> torch.Tensor:
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35), num_inference_steps=50, cfg_type="self",
+                          guidance_scale=1.5, delta=1.0, seed=2)
+    return Stream(models, config, prompt=PROMPT, negative_prompt=NEGATIVE).step(frame())
+
+
+def assert_same_weights(a, b) -> None:
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"{name}.{key}"
+
+
+def load_folder(folder: Path, **kwargs):
+    return load_diffusers_folder(folder, dtype="fp32", device="cpu", **kwargs)
+
+
+def load_file(path: Path, **kwargs):
+    return load_checkpoint(path, dtype="fp32", device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD1 (with TAESD) and SD2-shaped models as diffusers folders and as single-file checkpoints."""
+    root = tmp_path_factory.mktemp("loading")
+    f = {"sd1": root / "sd1", "sd2": root / "sd2", "taesd": root / "taesd", "tokenizer": root / "tokenizer"}
+    write_random_pipeline(f["sd1"], "tiny", seed=0, taesd_folder=f["taesd"])
+    write_random_pipeline(f["sd2"], "tiny-v", seed=1)
+    write_clip_tokenizer(f["tokenizer"])
+    for family, preset in (("sd1", "tiny"), ("sd2", "tiny-v")):
+        ref = load_folder(f[family])
+        f[f"{family}_ckpt"] = write_ldm_checkpoint(root / f"{preset}.safetensors", ref, family)
+        f[f"{family}_configs"] = write_config_dir(root / f"{preset}-configs", f[family], tokenizer=False)
+    f["sd2_configs_tok"] = write_config_dir(root / "tiny-v-configs-tok", f["sd2"], tokenizer=True)
+    f["comfy_taesd"] = root / "vae_approx"
+    write_comfy_taesd(f["comfy_taesd"], load_taesd(f["taesd"], dtype=torch.float32, device=torch.device("cpu")))
+    f["lora"] = root / "lora.safetensors"
+    save_file(lora_state_dict(load_folder(f["sd1"])), str(f["lora"]))
+    return f
+
+
+@pytest.fixture(scope="module")
+def sd1_ref(files):
+    return load_folder(files["sd1"])
+
+
+@pytest.fixture(scope="module")
+def sd1_ref_frame(sd1_ref) -> torch.Tensor:
+    return first_frame(sd1_ref)
+
+
+def load_sd1_ckpt(files, **kwargs):
+    return load_file(files["sd1_ckpt"], config_dir=files["sd1_configs"], tokenizer_dir=files["tokenizer"], **kwargs)
+
+
+# =========================================================================== single-file checkpoints
+def test_sd1_checkpoint_equals_the_diffusers_folder(files, sd1_ref, sd1_ref_frame):
+    models = load_sd1_ckpt(files)
+    assert_same_weights(models, sd1_ref)
+    assert models.prediction_type == "epsilon" and models.identity["family"] == "sd1"
+    assert models.tokenizer.model_max_length == 77 and models.tokenizer.pad_token == "<|endoftext|>"
+    torch.testing.assert_close(first_frame(models), sd1_ref_frame, rtol=0, atol=0)
+
+
+def test_sd2_checkpoint_equals_the_diffusers_folder(files):
+    """OpenCLIP text tower (in_proj split, the extra last layer dropped), linear projections, v-prediction."""
+    ref = load_folder(files["sd2"])
+    models = load_file(files["sd2_ckpt"], config_dir=files["sd2_configs_tok"])
+    assert_same_weights(models, ref)
+    assert models.prediction_type == "v_prediction" == ref.prediction_type  # auto + config folder: its scheduler
+    assert models.identity["family"] == "sd2"
+    torch.testing.assert_close(first_frame(models), first_frame(ref), rtol=0, atol=0)
+
+
+def test_sd2_tokenizer_from_clip_files_pads_like_openclip(files):
+    models = load_file(files["sd2_ckpt"], config_dir=files["sd2_configs"], tokenizer_dir=files["tokenizer"])
+    ids = models.tokenizer("a cat", padding="max_length", max_length=77).input_ids
+    assert models.tokenizer.pad_token == "!" and ids[-1] == 0 and len(ids) == 77
+
+
+def test_prediction_type_override(files):
+    models = load_file(files["sd2_ckpt"], config_dir=files["sd2_configs_tok"], prediction_type="epsilon")
+    assert models.prediction_type == "epsilon"
+    assert load_folder(files["sd1"], prediction_type="v_prediction").prediction_type == "v_prediction"
+    with pytest.raises(ModelLoadError, match="prediction_type"):
+        load_folder(files["sd1"], prediction_type="sample")
+
+
+def test_ckpt_pickle_of_plain_tensors_loads(files, sd1_ref, tmp_path):
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": read_weights(files["sd1_ckpt"]), "global_step": 1000}, path)
+    assert_same_weights(load_file(path, config_dir=files["sd1_configs"], tokenizer_dir=files["tokenizer"]), sd1_ref)
+
+
+def test_sidecar_names_the_config_folder(files, sd1_ref, tmp_path):
+    ckpt = tmp_path / "model.safetensors"
+    shutil.copy(files["sd1_ckpt"], ckpt)
+    shutil.copytree(files["sd1_configs"], tmp_path / "configs")
+    spec = PipelineSpec(str(ckpt), dtype="fp32", device="cpu", tokenizer_dir=str(files["tokenizer"]))
+    key_without = spec.cache_key()
+    Path(str(ckpt) + ".streamrt.json").write_text(json.dumps({"config_dir": "configs"}))
+    assert spec.cache_key() != key_without  # the sidecar is part of what the pipeline is read from
+    assert_same_weights(spec.load(), sd1_ref)
+    Path(str(ckpt) + ".streamrt.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config_dir"):
+        spec.load()
+
+
+def test_tiny_checkpoint_needs_its_configs(files):
+    """Without a config folder the shipped SD1 configs apply, and the tiny widths are refused."""
+    with pytest.raises(ModelLoadError, match="768") as info:
+        load_file(files["sd1_ckpt"], tokenizer_dir=files["tokenizer"])
+    assert str(files["sd1_ckpt"]) in str(info.value)
+
+
+def test_tokenizer_that_does_not_fit_the_text_encoder(files):
+    """ComfyUI's real CLIP tokenizer (49408 tokens) with the tiny text encoder: a clear error, not an IndexError."""
+    tokenizer = COMFYUI / "comfy" / "sd1_tokenizer"
+    if not (tokenizer / "vocab.json").is_file():
+        pytest.skip(f"no ComfyUI tokenizer at {tokenizer}")
+    with pytest.raises(ModelLoadError, match="49408 tokens"):
+        load_file(files["sd1_ckpt"], config_dir=files["sd1_configs"], tokenizer_dir=tokenizer)
+
+
+# =========================================================================== detection on real architectures
+@pytest.fixture(scope="module")
+def real_shapes() -> dict[str, dict]:
+    """Key -> meta tensor of real SD1.5, SD2.1 (768 v) and sd-turbo checkpoints (no memory allocated)."""
+    out = {}
+    for preset, family in (("sd15", "sd1"), ("sd21", "sd2"), ("sd-turbo", "sd2")):
+        parts = build_random_components(preset, device="meta", taesd=False)
+        out[preset] = ldm_state_dict(parts["unet"], parts["vae"], parts["text_encoder"], family)
+    return out
+
+
+@pytest.mark.parametrize(("key", "sd15", "sd21"), [
+    ("model.diffusion_model.input_blocks.0.0.weight", (320, 4, 3, 3), (320, 4, 3, 3)),
+    ("model.diffusion_model.input_blocks.1.1.proj_in.weight", (320, 320, 1, 1), (320, 320)),
+    ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", (320, 768), (320, 1024)),
+    ("model.diffusion_model.output_blocks.11.0.skip_connection.weight", (320, 640, 1, 1), (320, 640, 1, 1)),
+    ("model.diffusion_model.output_blocks.2.1.conv.weight", (1280, 1280, 3, 3), (1280, 1280, 3, 3)),
+    ("model.diffusion_model.output_blocks.5.2.conv.weight", (1280, 1280, 3, 3), (1280, 1280, 3, 3)),
+    ("first_stage_model.decoder.mid.attn_1.q.weight", (512, 512, 1, 1), (512, 512, 1, 1)),
+    ("first_stage_model.decoder.up.3.upsample.conv.weight", (512, 512, 3, 3), (512, 512, 3, 3)),
+    ("cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc1.weight", (3072, 768), None),
+    ("cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight", None, (3072, 1024)),
+    ("cond_stage_model.model.token_embedding.weight", None, (49408, 1024)),
+])
+def test_synthetic_real_checkpoints_have_the_real_key_names(real_shapes, key, sd15, sd21):
+    """Guards the test's own inverse conversion: names and shapes as in the released SD1.5 / SD2.1 files."""
+    for preset, shape in (("sd15", sd15), ("sd21", sd21)):
+        got = real_shapes[preset].get(key)
+        assert (None if got is None else tuple(got.shape)) == shape, (preset, key)
+    assert len(real_shapes["sd15"]) + 1 == 1131  # the released SD1.5 file has 1131 tensors (with position_ids)
+
+
+@pytest.mark.parametrize(("preset", "family", "name", "v_std", "prediction", "configs"), [
+    ("sd15", "sd1", "dreamshaper_8.safetensors", None, "epsilon", "sd1"),
+    ("sd21", "sd2", "v2-1_768-ema-pruned.safetensors", 0.2, "v_prediction", "sd2-v"),
+    ("sd21", "sd2", "v2-1_512-ema-pruned.safetensors", 0.01, "epsilon", "sd2-base"),
+    ("sd-turbo", "sd2", "sd_turbo.safetensors", 0.2, "epsilon", "sd2-base"),
+])
+def test_detection_and_shipped_configs_fit_real_architectures(real_shapes, preset, family, name, v_std, prediction,
+                                                              configs):
+    sd = real_shapes[preset]
+    arch = ck.detect_architecture({k: tuple(v.shape) for k, v in sd.items()})
+    assert (arch.family, arch.text_width, arch.in_channels, arch.has_vae) == (family, ck.TEXT_WIDTH[family], 4, True)
+    bias = None if v_std is None else torch.tensor([-v_std, v_std])
+    assert ck.auto_prediction_type(arch, name, bias)[0] == prediction
+    folder = ck.shipped_config_dir(family, prediction)
+    assert folder.name == configs
+    # The shipped configs take every tensor of the real layout, strictly (on the meta device).
+    parts = ck.build_components(sd, family, folder)
+    assert sum(p.numel() for p in parts["unet"].parameters()) in (859_520_964, 865_910_724)
+    assert parts["text_encoder"].config.num_hidden_layers == (12 if family == "sd1" else 23)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    assert unet.get("upcast_attention", False) == (configs == "sd2-v")
+
+
+def test_v_pred_key_and_sgm_prefixes(real_shapes):
+    shapes = {k: tuple(v.shape) for k, v in real_shapes["sd21"].items()}
+    sgm = {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): s for k, s in shapes.items()}
+    names = ck.normalize_keys(list(sgm))
+    arch = ck.detect_architecture({names[k]: s for k, s in sgm.items()})
+    assert arch.family == "sd2"
+    arch = ck.detect_architecture({**{k: tuple(v.shape) for k, v in real_shapes["sd15"].items()}, "v_pred": ()})
+    assert ck.auto_prediction_type(arch, "x.safetensors")[0] == "v_prediction"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("sdxl", "SDXL is not supported yet (planned)"),
+    ("sdxl_refiner", "SDXL is not supported yet (planned)"),
+    ("unclip", "class embeddings"),
+    ("inpaint", "9 input channels"),
+    ("no_text", "no text encoder"),
+    ("lora", "this is a LoRA"),
+    ("vae_only", "first_stage_model.encoder.* ("),
+])
+def test_unsupported_architectures_are_named(real_shapes, change, message):
+    shapes = {k: tuple(v.shape) for k, v in real_shapes["sd15"].items()}
+    if change == "sdxl":
+        shapes["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"] = (3840, 1280)
+    elif change == "sdxl_refiner":  # OpenCLIP-G as embedder 0 only, plus size/aesthetic embeddings
+        shapes = {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): tuple(v.shape)
+                  for k, v in real_shapes["sd21"].items()}
+        shapes["model.diffusion_model.label_emb.0.0.weight"] = (1536, 2560)
+    elif change == "unclip":
+        shapes = {k: tuple(v.shape) for k, v in real_shapes["sd21"].items()}
+        shapes["model.diffusion_model.label_emb.0.0.weight"] = (1280, 1024)
+    elif change == "inpaint":
+        shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
+    elif change == "no_text":
+        shapes = {k: s for k, s in shapes.items() if not k.startswith("cond_stage_model.")}
+    elif change == "lora":
+        shapes = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}
+    else:
+        shapes = {k: s for k, s in shapes.items() if k.startswith("first_stage_model.")}
+    names = ck.normalize_keys(list(shapes))
+    with pytest.raises(ModelLoadError) as info:
+        ck.detect_architecture({names[k]: s for k, s in shapes.items()})
+    assert message in str(info.value)
+
+
+# =========================================================================== TAESD from ComfyUI's files
+def _comfy_taesd_module():
+    """ComfyUI's own TAESD Encoder / Decoder (comfy/taesd/taesd.py) with plain torch layers."""
+    source = COMFYUI / "comfy" / "taesd" / "taesd.py"
+    if not source.is_file():
+        pytest.skip(f"no ComfyUI source at {source}")
+    text = source.read_text()
+    for old, new in (("import comfy.utils\n", ""), ("import comfy.ops\n", ""),
+                     ("comfy.ops.disable_weight_init.Conv2d", "nn.Conv2d")):
+        assert old in text, f"ComfyUI's taesd.py changed: {old!r} not found"
+        text = text.replace(old, new)
+    namespace: dict = {}
+    exec(compile(text, str(source), "exec"), namespace)  # noqa: S102 - ComfyUI's own source, for reference
+    return namespace
+
+
+def test_comfy_taesd_files_match_comfyui_taesd(tmp_path):
+    """Files written from ComfyUI's real TAESD architecture load into an AutoencoderTiny that computes the same."""
+    comfy = _comfy_taesd_module()
+    torch.manual_seed(0)
+    encoder, decoder = comfy["Encoder"](), comfy["Decoder"]()
+    for p in list(encoder.parameters()) + list(decoder.parameters()):
+        p.data.normal_(0, 0.05)
+    save_file(encoder.state_dict(), str(tmp_path / "taesd_encoder.safetensors"))
+    save_file(decoder.state_dict(), str(tmp_path / "taesd_decoder.safetensors"))
+    vae = load_taesd(tmp_path / "taesd_decoder.safetensors", dtype=torch.float32, device=torch.device("cpu"))
+    assert vae.config.num_encoder_blocks == (1, 3, 3, 3) and vae.config.num_decoder_blocks == (3, 3, 3, 1)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode(images).latents, encoder(images * 0.5 + 0.5), rtol=0, atol=0)
+        torch.testing.assert_close(vae.decode(latents).sample, decoder(latents).sub(0.5).mul(2), rtol=1e-6, atol=1e-6)
+
+
+def test_comfy_taesd_pair_equals_the_autoencoder_tiny_folder(files, sd1_ref):
+    folder_vae = load_taesd(files["taesd"], dtype=torch.float32, device=torch.device("cpu"))
+    pair = taesd_pair(files["comfy_taesd"] / "taesd_encoder.safetensors")
+    pair_vae = load_taesd(pair, dtype=torch.float32, device=torch.device("cpu"))
+    assert folder_vae.state_dict().keys() == pair_vae.state_dict().keys()
+    for key, value in folder_vae.state_dict().items():
+        assert torch.equal(value, pair_vae.state_dict()[key]), key
+    a = load_folder(files["sd1"], taesd=files["taesd"])
+    b = load_sd1_ckpt(files, taesd=pair)
+    torch.testing.assert_close(first_frame(b), first_frame(a), rtol=0, atol=0)
+    assert b.is_tiny_vae and not torch.equal(first_frame(b), first_frame(sd1_ref))
+
+
+def test_other_taesd_variants_are_refused(files, tmp_path):
+    vae = load_taesd(files["taesd"], dtype=torch.float32, device=torch.device("cpu"))
+    xl = write_comfy_taesd(tmp_path / "xl", vae, name="taesdxl")
+    with pytest.raises(ModelLoadError, match="taesdxl.*SDXL"):
+        load_taesd(xl, dtype=torch.float32, device=torch.device("cpu"))
+    encoder, decoder = taesd_to_comfy(vae)  # a 16-channel latent space (TAESD3 / TAEF1 shape) under a neutral name
+    last = max(int(k.split(".")[0]) for k in encoder)
+    encoder[f"{last}.weight"] = torch.zeros(16, *encoder[f"{last}.weight"].shape[1:])
+    encoder[f"{last}.bias"] = torch.zeros(16)
+    save_file(encoder, str(tmp_path / "odd_encoder.safetensors"))
+    save_file(decoder, str(tmp_path / "odd_decoder.safetensors"))
+    with pytest.raises(ModelLoadError, match="16 latent channels"):
+        load_taesd(tmp_path / "odd_encoder.safetensors", dtype=torch.float32, device=torch.device("cpu"))
+    (tmp_path / "lone").mkdir()
+    shutil.copy(xl[0], tmp_path / "lone" / "taesd_encoder.safetensors")
+    with pytest.raises(ModelLoadError, match="taesd_decoder"):
+        load_taesd(tmp_path / "lone" / "taesd_encoder.safetensors", dtype=torch.float32, device=torch.device("cpu"))
+
+
+# =========================================================================== LoRA
+def test_lora_fuses_exactly(files, sd1_ref):
+    lora = read_weights(files["lora"])
+    for strength in (1.0, 0.6):
+        models = load_folder(files["sd1"], loras=[LoraSpec(str(files["lora"]), strength, strength)])
+        for kohya, (target, module) in LORA_LAYERS.items():
+            base = getattr(sd1_ref, target).get_submodule(module).weight
+            up, down, alpha = (lora[f"{kohya}.lora_up.weight"], lora[f"{kohya}.lora_down.weight"],
+                               float(lora[f"{kohya}.alpha"]))
+            expected = base + (strength * alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1)).reshape(base.shape)
+            assert torch.equal(getattr(models, target).get_submodule(module).weight, expected), module
+        touched = {(t, m + ".weight") for t, m in LORA_LAYERS.values()}
+        for target in ("unet", "text_encoder"):
+            fused = getattr(models, target).state_dict()
+            for key, value in getattr(sd1_ref, target).state_dict().items():
+                if (target, key) not in touched:
+                    assert torch.equal(fused[key], value), key
+
+
+def test_lora_changes_frames_strength_zero_does_not(files, sd1_ref, sd1_ref_frame):
+    spec = str(files["lora"])
+    zero = load_folder(files["sd1"], loras=[LoraSpec(spec, 0.0, 0.0)])
+    assert_same_weights(zero, sd1_ref)
+    torch.testing.assert_close(first_frame(zero), sd1_ref_frame, rtol=0, atol=0)
+    full = load_folder(files["sd1"], loras=[LoraSpec(spec, 1.0, 1.0)])
+    assert (first_frame(full) - sd1_ref_frame).abs().max() > 1e-3
+    clip_only = load_folder(files["sd1"], loras=[LoraSpec(spec, 0.0, 1.0)])
+    assert all(torch.equal(a, b) for a, b in zip(clip_only.unet.parameters(), sd1_ref.unet.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(clip_only.text_encoder.parameters(),
+                                                     sd1_ref.text_encoder.parameters()))
+
+
+def test_lora_on_a_checkpoint_equals_lora_on_the_folder(files):
+    loras = [(str(files["lora"]), 0.8)]
+    a, b = load_folder(files["sd1"], loras=loras), load_sd1_ckpt(files, loras=loras)
+    assert_same_weights(a, b)
+    torch.testing.assert_close(first_frame(b), first_frame(a), rtol=0, atol=0)
+
+
+def test_peft_style_lora_equals_kohya_style(files, sd1_ref, tmp_path):
+    kohya, peft = load_folder(files["sd1"]), load_folder(files["sd1"])
+    fuse_lora(lora_state_dict(sd1_ref, style="kohya"), kohya.unet, kohya.text_encoder)
+    fuse_lora(lora_state_dict(sd1_ref, style="peft"), peft.unet, peft.text_encoder)
+    for target in ("unet", "text_encoder"):
+        for (name, a), b in zip(getattr(kohya, target).named_parameters(), getattr(peft, target).parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_ldm_named_loras_equal_diffusers_named(files, sd1_ref):
+    """kohya names in LDM spelling and ComfyUI's dotted diffusion_model.* names fuse into the same layers."""
+    kohya = lora_state_dict(sd1_ref)
+    renamed = {"ldm": {}, "comfy": {}}
+    for key, value in kohya.items():
+        base, _, suffix = key.partition(".")
+        target, module = LORA_LAYERS[base]
+        if target == "unet":
+            ldm = ldm_name(module, sd1_ref.unet.config)
+            renamed["ldm"][f"lora_unet_{ldm.replace('.', '_')}.{suffix}"] = value
+            renamed["comfy"][f"diffusion_model.{ldm}.{suffix}"] = value
+        else:
+            renamed["ldm"][key] = renamed["comfy"][key] = value
+    assert "lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in renamed["ldm"]
+    expected = load_folder(files["sd1"])
+    fuse_lora(kohya, expected.unet, expected.text_encoder)
+    for style, sd in renamed.items():
+        models = load_folder(files["sd1"])
+        assert fuse_lora(sd, models.unet, models.text_encoder) == {"unet": 4, "text_encoder": 2, "unmatched": 0}
+        assert_same_weights(models, expected)
+
+
+def test_ldm_names_of_a_real_unet(real_shapes):
+    """diffusers' conversion (the core's oracle) and this file's inverse agree on every layer of SD1.5."""
+    unet = build_random_components("sd15", device="meta", taesd=False)["unet"]
+    names = ldm_unet_names(unet)
+    layers = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert names == {ldm_name(n, unet.config): n for n in layers}
+    # a key of a real LDM-named SD1.5 LoRA (kohya-ss/sd-scripts#1490)
+    assert names["input_blocks.7.1.transformer_blocks.0.attn2.to_out.0"] == \
+        "down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_out.0"
+    assert "model.diffusion_model.input_blocks.7.1.transformer_blocks.0.attn2.to_out.0.weight" in real_shapes["sd15"]
+
+
+def test_lora_set_is_part_of_the_identity_and_key(files):
+    lora = str(files["lora"])
+    specs = [PipelineSpec(str(files["sd1"]), dtype="fp32", device="cpu", loras=loras)
+             for loras in ((), (LoraSpec(lora),), (LoraSpec(lora, 0.5, 0.5),), (LoraSpec(lora), LoraSpec(lora, 0.5)))]
+    keys = [s.cache_key() for s in specs]
+    assert len(set(keys)) == len(keys)
+    assert keys[1] == PipelineSpec(str(files["sd1"]), dtype="fp32", device="cpu", loras=(LoraSpec(lora),)).cache_key()
+    identities = [s.load().identity["loras"] for s in specs[:3]]
+    assert identities[0] == [] and identities[1] != identities[2]
+    assert identities[1][0][3:] == (1.0, 1.0) and identities[2][0][3:] == (0.5, 0.5)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda sd: {k.replace("lora_unet_", "lora_unet_x_"): v for k, v in sd.items() if "lora_unet_" in k},
+     "none of its"),
+    (lambda sd: {**sd, "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(1)}, "LoHa"),
+    (lambda sd: {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)}, "SDXL"),
+    (lambda sd: {k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k.endswith("lora_up.weight") else v)
+                 for k, v in sd.items()}, "another architecture"),
+    (lambda sd: {k: v for k, v in sd.items() if not k.endswith("lora_up.weight")}, "down and up"),
+    (lambda sd: {"foo": torch.zeros(1)}, "no LoRA weights"),
+])
+def test_bad_loras_are_refused(files, tmp_path, make, message):
+    path = tmp_path / "bad.safetensors"
+    save_file(make(read_weights(files["lora"])), str(path))
+    with pytest.raises(ModelLoadError, match=message) as info:
+        load_folder(files["sd1"], loras=[str(path)])
+    assert str(path) in str(info.value)
+
+
+# =========================================================================== errors and caching
+class Evil:
+    """Pickles to ``open(target, "w")``: loading it unsafely creates the file."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return open, (str(self.target), "w")
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_malicious_pickle_is_refused(files, tmp_path, zip_format):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": read_weights(files["sd1_ckpt"]), "payload": Evil(target)}, path,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(ModelLoadError, match="refused.*run code") as info:
+        load_file(path, config_dir=files["sd1_configs"], tokenizer_dir=files["tokenizer"])
+    assert str(path) in str(info.value) and ".safetensors" in str(info.value)
+    with pytest.raises(ModelLoadError, match="refused"):
+        load_folder(files["sd1"], loras=[str(path)])
+    assert not target.exists()
+    torch.load(path, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert target.exists()
+
+
+def test_missing_truncated_and_unknown_files(files, tmp_path):
+    kwargs = dict(config_dir=files["sd1_configs"], tokenizer_dir=files["tokenizer"])
+    with pytest.raises(ModelLoadError, match="file not found"):
+        load_file(tmp_path / "nope.safetensors", **kwargs)
+    data = files["sd1_ckpt"].read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt") as info:
+        load_file(truncated, **kwargs)
+    assert str(truncated) in str(info.value)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        load_file(garbage, **kwargs)
+    with pytest.raises(ModelLoadError, match="unsupported file type"):
+        load_file(files["sd1"] / "model_index.json", **kwargs)
+    save_file({"foo.bar": torch.zeros(2), "foo.baz": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"keys found: foo\.bar"):
+        load_file(tmp_path / "other.safetensors", **kwargs)
+
+
+def _live(cls_name: str) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o).__name__ == cls_name)
+
+
+def test_failed_load_leaves_nothing_behind(files, tmp_path):
+    """A load that fails after the models were built (a LoRA that does not fit) caches and keeps nothing."""
+    bad = tmp_path / "bad_lora.safetensors"
+    save_file({k: v[:, :1].contiguous() if k.endswith("lora_down.weight") else v
+               for k, v in read_weights(files["lora"]).items()}, str(bad))
+    sessions = StreamSessions()
+    spec = PipelineSpec(str(files["sd1_ckpt"]), dtype="fp32", device="cpu", config_dir=str(files["sd1_configs"]),
+                        tokenizer_dir=str(files["tokenizer"]), loras=(LoraSpec(str(bad)),))
+    before = _live("UNet2DConditionModel")
+    with pytest.raises(ModelLoadError, match="another architecture") as info:
+        sessions.pipeline(spec.cache_key(), spec.load)
+    assert _live("UNet2DConditionModel") == before  # not even the exception holds the half-loaded UNet
+    assert not sessions.has_pipeline(spec.cache_key()) and sessions.loads == 0
+    del info
+
+
+def test_pipeline_cache_key_follows_the_files(files, tmp_path):
+    ckpt = tmp_path / "model.safetensors"
+    shutil.copy(files["sd1_ckpt"], ckpt)
+    spec = PipelineSpec(str(ckpt), dtype="fp32", device="cpu", config_dir=str(files["sd1_configs"]),
+                        tokenizer_dir=str(files["tokenizer"]), taesd=str(files["comfy_taesd"] / "taesd_encoder.safetensors"))
+    sessions = StreamSessions()
+    first = sessions.pipeline(spec.cache_key(), spec.load)
+    assert sessions.pipeline(spec.cache_key(), spec.load) is first and sessions.loads == 1
+    assert str(files["comfy_taesd"] / "taesd_decoder.safetensors") in {f for f, *_ in first.identity["files"]}
+    os.utime(ckpt, ns=(1, 1))
+    assert sessions.pipeline(spec.cache_key(), spec.load) is not first and sessions.loads == 2
