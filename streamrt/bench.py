@@ -248,6 +248,17 @@ def _versions() -> dict[str, str | None]:
 
 
 # ---------------------------------------------------------------------------------------------- context
+def scenario_config(args: argparse.Namespace, sc: Scenario):
+    """The StreamConfig of one scenario at the run's size and seed."""
+    from .config import StreamConfig
+    from .kv_cache import KVCacheConfig
+
+    return StreamConfig(width=args.width, height=args.height, t_index_list=sc.t_index_list,
+                        num_inference_steps=NUM_INFERENCE_STEPS, frames_per_step=sc.frames_per_step,
+                        cfg_type=sc.cfg_type, guidance_scale=GUIDANCE, delta=DELTA, seed=args.seed,
+                        kv_cache=KVCacheConfig(bool(sc.kv_window), max(sc.kv_window, 1), max(sc.kv_window, 1)))
+
+
 class BenchContext:
     """Models, input video and results shared by every row of one run."""
 
@@ -318,13 +329,7 @@ class BenchContext:
         return models
 
     def stream_config(self, sc: Scenario):
-        from .config import StreamConfig
-        from .kv_cache import KVCacheConfig
-
-        return StreamConfig(width=self.args.width, height=self.args.height, t_index_list=sc.t_index_list,
-                            num_inference_steps=NUM_INFERENCE_STEPS, frames_per_step=sc.frames_per_step,
-                            cfg_type=sc.cfg_type, guidance_scale=GUIDANCE, delta=DELTA, seed=self.args.seed,
-                            kv_cache=KVCacheConfig(bool(sc.kv_window), max(sc.kv_window, 1), max(sc.kv_window, 1)))
+        return scenario_config(self.args, sc)
 
 
 def _new_row(impl: str, backend: str, sc: Scenario, frames: int) -> dict[str, Any]:
@@ -723,6 +728,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=500.0,
                    help="seconds for the whole run (default: 500): a row starts only with 20 s (compile: 120 s) "
                         "of it left, later rows are listed as skipped")
+    p.add_argument("--breakdown", action="store_true",
+                   help="instead of the table: time VAE encode, UNet, VAE decode and the whole step separately")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -735,8 +742,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _graph_ms(fn, replays: int = 50) -> float:
+    """Median GPU time of ``fn`` captured alone in a CUDA graph (warm-up on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def breakdown(args: argparse.Namespace) -> str:
+    """Where a frame's GPU time goes: each part of the step captured and timed on its own.
+
+    Uses the full-size random models and the stream's own buffers; with ``compile`` in
+    ``--backends`` the UNet and TAESD are compiled first. Returns a markdown table.
+    """
+    from .backends import compile_models
+    from .models import StreamModels
+    from .random_models import build_random_components
+    from .stream import Stream
+
+    c = build_random_components(args.preset, dtype=torch.float16, device=args.device, taesd=True)
+    models = StreamModels(unet=c["unet"], vae=c["taesd"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+                          scheduler=c["scheduler"])
+    compiled = "compile" in args.backends
+    if compiled:
+        compile_models(models, mode=args.compile_mode, cache_dir=args.compile_cache)
+    frame = torch.rand(1, args.height, args.width, 3)
+    lines = [f"| scenario ({'compiled' if compiled else 'eager kernels'}, each part in its own CUDA graph) | "
+             "VAE encode ms | UNet ms | VAE decode ms | whole step ms |", "|---|---|---|---|---|"]
+    for key in args.scenarios:
+        sc = SCENARIOS[key]
+        stream = Stream(models, scenario_config(args, sc), prompt=PROMPT, backend="eager")
+        for _ in range(3):
+            stream.step(frame.expand(sc.frames_per_step, -1, -1, -1))
+        buf = stream.buffers
+        parts = [
+            _graph_ms(lambda: models.encode_images(buf.image_in)),
+            _graph_ms(lambda: models.predict(buf.unet_in, buf.timesteps, buf.embeds, **stream.unet_kwargs)),
+            _graph_ms(lambda: models.decode_latents(buf.latent_out)),
+            _graph_ms(lambda: stream._device_step(False)),
+        ]
+        lines.append(f"| {sc.label}, F={sc.frames_per_step} | " + " | ".join(f"{p:.2f}" for p in parts) + " |")
+        logger.info("breakdown %s", lines[-1])
+        del stream
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.breakdown:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        torch.backends.cudnn.benchmark = True
+        table = breakdown(args)
+        print(f"# StreamRT step breakdown on {torch.cuda.get_device_name()} "
+              f"({datetime.date.today().isoformat()}, {args.preset}, {args.width}x{args.height}, fp16)\n\n{table}")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "breakdown.md").write_text(table + "\n", encoding="utf-8")
+        return 0
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("diffusers", "transformers", "torch._dynamo", "torch._inductor"):
