@@ -172,6 +172,8 @@ class Stream:
         self._redraw_noise()
         self._write_embeddings()
         self.reset()
+        if self.kv is not None:
+            self._allocate_kv_cache()
 
     # ------------------------------------------------------------------ allocation
     def _allocate(self) -> StreamBuffers:
@@ -201,6 +203,16 @@ class Stream:
             guidance=torch.tensor(float(cfg.guidance_scale), device=dev),
             delta=torch.tensor(float(cfg.delta), device=dev),
         )
+
+    @torch.inference_mode()
+    def _allocate_kv_cache(self) -> None:
+        """Allocate every layer's K/V buffers now, with one eager UNet call (its K/V go to the scratch slot).
+
+        A compiled UNet then never traces the allocation branch, which would break its graph.
+        """
+        buf = self.buffers
+        unet = getattr(self.models.unet, "_orig_mod", self.models.unet)
+        unet(buf.unet_in, buf.timesteps, encoder_hidden_states=buf.embeds, return_dict=False, **self.unet_kwargs)
 
     # ------------------------------------------------------------------ state changes (not per frame)
     @property
