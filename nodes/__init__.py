@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from .api import ComfyExtension, io
+from .engines import BuildEngines, LoadEngines
 from .loaders import LoadStreamPipeline, StreamLora
 from .sampler import StreamSampler
 
-NODES: list[type[io.ComfyNode]] = [LoadStreamPipeline, StreamLora, StreamSampler]
+NODES: list[type[io.ComfyNode]] = [LoadStreamPipeline, StreamLora, StreamSampler, BuildEngines, LoadEngines]
 
 
 class StreamRTExtension(ComfyExtension):

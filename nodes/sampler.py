@@ -12,6 +12,7 @@ from ..streamrt.backends import compile_models
 from ..streamrt.kv_cache import KVCacheConfig
 from . import api
 from .api import io
+from .engines import stream_models
 from .runtime import SESSIONS, PipelineHandle
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class StreamSampler(io.ComfyNode):
                              "Use 'eager'.")
         if acceleration == "compile":
             compile_models(models)
+        models = stream_models(pipeline, models, config)  # engines when attached and runnable here, else torch
         fresh = SESSIONS.frames_processed(node_id) == 0
         stream = SESSIONS.stream(node_id, models, StreamRequest(config, prompt, negative_prompt, reset=reset,
                                                                 backend=backend))
@@ -152,6 +154,7 @@ class StreamSampler(io.ComfyNode):
             "node": node_id, "frames": count, "seconds": seconds, "ms_per_frame": 1000.0 * seconds / count,
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
             "backend": stream.backend, "device": str(stream.device),
+            "engines": sorted(getattr(stream.models, "runners", {})),
             "state": "reset" if reset else ("warming" if fresh or stream.frames_processed <= stream.latency * frames_per_step
                                             else "streaming"),
         })

@@ -17,7 +17,7 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
 fi
 PY=${PYTHON:-python3}
 VENV=.venv
-stamp=$VENV/.streamrt-setup-v3
+stamp=$VENV/.streamrt-setup-v4
 if [ -f "$stamp" ] && [ -f .comfyui/ComfyUI/main.py ]; then
   exit 0
 fi

@@ -8,6 +8,7 @@ from .config import CfgType, SimilarityFilterConfig, StreamConfig
 from .frames import FrameError, as_rgb_frames
 from .loading import (ModelLoadError, PipelineSpec, load_checkpoint, load_diffusers_folder, load_pipeline,
                       load_taesd)
+from .engines import EngineCache, EngineModels, attach_engines, build_engines, requests_for_stream
 from .lora import LoraSpec
 from .models import StreamModels
 from .schedule import StreamSchedule, build_schedule, lcm_boundary_scalings
@@ -20,5 +21,6 @@ __all__ = [
     "CfgType", "FrameError", "ModelLoadError", "SimilarityFilterConfig", "Stream", "StreamBuffers",
     "StreamConfig", "StreamModels", "StreamRequest", "StreamSchedule", "StreamSessions", "as_rgb_frames", "build_schedule",
     "lcm_boundary_scalings", "load_diffusers_folder", "__version__", "LoraSpec", "PipelineSpec",
-    "load_checkpoint", "load_pipeline", "load_taesd",
+    "load_checkpoint", "load_pipeline", "load_taesd", "EngineCache", "EngineModels", "attach_engines",
+    "build_engines", "requests_for_stream",
 ]

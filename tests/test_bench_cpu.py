@@ -48,7 +48,7 @@ def test_cpu_smoke_writes_rows_with_numbers(tmp_path):
     meta, rows = data["meta"], data["rows"]
     assert meta["device"] == "cpu" and meta["preset"] == "tiny" and meta["frames"] == 8
     assert meta["versions"]["torch"]
-    assert {r["scenario"] for r in rows} == {"a", "b", "a4"}
+    assert {r["scenario"] for r in rows} == {"a", "b", "a4", "bkv"}
     for row in rows:
         where = f"row {row['impl']} {row['backend']} {row['scenario']}"
         assert row["impl"] == "streamrt" and row["backend"] == "eager", where
@@ -67,7 +67,7 @@ def test_cpu_smoke_writes_rows_with_numbers(tmp_path):
 
     md = (out / "bench.md").read_text(encoding="utf-8")
     assert "| impl / backend | scenario | F | ms/frame" in md
-    assert md.count("| streamrt eager |") == 6  # three rows in each of the two tables
+    assert md.count("| streamrt eager |") == 8  # four rows (a, b, a4, bkv) in each of the two tables
     assert "| streamrt eager |" in proc.stdout  # the table is printed too
 
 

@@ -1,12 +1,18 @@
-"""Regenerate example_workflows/realtime_webcam.json with the real ComfyUI frontend.
+"""Regenerate the example workflows (example_workflows/*.json) with the real ComfyUI frontend.
 
-The graph is built in the browser page (LiteGraph.createNode, connect) and saved with the frontend's
+Each graph is built in the browser page (LiteGraph.createNode, connect) and saved with the frontend's
 own ``app.graph.serialize()``, so widgets_values have exactly the order and the extra entries (e.g.
-WebcamCapture's "capture" button) that this frontend writes. Run it again when a node's inputs change;
-tests/test_browser_e2e.py fails while the saved file no longer matches the node definitions.
+WebcamCapture's "capture" button, LoadVideo's "upload" button) that this frontend writes. Run it again
+when a node's inputs change; tests/test_browser_e2e.py and tests/test_example_workflows.py fail while a
+saved file no longer matches the node definitions.
 
-    .venv/bin/python tests/browser/build_example_workflow.py            # starts its own server
+    .venv/bin/python tests/browser/build_example_workflow.py            # all examples, own server
+    .venv/bin/python tests/browser/build_example_workflow.py --workflow batch_video
     .venv/bin/python tests/browser/build_example_workflow.py --url http://127.0.0.1:8188
+
+Examples (``--workflow``): ``realtime`` (realtime_webcam.json: WebcamCapture -> Stream Sampler ->
+PreviewImage) and ``batch_video`` (batch_video.json: LoadVideo -> GetVideoComponents -> Stream Sampler ->
+SaveImage and CreateVideo -> SaveVideo). example_workflows/engine_build.json is written by hand elsewhere.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
@@ -25,7 +32,12 @@ for p in (str(REPO), str(TESTS)):
 
 from browser.page import ComfyPage, prepare_user_settings  # noqa: E402
 
-OUTPUT = REPO / "example_workflows" / "realtime_webcam.json"
+EXAMPLES_DIR = REPO / "example_workflows"
+
+# ---------------------------------------------------------------------------------------------------
+# realtime_webcam.json
+
+OUTPUT = EXAMPLES_DIR / "realtime_webcam.json"
 WORKFLOW_ID = "5f0c1d2e-7a3b-4c8d-9e6f-1a2b3c4d5e6f"
 
 NOTE = """Realtime webcam -> StreamRT
@@ -49,7 +61,9 @@ VALUES = {
                         "negative_prompt": "blurry, low quality, distorted"},
 }
 
-BUILD_JS = """
+#: shared start of every build script: arguments, an empty graph, and add(type, pos, size) which sets
+#: the values of VALUES[type] on the new node's widgets (by name)
+_ADD_JS = """
 const [values, note] = arguments;
 app.graph.clear();
 const add = (type, pos, size) => {
@@ -65,6 +79,18 @@ const add = (type, pos, size) => {
     }
     return node;
 };
+"""
+
+#: shared end: view at the origin, redraw, and the frontend's own serialization
+_SAVE_JS = """
+app.canvas.ds.offset = [0, 0];
+app.canvas.ds.scale = 1;
+app.graph.setDirtyCanvas(true, true);
+await new Promise(r => setTimeout(r, 500));
+return JSON.stringify(app.graph.serialize());
+"""
+
+BUILD_JS = _ADD_JS + """
 const cam = add("WebcamCapture", [40, 60], [330, 440]);
 const load = add("StreamRTLoadPipeline", [40, 560], [330, 130]);
 const sampler = add("StreamRTSampler", [410, 60], [400, 0]);
@@ -75,18 +101,95 @@ text.title = "How to use";
 cam.connect(0, sampler, "image");
 load.connect(0, sampler, "pipeline");
 sampler.connect(0, preview, "images");
-app.canvas.ds.offset = [0, 0];
-app.canvas.ds.scale = 1;
-app.graph.setDirtyCanvas(true, true);
-await new Promise(r => setTimeout(r, 500));
-return JSON.stringify(app.graph.serialize());
-"""
+""" + _SAVE_JS
+
+# ---------------------------------------------------------------------------------------------------
+# batch_video.json
+
+BATCH_OUTPUT = EXAMPLES_DIR / "batch_video.json"
+BATCH_WORKFLOW_ID = "9b4e2a71-3c5d-4f8e-a1b2-6c7d8e9f0a1b"
+
+#: LoadVideo's file: a placeholder. The frontend keeps a combo value that is not among the options (no
+#: such file in input/) as it is; left unset, a LoadVideo with no video files would save "undefined".
+BATCH_VIDEO_FILE = "input.mp4"
+
+BATCH_NOTE = """Batch video -> StreamRT
+
+Batch video mode: one queue runs the whole clip. Load Video -> Get Video Components hands all frames \
+to the Stream Sampler as one batch; it streams them through in a single execution and returns exactly \
+as many frames as came in, aligned with the input (output frame k belongs to input frame k: the stream \
+is flushed at the end). Save Image writes every frame (output/streamrt/frame_*.png); Create Video + \
+Save Video write an mp4 at the input's fps (output/streamrt/video_*.mp4). Press Run once; the \
+sampler's "▶ Stream" toggle (re-queue until stopped) is for the realtime webcam example.
+
+1. Put the clip into ComfyUI's input folder (or use Load Video's upload button) and pick it in "file" \
+(input.mp4 is a placeholder). Its width and height must be multiples of 8 (the sampler keeps the \
+video's size with width/height 0); all frames are decoded into memory at once.
+2. Models: a Stable Diffusion 1.x / 2.x model in models/diffusers (a diffusers folder, e.g. sd-turbo) \
+or in models/checkpoints (one file), and optionally TAESD in models/vae_approx (ComfyUI's \
+taesd_encoder / taesd_decoder files, listed as taesd). Pick them in "Load Stream Pipeline".
+3. acceleration: cuda_graph (NVIDIA GPU: the whole frame is captured once as a CUDA graph and replayed, \
+far faster; the first frame is slower), compile (torch.compile + CUDA graph: fastest, the first run \
+compiles for a minute or more), eager (plain PyTorch: the CPU, or any GPU without CUDA graphs).
+4. Throughput: set frames_per_step to 4 to process 4 frames per stream step (more fps on a GPU); the \
+clip's frame count must then be a multiple of 4.
+
+reset is on, so every queue starts a fresh stream (the same clip gives the same frames); turn it off to \
+carry the stream on from the previous clip."""
+
+#: what the batch example sets, per node; everything else keeps the node's defaults
+BATCH_VALUES = {
+    "LoadVideo": {"file": BATCH_VIDEO_FILE},
+    "StreamRTLoadPipeline": {"model": "sd-turbo", "taesd": "taesd", "dtype": "auto", "device": "auto"},
+    "StreamRTSampler": {"prompt": "a watercolor painting, soft light, vivid colors",
+                        "negative_prompt": "blurry, low quality, distorted", "t_index_list": "32,45",
+                        "frames_per_step": 1, "acceleration": "cuda_graph", "reset": True},
+    "SaveImage": {"filename_prefix": "streamrt/frame"},
+    "SaveVideo": {"filename_prefix": "streamrt/video", "format": "mp4", "codec": "h264"},
+}
+
+BATCH_BUILD_JS = _ADD_JS + """
+const video = add("LoadVideo", [40, 60], [330, 330]);
+const parts = add("GetVideoComponents", [40, 440], [330, 0]);
+const load = add("StreamRTLoadPipeline", [40, 580], [330, 130]);
+const sampler = add("StreamRTSampler", [410, 60], [400, 0]);
+const save = add("SaveImage", [850, 60], [440, 420]);
+const create = add("CreateVideo", [850, 540], [300, 0]);
+const saveVideo = add("SaveVideo", [1190, 540], [420, 420]);
+const text = add("Note", [40, 780], [330, 560]);
+text.widgets[0].value = note;
+text.title = "How to use";
+video.connect(0, parts, "video");
+parts.connect(0, sampler, "image");
+load.connect(0, sampler, "pipeline");
+sampler.connect(0, save, "images");
+sampler.connect(0, create, "images");
+parts.connect(2, create, "fps");  // the input's frame rate (a widget input, linked)
+create.connect(0, saveVideo, "video");
+""" + _SAVE_JS
 
 
-def build(base_url: str) -> dict:
-    with ComfyPage.open(base_url) as page:
-        workflow = json.loads(page.js_async(BUILD_JS, VALUES, NOTE))
-    workflow["id"] = WORKFLOW_ID
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Example:
+    output: Path
+    workflow_id: str
+    build_js: str
+    values: dict = field(default_factory=dict)
+    note: str = ""
+
+
+EXAMPLES: dict[str, Example] = {
+    "realtime": Example(OUTPUT, WORKFLOW_ID, BUILD_JS, VALUES, NOTE),
+    "batch_video": Example(BATCH_OUTPUT, BATCH_WORKFLOW_ID, BATCH_BUILD_JS, BATCH_VALUES, BATCH_NOTE),
+}
+
+
+def build_on_page(page: ComfyPage, name: str = "realtime") -> dict:
+    """Build one example on an open page; return the workflow as it is saved."""
+    example = EXAMPLES[name]
+    workflow = json.loads(page.js_async(example.build_js, example.values, example.note))
+    workflow["id"] = example.workflow_id
     workflow.setdefault("extra", {})["ds"] = {"offset": [0, 0], "scale": 1}
     for node in workflow["nodes"]:
         node["pos"] = [round(v) for v in node["pos"]]
@@ -94,13 +197,28 @@ def build(base_url: str) -> dict:
     return workflow
 
 
+def build(base_url: str, name: str = "realtime") -> dict:
+    with ComfyPage.open(base_url) as page:
+        return build_on_page(page, name)
+
+
+def build_all(base_url: str, names: list[str]) -> dict[str, dict]:
+    with ComfyPage.open(base_url) as page:
+        return {name: build_on_page(page, name) for name in names}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running ComfyUI with StreamRT (default: start one with tiny models)")
-    parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument("--workflow", choices=[*EXAMPLES, "all"], default="all", help="which example (default: all)")
+    parser.add_argument("--output", type=Path, help="where to write (one --workflow only; default: its file in "
+                                                    "example_workflows/)")
     args = parser.parse_args(argv)
+    names = list(EXAMPLES) if args.workflow == "all" else [args.workflow]
+    if args.output is not None and len(names) != 1:
+        parser.error("--output needs one --workflow")
     if args.url:
-        workflow = build(args.url)
+        workflows = build_all(args.url, names)
     else:
         from comfy_harness import ComfyServer
 
@@ -112,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
                                   taesd_folder=models / "vae_approx" / "tiny-taesd")
             with ComfyServer(REPO, Path(tmp) / "work", pack_name="StreamRT", models_source=models) as server:
                 prepare_user_settings(server.user_dir)
-                workflow = build(server.base_url)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {args.output}")
+                workflows = build_all(server.base_url, names)
+    for name, workflow in workflows.items():
+        output = args.output or EXAMPLES[name].output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {output}")
     return 0
 
 

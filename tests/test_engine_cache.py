@@ -1,0 +1,292 @@
+"""The engine cache on its own (no TensorRT needed): names, keys, atomic commits, verification, listing.
+
+Engine files here are stand-in bytes; real TensorRT-RTX builds through the cache are in
+tests/test_engine_build.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamrt import StreamModels
+from streamrt.engines import (ENGINE_FORMAT, EngineCache, EngineKey, EngineNameError, EngineShapes, InvalidEngineError,
+                              weights_fingerprint)
+from streamrt.engines import cache as cache_mod
+from streamrt.engines.spec import DimRange
+
+
+def make_key(**changes) -> EngineKey:
+    base = dict(weights="tiny-sd-0123456789abcdef", component="unet", shapes=EngineShapes.static(2, 512, 512),
+                precision="fp16", backend="tensorrt-rtx", backend_version="1.7.1.116", target="SM89", cache_window=0)
+    base.update(changes)
+    return EngineKey(**base)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> EngineCache:
+    return EngineCache(tmp_path / "engines")
+
+
+def store(cache: EngineCache, key: EngineKey, payload: bytes = b"engine-bytes" * 100) -> Path:
+    with cache.staging() as staging:
+        built = staging / "engine.part"
+        built.write_bytes(payload)
+        return cache.commit(key, built, {"build_seconds": 0.0}).path
+
+
+# --------------------------------------------------------------------------------------------- names
+@pytest.mark.parametrize("name", [
+    "../evil.engine", "a/../../evil.engine", "..", "../..", "/etc/passwd", "a/b/c.engine", "C:/x.engine",
+    "a\\..\\b.engine", ".hidden/x.engine", "a/.x.engine", "", "a//b.engine", "a/./b.engine", "a/b\x00.engine",
+    "a/b c.engine", "~/x.engine",
+])
+def test_names_that_could_escape_are_refused(cache, name) -> None:
+    with pytest.raises(EngineNameError):
+        cache.resolve(name)
+
+
+def test_symlink_out_of_the_folder_is_refused(cache, tmp_path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cache.root.mkdir(parents=True)
+    (cache.root / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(EngineNameError, match="outside"):
+        cache.resolve("link/x.engine")
+    assert cache.resolve("model-1/unet_x.engine") == cache.root / "model-1" / "unet_x.engine"
+
+
+def test_key_names_are_safe_even_from_odd_inputs(cache) -> None:
+    key = make_key(weights="../../etc", backend_version="1.7/../../x", target="SM89")
+    path = cache.engine_path(key)
+    assert path.is_relative_to(cache.root) and ".." not in path.relative_to(cache.root).parts
+
+
+# ---------------------------------------------------------------------------------------------- keys
+def test_key_json_round_trip_and_digest() -> None:
+    key = make_key(shapes=EngineShapes(DimRange(1, 2, 4), DimRange(256, 512, 768), DimRange(256, 512, 1024),
+                                       (("kv_tokens", DimRange(64, 128, 256)),)), cache_window=4)
+    again = EngineKey.from_json(json.loads(json.dumps(key.to_json())))
+    assert again == key and again.digest() == key.digest()
+    assert key.file_name().endswith(".engine") and "kv4" in key.file_name()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("weights", "other-model-fedcba9876543210"), ("component", "vae_decoder"),
+    ("shapes", EngineShapes.static(3, 512, 512)), ("shapes", EngineShapes.static(2, 768, 512)),
+    ("shapes", EngineShapes.ranged(2, 512, 512, 256, 768)), ("cache_window", 4), ("precision", "fp32"),
+    ("backend", "tensorrt"), ("backend_version", "1.6.1.120"), ("target", "SM86"), ("format", ENGINE_FORMAT + 1),
+])
+def test_every_key_field_changes_the_engine_name(field, value) -> None:
+    base, changed = make_key(), replace(make_key(), **{field: value})
+    assert changed.digest() != base.digest() and changed.file_name() != base.file_name()
+    assert any(d.startswith(field) for d in base.differences(changed))
+
+
+# ------------------------------------------------------------------------------------------- commits
+def test_commit_then_verified_lookup(cache) -> None:
+    key = make_key()
+    assert not cache.lookup(key).hit and cache.lookup(key).error.reason == "missing"
+    path = store(cache, key)
+    found = cache.lookup(key)
+    assert found.hit and found.record.path == path
+    meta = json.loads(cache.meta_path(path).read_text())
+    assert meta["key"] == key.to_json() and meta["engine"]["bytes"] == path.stat().st_size
+    assert len(meta["engine"]["sha256"]) == 64
+    assert not list((cache.root / ".staging").iterdir()), "the staging folder is removed after the commit"
+
+
+def test_failed_move_leaves_no_engine(cache, monkeypatch) -> None:
+    key = make_key()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cache_mod.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        store(cache, key)
+    monkeypatch.undo()
+    assert not cache.lookup(key).hit
+    assert not list(cache.root.rglob("*.engine")) and not list(cache.root.rglob("*.json"))
+    assert not list((cache.root / ".staging").iterdir())
+
+
+def test_exception_inside_staging_removes_it(cache) -> None:
+    with pytest.raises(KeyboardInterrupt), cache.staging() as staging:
+        (staging / "engine.part").write_bytes(b"partial")
+        raise KeyboardInterrupt
+    assert not list((cache.root / ".staging").iterdir())
+
+
+def test_leftover_staging_of_a_killed_process_is_cleaned(cache) -> None:
+    old = cache.root / ".staging" / "12345-deadbeef"
+    old.mkdir(parents=True)
+    (old / "engine.part").write_bytes(b"x")
+    past = time.time() - cache_mod.STALE_STAGING_SECONDS - 10
+    os.utime(old, (past, past))
+    with cache.staging():
+        pass
+    assert not old.exists()
+
+
+def test_empty_engine_is_refused(cache) -> None:
+    with cache.staging() as staging:
+        (staging / "e").write_bytes(b"")
+        with pytest.raises(cache_mod.EngineCacheError, match="empty"):
+            cache.commit(make_key(), staging / "e")
+
+
+# -------------------------------------------------------------------------------------- verification
+def corrupt(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 3] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how,reason,message", [
+    ("truncate", "corrupt", "truncated"), ("flip", "corrupt", "sha256"),
+])
+def test_damaged_engine_is_caught(cache, how, reason, message) -> None:
+    key = make_key()
+    path = store(cache, key)
+    assert cache.lookup(key).hit
+    time.sleep(0.01)
+    corrupt(path, how)
+    found = cache.lookup(key)
+    assert not found.hit and found.error.reason == reason and message in str(found.error)
+    with pytest.raises(InvalidEngineError, match="Build Engines"):
+        cache.load(key)
+
+
+def test_engine_without_metadata_is_not_used(cache) -> None:
+    key = make_key()
+    path = store(cache, key)
+    cache.meta_path(path).unlink()
+    found = cache.lookup(key)
+    assert found.error.reason == "metadata" and "interrupted" in str(found.error)
+
+
+def test_unreadable_metadata(cache) -> None:
+    key = make_key()
+    path = store(cache, key)
+    cache.meta_path(path).write_text("{not json")
+    assert cache.lookup(key).error.reason == "metadata"
+
+
+@pytest.mark.parametrize("field,value,reason", [
+    ("target", "SM86", "stale"), ("backend_version", "1.6.1.120", "stale"), ("component", "vae_encoder", "mismatch"),
+])
+def test_sidecar_for_another_key_is_caught(cache, field, value, reason) -> None:
+    key = make_key()
+    path = store(cache, key)
+    meta = json.loads(cache.meta_path(path).read_text())
+    meta["key"] = replace(key, **{field: value}).to_json()
+    cache.meta_path(path).write_text(json.dumps(meta))
+    found = cache.lookup(key)
+    assert not found.hit and found.error.reason == reason and field in str(found.error)
+
+
+def test_older_engine_format_is_stale(cache) -> None:
+    key = make_key()
+    path = store(cache, key)
+    meta = json.loads(cache.meta_path(path).read_text())
+    meta["key"]["format"] = ENGINE_FORMAT - 1
+    cache.meta_path(path).write_text(json.dumps(meta))
+    found = cache.lookup(key)
+    assert found.error.reason == "stale" and "format" in str(found.error)
+
+
+def test_verified_engines_are_not_hashed_again(cache, monkeypatch) -> None:
+    key = make_key()
+    store(cache, key)
+    calls = []
+    original = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p, *a: calls.append(p) or original(p, *a))
+    for _ in range(3):
+        assert cache.lookup(key).hit
+    assert calls == []
+
+
+# ------------------------------------------------------------------------------------ roots, listing
+def test_extra_roots_are_searched_but_not_written(tmp_path) -> None:
+    shared = EngineCache(tmp_path / "shared")
+    key = make_key()
+    store(shared, key)
+    cache = EngineCache(tmp_path / "mine", extra_roots=(tmp_path / "shared",))
+    assert cache.lookup(key).hit and cache.lookup(key).record.path.is_relative_to(tmp_path / "shared")
+    assert cache.engine_path(key).is_relative_to(tmp_path / "mine")
+
+
+def test_entries_and_find(cache) -> None:
+    weights = "tiny-sd-0123456789abcdef"
+    static = make_key(weights=weights, shapes=EngineShapes.static(2, 512, 512))
+    ranged = make_key(weights=weights, shapes=EngineShapes.ranged(2, 512, 512, 256, 768))
+    other = make_key(weights="other-fedcba9876543210")
+    for key in (static, ranged, other):
+        store(cache, key)
+    broken = store(cache, make_key(weights=weights, component="vae_decoder", shapes=EngineShapes.static(1, 512, 512)))
+    corrupt(broken, "truncate")
+    entries = cache.entries(weights)
+    assert len(entries) == 3 and sum(e.record is None for e in entries) == 1
+    found = cache.find(weights, "unet", rows=2, width=512, height=512)
+    assert [r.key for r in found] == [static, ranged]  # exact static shapes first
+    assert [r.key for r in cache.find(weights, "unet", rows=2, width=640, height=384)] == [ranged]
+    assert cache.find(weights, "unet", rows=3, width=512, height=512) == []
+    assert cache.find(weights, "unet", rows=2, width=512, height=512, target="SM86") == []
+    assert cache.find(weights, "vae_decoder", rows=1, width=512, height=512) == []  # the damaged one
+
+
+def test_remove(cache) -> None:
+    key = make_key()
+    path = store(cache, key)
+    assert cache.remove(key) and not path.exists() and not cache.meta_path(path).exists()
+    assert not cache.remove(key)
+
+
+# ------------------------------------------------------------------------------------------- weights
+def _models(identity: dict, seed: int = 0) -> StreamModels:
+    from streamrt.random_models import build_random_components
+
+    parts = build_random_components("tiny", seed=seed)
+    return StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
+                        tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], identity=identity)
+
+
+def test_weights_fingerprint() -> None:
+    files = [["/m/diffusers/tiny-sd/unet/w.safetensors", 10, 1], ["/m/diffusers/tiny-sd/vae/w.safetensors", 5, 1]]
+    a = _models({"kind": "diffusers", "files": files, "dtype": "torch.float32", "device": "cpu"})
+    fp = weights_fingerprint(a)
+    assert fp.startswith("tiny-sd-") and len(fp.rsplit("-", 1)[1]) == 16
+    a.identity.update(dtype="torch.float16", device="cuda:0")     # where they are loaded: same engines
+    assert weights_fingerprint(a) == fp
+    a.identity["loras"] = [["style.safetensors", 1.0]]            # a LoRA set changes the weights
+    assert weights_fingerprint(a) != fp
+    moved = [[f[0], f[1], 2] for f in files]                        # a rewritten file too
+    assert weights_fingerprint(_models({"kind": "diffusers", "files": moved})) != fp
+
+
+def test_anonymous_models_are_fingerprinted_by_their_weights() -> None:
+    a, b = _models({}, seed=0), _models({}, seed=0)
+    assert weights_fingerprint(a) == weights_fingerprint(b) and weights_fingerprint(a).startswith("unnamed-")
+    with torch.no_grad():
+        next(b.unet.parameters()).add_(1.0)
+    b._streamrt_weights_fingerprint = None
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+
+
+def test_find_respects_the_size_step_of_a_dynamic_engine(cache) -> None:
+    key = make_key(shapes=EngineShapes.ranged(2, 512, 512, 256, 768))
+    with cache.staging() as staging:
+        (staging / "e").write_bytes(b"x" * 100)
+        cache.commit(key, staging / "e", {"pixel_multiple": 64})
+    assert cache.find(key.weights, "unet", rows=2, width=640, height=384)
+    assert cache.find(key.weights, "unet", rows=2, width=600, height=384) == []  # 600 is not a multiple of 64

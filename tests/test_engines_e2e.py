@@ -1,0 +1,172 @@
+"""Build Engines and Load Engines on the real ComfyUI server (CPU only, TensorRT-RTX ahead-of-time builds).
+
+Runs under ONE cache mode (``default``, or the first of $STREAMRT_CACHE_MODES): the engine nodes keep no
+state of their own between executions (the cache is files) and always execute (``not_idempotent``), so
+the other modes would only repeat the same builds. Two builds in all (the tiny TAESD encoder and decoder,
+about a second each); the UNet engine build is covered by tests/test_engine_build.py.
+
+The server has no GPU, so the sampler fed by Load Engines runs on torch (and must give the torch
+stream's frames); running engines needs an RTX-class GPU, which this project's machines lack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from comfy_harness import ComfyServer, ExecutionFailed, Graph
+from test_nodes_e2e import MODEL, PNG_ATOL, SAMPLER_DEFAULTS, SIZE, TAESD, e2e_tiny_models, frames, uid, upload  # noqa: F401
+
+
+def _engine_cache_mode() -> str:
+    raw = [m.strip() for m in os.environ.get("STREAMRT_CACHE_MODES", "").split(",") if m.strip()]
+    return "default" if not raw or "default" in raw else raw[0]
+
+
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("comfy_server", [_engine_cache_mode()], indirect=True)]
+
+pytest.importorskip("polygraphy", reason="engine builds need polygraphy")
+pytest.importorskip("tensorrt_rtx", reason="engine builds need TensorRT-RTX (pip install tensorrt-rtx)")
+
+BUILD_DEFAULTS = dict(width=SIZE, height=SIZE, min_size=0, max_size=0, frames_per_step=1, denoising_steps=2,
+                      cfg_type="self", backend="tensorrt-rtx", target="SM89", precision="fp16", components="vae",
+                      rebuild=False)
+
+
+@pytest.fixture
+def server(comfy_server: ComfyServer, e2e_tiny_models: Path) -> ComfyServer:  # noqa: F811
+    return comfy_server
+
+
+def build_graph(prefix: str, **overrides) -> tuple[Graph, str]:
+    g = Graph(prefix=prefix)
+    load = g.node("StreamRTLoadPipeline", id=f"{prefix}load", model=MODEL, taesd=TAESD, dtype="auto", device="auto")
+    build_id = f"{prefix}build"
+    g.node("StreamRTBuildEngines", id=build_id, pipeline=load.out(0), **{**BUILD_DEFAULTS, **overrides})
+    return g, build_id
+
+
+def text_of(outputs: dict, node_id: str) -> str:
+    return "\n".join(outputs[node_id]["text"])
+
+
+def engine_files(server: ComfyServer) -> dict[Path, int]:
+    root = server.models_dir / "engines"
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*.engine") if ".staging" not in p.parts}
+
+
+def test_engine_nodes_are_listed_with_tooltips(server: ComfyServer) -> None:
+    info = server.object_info()
+    for node in ("StreamRTBuildEngines", "StreamRTLoadEngines"):
+        assert node in info, f"{node} is not registered (nodes/__init__.py NODES)"
+        for name, spec in info[node]["input"]["required"].items():
+            assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+    assert info["StreamRTBuildEngines"]["output_node"] is True
+    assert "SM89" in info["StreamRTBuildEngines"]["input"]["required"]["target"][1]["options"]
+
+
+def test_build_reuse_load_and_sample(server: ComfyServer) -> None:
+    prefix = uid()
+    graph, build_id = build_graph(prefix)
+    before = engine_files(server)
+    report = text_of(server.run(graph, timeout=600), build_id)
+    built = {p: m for p, m in engine_files(server).items() if p not in before}
+    assert report.count("built in") == 2 and "tensorrt-rtx" in report and "target SM89" in report, report
+    assert sorted(p.name.split("_r1_")[0] for p in built) == ["vae_decoder", "vae_encoder"]
+    assert all(str(p.resolve().parent) in report for p in built), report  # the report says where
+    assert all(p.with_suffix(".json").is_file() for p in built)
+
+    # the same request again: both reused, nothing rewritten; its pipeline output feeds a sampler
+    prefix2 = uid()
+    graph2, build_id2 = build_graph(prefix2)
+    sampler = graph2.node("StreamRTSampler", pipeline=[build_id2, 0], **dict(SAMPLER_DEFAULTS, width=SIZE, height=SIZE))
+    graph2.node("SaveImage", id=f"{prefix2}save", images=sampler.out(0), filename_prefix=f"{prefix2}/b")
+    outputs2 = server.run(graph2, timeout=600)
+    again = text_of(outputs2, build_id2)
+    assert again.count("reused") == 2 and "built in" not in again, again
+    assert {p: m for p, m in engine_files(server).items() if p in built} == built
+    assert np.stack(server.output_images(outputs2, f"{prefix2}save")).shape == (1, SIZE, SIZE, 3)
+
+    # Load Engines lists them (not runnable here: no GPU) and the sampler streams on torch
+    prefix3 = uid()
+    clip = frames(2, seed=21)
+    names = upload(server, clip, prefix3)
+    g = Graph(prefix=prefix3)
+    load = g.node("StreamRTLoadPipeline", model=MODEL, taesd=TAESD, dtype="auto", device="auto")
+    engines = g.node("StreamRTLoadEngines", id=f"{prefix3}engines", pipeline=load.out(0), backend="auto")
+    batch = g.node("ImageBatch", image1=g.node("LoadImage", image=names[0]).out(0),
+                   image2=g.node("LoadImage", image=names[1]).out(0))
+    sampler = g.node("StreamRTSampler", pipeline=engines.out(0), image=batch.out(0), **SAMPLER_DEFAULTS)
+    g.node("SaveImage", id=f"{prefix3}save", images=sampler.out(0), filename_prefix=f"{prefix3}/e")
+    outputs = server.run(g, timeout=300)
+    listing = text_of(outputs, f"{prefix3}engines")
+    assert "vae_encoder" in listing and "vae_decoder" in listing and "not usable here" in listing, listing
+    with_engines = np.stack(server.output_images(outputs, f"{prefix3}save"))
+
+    g2 = Graph(prefix=prefix3 + "t")
+    load2 = g2.node("StreamRTLoadPipeline", model=MODEL, taesd=TAESD, dtype="auto", device="auto")
+    batch2 = g2.node("ImageBatch", image1=g2.node("LoadImage", image=names[0]).out(0),
+                     image2=g2.node("LoadImage", image=names[1]).out(0))
+    sampler2 = g2.node("StreamRTSampler", pipeline=load2.out(0), image=batch2.out(0), **SAMPLER_DEFAULTS)
+    g2.node("SaveImage", id=f"{prefix3}save2", images=sampler2.out(0), filename_prefix=f"{prefix3}/t")
+    torch_only = np.stack(server.output_images(server.run(g2, timeout=300), f"{prefix3}save2"))
+    np.testing.assert_allclose(with_engines, torch_only, atol=PNG_ATOL, rtol=0)
+
+
+def test_auto_target_without_a_gpu_says_what_to_do(server: ComfyServer) -> None:
+    graph, _ = build_graph(uid(), target="auto")
+    with pytest.raises(ExecutionFailed) as failed:
+        server.run(graph, timeout=120)
+    assert "no CUDA GPU" in str(failed.value) and "SM89" in str(failed.value)
+
+
+def test_missing_backend_is_reported(server: ComfyServer) -> None:
+    try:  # full TensorRT is not installable here: the node must say how to get it
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("full TensorRT is installed here")
+    graph, _ = build_graph(uid(), backend="tensorrt")
+    with pytest.raises(ExecutionFailed) as failed:
+        server.run(graph, timeout=120)
+    assert "pip install tensorrt" in str(failed.value)
+
+
+def test_example_workflow_matches_the_nodes(server: ComfyServer) -> None:
+    """example_workflows/engine_build.json (saved by the real frontend): listed as a template, its Build Engines
+    widgets in the node's input order with valid values, and the engines' pipeline feeding the sampler."""
+    path = Path(__file__).resolve().parent.parent / "example_workflows" / "engine_build.json"
+    example = json.loads(path.read_text(encoding="utf-8"))
+    assert "engine_build" in server.get("/api/workflow_templates").json().get("StreamRT", [])
+    info = server.object_info()
+    nodes = {n["id"]: n for n in example["nodes"]}
+    build = next(n for n in example["nodes"] if n["type"] == "StreamRTBuildEngines")
+    spec = info["StreamRTBuildEngines"]["input"]["required"]
+    widgets = [name for name in info["StreamRTBuildEngines"]["input_order"]["required"] if name != "pipeline"]
+    assert len(build["widgets_values"]) == len(widgets)
+    for name, value in zip(widgets, build["widgets_values"]):
+        kind, opts = spec[name][0], spec[name][1]
+        if kind == "COMBO" or isinstance(kind, list):
+            assert value in opts.get("options", kind if isinstance(kind, list) else []), (name, value)
+        elif kind == "INT":
+            assert opts["min"] <= value <= opts["max"], (name, value)
+        elif kind == "BOOLEAN":
+            assert isinstance(value, bool), (name, value)
+    links = {link[0]: link for link in example["links"]}
+    sampler = next(n for n in example["nodes"] if n["type"] == "StreamRTSampler")
+    pipe = next(i for i in sampler["inputs"] if i["name"] == "pipeline")
+    _, source, slot, *_ = links[pipe["link"]]
+    assert nodes[source]["type"] == "StreamRTBuildEngines" and slot == 0
+    values = dict(zip(widgets, build["widgets_values"]))
+    sampler_values = dict(zip([n for n in info["StreamRTSampler"]["input_order"]["required"] if n != "pipeline"],
+                              sampler["widgets_values"]))
+    # the engines are built for the sampler's shapes
+    assert values["denoising_steps"] == len(sampler_values["t_index_list"].split(","))
+    assert (values["width"], values["height"]) == (sampler_values["width"], sampler_values["height"])
+    assert values["cfg_type"] == sampler_values["cfg_type"]
+    assert values["frames_per_step"] == sampler_values["frames_per_step"]
