@@ -162,6 +162,56 @@ class KVCache:
                    for b in self.layers.values())
 
 
+@dataclass
+class SelfAttnInput:
+    """What every self-attention variant starts from: the layer's projections of the current tokens."""
+
+    residual: torch.Tensor
+    image_shape: tuple[int, int, int, int] | None  # (batch, channels, height, width) for 4-d inputs
+    query: torch.Tensor  # [rows, tokens, C]
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+def project_self_attention(attn: Attention, hidden_states: torch.Tensor, temb=None) -> SelfAttnInput:
+    """The input half of diffusers' ``AttnProcessor2_0`` for self-attention (norms, to_q/to_k/to_v)."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    image_shape = None
+    if hidden_states.ndim == 4:
+        image_shape = tuple(hidden_states.shape)
+        batch, channel, height, width = image_shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return SelfAttnInput(residual, image_shape, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                         attn.to_v(hidden_states))
+
+
+def attend_and_project(attn: Attention, inp: SelfAttnInput, keys: torch.Tensor, values: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """Attention of the current queries over ``keys``/``values`` ``[rows, S_all, C]`` under a boolean
+    ``mask`` ``[1, 1, 1, S_all]``, then the output half of ``AttnProcessor2_0`` (to_out, residual)."""
+    rows = inp.query.shape[0]
+    heads, head_dim = attn.heads, inp.key.shape[-1] // attn.heads
+    q = inp.query.view(rows, -1, heads, head_dim).transpose(1, 2)
+    k = keys.view(rows, -1, heads, head_dim).transpose(1, 2)
+    v = values.view(rows, -1, heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(rows, -1, heads * head_dim).to(inp.query.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if inp.image_shape is not None:
+        out = out.transpose(-1, -2).reshape(*inp.image_shape)
+    if attn.residual_connection:
+        out = out + inp.residual
+    return out / attn.rescale_output_factor
+
+
 class CachedSelfAttnProcessor:
     """``attn1`` processor: current tokens attend to themselves and the cached frames of the same row."""
 
@@ -173,43 +223,18 @@ class CachedSelfAttnProcessor:
                  attention_mask=None, temb=None, kv_cache: KVCache | None = None, **kwargs) -> torch.Tensor:
         if kv_cache is None or encoder_hidden_states is not None:
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        rows, tokens, _ = hidden_states.shape
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        buf = kv_cache.layer(self.index, rows, tokens, key.shape[-1], key.dtype)
+        inp = project_self_attention(attn, hidden_states, temb)
+        rows, tokens, channels = inp.key.shape
+        buf = kv_cache.layer(self.index, rows, tokens, channels, inp.key.dtype)
         key_all, value_all = buf.segments(buf.key), buf.segments(buf.value)
-        key_all[:, 0].copy_(key)
-        value_all[:, 0].copy_(value)
+        key_all[:, 0].copy_(inp.key)
+        value_all[:, 0].copy_(inp.value)
         seen = (kv_cache.config.max_frames + 1) * tokens
-        heads, head_dim = attn.heads, key.shape[-1] // attn.heads
-        q = query.view(rows, -1, heads, head_dim).transpose(1, 2)
-        k = buf.key[:, :seen].view(rows, seen, heads, head_dim).transpose(1, 2)
-        v = buf.value[:, :seen].view(rows, seen, heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=buf.mask, dropout_p=0.0, is_causal=False)
+        out = attend_and_project(attn, inp, buf.key[:, :seen], buf.value[:, :seen], buf.mask)
         # The current frame joins the ring (or the scratch slot) after it has been attended.
-        key_all.index_copy_(1, kv_cache.write_segment, key.unsqueeze(1))
-        value_all.index_copy_(1, kv_cache.write_segment, value.unsqueeze(1))
-        out = out.transpose(1, 2).reshape(rows, -1, heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        key_all.index_copy_(1, kv_cache.write_segment, inp.key.unsqueeze(1))
+        value_all.index_copy_(1, kv_cache.write_segment, inp.value.unsqueeze(1))
+        return out
 
 
 class PassThroughAttnProcessor(AttnProcessor2_0):

@@ -33,10 +33,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, attend_and_project, project_self_attention
 
 logger = logging.getLogger(__name__)
 
@@ -194,45 +193,16 @@ class FunctionalCachedSelfAttnProcessor:
         ctx = self.holder.context
         if ctx is None or encoder_hidden_states is not None:
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        rows, tokens, _ = hidden_states.shape
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        ctx.current[self.index] = (key, value)
-
+        inp = project_self_attention(attn, hidden_states, temb)
+        tokens = inp.key.shape[1]
+        ctx.current[self.index] = (inp.key, inp.value)
         ring_key, ring_value = ctx.caches[2 * self.index], ctx.caches[2 * self.index + 1]
         slots = ctx.slot_valid.shape[0]
-        key_all = torch.cat([key, ring_key.to(key.dtype)], dim=1)
-        value_all = torch.cat([value, ring_value.to(value.dtype)], dim=1)
-        current = torch.ones(tokens, dtype=torch.bool, device=key.device)
+        key_all = torch.cat([inp.key, ring_key.to(inp.key.dtype)], dim=1)
+        value_all = torch.cat([inp.value, ring_value.to(inp.value.dtype)], dim=1)
+        current = torch.ones(tokens, dtype=torch.bool, device=inp.key.device)
         mask = torch.cat([current, ctx.slot_valid.to(torch.bool)[:, None].expand(slots, tokens).reshape(-1)])
-        mask = mask.view(1, 1, 1, (slots + 1) * tokens)
-
-        heads, head_dim = attn.heads, key.shape[-1] // attn.heads
-        q = query.view(rows, -1, heads, head_dim).transpose(1, 2)
-        k = key_all.view(rows, -1, heads, head_dim).transpose(1, 2)
-        v = value_all.view(rows, -1, heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(rows, -1, heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attend_and_project(attn, inp, key_all, value_all, mask.view(1, 1, 1, (slots + 1) * tokens))
 
 
 class UNetWithKVCache(torch.nn.Module):
