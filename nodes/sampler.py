@@ -18,6 +18,18 @@ from .runtime import SESSIONS, PipelineHandle
 logger = logging.getLogger(__name__)
 
 
+def workflow_id(extra_pnginfo) -> str | None:
+    """The id the frontend gives the workflow a prompt came from (None for API prompts).
+
+    Streams are kept per (workflow, node): node ids are small integers, so two open workflows often
+    have a sampler with the same id.
+    """
+    if isinstance(extra_pnginfo, dict) and isinstance(extra_pnginfo.get("workflow"), dict):
+        wid = extra_pnginfo["workflow"].get("id")
+        return str(wid) if wid is not None else None
+    return None
+
+
 def parse_t_index_list(text: str) -> tuple[int, ...]:
     """``"32, 45"`` -> ``(32, 45)``, with an error that says what is wrong."""
     try:
@@ -101,7 +113,7 @@ class StreamSampler(io.ComfyNode):
                                          "frame counter). Turn off again to keep streaming."),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="Output frame(s), same count as the input.")],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
             not_idempotent=True,
         )
 
@@ -129,6 +141,7 @@ class StreamSampler(io.ComfyNode):
                                    cache_interval),
         )
         node_id = cls.hidden.unique_id
+        owner = (workflow_id(cls.hidden.extra_pnginfo), node_id)
         models = pipeline.models()
         backend = "eager" if acceleration == "eager" else "cuda_graph"
         if backend != "eager" and models.device.type != "cuda":
@@ -137,8 +150,8 @@ class StreamSampler(io.ComfyNode):
         if acceleration == "compile":
             compile_models(models)
         models = stream_models(pipeline, models, config)  # engines when attached and runnable here, else torch
-        fresh = SESSIONS.frames_processed(node_id) == 0
-        stream = SESSIONS.stream(node_id, models, StreamRequest(config, prompt, negative_prompt, reset=reset,
+        fresh = SESSIONS.frames_processed(owner) == 0
+        stream = SESSIONS.stream(owner, models, StreamRequest(config, prompt, negative_prompt, reset=reset,
                                                                 backend=backend))
         api.check_interrupted()
         start = time.perf_counter()
@@ -151,7 +164,7 @@ class StreamSampler(io.ComfyNode):
         seconds = time.perf_counter() - start
         count = int(frames.shape[0])
         api.send_status({
-            "node": node_id, "frames": count, "seconds": seconds, "ms_per_frame": 1000.0 * seconds / count,
+            "node": node_id, "workflow": owner[0], "frames": count, "seconds": seconds, "ms_per_frame": 1000.0 * seconds / count,
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
             "backend": stream.backend, "device": str(stream.device),
             "engines": sorted(getattr(stream.models, "runners", {})),

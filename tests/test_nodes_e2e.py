@@ -326,3 +326,20 @@ def test_cached_attention_persists_across_executions_and_reset_clears_it(server:
     # reset clears buffer and cache: the first frame again
     again = run_images(server, sampler_graph(prefix, names[:1], reset=True, **opts)[0], f"{prefix}save")[0]
     np.testing.assert_allclose(again, got[0], atol=PNG_ATOL, rtol=0)
+
+
+def test_same_node_id_in_two_workflows_keeps_two_streams(server: ComfyServer, core_models) -> None:
+    """Node ids repeat across open workflows; the frontend's workflow id keeps their streams apart."""
+    prefix, clip = uid(), frames(2, seed=13)
+    names = upload(server, clip, prefix)
+    graph, _ = sampler_graph(prefix, [names[0]])
+    got = {}
+    for workflow in ("wf-a", "wf-b"):  # the same graph (same node ids) from two workflows
+        entry = server.wait(server.queue(graph, extra_data={"extra_pnginfo": {"workflow": {"id": workflow}}}))
+        server.raise_for_status(entry)
+        got[workflow] = server.output_images(entry["outputs"], f"{prefix}save")[0]
+    # both are the first frame of a fresh stream, not frame 2 of a shared one
+    first = Stream(core_models, core_config(), prompt=SAMPLER_DEFAULTS["prompt"],
+                   negative_prompt=SAMPLER_DEFAULTS["negative_prompt"]).step(as_tensor(clip[:1]))[0]
+    assert_frames_close(got["wf-a"], first)
+    assert_frames_close(got["wf-b"], first)
