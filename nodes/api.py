@@ -19,6 +19,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import ComfyExtension, io  # noqa: F401  (re-exported for the node modules)
 
+from ..streamrt.weights import WEIGHT_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
 CATEGORY = "StreamRT"
@@ -134,7 +136,6 @@ def send_status(data: dict) -> None:
 # Model files for the loaders: checkpoints, LoRAs, ComfyUI's TAESD pair, CLIP tokenizer ---------------
 LORAS = io.Custom("STREAMRT_LORAS")
 #: file types listed as checkpoints / LoRAs (pickles are read as plain tensors only)
-WEIGHT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth")
 
 
 def checkpoint_files() -> list[str]:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import ModelLoadError
+from .weights import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import ModelLoadError, read_weights
+from .weights import ModelLoadError, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class LoraSpec:
 
     Args:
         path (`str`): a ``.safetensors`` file (``.ckpt``/``.pt`` only as plain tensors, see
-            :func:`~streamrt.loading.read_weights`).
+            :func:`~streamrt.weights.read_weights`).
         strength_model (`float`, defaults to `1.0`): strength on the UNet.
         strength_clip (`float`, defaults to `1.0`): strength on the text encoder.
     """
