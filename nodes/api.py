@@ -32,41 +32,41 @@ def torch_device() -> torch.device:
     return model_management.get_torch_device()
 
 
-def diffusers_folders() -> list[str]:
-    """Diffusers model folders (holding model_index.json) under every ``models/diffusers`` path."""
+def model_folders(kind: str, marker: str) -> list[str]:
+    """Sub-folders holding ``marker`` (e.g. model_index.json) under every path of a ComfyUI model kind."""
     found = set()
-    for base in folder_paths.get_folder_paths("diffusers"):
+    for base in folder_paths.get_folder_paths(kind):
         for root, _dirs, files in os.walk(base, followlinks=True):
-            if "model_index.json" in files:
+            if marker in files:
                 found.add(os.path.relpath(root, base).replace(os.sep, "/"))
     return sorted(found)
 
 
-def resolve_diffusers_folder(name: str) -> str:
-    """Absolute path of a folder returned by :func:`diffusers_folders`."""
-    for base in folder_paths.get_folder_paths("diffusers"):
+def resolve_model_folder(kind: str, marker: str, name: str) -> str:
+    """Absolute path of a folder returned by :func:`model_folders`."""
+    for base in folder_paths.get_folder_paths(kind):
         path = os.path.join(base, name)
-        if os.path.isfile(os.path.join(path, "model_index.json")):
+        if os.path.isfile(os.path.join(path, marker)):
             return path
-    raise FileNotFoundError(f"diffusers model {name!r} was not found under models/diffusers")
+    raise FileNotFoundError(f"{name!r} was not found under models/{kind}")
+
+
+def diffusers_folders() -> list[str]:
+    """Diffusers model folders (holding model_index.json) under ``models/diffusers``."""
+    return model_folders("diffusers", "model_index.json")
+
+
+def resolve_diffusers_folder(name: str) -> str:
+    return resolve_model_folder("diffusers", "model_index.json", name)
 
 
 def taesd_folders() -> list[str]:
     """Diffusers AutoencoderTiny folders (config.json + weights) under ``models/vae_approx``."""
-    found = set()
-    for base in folder_paths.get_folder_paths("vae_approx"):
-        for root, _dirs, files in os.walk(base, followlinks=True):
-            if "config.json" in files:
-                found.add(os.path.relpath(root, base).replace(os.sep, "/"))
-    return sorted(found)
+    return model_folders("vae_approx", "config.json")
 
 
 def resolve_taesd_folder(name: str) -> str:
-    for base in folder_paths.get_folder_paths("vae_approx"):
-        path = os.path.join(base, name)
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return path
-    raise FileNotFoundError(f"TAESD {name!r} was not found under models/vae_approx")
+    return resolve_model_folder("vae_approx", "config.json", name)
 
 
 class Progress:
