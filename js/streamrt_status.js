@@ -105,6 +105,9 @@ function applyStatus(node, data) {
 function onStatusEvent(event) {
   const data = event?.detail;
   if (!data || data.node === undefined || data.node === null) return;
+  // Node ids repeat across workflows: an event from another open workflow is not for this graph.
+  const shownId = app.graph?.id;
+  if (data.workflow && shownId && data.workflow !== shownId) return;
   const node = nodeForUniqueId(data.node);
   if (!isSampler(node)) return;
   applyStatus(node, data);

@@ -441,3 +441,23 @@ def test_no_console_errors_from_the_extension(page: ComfyPage, shots: Path) -> N
     # The extension registered the event: the frontend never called it an unknown message type.
     assert not page.console_entries(levels=("SEVERE", "WARNING", "INFO", "DEBUG"),
                                     containing=("Unknown message type",))
+
+
+def test_status_events_of_another_workflow_are_ignored(page: ComfyPage, comfy_server: ComfyServer, ids: dict) -> None:
+    """Node ids repeat across open workflows: the panel only takes events of the workflow it shows."""
+    sampler = ids["StreamRTSampler"]
+    use_tiny_models(page, ids)
+    errors = page.js_async("await app.queuePrompt(0, 1); return app.lastNodeErrors;")
+    assert not errors, errors
+    page.wait_until(lambda: bool(events_for(page, sampler)), timeout=60, what="a streamrt.status event")
+    comfy_server.wait_idle(timeout=60)
+    real = events_for(page, sampler)[-1]
+    shown = page.js("return app.graph.id ?? null;")
+    assert shown and real["workflow"] == shown  # the server keys and labels streams by this id
+    before = status(page, sampler)["status"]
+    fake = dict(real, stream_frames=real["stream_frames"] + 1000, state="reset")
+    page.js("api.dispatchEvent(new CustomEvent('streamrt.status', {detail: arguments[0]}));",
+            dict(fake, workflow="another-workflow"))
+    assert status(page, sampler)["status"]["stream_frames"] == before["stream_frames"]
+    page.js("api.dispatchEvent(new CustomEvent('streamrt.status', {detail: arguments[0]}));", fake)
+    assert status(page, sampler)["status"]["stream_frames"] == fake["stream_frames"]
