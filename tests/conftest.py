@@ -84,6 +84,21 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_RepoRootIsNotATestPackage(), "streamrt-repo-root-guard")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_on_one_cpu_thread():
+    """Run the test process's torch on one CPU thread.
+
+    The tiny models' ops gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
+    spinning against the ComfyUI server and other processes make a 40 ms step take seconds.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def models_dir(server: ComfyServer) -> Path:
     """``<work>/models`` of a server (checkpoints/, diffusers/, vae_approx/, loras/, engines/)."""
     return server.models_dir

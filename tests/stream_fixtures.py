@@ -1,8 +1,8 @@
 """Shared fixtures and helpers for the ``test_stream_*`` tests (CPU, float32, tiny random models).
 
-Import the fixtures a test module needs explicitly, and ``_stream_tests_on_one_thread`` (autouse)::
+Import the fixtures a test module needs explicitly (torch runs on one CPU thread: tests/conftest.py)::
 
-    from tests.stream_fixtures import _stream_tests_on_one_thread, tiny_models, make_frames  # noqa: F401
+    from tests.stream_fixtures import tiny_models, make_frames  # noqa: F401
 
 The model folders are written once per session by :func:`streamrt.random_models.write_random_pipeline`
 and loaded back with :func:`streamrt.load_diffusers_folder`, the loader users go through.
@@ -10,7 +10,6 @@ and loaded back with :func:`streamrt.load_diffusers_folder`, the loader users go
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -24,28 +23,6 @@ from streamrt.random_models import write_random_pipeline
 
 SIZE = 64                      # 64x64 images, 8x8 latents: a step takes a few tens of ms on a CPU
 NEGATIVE = "blurry photo"      # a negative prompt that differs from every positive one used in tests
-
-
-@contextlib.contextmanager
-def one_cpu_thread():
-    """Run torch on one CPU thread for a while.
-
-    The tiny models' ops are far too small to gain from intra-op threads, and on a busy 2-core machine
-    OpenMP threads spinning against other processes make a 40 ms step take seconds.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _stream_tests_on_one_thread():
-    """Autouse in every module that imports it: each test runs torch on one CPU thread."""
-    with one_cpu_thread():
-        yield
 
 
 def _quiet_load(folder: Path, taesd: Path | None = None) -> streamrt.StreamModels:
@@ -66,9 +43,8 @@ def tiny_folders(tmp_path_factory) -> dict[str, Path]:
     """Diffusers folders of the ``tiny`` (with a TAESD folder) and ``tiny-v`` random pipelines."""
     root = tmp_path_factory.mktemp("stream_models")
     folders = {"tiny": root / "tiny", "taesd": root / "taesd", "tiny_v": root / "tiny_v"}
-    with one_cpu_thread():
-        write_random_pipeline(folders["tiny"], "tiny", seed=0, taesd_folder=folders["taesd"])
-        write_random_pipeline(folders["tiny_v"], "tiny-v", seed=1)
+    write_random_pipeline(folders["tiny"], "tiny", seed=0, taesd_folder=folders["taesd"])
+    write_random_pipeline(folders["tiny_v"], "tiny-v", seed=1)
     return folders
 
 

@@ -40,16 +40,6 @@ TARGET = "SM89"
 SIZE = 64
 
 
-@contextlib.contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def tiny_stream_models(seed: int = 0) -> StreamModels:
     parts = build_random_components("tiny", seed=seed)
     return StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
@@ -59,8 +49,7 @@ def tiny_stream_models(seed: int = 0) -> StreamModels:
 
 @pytest.fixture(scope="module")
 def models() -> StreamModels:
-    with one_thread():
-        return tiny_stream_models(0)
+    return tiny_stream_models(0)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +115,7 @@ def test_stream_engines_build_once_then_hit(models, cache, spy) -> None:
     assert [r.shapes.rows.opt for r in requests] == [config.unet_rows, 1, 1] and config.unet_rows == 3
     ticks: list[tuple[int, int]] = []
     start = time.perf_counter()
-    with one_thread():
-        first = build_engines(models, requests, cache, progress=lambda d, t: ticks.append((d, t)))
+    first = build_engines(models, requests, cache, progress=lambda d, t: ticks.append((d, t)))
     first_seconds = time.perf_counter() - start
     assert [r.built for r in first] == [True, True, True] and spy.count == 3
     assert ticks[-1] == (300, 300) and all(t == 300 for _, t in ticks)
@@ -200,8 +188,7 @@ def test_each_key_field_change_rebuilds(models, field_cache, spy, field) -> None
             (staging / "old.engine").write_bytes(base_result.record.path.read_bytes())
             cache.commit(old_key, staging / "old.engine")
         cache.remove(engine_key(models, base))
-    with one_thread():
-        result = ensure_engine(variant_models, request, cache, component=component)
+    result = ensure_engine(variant_models, request, cache, component=component)
     assert result.built and spy.count == before + 1, f"changing {field} must build a new engine"
     assert result.record.key != base_result.record.key or field == "backend_version"
     # the variant is cached in turn, and the base engine is still there
@@ -253,7 +240,7 @@ def test_interrupt_from_progress_kills_the_build_and_leaves_nothing(models, tmp_
         if done > 15:  # inside the TensorRT build (export ends at 15 of 100)
             raise Interrupted
 
-    with pytest.raises(Interrupted), one_thread():
+    with pytest.raises(Interrupted):
         ensure_engine(models, request, cache, progress=progress)
     assert spy.count == 1 and spy.processes and all(p.poll() is not None for p in spy.processes)
     assert engine_files(cache) == []
@@ -273,7 +260,7 @@ def test_killed_build_process_leaves_nothing(models, tmp_path, spy, monkeypatch)
         return original(job, progress, on_event=on_event, **kwargs)
 
     monkeypatch.setattr(build_mod, "run_build", run_and_kill)
-    with pytest.raises(EngineBuildError, match="ended with code"), one_thread():
+    with pytest.raises(EngineBuildError, match="ended with code"):
         ensure_engine(models, decoder_request(), cache)
     assert engine_files(cache) == [] and not list((cache.root / ".staging").iterdir())
 
@@ -316,8 +303,7 @@ def test_dynamic_unet_engine_with_kv_io_builds(models, cache) -> None:
     component = kv_component(models, window=2)
     shapes = EngineShapes(DimRange(1, 2, 3), DimRange(32, 64, 96), DimRange(32, 64, 96)).with_extra(
         kv_tokens=(64, 128, 256), latent_tokens=(16, 64, 144))
-    with one_thread():
-        result = ensure_engine(models, EngineRequest("unet", shapes, target=TARGET), cache, component=component)
+    result = ensure_engine(models, EngineRequest("unet", shapes, target=TARGET), cache, component=component)
     assert result.built and result.key.cache_window == 2
     assert set(result.record.meta["profile"]) == {"sample", "timestep", "encoder_hidden_states", "kv_ring"}
     assert result.record.meta["profile"]["kv_ring"] == [[1, 64, 32], [2, 128, 32], [3, 256, 32]]
@@ -349,20 +335,19 @@ def test_stream_runs_through_engine_models(models, tmp_path) -> None:
     """A Stream on EngineModels (runners for UNet, VAE encoder and decoder) gives the torch stream's frames."""
     config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35), cfg_type="self", guidance_scale=1.5)
     runners = {}
-    with one_thread():
-        for request in requests_for_stream(config, precision="fp32", target=TARGET):
-            component = component_for(models, request.component)
-            exported = export_onnx(component, request.shapes, tmp_path / f"{request.component}.onnx",
-                                   precision="fp32")
-            runners[request.component] = OnnxRuntimeRunner(exported.path, component.input_names,
-                                                           component.output_names)
-        engine_models = EngineModels(models, runners)
-        assert engine_models.vae_scale_factor == models.vae_scale_factor and engine_models.unet is models.unet
-        frames = torch.rand(4, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(0))
-        torch_stream = Stream(models, config, prompt="a cat")
-        engine_stream = Stream(engine_models, config, prompt="a cat")
-        expected = [torch_stream.step(frames[i:i + 1]).clone() for i in range(4)]
-        got = [engine_stream.step(frames[i:i + 1]).clone() for i in range(4)]
+    for request in requests_for_stream(config, precision="fp32", target=TARGET):
+        component = component_for(models, request.component)
+        exported = export_onnx(component, request.shapes, tmp_path / f"{request.component}.onnx",
+                               precision="fp32")
+        runners[request.component] = OnnxRuntimeRunner(exported.path, component.input_names,
+                                                       component.output_names)
+    engine_models = EngineModels(models, runners)
+    assert engine_models.vae_scale_factor == models.vae_scale_factor and engine_models.unet is models.unet
+    frames = torch.rand(4, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(0))
+    torch_stream = Stream(models, config, prompt="a cat")
+    engine_stream = Stream(engine_models, config, prompt="a cat")
+    expected = [torch_stream.step(frames[i:i + 1]).clone() for i in range(4)]
+    got = [engine_stream.step(frames[i:i + 1]).clone() for i in range(4)]
     assert all(r.calls == 4 for r in runners.values())
     # the first output comes from the all-zero latent buffer: GroupNorm of a constant row amplifies
     # rounding differences (1/sqrt(eps)), so that warm-up frame only agrees to a few 1e-3

@@ -7,7 +7,6 @@ the torch module the graph came from; the stock wrappers are checked against ``S
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import onnx
@@ -26,16 +25,6 @@ FP32_TOL = dict(rtol=1e-3, atol=2e-4)
 FP16_TOL = dict(rtol=2e-2, atol=2e-2)
 
 
-@contextlib.contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def tiny_stream_models(vae: str = "taesd", seed: int = 0, dtype: torch.dtype = torch.float32) -> StreamModels:
     """Tiny random pipeline as ``StreamModels`` (``vae``: ``taesd`` or ``kl``), with an identity."""
     parts = build_random_components("tiny", seed=seed, dtype=dtype, taesd=vae == "taesd")
@@ -47,8 +36,7 @@ def tiny_stream_models(vae: str = "taesd", seed: int = 0, dtype: torch.dtype = t
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, StreamModels]:
-    with one_thread():
-        return {"taesd": tiny_stream_models("taesd"), "kl": tiny_stream_models("kl")}
+    return {"taesd": tiny_stream_models("taesd"), "kl": tiny_stream_models("kl")}
 
 
 def run_onnx(path, names, inputs) -> list[np.ndarray]:
@@ -88,7 +76,7 @@ def test_wrappers_are_the_stream_models_calls(models, vae) -> None:
     sample, embeds = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, m.embed_dim, generator=gen)
     timesteps = torch.tensor([500, 250])
     images, latents = torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1, torch.randn(1, 4, 8, 8, generator=gen)
-    with torch.no_grad(), one_thread():
+    with torch.no_grad():
         unet = component_for(m, "unet").module
         assert torch.equal(unet(sample, timesteps, embeds), m.predict(sample, timesteps, embeds))
         assert torch.equal(component_for(m, "vae_encoder").module(images), m.encode_images(images))
@@ -103,42 +91,40 @@ def test_export_matches_torch_under_onnxruntime(models, tmp_path, vae, name, kin
     shapes = STATIC if kind == "static" else DYNAMIC
     if name != "unet":
         shapes = EngineShapes(DimRange.fixed(1) if kind == "static" else DimRange(1, 1, 2), shapes.height, shapes.width)
-    with one_thread():
-        exported = export_onnx(component, shapes, tmp_path / f"{name}.onnx", precision="fp32")
-        graph = onnx.load(str(exported.path))
-        assert graph.opset_import[0].version >= 17
-        assert [i.name for i in graph.graph.input] == component.input_names
-        assert [o.name for o in graph.graph.output] == component.output_names
-        first = graph.graph.input[0].type.tensor_type.shape.dim
-        if kind == "static":
-            assert all(d.HasField("dim_value") for d in first), "a static export has no symbolic axis"
-            assert_matches(component, exported.path, shapes, "opt")
-        else:
-            assert first[0].dim_param == "rows"
-            for which in ("min", "opt", "max"):
-                assert_matches(component, exported.path, shapes, which)
+    exported = export_onnx(component, shapes, tmp_path / f"{name}.onnx", precision="fp32")
+    graph = onnx.load(str(exported.path))
+    assert graph.opset_import[0].version >= 17
+    assert [i.name for i in graph.graph.input] == component.input_names
+    assert [o.name for o in graph.graph.output] == component.output_names
+    first = graph.graph.input[0].type.tensor_type.shape.dim
+    if kind == "static":
+        assert all(d.HasField("dim_value") for d in first), "a static export has no symbolic axis"
+        assert_matches(component, exported.path, shapes, "opt")
+    else:
+        assert first[0].dim_param == "rows"
+        for which in ("min", "opt", "max"):
+            assert_matches(component, exported.path, shapes, which)
 
 
 def test_fp16_export_types_and_values(models, tmp_path) -> None:
     """fp16 graphs take fp16 tensors (int64 timesteps) and match the fp16 torch model; the shared fp32
     models are exported from a cast copy and stay fp32."""
     m = models["taesd"]
-    with one_thread():
-        for name in ("unet", "vae_decoder"):
-            component = component_for(m, name)
-            shapes = STATIC if name == "unet" else EngineShapes.static(1, 64, 64)
-            exported = export_onnx(component, shapes, tmp_path / name / "model.onnx", precision="fp16")
-            graph = onnx.load(str(exported.path))
-            types = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
-            for spec in component.inputs:
-                want = onnx.TensorProto.INT64 if spec.dtype == "int64" else onnx.TensorProto.FLOAT16
-                assert types[spec.name] == want, spec.name
-            half = export_mod._module_in(component.module, torch.float16)
-            inputs = component.example_inputs(shapes, torch.float16, "cpu", seed=5)
-            got = run_onnx(exported.path, component.input_names, inputs)[0]
-            with torch.no_grad():
-                expected = half(*inputs)
-            torch.testing.assert_close(torch.from_numpy(got).float(), expected.float(), **FP16_TOL)
+    for name in ("unet", "vae_decoder"):
+        component = component_for(m, name)
+        shapes = STATIC if name == "unet" else EngineShapes.static(1, 64, 64)
+        exported = export_onnx(component, shapes, tmp_path / name / "model.onnx", precision="fp16")
+        graph = onnx.load(str(exported.path))
+        types = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
+        for spec in component.inputs:
+            want = onnx.TensorProto.INT64 if spec.dtype == "int64" else onnx.TensorProto.FLOAT16
+            assert types[spec.name] == want, spec.name
+        half = export_mod._module_in(component.module, torch.float16)
+        inputs = component.example_inputs(shapes, torch.float16, "cpu", seed=5)
+        got = run_onnx(exported.path, component.input_names, inputs)[0]
+        with torch.no_grad():
+            expected = half(*inputs)
+        torch.testing.assert_close(torch.from_numpy(got).float(), expected.float(), **FP16_TOL)
     assert {p.dtype for p in m.unet.parameters()} == {torch.float32}
     assert {p.dtype for p in m.vae.parameters()} == {torch.float32}
     # the fast CPU fp16 trace runs channels-last on a copy: the shared weights keep their layout
@@ -153,23 +139,20 @@ def test_external_data_export(models, tmp_path, monkeypatch, how) -> None:
     if how == "automatic":
         monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 1000)
     folder = tmp_path / "out"
-    with one_thread():
-        exported = export_onnx(component, shapes, folder / "decoder.onnx", precision="fp32",
-                               external_data=True if how == "flag" else None)
+    exported = export_onnx(component, shapes, folder / "decoder.onnx", precision="fp32",
+                           external_data=True if how == "flag" else None)
     assert exported.external_data
     assert sorted(p.name for p in folder.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
     graph = onnx.load(str(exported.path), load_external_data=False)
     external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external, "no initializer was written externally"
     assert exported.path.stat().st_size < exported.data_path.stat().st_size
-    with one_thread():
-        assert_matches(component, exported.path, shapes, "opt")
+    assert_matches(component, exported.path, shapes, "opt")
 
 
 def test_small_models_stay_in_one_file(models, tmp_path) -> None:
-    with one_thread():
-        exported = export_onnx(component_for(models["taesd"], "vae_encoder"), EngineShapes.static(1, 64, 64),
-                               tmp_path / "enc.onnx", precision="fp32")
+    exported = export_onnx(component_for(models["taesd"], "vae_encoder"), EngineShapes.static(1, 64, 64),
+                           tmp_path / "enc.onnx", precision="fp32")
     assert not exported.external_data and [p.name for p in tmp_path.iterdir()] == ["enc.onnx"]
 
 
@@ -212,10 +195,9 @@ def test_extension_point_adds_named_io(models, tmp_path) -> None:
     shapes = shapes.with_extra(kv_tokens=(64, 128, 192), latent_tokens=64)
     profile = component.profile(shapes)
     assert profile["kv_ring"] == ((2, 64, 32), (2, 128, 32), (2, 192, 32))
-    with one_thread():
-        exported = export_onnx(component, shapes, tmp_path / "unet_kv.onnx", precision="fp32")
-        for which in ("min", "max"):
-            assert_matches(component, exported.path, shapes, which)
+    exported = export_onnx(component, shapes, tmp_path / "unet_kv.onnx", precision="fp32")
+    for which in ("min", "max"):
+        assert_matches(component, exported.path, shapes, which)
     assert "kv_tokens" in shapes.label()
 
 

@@ -37,15 +37,6 @@ PROMPT, PROMPT_2 = "a cat", "a red dog"
 T_INDEX = {1: (45,), 2: (20, 35)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These CPU tests run many tiny ops; one intra-op thread is several times faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sharpened(models):
     """Scale every attn1 query and key projection by ``SHARPEN``.
 

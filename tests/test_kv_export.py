@@ -28,14 +28,6 @@ ROWS, SIZE, M = 2, 64, 3
 ORT_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet(tiny_folders):
     """The tiny UNet with the stateful caching processors installed (as a cached stream leaves it).

@@ -235,15 +235,6 @@ def lora_state_dict(models, *, rank: int = 4, alpha: float = 2.0, seed: int = 0,
 
 
 # =========================================================================== fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """The tiny models' ops gain nothing from intra-op threads, which only contend on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def frame() -> torch.Tensor:
     return torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(5))
 

@@ -7,7 +7,6 @@ import torch
 
 from streamrt import FrameError, Stream, StreamConfig
 from tests.stream_fixtures import (  # noqa: F401 - fixtures are used by name
-    _stream_tests_on_one_thread,
     NEGATIVE,
     assert_all_equal,
     frame_groups,

@@ -29,7 +29,6 @@ from torch.utils._pytree import tree_leaves
 import streamrt
 from streamrt import Stream
 from tests.stream_fixtures import (  # noqa: F401 - fixtures are used by name
-    _stream_tests_on_one_thread,
     NEGATIVE,
     frame_groups,
     make_config,

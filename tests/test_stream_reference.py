@@ -15,7 +15,6 @@ from diffusers import LCMScheduler
 
 from streamrt import Stream
 from tests.stream_fixtures import (  # noqa: F401 - fixtures are used by name
-    _stream_tests_on_one_thread,
     NEGATIVE,
     frame_groups,
     make_config,

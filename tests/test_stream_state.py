@@ -10,7 +10,6 @@ import torch
 from streamrt import Stream
 from streamrt.prompts import seeded_noise
 from tests.stream_fixtures import (  # noqa: F401 - fixtures are used by name
-    _stream_tests_on_one_thread,
     NEGATIVE,
     any_differs,
     assert_all_equal,
