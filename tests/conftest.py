@@ -114,12 +114,15 @@ def streamrt_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def e2e_tiny_models(streamrt_models_root: Path) -> Path:
-    """Hook point: write the tiny test models into ``streamrt_models_root`` here.
+    """The tiny ``tiny-sd`` model and ``tiny-taesd`` written into ``streamrt_models_root``.
 
     Servers see the files at once (``<work>/models`` links to that folder, and ComfyUI
-    re-lists model folders when their mtime changes).
+    re-lists model folders when their mtime changes). A module that needs more models overrides
+    this fixture and asks for it by the same name to get these too.
     """
-    return streamrt_models_root
+    from tests.stream_fixtures import write_e2e_models
+
+    return write_e2e_models(streamrt_models_root)
 
 
 @pytest.fixture(scope="session", params=selected_cache_modes())

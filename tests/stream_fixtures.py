@@ -38,6 +38,19 @@ def _quiet_load(folder: Path, taesd: Path | None = None) -> streamrt.StreamModel
         diffusers_logger.setLevel(level)
 
 
+#: names of the tiny models the e2e servers see (models/diffusers/tiny-sd, models/vae_approx/tiny-taesd)
+E2E_MODEL = "tiny-sd"
+E2E_TAESD = "tiny-taesd"
+
+
+def write_e2e_models(models_root: Path) -> Path:
+    """Write the tiny diffusers model and TAESD folder that the e2e tests load by name (once)."""
+    if not (models_root / "diffusers" / E2E_MODEL / "model_index.json").is_file():
+        write_random_pipeline(models_root / "diffusers" / E2E_MODEL, "tiny",
+                              taesd_folder=models_root / "vae_approx" / E2E_TAESD)
+    return models_root
+
+
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory) -> dict[str, Path]:
     """Diffusers folders of the ``tiny`` (with a TAESD folder) and ``tiny-v`` random pipelines."""

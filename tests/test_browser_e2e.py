@@ -36,14 +36,12 @@ from browser.build_example_workflow import VALUES as EXAMPLE_VALUES
 from browser.page import ComfyPage, browser_missing_reason, prepare_user_settings
 from comfy_harness import ComfyServer, image_bytes_to_array
 
-from streamrt.random_models import write_random_pipeline
+from tests.stream_fixtures import E2E_MODEL as MODEL, E2E_TAESD as TAESD
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "example_workflows" / "realtime_webcam.json"
 SHOTS_OUT = REPO / "out" / "browser"
 
-MODEL = "tiny-sd"
-TAESD = "tiny-taesd"
 SIZE = 64
 EMA_ALPHA = 0.25  # js/streamrt_status.js
 STREAM_BUTTON = "▶ Stream / ■ Stop"  # the toggle widget's name (its label is "▶ Stream" or "■ Stop")
@@ -63,14 +61,6 @@ pytestmark = [
     pytest.mark.parametrize("comfy_server", [_browser_cache_mode()], indirect=True),
     *([pytest.mark.skip(reason=f"browser tests need Chromium: {_missing}")] if _missing else []),
 ]
-
-
-@pytest.fixture(scope="session")
-def e2e_tiny_models(streamrt_models_root: Path) -> Path:
-    if not (streamrt_models_root / "diffusers" / MODEL / "model_index.json").is_file():
-        write_random_pipeline(streamrt_models_root / "diffusers" / MODEL, "tiny",
-                              taesd_folder=streamrt_models_root / "vae_approx" / TAESD)
-    return streamrt_models_root
 
 
 @pytest.fixture(scope="module")

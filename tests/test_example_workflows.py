@@ -49,7 +49,7 @@ from browser.page import ComfyPage, browser_missing_reason, prepare_user_setting
 from comfy_harness import ComfyServer
 from test_browser_e2e import is_widget_input as frontend_makes_widget
 
-from streamrt.random_models import write_random_pipeline
+from tests.stream_fixtures import E2E_MODEL as MODEL, E2E_TAESD as TAESD
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO / "example_workflows"
@@ -67,8 +67,6 @@ USER_FILE_COMBOS = {("StreamRTLoadPipeline", "model"), ("StreamRTLoadPipeline", 
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
-MODEL = "tiny-sd"
-TAESD = "tiny-taesd"
 SIZE = 64
 VIDEO_FRAMES = 12
 VIDEO_FPS = 12
@@ -255,14 +253,6 @@ def substitute(prompt: dict, class_type: str, **values: Any) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture(scope="session")
-def e2e_tiny_models(streamrt_models_root: Path) -> Path:
-    if not (streamrt_models_root / "diffusers" / MODEL / "model_index.json").is_file():
-        write_random_pipeline(streamrt_models_root / "diffusers" / MODEL, "tiny",
-                              taesd_folder=streamrt_models_root / "vae_approx" / TAESD)
-    return streamrt_models_root
 
 
 @pytest.fixture(scope="module")

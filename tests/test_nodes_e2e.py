@@ -19,14 +19,13 @@ from comfy_harness import ComfyServer, ExecutionFailed, Graph, PromptRejected
 from streamrt import Stream, StreamConfig, load_diffusers_folder
 from streamrt.kv_cache import KVCacheConfig
 from streamrt.random_models import write_random_pipeline
+from tests.stream_fixtures import E2E_MODEL as MODEL, E2E_TAESD as TAESD
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "tiny-sd"
 # Same architecture with the self-attention output projections scaled up, so that what a layer
 # attends to (e.g. cached frames) shows through 8-bit PNGs. Random weights either way.
 MODEL_STRONG_ATTN = "tiny-sd-strong-attn"
-TAESD = "tiny-taesd"
 SIZE = 64
 # Same-CPU float32 on both sides: differences come from 8-bit PNG rounding (<= 0.5/255) only.
 PNG_ATOL = 1.01 / 255
@@ -38,10 +37,9 @@ SAMPLER_DEFAULTS = dict(
 
 
 @pytest.fixture(scope="session")
-def e2e_tiny_models(streamrt_models_root: Path) -> Path:
-    if not (streamrt_models_root / "diffusers" / MODEL / "model_index.json").is_file():
-        write_random_pipeline(streamrt_models_root / "diffusers" / MODEL, "tiny",
-                              taesd_folder=streamrt_models_root / "vae_approx" / TAESD)
+def e2e_tiny_models(e2e_tiny_models: Path) -> Path:
+    """conftest's tiny models plus the strong-attention variant."""
+    streamrt_models_root = e2e_tiny_models
     strong = streamrt_models_root / "diffusers" / MODEL_STRONG_ATTN
     if not (strong / "model_index.json").is_file():
         from diffusers import UNet2DConditionModel
