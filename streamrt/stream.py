@@ -277,6 +277,8 @@ class Stream:
         """Change the cached-attention window (and interval) without reallocating."""
         if self.kv is None:
             raise ValueError("this stream has no attention cache (kv_cache.enabled is False)")
+        if window == self.kv.config.window and interval in (None, self.kv.config.interval):
+            return
         self.kv.set_window(window)
         if interval is not None:
             self.kv.set_interval(interval)
@@ -284,6 +286,10 @@ class Stream:
 
     def set_guidance(self, guidance_scale: float | None = None, delta: float | None = None) -> None:
         """Change the live scalars. Crossing ``guidance_scale == 1`` changes the batch shape: make a new stream."""
+        if guidance_scale == self.config.guidance_scale:
+            guidance_scale = None
+        if delta == self.config.delta:
+            delta = None
         if guidance_scale is not None:
             if (guidance_scale > 1.0) != self.config.guided and self.config.cfg_type is not CfgType.NONE:
                 raise ValueError("guidance_scale crossed 1.0, which switches guidance on or off and changes the "
