@@ -6,13 +6,14 @@ engine requests, and report what happened as text.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, fields
 
 from ..streamrt.config import CfgType, StreamConfig
-from ..streamrt.engines import (BACKENDS, COMPONENTS, TARGET_CHOICES, AttachResult, EngineCache, EngineModels,
-                                attach_engines, build_engines, installed_backends, local_target, requests_for_stream,
-                                runtime_problem, weights_fingerprint)
+from ..streamrt.engines import (BACKENDS, COMPONENTS, TARGET_CHOICES, CachedEngines, EngineCache, build_engines,
+                                installed_backends, local_target, requests_for_stream, runtime_problem,
+                                weights_fingerprint)
 from ..streamrt.engines.cache import CacheEntry
 from ..streamrt.models import StreamModels
 from . import api
@@ -28,16 +29,20 @@ COMPONENT_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
+@functools.lru_cache(maxsize=4)
+def _engine_cache(folders: tuple[str, ...]) -> EngineCache:
+    return EngineCache(folders[0], extra_roots=folders[1:])
+
+
 def engine_cache() -> EngineCache:
-    """The ``streamrt_engines`` folders: the first receives new engines, all are searched."""
-    folders = api.engine_folders()
-    return EngineCache(folders[0], extra_roots=tuple(folders[1:]))
+    """The ``streamrt_engines`` folders: the first receives new engines, all are searched. One cache object
+    per set of folders, so engines verified once stay verified."""
+    return _engine_cache(tuple(api.engine_folders()))
 
 
 @dataclass(frozen=True)
 class EnginePipelineHandle(PipelineHandle):
-    """A STREAMRT_PIPELINE with engines attached: the sampler runs the UNet / VAE through the cached engines
-    that fit its config on this GPU, and on torch where none does (see :func:`stream_models`)."""
+    """A STREAMRT_PIPELINE from Build / Load Engines: its samplers look for engines of ``engine_backend``."""
 
     engine_backend: str = "auto"
 
@@ -47,32 +52,18 @@ def with_engines(handle: PipelineHandle, backend: str) -> EnginePipelineHandle:
     return EnginePipelineHandle(**base, engine_backend=backend)
 
 
+def engine_source(pipeline: PipelineHandle) -> CachedEngines:
+    """Where a sampler's ``auto`` / ``tensorrt`` acceleration finds engines: the engine cache, restricted to
+    the backend chosen on Build / Load Engines (any installed backend for a plain pipeline)."""
+    return CachedEngines(engine_cache(), getattr(pipeline, "engine_backend", "auto"))
+
+
 def stream_config_for(width: int, height: int, frames_per_step: int, denoising_steps: int,
                       cfg_type: str) -> StreamConfig:
     """A config with the shapes a sampler with these numbers has (guidance on for full / initialize)."""
     return StreamConfig(width=width, height=height, t_index_list=tuple(range(denoising_steps)),
                         num_inference_steps=max(50, denoising_steps), frames_per_step=frames_per_step,
                         cfg_type=cfg_type, guidance_scale=1.0 if cfg_type == CfgType.NONE.value else 1.2)
-
-
-def stream_models(pipeline: PipelineHandle, models: StreamModels, config: StreamConfig) -> StreamModels | EngineModels:
-    """What the sampler streams with: ``models`` themselves, or :class:`EngineModels` when ``pipeline``
-    has engines attached and some fit ``config`` on this GPU. The same object comes back for the same
-    shapes (the session keeps its stream), and the reasons for running on torch are logged once."""
-    if not isinstance(pipeline, EnginePipelineHandle):
-        return models
-    key = (pipeline.engine_backend, config.width, config.height, config.unet_rows, config.frames_per_step,
-           config.kv_cache.max_frames if config.kv_cache.enabled else 0)
-    attached: dict = models.__dict__.setdefault("_streamrt_engine_models", {})
-    result: AttachResult | None = attached.get(key)
-    if result is None:
-        result = attach_engines(models, config, engine_cache(), backend=pipeline.engine_backend)
-        attached[key] = result
-        if result.engines:
-            logger.info("StreamRT engines attached: %s", ", ".join(r.name for r in result.engines.values()))
-        for note in result.notes:
-            logger.warning("StreamRT engines: %s", note)
-    return result.models
 
 
 def _entry_line(entry: CacheEntry, installed: dict[str, str], here: str | None, device) -> str:
@@ -115,8 +106,8 @@ class BuildEngines(io.ComfyNode):
                 "of these sizes, or reuses the ones already in the engine cache (models/streamrt_engines folders; "
                 "the pack's engine_cache/ by default). TensorRT-RTX builds ahead of time on any machine, even "
                 "without a GPU, for the GPU generation you choose; full TensorRT builds for the local GPU. Builds "
-                "take seconds to minutes. The pipeline output has the engines attached (like Load Engines): a Stream "
-                "Sampler fed from it uses the engines that fit, and PyTorch where none does."),
+                "take seconds to minutes. A Stream Sampler fed from the pipeline output with acceleration 'auto' or "
+                "'tensorrt' runs on the engines that fit its shapes on this GPU; the sampler shows which parts do."),
             inputs=[
                 api.PIPELINE.Input("pipeline", tooltip="From Load Stream Pipeline."),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8,
@@ -151,7 +142,7 @@ class BuildEngines(io.ComfyNode):
                                  tooltip="Build again even when a valid engine is cached."),
             ],
             outputs=[api.PIPELINE.Output(display_name="pipeline",
-                                         tooltip="The pipeline with these engines attached (as from Load Engines)."),
+                                         tooltip="The pipeline, for samplers that should use these engines."),
                      io.String.Output(display_name="report", tooltip="What was built or reused, and where.")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -195,15 +186,16 @@ class LoadEngines(io.ComfyNode):
             display_name="Load Engines (StreamRT)",
             category=api.CATEGORY,
             description=(
-                "Lists the engines in the cache for this pipeline and attaches them: a Stream Sampler fed from here "
-                "runs its UNet and VAE through the engines that match its size and batch on this GPU, and through "
-                "PyTorch where none does (the server log says why)."),
+                "Lists the engines in the cache for this pipeline. A Stream Sampler fed from here with acceleration "
+                "'auto' or 'tensorrt' runs its UNet and VAE through the engines of this backend that match its size "
+                "and batch on this GPU; the sampler shows which parts run on engines and why others do not."),
             inputs=[
                 api.PIPELINE.Input("pipeline", tooltip="From Load Stream Pipeline."),
                 io.Combo.Input("backend", options=["auto", *BACKENDS], default="auto",
                                tooltip="Which engines to use; auto = any installed backend that runs on this GPU."),
             ],
-            outputs=[api.PIPELINE.Output(display_name="pipeline", tooltip="The pipeline, with engines attached."),
+            outputs=[api.PIPELINE.Output(display_name="pipeline", tooltip="The pipeline, for samplers that should "
+                                                                           "use engines of this backend."),
                      io.String.Output(display_name="engines", tooltip="The engines found, and whether they run here.")],
             is_output_node=True,
             not_idempotent=True,

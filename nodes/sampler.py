@@ -7,12 +7,11 @@ import time
 
 import torch
 
-from ..streamrt import CfgType, SimilarityFilterConfig, StreamConfig, StreamRequest
-from ..streamrt.backends import compile_models
+from ..streamrt import Acceleration, CfgType, SimilarityFilterConfig, StreamConfig, StreamRequest
 from ..streamrt.kv_cache import KVCacheConfig
 from . import api
 from .api import io
-from .engines import stream_models
+from .engines import engine_source
 from .runtime import SESSIONS, PipelineHandle
 
 logger = logging.getLogger(__name__)
@@ -93,11 +92,13 @@ class StreamSampler(io.ComfyNode):
                                tooltip="Cosine similarity above which frames may be skipped."),
                 io.Int.Input("similarity_max_skip", default=10, min=0, max=1000,
                              tooltip="Never skip more than this many frames in a row."),
-                io.Combo.Input("acceleration", options=["eager", "cuda_graph", "compile"], default="eager",
-                               tooltip="eager: plain PyTorch. cuda_graph: the whole frame is captured once and "
-                                       "replayed (much faster on NVIDIA GPUs; first frame slower). compile: "
-                                       "torch.compile of UNet and VAE plus CUDA graph (fastest; the first run "
-                                       "compiles for a minute or more, cached under engine_cache/). GPU only."),
+                io.Combo.Input("acceleration", options=[a.value for a in Acceleration], default=Acceleration.AUTO.value,
+                               tooltip="auto: the fastest path ready here (TensorRT engines built for this shape, "
+                                       "else cuda_graph on an NVIDIA GPU, else eager); the node shows what runs. "
+                                       "eager: plain PyTorch. cuda_graph: the whole frame captured once and "
+                                       "replayed. compile: torch.compile + CUDA graph (fastest torch path; the "
+                                       "first run compiles for a minute or more, cached on disk). tensorrt: engines "
+                                       "from Build Engines (an error when none fits)."),
                 io.Boolean.Input("cached_attention", default=False,
                                  tooltip="Temporal consistency for video: each self-attention layer also attends "
                                          "to earlier frames' keys/values (StreamV2V). Costs memory and some speed."),
@@ -139,20 +140,14 @@ class StreamSampler(io.ComfyNode):
             similarity_filter=SimilarityFilterConfig(similarity_filter, similarity_threshold, similarity_max_skip),
             kv_cache=KVCacheConfig(cached_attention, cache_max_frames, min(cache_window, cache_max_frames),
                                    cache_interval),
+            acceleration=acceleration,
         )
         node_id = cls.hidden.unique_id
         owner = (workflow_id(cls.hidden.extra_pnginfo), node_id)
         models = pipeline.models()
-        backend = "eager" if acceleration == "eager" else "cuda_graph"
-        if backend != "eager" and models.device.type != "cuda":
-            raise ValueError(f"acceleration '{acceleration}' needs a CUDA GPU; the pipeline runs on {models.device}. "
-                             "Use 'eager'.")
-        if acceleration == "compile":
-            compile_models(models)
-        models = stream_models(pipeline, models, config)  # engines when attached and runnable here, else torch
         fresh = SESSIONS.frames_processed(owner) == 0
         stream = SESSIONS.stream(owner, models, StreamRequest(config, prompt, negative_prompt, reset=reset,
-                                                                backend=backend))
+                                                                engines=engine_source(pipeline)))
         api.check_interrupted()
         start = time.perf_counter()
         if image is None:
@@ -163,13 +158,14 @@ class StreamSampler(io.ComfyNode):
             frames = stream.process_video(image, progress=api.Progress(image.shape[0], node_id))
         seconds = time.perf_counter() - start
         count = int(frames.shape[0])
+        runtime = stream.runtime
         api.send_status({
             "node": node_id, "workflow": owner[0], "frames": count, "seconds": seconds, "ms_per_frame": 1000.0 * seconds / count,
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
-            "backend": stream.backend, "device": str(stream.device),
-            "engines": sorted(getattr(stream.models, "runners", {})),
+            "backend": runtime.describe(), "acceleration": runtime.acceleration.value, "parts": runtime.parts,
+            "notes": list(runtime.notes), "device": str(stream.device),
             "state": "reset" if reset else ("warming" if fresh or stream.frames_processed <= stream.latency * frames_per_step
                                             else "streaming"),
         })
-        logger.info("stream %s: %d frame(s) in %.1f ms (%.1f fps)", node_id, count, 1000 * seconds, count / seconds)
+        logger.debug("stream %s: %d frame(s) in %.1f ms (%s)", node_id, count, 1000 * seconds, runtime.describe())
         return io.NodeOutput(frames)

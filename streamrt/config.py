@@ -14,8 +14,26 @@ from dataclasses import dataclass, field, replace
 from .kv_cache import KVCacheConfig
 
 
+class Acceleration(str, enum.Enum):
+    """How a stream's UNet and VAE are run (docs/DESIGN.md, "The runtime seam").
+
+    - ``AUTO``: the fastest path that is ready here without surprises: engines for this shape that run on
+      this GPU, else ``CUDA_GRAPH`` on a CUDA device, else ``EAGER``.
+    - ``EAGER``: plain PyTorch, op by op.
+    - ``CUDA_GRAPH``: the whole step (encode, UNet, scheduler math, decode) captured once and replayed.
+    - ``COMPILE``: ``torch.compile``'d copies of the UNet and VAE calls, captured in a CUDA graph on a GPU.
+    - ``TENSORRT``: TensorRT / TensorRT-RTX engines from the engine cache, captured in a CUDA graph.
+    """
+
+    AUTO = "auto"
+    EAGER = "eager"
+    CUDA_GRAPH = "cuda_graph"
+    COMPILE = "compile"
+    TENSORRT = "tensorrt"
+
+
 class CfgType(str, enum.Enum):
-    """How classifier-free guidance is computed (see DESIGN.md section 2, step 4).
+    """How classifier-free guidance is computed (docs/DESIGN.md, "The stream step", stage 4).
 
     - ``NONE``: no guidance; one UNet row per batch row.
     - ``FULL``: classic CFG; the batch is doubled with negative-prompt rows.
@@ -68,6 +86,8 @@ class StreamConfig:
         seed (`int`, defaults to `2`): seed of the fixed stream noise.
         similarity_filter (`SimilarityFilterConfig`): optional skipping of near-identical frames.
         kv_cache (`KVCacheConfig`): cached attention over earlier frames (off by default).
+        acceleration (`Acceleration`, defaults to `Acceleration.AUTO`): how the UNet and VAE run
+            (see :mod:`streamrt.runtime`).
     """
 
     width: int = 512
@@ -82,6 +102,7 @@ class StreamConfig:
     seed: int = 2
     similarity_filter: SimilarityFilterConfig = field(default_factory=SimilarityFilterConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    acceleration: Acceleration = Acceleration.AUTO
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
@@ -89,6 +110,11 @@ class StreamConfig:
             object.__setattr__(self, "cfg_type", CfgType(self.cfg_type))
         except ValueError:
             raise ValueError(f"unknown cfg_type {self.cfg_type!r}: use none, full, self or initialize") from None
+        try:
+            object.__setattr__(self, "acceleration", Acceleration(self.acceleration))
+        except ValueError:
+            raise ValueError(f"unknown acceleration {self.acceleration!r}: use one of "
+                             f"{', '.join(a.value for a in Acceleration)}") from None
         for name in ("width", "height"):
             value = getattr(self, name)
             if value <= 0 or value % 8:
@@ -147,11 +173,15 @@ class StreamConfig:
         """RCFG keeps a stock noise for ``self`` and ``initialize``."""
         return self.cfg_type in (CfgType.SELF, CfgType.INITIALIZE)
 
-    def shape_key(self) -> tuple:
-        """Everything that changes buffer shapes or the captured step (not the live scalars)."""
+    def rebuild_key(self) -> tuple:
+        """Everything that needs a new stream when it changes: buffer shapes, the captured step, the
+        similarity filter and the acceleration. The live scalars (seed, guidance, delta, cache window and
+        interval) are not in it: they change in place."""
+        flt = self.similarity_filter
         return (self.width, self.height, self.t_index_list, self.num_inference_steps,
                 self.frames_per_step, self.cfg_type, self.guided, self.do_add_noise,
-                self.kv_cache.enabled, self.kv_cache.max_frames if self.kv_cache.enabled else 0)
+                self.kv_cache.enabled, self.kv_cache.max_frames if self.kv_cache.enabled else 0,
+                (flt.enabled, flt.threshold, flt.max_skip) if flt.enabled else False, self.acceleration)
 
     def with_(self, **changes) -> "StreamConfig":
         """A copy with some fields changed (validated again)."""

@@ -8,6 +8,8 @@ buffer.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -47,3 +49,22 @@ def as_rgb_frames(frames: torch.Tensor, *, width: int | None = None, height: int
     if check_finite and not bool(torch.isfinite(frames).all()):
         raise FrameError("frames contain NaN or infinite values")
     return frames
+
+
+class FiniteCheck:
+    """Refuses NaN / inf frames before they reach a stream's state, without allocating per call.
+
+    NaN and inf survive a sum, which is written into a scalar kept per device. For frames on the CPU
+    (ComfyUI's IMAGE) this never touches the GPU; frames already on the GPU cost one host sync.
+    """
+
+    def __init__(self) -> None:
+        self._totals: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, frames: torch.Tensor) -> None:
+        total = self._totals.get(frames.device)
+        if total is None:
+            total = self._totals[frames.device] = torch.zeros((), device=frames.device, dtype=torch.float32)
+        torch.sum(frames, dim=tuple(range(frames.dim())), dtype=torch.float32, out=total)
+        if not math.isfinite(float(total)):
+            raise FrameError("frames contain NaN or infinite values")

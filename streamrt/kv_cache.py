@@ -1,4 +1,4 @@
-"""Cached attention across frames (StreamV2V style, DESIGN.md section 3).
+"""Cached attention across frames (StreamV2V style, docs/DESIGN.md, "Cached attention").
 
 Every self-attention (``attn1``) layer of the UNet also attends to the keys and values of earlier
 frames. Per layer, one pre-allocated buffer holds, along the token axis,
@@ -19,6 +19,7 @@ The caching processors live on the (shared) UNet and are inert unless a call pas
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,12 @@ class KVCache:
         self.age.add_(self.write_flag)
         self.age.clamp_(max=NEVER)
         self.age.index_fill_(0, self.write_slot, 0)
+
+    def allocate(self, layers: Sequence[tuple[int, int]], rows: int, dtype: torch.dtype) -> None:
+        """Allocate every layer's buffers now (before any capture or compilation traces a UNet call):
+        ``layers[i]`` is ``(tokens, channels)`` of ``attn1`` layer ``i`` (see :func:`streamrt.kv_export.kv_cache_io_spec`)."""
+        for index, (tokens, channels) in enumerate(layers):
+            self.layer(index, rows, tokens, channels, dtype)
 
     def layer(self, index: int, rows: int, tokens: int, channels: int, dtype: torch.dtype) -> _LayerBuffers:
         buffers = self.layers.get(index)

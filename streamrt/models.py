@@ -17,6 +17,35 @@ from .prompts import PromptEncoder
 logger = logging.getLogger(__name__)
 
 
+def is_tiny_vae(vae: Any) -> bool:
+    """Whether ``vae`` is a TAESD (diffusers ``AutoencoderTiny``) rather than a full ``AutoencoderKL``."""
+    return type(vae).__name__ == "AutoencoderTiny"
+
+
+def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents of images in [-1, 1] NCHW: the VAE call in the stream's conventions.
+
+    A full VAE gives its mean (deterministic, no sampling). Every runner of the VAE (eager, compiled,
+    exported for an engine) goes through this function, so they cannot disagree.
+    """
+    if is_tiny_vae(vae):
+        return vae.encode(images, return_dict=False)[0]
+    return vae.encode(images, return_dict=False)[0].mode()
+
+
+def predict_noise(unet: Any, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                  **kwargs: Any) -> torch.Tensor:
+    """One UNet call in the stream's conventions: the prediction for ``sample`` at ``timesteps`` given the
+    text embeddings. ``kwargs`` are the diffusers keyword arguments of typed extras (see
+    :class:`streamrt.runtime.UNetExtras`)."""
+    return unet(sample, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images in about [-1, 1] NCHW from unscaled latents."""
+    return vae.decode(latents, return_dict=False)[0]
+
+
 @dataclass(eq=False)
 class StreamModels:
     """The components of a streaming pipeline, on one device in one dtype.
@@ -53,7 +82,7 @@ class StreamModels:
 
     @property
     def is_tiny_vae(self) -> bool:
-        return type(self.vae).__name__ == "AutoencoderTiny"
+        return is_tiny_vae(self.vae)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -89,18 +118,11 @@ class StreamModels:
         self.prompt_encoder.clear()
         return self
 
-    # VAE in the stream's conventions: images in [-1, 1] NCHW, latents unscaled -----------------
+    # VAE in the stream's conventions (eager; the runtime decides how the stream calls them) -----
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents of images in [-1, 1] (the VAE's mean for a full VAE: deterministic, no sampling)."""
-        if self.is_tiny_vae:
-            return self.vae.encode(images, return_dict=False)[0]
-        return self.vae.encode(images, return_dict=False)[0].mode()
+        """Unscaled latents of images in [-1, 1] (see :func:`encode_images`)."""
+        return encode_images(self.vae, images)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in about [-1, 1] from (unscaled) latents."""
-        return self.vae.decode(latents, return_dict=False)[0]
-
-    def predict(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
-                **unet_kwargs: Any) -> torch.Tensor:
-        """One UNet call; extra kwargs (SDXL ``added_cond_kwargs``, ControlNet residuals) pass through."""
-        return self.unet(sample, timesteps, encoder_hidden_states=embeds, return_dict=False, **unet_kwargs)[0]
+        """Images in about [-1, 1] from unscaled latents (see :func:`decode_latents`)."""
+        return decode_latents(self.vae, latents)

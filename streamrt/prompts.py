@@ -129,19 +129,13 @@ class PromptEncoder:
         return self._out_static.clone()  # the cache entry
 
     def _capture(self, ids: torch.Tensor) -> None:
-        device = self.device
+        # Imported here: the runtime package imports the models, which import this module.
+        from .runtime.graphs import capture_graph
+
         try:
-            self._ids_static = ids.to(device).clone()
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.text_encoder(self._ids_static, return_dict=False)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._out_static = self.text_encoder(self._ids_static, return_dict=False)[0]
-            self._graph = graph
+            self._ids_static = ids.to(self.device).clone()
+            self._graph, self._out_static = capture_graph(
+                lambda: self.text_encoder(self._ids_static, return_dict=False)[0], self.device, warmup=2)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be captured still works eagerly
             logger.warning("text encoder could not be captured in a CUDA graph (%s); encoding eagerly", exc)
             self._graph, self._ids_static, self._out_static = False, None, None

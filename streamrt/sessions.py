@@ -19,6 +19,7 @@ import torch
 
 from .config import StreamConfig
 from .models import StreamModels
+from .runtime import EngineSource
 from .stream import Stream
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,11 @@ class StreamRequest:
     prompt: str | list[tuple[str, float]] = ""
     negative_prompt: str = ""
     reset: bool = False
-    backend: str = "eager"
+    engines: EngineSource | None = None
+
+    def rebuild_key(self) -> tuple:
+        """What needs a new stream when it changes (the config's rebuild key and the engine source)."""
+        return self.config.rebuild_key(), None if self.engines is None else self.engines.key
 
 
 class StreamSessions:
@@ -42,6 +47,7 @@ class StreamSessions:
         self._lock = threading.RLock()
         self._pipelines: dict[Hashable, StreamModels] = {}
         self._streams: dict[Hashable, Stream] = {}
+        self._keys: dict[Hashable, tuple] = {}
         self.loads = 0
 
     # pipelines -------------------------------------------------------------------------------------
@@ -63,23 +69,22 @@ class StreamSessions:
     def stream(self, owner: Hashable, models: StreamModels, request: StreamRequest) -> Stream:
         """The owner's stream, created or updated so that it matches ``request``.
 
-        Same models and same shapes: the stream (with its state) is kept; seed, prompt, guidance and
-        delta are applied in place. Otherwise a new stream replaces the old one.
+        Same models and same rebuild key (shapes, similarity filter, acceleration, engines): the stream
+        (with its state) is kept; seed, prompt, guidance, delta and cache window are applied in place.
+        Otherwise a new stream replaces the old one.
         """
         cfg = request.config
+        key = request.rebuild_key()
         with self._lock:
             stream = self._streams.get(owner)
-            if (stream is None or stream.models is not models
-                    or stream.config.shape_key() != cfg.shape_key()
-                    or stream.config.similarity_filter != cfg.similarity_filter
-                    or stream.backend != request.backend):
+            if stream is None or stream.models is not models or self._keys.get(owner) != key:
                 if stream is not None:
                     logger.info("stream %s: config changed, building a new stream", owner)
-                    self._streams.pop(owner)
+                    self._drop(owner)
                     del stream  # free its buffers before allocating the new ones
                 stream = Stream(models, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
-                                backend=request.backend)
-                self._streams[owner] = stream
+                                engines=request.engines)
+                self._streams[owner], self._keys[owner] = stream, key
                 return stream
             stream.set_seed(cfg.seed)
             stream.set_guidance(cfg.guidance_scale, cfg.delta)
@@ -90,6 +95,13 @@ class StreamSessions:
                 stream.reset()
             return stream
 
+    def _drop(self, owner: Hashable) -> bool:
+        stream = self._streams.pop(owner, None)
+        self._keys.pop(owner, None)
+        if stream is not None:
+            stream.close()
+        return stream is not None
+
     def frames_processed(self, owner: Hashable) -> int:
         """Frames the owner's stream has processed (0 when it has none)."""
         with self._lock:
@@ -99,13 +111,14 @@ class StreamSessions:
     def drop_stream(self, owner: Hashable) -> bool:
         """Forget one owner's stream; True when there was one."""
         with self._lock:
-            return self._streams.pop(owner, None) is not None
+            return self._drop(owner)
 
     def live_streams(self) -> dict[Hashable, dict]:
         """A summary of every live stream (for status displays)."""
         with self._lock:
             return {owner: {"frames": s.frames_processed, "width": s.config.width, "height": s.config.height,
-                            "steps": s.config.num_steps, "device": str(s.device), "backend": s.backend}
+                            "steps": s.config.num_steps, "device": str(s.device),
+                            "acceleration": s.runtime.describe()}
                     for owner, s in self._streams.items()}
 
     def release(self, *, collect: bool = True) -> None:
@@ -116,7 +129,8 @@ class StreamSessions:
         """
         with self._lock:
             had = bool(self._streams or self._pipelines)
-            self._streams.clear()
+            for owner in list(self._streams):
+                self._drop(owner)
             self._pipelines.clear()
         if had and collect:
             gc.collect()

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from streamrt import bench
+from streamrt.bench.common import median, new_row, percentile
+from streamrt.bench.report import json_safe, render_markdown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SD_WHEEL = REPO_ROOT / ".whl" / "streamdiffusion-0.1.1-py3-none-any.whl"
-SMOKE = ["--device", "cpu", "--preset", "tiny", "--width", "64", "--height", "64", "--backends", "eager"]
+SMOKE = ["--device", "cpu", "--preset", "tiny", "--width", "64", "--height", "64", "--accelerations", "eager"]
 NUMERIC = ("ms_per_frame", "p50_ms", "p95_ms", "fps", "first_call_s", "realtime_p50_ms", "realtime_p95_ms",
            "seconds")
 
@@ -99,22 +101,23 @@ def test_cpu_smoke_with_reference_matches_streamdiffusion(tmp_path):
 
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--backends", "eager,tensorrt"])
+        bench.parse_args(["--accelerations", "eager,tensorrt"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--scenarios", "z"])
-    args = bench.parse_args(["--backends", "compile, eager", "--scenarios", "a4"])
-    assert args.backends == ["compile", "eager"] and args.scenarios == ["a4"]
+    args = bench.parse_args(["--accelerations", "compile, eager", "--scenarios", "a4"])
+    assert args.accelerations == ["compile", "eager"] and args.scenarios == ["a4"]
+    assert bench.parse_args(["--backends", "cuda_graph"]).accelerations == ["cuda_graph"]  # the old flag name
 
 
 def test_percentiles_and_table_rendering():
-    assert bench._median([3.0, 1.0, 2.0]) == 2.0 and bench._median([1.0, 2.0]) == 1.5
-    assert bench._percentile(list(map(float, range(1, 101))), 95) == 95.0
-    assert bench._median([]) is None and bench._percentile([], 50) is None
-    row = bench._new_row("streamrt", "cuda_graph", bench.SCENARIOS["b"], 300)
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([1.0, 2.0]) == 1.5
+    assert percentile(list(map(float, range(1, 101))), 95) == 95.0
+    assert median([]) is None and percentile([], 50) is None
+    row = new_row("streamrt", "cuda_graph", bench.SCENARIOS["b"], 300)
     row["error"] = "RuntimeError: boom | with a pipe"
     meta = {"date": "today", "device": "cuda", "device_name": "GPU", "dtype": "float16", "preset": "sd-turbo",
             "width": 512, "height": 512, "frames": 300, "versions": {"torch": "x"}, "notes": ["n"]}
-    md = bench.render_markdown(meta, [row])
+    md = render_markdown(meta, [row])
     assert "RuntimeError: boom / with a pipe" in md  # the error is in the table, its pipe escaped
-    safe = bench._json_safe({"x": float("nan"), "y": [float("inf"), 1.0]})
+    safe = json_safe({"x": float("nan"), "y": [float("inf"), 1.0]})
     assert json.dumps(safe) == '{"x": null, "y": [null, 1.0]}'

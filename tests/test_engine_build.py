@@ -23,10 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from streamrt import Stream, StreamConfig, StreamModels
-from streamrt.engines import (BackendUnavailableError, EngineBuildError, EngineCache, EngineModels, EngineRequest,
+from streamrt import Acceleration, AccelerationUnavailable, Stream, StreamConfig, StreamModels
+from streamrt.engines import (BackendUnavailableError, CachedEngines, EngineBuildError, EngineCache, EngineRequest,
                               EngineShapes, TensorSpec, attach_engines, build_engines, component_for, engine_key,
                               ensure_engine, export_onnx, requests_for_stream, resolve_target)
+from streamrt.kv_cache import KVCacheConfig
+from streamrt.runtime import AttachResult, EngineCallError, UNetExtras
 from streamrt.engines import build as build_mod
 from streamrt.engines.spec import DimRange
 from streamrt.random_models import build_random_components
@@ -331,42 +333,84 @@ class OnnxRuntimeRunner:
         return torch.from_numpy(np.ascontiguousarray(out[0]))
 
 
-def test_stream_runs_through_engine_models(models, tmp_path) -> None:
-    """A Stream on EngineModels (runners for UNet, VAE encoder and decoder) gives the torch stream's frames."""
+class OnnxEngines:
+    """An engine source whose runners are onnxruntime sessions of the exported components (a stand-in for the
+    engine cache + EngineRunner, which need an RTX-class GPU that no machine of this project has)."""
+
+    key = "onnxruntime stand-in"
+
+    def __init__(self, models: StreamModels, config: StreamConfig, folder: Path, components=None) -> None:
+        self.runners = {}
+        for request in requests_for_stream(config, precision="fp32", target=TARGET):
+            if components is not None and request.component not in components:
+                continue
+            component = component_for(models, request.component)
+            exported = export_onnx(component, request.shapes, folder / f"{request.component}.onnx", precision="fp32")
+            self.runners[request.component] = OnnxRuntimeRunner(exported.path, component.input_names,
+                                                                component.output_names)
+
+    def attach(self, models, config) -> AttachResult:
+        return AttachResult(runners=dict(self.runners), notes=["stand-in engines"])
+
+
+def test_stream_runs_through_engines(models, tmp_path) -> None:
+    """A stream whose runtime uses engines for UNet, VAE encoder and decoder gives the torch stream's frames;
+    ``auto`` picks the engines when the UNet has one, and a UNet call with an extra the engine cannot take
+    raises instead of running on torch in silence."""
     config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35), cfg_type="self", guidance_scale=1.5)
-    runners = {}
-    for request in requests_for_stream(config, precision="fp32", target=TARGET):
-        component = component_for(models, request.component)
-        exported = export_onnx(component, request.shapes, tmp_path / f"{request.component}.onnx",
-                               precision="fp32")
-        runners[request.component] = OnnxRuntimeRunner(exported.path, component.input_names,
-                                                       component.output_names)
-    engine_models = EngineModels(models, runners)
-    assert engine_models.vae_scale_factor == models.vae_scale_factor and engine_models.unet is models.unet
+    engines = OnnxEngines(models, config, tmp_path)
     frames = torch.rand(4, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(0))
-    torch_stream = Stream(models, config, prompt="a cat")
-    engine_stream = Stream(engine_models, config, prompt="a cat")
+    torch_stream = Stream(models, config.with_(acceleration="eager"), prompt="a cat")
+    engine_stream = Stream(models, config.with_(acceleration="tensorrt"), prompt="a cat", engines=engines)
+    assert engine_stream.acceleration is Acceleration.TENSORRT
+    assert engine_stream.runtime.parts == {"unet": "engine", "vae_encoder": "engine", "vae_decoder": "engine"}
+    assert models.unet is torch_stream.runtime.unet.module  # the pipeline's own UNet, unchanged
     expected = [torch_stream.step(frames[i:i + 1]).clone() for i in range(4)]
     got = [engine_stream.step(frames[i:i + 1]).clone() for i in range(4)]
-    assert all(r.calls == 4 for r in runners.values())
+    assert all(r.calls == 4 for r in engines.runners.values())
     # the first output comes from the all-zero latent buffer: GroupNorm of a constant row amplifies
     # rounding differences (1/sqrt(eps)), so that warm-up frame only agrees to a few 1e-3
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-2)
     for e, g in zip(expected[1:], got[1:]):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
-    # a UNet call with keyword arguments the engine has no inputs for runs on torch
-    sample = torch.zeros(1, 4, 8, 8)
-    embeds = torch.zeros(1, 77, models.embed_dim)
-    calls = runners["unet"].calls
-    engine_models.predict(sample, torch.tensor([10]), embeds, cross_attention_kwargs={})
-    assert runners["unet"].calls == calls
+    auto = Stream(models, config, prompt="a cat", engines=engines)
+    assert auto.runtime.requested is Acceleration.AUTO and auto.acceleration is Acceleration.TENSORRT
+    # an extra the UNet engine has no input for is an error, not a silent torch call
+    buf = engine_stream.buffers
+    calls = engines.runners["unet"].calls
+    with pytest.raises(EngineCallError, match="no inputs for kv_cache"):
+        engine_stream.runtime.unet(buf.unet_in, buf.timesteps, buf.embeds,
+                                   UNetExtras(kv_cache=Stream(models, config.with_(
+                                       acceleration="eager", kv_cache=KVCacheConfig(True, 2, 2))).kv))
+    assert engines.runners["unet"].calls == calls
 
 
-def test_attach_engines_explains_why_not_here(models, cache) -> None:
+def test_partial_engines_are_reported(models, tmp_path) -> None:
+    """Engines for the VAE only: ``tensorrt`` runs them and says that the UNet runs on torch; ``auto`` does not
+    take a partial engine path (the UNet is what engines are for) and says why it chose the torch path."""
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20,), cfg_type="none")
+    engines = OnnxEngines(models, config, tmp_path, components=("vae_encoder", "vae_decoder"))
+    partial = Stream(models, config.with_(acceleration="tensorrt"), prompt="a cat", engines=engines)
+    assert partial.runtime.parts == {"unet": "torch", "vae_encoder": "engine", "vae_decoder": "engine"}
+    assert any("unet: on torch" in note for note in partial.runtime.notes), partial.runtime.notes
+    assert "unet on torch" in partial.runtime.describe()
+    auto = Stream(models, config, prompt="a cat", engines=engines)
+    assert auto.acceleration is Acceleration.EAGER and auto.runtime.parts["vae_encoder"] == "torch"
+    assert "stand-in engines" in auto.runtime.notes
+
+
+def test_tensorrt_without_engines_says_why(models, cache) -> None:
+    """Explicit ``tensorrt`` with no engine that runs here is an error naming the reasons; ``auto`` falls to the
+    torch path and keeps the reasons as notes."""
     config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35))
+    source = CachedEngines(cache)
+    with pytest.raises(AccelerationUnavailable, match="tensorrt.*cannot run here.*(CUDA|cuda)"):
+        Stream(models, config.with_(acceleration="tensorrt"), engines=source)
+    auto = Stream(models, config, engines=source)
+    assert auto.acceleration is Acceleration.EAGER
+    assert any("CUDA" in note or "cuda" in note for note in auto.runtime.notes)
     result = attach_engines(models, config, cache)
-    assert not result.attached and result.models is models
-    assert any("CUDA" in note or "cuda" in note for note in result.notes)
+    assert not result.runners and any("CUDA" in note or "cuda" in note for note in result.notes)
 
 
 # ------------------------------------------------------------------------- the runner, on a fake backend

@@ -2,22 +2,22 @@
 
 Tiny random-weight models (``streamrt.random_models``), on the CPU. Static and dynamic (rows and
 resolution ranges) exports are run by onnxruntime at their min / opt / max shapes and compared with
-the torch module the graph came from; the stock wrappers are checked against ``StreamModels`` itself.
+the torch module the graph came from; the stock wrappers are checked against the stream's eager runtime.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from streamrt import StreamModels
+from streamrt import StreamConfig, StreamModels, prepare
 from streamrt.engines import EngineShapes, TensorSpec, component_for, export_onnx
 from streamrt.engines import export as export_mod
 from streamrt.engines.spec import DimRange
 from streamrt.random_models import build_random_components
+from streamrt.runtime import NO_EXTRAS
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -70,17 +70,18 @@ DYNAMIC = EngineShapes(rows=DimRange(1, 2, 3), height=DimRange(32, 64, 96), widt
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("vae", ["taesd", "kl"])
 def test_wrappers_are_the_stream_models_calls(models, vae) -> None:
-    """The modules that get exported compute exactly what ``StreamModels`` computes."""
+    """The modules that get exported compute exactly what the stream's eager runtime computes."""
     m = models[vae]
+    runtime = prepare(m, StreamConfig(width=64, height=64), "eager")
     gen = torch.Generator().manual_seed(1)
     sample, embeds = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, m.embed_dim, generator=gen)
     timesteps = torch.tensor([500, 250])
     images, latents = torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1, torch.randn(1, 4, 8, 8, generator=gen)
     with torch.no_grad():
         unet = component_for(m, "unet").module
-        assert torch.equal(unet(sample, timesteps, embeds), m.predict(sample, timesteps, embeds))
-        assert torch.equal(component_for(m, "vae_encoder").module(images), m.encode_images(images))
-        assert torch.equal(component_for(m, "vae_decoder").module(latents), m.decode_latents(latents))
+        assert torch.equal(unet(sample, timesteps, embeds), runtime.unet(sample, timesteps, embeds, NO_EXTRAS))
+        assert torch.equal(component_for(m, "vae_encoder").module(images), runtime.encode(images))
+        assert torch.equal(component_for(m, "vae_decoder").module(latents), runtime.decode(latents))
 
 
 @pytest.mark.parametrize("vae,name", [("taesd", "unet"), ("taesd", "vae_encoder"), ("taesd", "vae_decoder"),

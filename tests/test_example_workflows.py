@@ -17,8 +17,8 @@ pack yet (example_workflows/engine_build.json while the engine nodes are being w
 that reason; any other unknown node fails.
 
 Then the two examples built by tests/browser/build_example_workflow.py are RUN on the server, converted
-to API prompts by :func:`to_api_prompt` with the tiny random models, ``acceleration`` eager (no GPU
-here) and test media substituted:
+to API prompts by :func:`to_api_prompt` with the tiny random models and test media substituted, and
+``acceleration`` as shipped (``auto``: eager on this machine without a GPU, which the status event says):
 
 * batch_video.json with a synthetic mp4 (PyAV): one SaveImage output per input frame, and the saved
   video has the input's frame count and frame rate (fps is linked from GetVideoComponents);
@@ -420,12 +420,12 @@ def test_batch_video_graph(info: dict) -> None:
     assert by_type["LoadVideo"]["file"] == "input.mp4"
     assert by_type["StreamRTLoadPipeline"]["model"] == "sd-turbo"
     assert by_type["StreamRTLoadPipeline"]["taesd"] == "taesd"
-    assert by_type["StreamRTSampler"]["acceleration"] == "cuda_graph"
+    assert by_type["StreamRTSampler"]["acceleration"] == "auto"
     assert by_type["StreamRTSampler"]["t_index_list"] == "32,45"
     assert by_type["SaveImage"]["filename_prefix"] == "streamrt/frame"
     assert by_type["SaveVideo"]["filename_prefix"] == "streamrt/video"
     note = next(n for n in workflow["nodes"] if n["type"] == "Note")["widgets_values"][0]
-    for words in ("batch video mode", "aligned", "models/diffusers", "models/vae_approx", "cuda_graph",
+    for words in ("batch video mode", "aligned", "models/diffusers", "models/vae_approx", "auto", "cuda_graph",
                   "compile", "eager", "frames_per_step to 4"):
         assert words in note.lower() or words in note, words
 
@@ -460,7 +460,8 @@ def test_batch_video_example_runs(server: ComfyServer, info: dict) -> None:
     prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "batch_video.json"), info), "example-")
     substitute(prompt, "LoadVideo", file=name)
     substitute(prompt, "StreamRTLoadPipeline", model=MODEL, taesd=TAESD)
-    substitute(prompt, "StreamRTSampler", acceleration="eager")  # no GPU here
+    (sampler_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSampler"]
+    assert prompt[sampler_id]["inputs"]["acceleration"] == "auto"  # runs as shipped
     (save_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
     (video_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "SaveVideo"]
     outputs = server.run(prompt, timeout=120)
@@ -489,7 +490,8 @@ def test_realtime_example_runs_and_streams(server: ComfyServer, info: dict) -> N
     prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "realtime_webcam.json"), info), "example-")
     substitute(prompt, "WebcamCapture", image=name)
     substitute(prompt, "StreamRTLoadPipeline", model=MODEL, taesd=TAESD)
-    (sampler_id,) = substitute(prompt, "StreamRTSampler", acceleration="eager")
+    (sampler_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSampler"]
+    assert prompt[sampler_id]["inputs"]["acceleration"] == "auto"  # runs as shipped
     (preview_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "PreviewImage"]
     assert prompt[sampler_id]["inputs"]["reset"] is False
     first = json.loads(json.dumps(prompt))
@@ -504,6 +506,7 @@ def test_realtime_example_runs_and_streams(server: ComfyServer, info: dict) -> N
         ws.wait_for(lambda t, d: t == "streamrt.status" and d.get("stream_frames") == 2, timeout=10)
         events = [e for e in ws.of_type("streamrt.status") if str(e.get("node")) == sampler_id]
     assert [(e["state"], e["stream_frames"]) for e in events] == [("reset", 1), ("streaming", 2)], events
+    assert {(e["backend"], e["acceleration"]) for e in events} == {("auto -> eager", "eager")}  # chosen, and said
     assert results[0].shape == results[1].shape == (SIZE, SIZE, 3)
     assert np.abs(results[0] - results[1]).max() > 1 / 255, "the second frame of the stream equals the first"
 

@@ -2,7 +2,9 @@
 
 - the ``cuda_graph`` backend gives the eager outputs (every cfg mode, one and two steps, F > 1, txt2img,
   TAESD and the full VAE, and across prompt / seed / guidance changes and resets);
-- ``compile_models`` + ``cuda_graph`` gives the eager outputs within a compiled-fp16 tolerance;
+- ``compile`` gives the eager outputs within a compiled-fp16 tolerance, and an eager stream on the same
+  pipeline still runs the pipeline's own modules;
+- ``auto`` resolves to ``cuda_graph`` on a GPU without engines;
 - zero CUDA allocations per frame in steady state (``allocation.all.allocated`` over 200 frames with
   a cached prompt change, an identical prompt and seed changes inside the window);
 - ``reset()`` after the capture replays the first outputs;
@@ -16,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamrt import Stream, StreamConfig, StreamModels
+from streamrt import Acceleration, Stream, StreamConfig, StreamModels
 from streamrt.random_models import build_random_components
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
@@ -68,8 +70,8 @@ def run(stream: Stream, groups) -> list[torch.Tensor]:
     return [stream.step(g).clone() for g in groups]
 
 
-def new_stream(models: StreamModels, cfg: StreamConfig, backend: str) -> Stream:
-    return Stream(models, cfg, prompt=PROMPT, negative_prompt=NEGATIVE, backend=backend)
+def new_stream(models: StreamModels, cfg: StreamConfig, acceleration: str) -> Stream:
+    return Stream(models, cfg.with_(acceleration=acceleration), prompt=PROMPT, negative_prompt=NEGATIVE)
 
 
 def assert_outputs_close(got: list[torch.Tensor], expected: list[torch.Tensor], atol: float, what: str) -> None:
@@ -178,23 +180,22 @@ def test_cuda_graph_follows_prompt_seed_guidance_changes_and_reset(fp32_models, 
 
 # ---------------------------------------------------------------------------------------------- (2) compiled
 def test_compiled_cuda_graph_matches_eager():
-    """``compile_models`` + ``cuda_graph`` against eager on the same modules (one config: compiling is slow)."""
-    from streamrt.backends import compile_models
-
+    """``compile`` (compiled copies + CUDA graph) against eager on the same pipeline (one config: compiling is
+    slow); an eager stream of that pipeline made afterwards still runs the pipeline's own modules."""
     models = build_models(torch.float16)
+    unet = models.unet
     cfg = make_config("self", 2)
     groups = frame_groups(6, seed=5)
-    expected = run(new_stream(models, cfg, "eager"), groups)  # before compile_models changes the modules
-    compiled = compile_models(models)
-    stream = new_stream(compiled, cfg, "cuda_graph")
+    expected = run(new_stream(models, cfg, "eager"), groups)
+    stream = new_stream(models, cfg, "compile")
+    assert stream.acceleration is Acceleration.COMPILE and stream.runtime.captures
     got = run(stream, groups)  # the first call compiles and captures
     # The first latency (n - 1) outputs come from the never-filled (all-zero) latent buffer. There, compiled
     # and eager differed by ~1.5e-2 even in fp32 (inductor on a CPU; the later outputs by ~1e-7), most
     # likely normalisation statistics of near-constant activations. Those outputs carry no image:
     # compare from the first real output on.
     lag = cfg.num_steps - 1
-    got, expected = got[lag:], expected[lag:]
-    for k, (a, b) in enumerate(zip(got, expected), start=lag):
+    for k, (a, b) in enumerate(zip(got[lag:], expected[lag:]), start=lag):
         assert torch.isfinite(a).all(), f"compiled output {k} is not finite"
         diff = (a - b).abs()
         assert diff.max().item() <= COMPILE_MAX_TOL and diff.mean().item() <= COMPILE_MEAN_TOL, (
@@ -207,6 +208,20 @@ def test_compiled_cuda_graph_matches_eager():
         stream.step(g)
     torch.cuda.synchronize()
     assert allocations() - before == 0
+
+    # the pipeline was not replaced by its compiled copy: an eager stream runs the plain module, as before
+    assert models.unet is unet and not isinstance(models.unet, torch._dynamo.eval_frame.OptimizedModule)
+    eager = new_stream(models, cfg, "eager")
+    assert eager.runtime.unet.module is unet and eager.runtime.parts["unet"] == "torch"
+    assert_outputs_close(run(eager, groups), expected, GRAPH_TOL[torch.float16], "eager after a compiled stream")
+
+
+def test_auto_is_cuda_graph_on_a_gpu_without_engines(fp16_models):
+    stream = Stream(fp16_models, make_config("self", 2), prompt=PROMPT)
+    assert stream.runtime.requested is Acceleration.AUTO and stream.acceleration is Acceleration.CUDA_GRAPH
+    assert stream.runtime.captures
+    expected = run(new_stream(fp16_models, make_config("self", 2), "cuda_graph"), frame_groups(4, seed=13))
+    assert_outputs_close(run(stream, frame_groups(4, seed=13)), expected, SAME_TOL[torch.float16], "auto vs cuda_graph")
 
 
 # ---------------------------------------------------------------------------------------------- (3) zero allocations
@@ -292,20 +307,20 @@ def test_reset_after_txt2img_capture(fp16_models):
 
 
 # ---------------------------------------------------------------------------------------------- (5) process_video
-@pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
+@pytest.mark.parametrize("acceleration", ["eager", "cuda_graph"])
 @pytest.mark.parametrize("n,f", [(1, 1), (2, 1), (2, 2), (3, 2)])
-def test_process_video_equals_step_by_step(fp16_models, backend, n, f):
+def test_process_video_equals_step_by_step(fp16_models, acceleration, n, f):
     cfg = make_config("self", n, frames_per_step=f)
     video = make_frames(6 * f, seed=9)
-    got = new_stream(fp16_models, cfg, backend).process_video(video)
+    got = new_stream(fp16_models, cfg, acceleration).process_video(video)
 
-    stream = new_stream(fp16_models, cfg, backend)
+    stream = new_stream(fp16_models, cfg, acceleration)
     outs = [stream.step(video[k * f:(k + 1) * f]).clone() for k in range(6)]
     outs += [stream.step(video[-f:]).clone() for _ in range(n - 1)]   # flush: the last group again
     expected = torch.cat(outs)[(n - 1) * f:]
     assert got.shape == video.shape
     assert_outputs_close([got], [expected], SAME_TOL[torch.float16],
-                         f"process_video vs steps ({backend}, n={n}, F={f})")
+                         f"process_video vs steps ({acceleration}, n={n}, F={f})")
 
 
 def test_process_video_of_a_cuda_resident_video(fp16_models):
@@ -333,8 +348,8 @@ def test_consecutive_videos_continue_the_stream(fp16_models):
 
 # ---------------------------------------------------------------------------------------------- cached attention
 def test_kv_cache_under_cuda_graph_matches_eager_and_allocates_nothing():
-    """Cached attention (DESIGN.md section 3) in the captured step: same outputs as eager, across a
-    window / interval change, and no allocation per frame (the rings are allocated by the warm-up)."""
+    """Cached attention (docs/DESIGN.md, "Cached attention") in the captured step: same outputs as eager, across a
+    window / interval change, and no allocation per frame (the rings are allocated with the stream)."""
     from streamrt.kv_cache import KVCacheConfig
 
     models = build_models(torch.float16)  # its own UNet: the caching processors are installed on it

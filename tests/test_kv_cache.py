@@ -144,8 +144,8 @@ def stream_pair(models, ref_models, config, **kwargs) -> tuple[Stream, Stream, N
     ours = Stream(models, config, **kwargs)
     control = install_reference(ref_models.unet, kv.window, kv.interval)
     ref = Stream(ref_models, config.with_(kv_cache=KVCacheConfig()), **kwargs)
-    assert ref.kv is None and ref.unet_kwargs == {}  # the reference stream calls the UNet plainly
-    assert ours.kv is not None and ours.unet_kwargs["cross_attention_kwargs"]["kv_cache"] is ours.kv
+    assert ref.kv is None and ref.unet_extras.given() == frozenset()  # the reference stream calls the UNet plainly
+    assert ours.kv is not None and ours.unet_extras.kv_cache is ours.kv
     return ours, ref, control
 
 
@@ -263,7 +263,7 @@ def test_disabled_cache_is_bit_identical(tiny_folders, cfg_type):
     assert_all_equal(run_steps(Stream(private, plain_cfg, prompt=PROMPT, negative_prompt=NEGATIVE), inputs), plain)
     disabled = plain_cfg.with_(kv_cache=KVCacheConfig(False, max_frames=5, window=2, interval=3))
     stream = Stream(private, disabled, prompt=PROMPT, negative_prompt=NEGATIVE)
-    assert stream.kv is None and stream.unet_kwargs == {}
+    assert stream.kv is None and stream.unet_extras.given() == frozenset()
     assert_all_equal(run_steps(stream, inputs), plain)
 
 
@@ -575,7 +575,7 @@ def test_buffers_never_move(models):
 def test_cuda_graph_capture_with_a_full_ring_matches_eager(tiny_folders):
     """A capture in mid-stream (txt2img after img2img) must leave the cache as it found it.
 
-    ``_capture`` runs the step three times for real before capturing it. Each warm-up writes this call's
+    The capture runs the step three times for real before capturing it. Each warm-up writes this call's
     K/V into the ring slot it is about to overwrite; with a full ring and ``window == max_frames`` that
     slot (the oldest) is still read by this call, so the replay reads the current frame instead of the
     oldest one unless the rings are restored with the ages.
@@ -585,5 +585,5 @@ def test_cuda_graph_capture_with_a_full_ring_matches_eager(tiny_folders):
     inputs = groups(5, seed=23)
     plan = inputs + [None, None] + inputs[:2]  # img2img (capture 1), txt2img (capture 2 with a full ring), img2img
     eager = run_steps(Stream(models, config, prompt=PROMPT), plan)
-    graphed = run_steps(Stream(models, config, prompt=PROMPT, backend="cuda_graph"), plan)
+    graphed = run_steps(Stream(models, config.with_(acceleration="cuda_graph"), prompt=PROMPT), plan)
     assert_close_lists(graphed, eager, atol=1e-6)

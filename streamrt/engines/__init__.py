@@ -1,4 +1,4 @@
-"""TensorRT / TensorRT-RTX engines for the stream's UNet and VAE (DESIGN.md section 5).
+"""TensorRT / TensorRT-RTX engines for the stream's UNet and VAE (docs/DESIGN.md, "Engines").
 
 - :mod:`.spec`: shape ranges, components, backends, targets (plain data).
 - :mod:`.export`: ONNX export of the UNet and VAE encoder / decoder; the extension point for
@@ -6,8 +6,8 @@
 - :mod:`.build`: backend / target resolution, the polygraphy build in a child process, and
   :func:`ensure_engine` / :func:`build_engines` (get from the cache or build).
 - :mod:`.cache`: :class:`EngineCache`, :class:`EngineKey`, atomic writes, verification.
-- :mod:`.runner`: :class:`EngineRunner` (torch tensors <-> engine), :class:`EngineModels` (what the
-  stream calls), :func:`attach_engines`.
+- :mod:`.runner`: :class:`EngineRunner` (torch tensors <-> engine), :func:`attach_engines` and
+  :class:`CachedEngines` (the engine source of :func:`streamrt.runtime.prepare`).
 
 Nothing here imports TensorRT at import time: the backends are optional (``pip install
 tensorrt-rtx polygraphy``), and the stream falls back to torch without them.
@@ -20,13 +20,13 @@ from .cache import (CacheEntry, EngineCache, EngineCacheError, EngineKey, Engine
                     InvalidEngineError, weights_fingerprint)
 from .export import (ExportComponent, OnnxExport, TensorSpec, component_for, export_onnx, unet_component,
                      vae_decoder_component, vae_encoder_component)
-from .runner import AttachResult, EngineLoadError, EngineModels, EngineRunner, attach_engines, runtime_problem
+from .runner import CachedEngines, EngineLoadError, EngineRunner, attach_engines, runtime_problem
 from .spec import (BACKENDS, COMPONENTS, ENGINE_FORMAT, PRECISIONS, RTX_TARGETS, TARGET_CHOICES, TENSORRT,
                    TENSORRT_RTX, DimRange, EngineShapes)
 
 __all__ = [
-    "AttachResult", "BACKENDS", "BackendUnavailableError", "COMPONENTS", "CacheEntry", "DimRange", "ENGINE_FORMAT",
-    "EngineBuildError", "EngineCache", "EngineCacheError", "EngineKey", "EngineLoadError", "EngineModels",
+    "BACKENDS", "CachedEngines", "BackendUnavailableError", "COMPONENTS", "CacheEntry", "DimRange", "ENGINE_FORMAT",
+    "EngineBuildError", "EngineCache", "EngineCacheError", "EngineKey", "EngineLoadError",
     "EngineNameError", "EngineRecord", "EngineRequest", "EngineResult", "EngineRunner", "EngineShapes",
     "ExportComponent", "InvalidEngineError", "OnnxExport", "PRECISIONS", "RTX_TARGETS", "TARGET_CHOICES",
     "TENSORRT", "TENSORRT_RTX", "TensorSpec", "attach_engines", "build_engines", "component_for", "engine_key",

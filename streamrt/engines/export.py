@@ -2,8 +2,8 @@
 
 Each exportable part is an :class:`ExportComponent`: a module whose ``forward`` takes the named
 inputs in order and returns the named outputs in order, plus the symbolic shape of every tensor
-(see :mod:`streamrt.engines.spec`). The three stock components call the diffusers models exactly
-as :class:`~streamrt.models.StreamModels` does:
+(see :mod:`streamrt.engines.spec`). The three stock components call the diffusers models through the same functions as the
+stream's torch runtime (:mod:`streamrt.models`):
 
 =============  ==========================================================  ============================
 component      inputs                                                      outputs
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import StreamModels
+from ..models import StreamModels, decode_latents, encode_images, predict_noise
 from .spec import COMPONENTS, PRECISIONS, UNET, VAE_DECODER, VAE_ENCODER, DimRange, EngineShapes
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class TensorSpec:
 
 
 class UNetExport(torch.nn.Module):
-    """``UNet(sample, timestep, encoder_hidden_states) -> noise_pred``, as ``StreamModels.predict``."""
+    """``UNet(sample, timestep, encoder_hidden_states) -> noise_pred``, as :func:`streamrt.models.predict_noise`."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
@@ -95,32 +95,29 @@ class UNetExport(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        return predict_noise(self.unet, sample, timestep, encoder_hidden_states)
 
 
 class VaeEncoderExport(torch.nn.Module):
-    """Images in [-1, 1] -> unscaled latents, as ``StreamModels.encode_images`` (KL: the mean)."""
+    """Images in [-1, 1] -> unscaled latents, as :func:`streamrt.models.encode_images` (KL: the mean)."""
 
     def __init__(self, vae: torch.nn.Module) -> None:
         super().__init__()
         self.vae = vae
-        self.tiny = type(vae).__name__ == "AutoencoderTiny"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.tiny:
-            return self.vae.encode(images, return_dict=False)[0]
-        return self.vae.encode(images, return_dict=False)[0].mode()
+        return encode_images(self.vae, images)
 
 
 class VaeDecoderExport(torch.nn.Module):
-    """Unscaled latents -> images in about [-1, 1], as ``StreamModels.decode_latents``."""
+    """Unscaled latents -> images in about [-1, 1], as :func:`streamrt.models.decode_latents`."""
 
     def __init__(self, vae: torch.nn.Module) -> None:
         super().__init__()
         self.vae = vae
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents, return_dict=False)[0]
+        return decode_latents(self.vae, latents)
 
 
 @dataclass(eq=False)

@@ -1,4 +1,4 @@
-"""Running engines on torch tensors, and the models object a :class:`~streamrt.stream.Stream` uses them through.
+"""Running engines on torch tensors, and finding the engines a stream's runtime can use.
 
 :class:`EngineRunner` binds one engine to torch CUDA tensors with the TensorRT Python API
 (``Runtime.deserialize_cuda_engine``, ``ICudaEngine.create_execution_context``,
@@ -7,10 +7,9 @@ current stream). Outputs are pre-allocated torch tensors, rebound only when a sh
 address changes; a call with the same shapes and tensors does nothing but enqueue, so it can be
 captured in a CUDA graph once it has run outside capture (the Stream's warm-up does that).
 
-:class:`EngineModels` wraps :class:`~streamrt.models.StreamModels` and overrides ``predict``,
-``encode_images`` and ``decode_latents`` with runners; all else (text encoder, prompt cache, sizes,
-scheduler) is the wrapped models'. :func:`attach_engines` finds the cached engines that fit a stream
-config and this machine, and says plainly why when none do (the stream then runs on torch).
+:func:`attach_engines` (through :class:`CachedEngines`, an :class:`~streamrt.runtime.EngineSource`) finds
+the cached engines that fit a stream config and this machine and says plainly why when none do;
+:func:`streamrt.runtime.prepare` turns the runners into the stream's UNet / VAE calls.
 
 Not exercised here: there is no machine in this project that can execute an engine (no GPU on the
 build machines; the GPU machine is a Hopper, which TensorRT-RTX refuses, and full TensorRT cannot be
@@ -24,18 +23,19 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from ..config import StreamConfig
 from ..models import StreamModels
+from ..runtime import AttachResult
 from .build import installed_backends, local_target
 from .cache import EngineCache, EngineRecord, InvalidEngineError, weights_fingerprint
-from .spec import BACKEND_MODULES, BACKENDS, COMPONENTS, RTX_TARGETS, TENSORRT_RTX, UNET, VAE_DECODER, VAE_ENCODER
+from .spec import BACKEND_MODULES, BACKENDS, COMPONENTS, RTX_TARGETS, TENSORRT_RTX, UNET
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class EngineLoadError(RuntimeError):
 
 
 class Runner(Protocol):
-    """What :class:`EngineModels` needs from a runner: inputs in engine order in, output(s) out."""
+    """What the runtime needs from an engine runner: inputs in engine order in, output(s) out."""
 
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
@@ -324,87 +324,32 @@ class EngineRunner:
 
 
 # ---------------------------------------------------------------------------------------------------
-class EngineModels:
-    """:class:`~streamrt.models.StreamModels` whose UNet / VAE run through engines where one is attached.
+@dataclass(frozen=True)
+class CachedEngines:
+    """An :class:`~streamrt.runtime.EngineSource` over an :class:`EngineCache`: what ``tensorrt`` and ``auto``
+    acceleration run on. ``backend`` is ``auto`` (any installed one that runs here) or one backend."""
 
-    Same call signatures as the wrapped models (what :class:`~streamrt.stream.Stream` uses); every
-    other attribute is the wrapped models'. A UNet call with extra keyword arguments the engine
-    cannot take (ControlNet residuals, the torch K/V cache's ``cross_attention_kwargs``) runs on torch.
-    """
-
-    def __init__(self, base: StreamModels, runners: Mapping[str, Runner],
-                 records: Mapping[str, EngineRecord] | None = None) -> None:
-        unknown = set(runners) - set(COMPONENTS)
-        if unknown:
-            raise ValueError(f"unknown engine components {sorted(unknown)}")
-        self.base = base
-        self.runners = dict(runners)
-        self.records = dict(records or {})
-        self._unet = self.runners.get(UNET)
-        self._encoder = self.runners.get(VAE_ENCODER)
-        self._decoder = self.runners.get(VAE_DECODER)
-        self._torch_unet_noted = False
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "base":  # not set yet (during unpickling / construction)
-            raise AttributeError(name)
-        return getattr(self.base, name)
-
-    def __repr__(self) -> str:
-        return f"EngineModels(engines={sorted(self.runners)}, base={type(self.base).__name__})"
-
-    def predict(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
-                **unet_kwargs: Any) -> torch.Tensor:
-        if self._unet is None or unet_kwargs:
-            if self._unet is not None and not self._torch_unet_noted:
-                logger.warning("UNet call with %s: the UNet engine has no such inputs, running the UNet on torch",
-                               sorted(unet_kwargs))
-                self._torch_unet_noted = True
-            return self.base.predict(sample, timesteps, embeds, **unet_kwargs)
-        return self._unet(sample, timesteps, embeds)
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        if self._encoder is None:
-            return self.base.encode_images(images)
-        return self._encoder(images)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        if self._decoder is None:
-            return self.base.decode_latents(latents)
-        return self._decoder(latents)
-
-    def close(self) -> None:
-        for runner in self.runners.values():
-            close = getattr(runner, "close", None)
-            if close is not None:
-                close()
-        self.runners.clear()
-        self._unet = self._encoder = self._decoder = None
-
-
-@dataclass
-class AttachResult:
-    """What :func:`attach_engines` found: the models to stream with, the engines used, and notes for the user."""
-
-    models: StreamModels | EngineModels
-    engines: dict[str, EngineRecord] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    cache: EngineCache
+    backend: str = "auto"
+    precision: str | None = None
 
     @property
-    def attached(self) -> bool:
-        return isinstance(self.models, EngineModels)
+    def key(self) -> tuple:
+        return tuple(str(root) for root in self.cache.roots), self.backend, self.precision
+
+    def attach(self, models: StreamModels, config: StreamConfig) -> AttachResult:
+        return attach_engines(models, config, self.cache, backend=self.backend, precision=self.precision)
 
 
 def attach_engines(models: StreamModels, config: StreamConfig, cache: EngineCache, *, backend: str = "auto",
                    precision: str | None = None) -> AttachResult:
-    """Run ``models`` through the cached engines that fit ``config`` on this machine, where there are any.
+    """Runners for the cached engines that fit ``config`` on this machine, where there are any.
 
-    For each component, the best valid engine for this weights fingerprint, batch rows, resolution,
-    cached-attention window, an installed backend's version and this GPU's compute capability is
-    loaded. Components without one run on torch; when no engine can run here at all, ``models`` come
-    back unchanged and the notes say why.
+    For each component, the best valid engine for this weights fingerprint, batch rows, resolution, an
+    installed backend's version and this GPU's compute capability is loaded. The result's notes say why a
+    component has none (the runtime then runs it on torch, or refuses ``tensorrt`` when nothing fits).
     """
-    result = AttachResult(models)
+    result = AttachResult()
     backends = list(BACKENDS) if backend == "auto" else [backend]
     usable = {}
     for name in backends:
@@ -417,27 +362,27 @@ def attach_engines(models: StreamModels, config: StreamConfig, cache: EngineCach
         return result
     weights = weights_fingerprint(models)
     here = local_target(models.device)
-    runners: dict[str, Runner] = {}
     for component in COMPONENTS:
+        if component == UNET and config.kv_cache.enabled:
+            # UNet engines with the K/V rings as I/O can be exported (streamrt.kv_export) but are not fed by
+            # the stream yet: with cached attention the UNet runs on torch.
+            result.notes.append("cached attention: the UNet runs on torch (no engine takes the attention cache yet)")
+            continue
         rows = config.unet_rows if component == UNET else config.frames_per_step
-        window = config.kv_cache.max_frames if component == UNET and config.kv_cache.enabled else 0
         found = [rec for name, version in usable.items()
                  for rec in cache.find(weights, component, rows=rows, width=config.width, height=config.height,
                                        precision=precision, backend=name, backend_version=version, target=here,
-                                       cache_window=window)]
+                                       cache_window=0)]
         if not found:
-            result.notes.append(f"no {component} engine for {rows} rows at {config.width}x{config.height}"
-                                f"{f', cache window {window}' if window else ''} on {here}: it runs on torch")
+            result.notes.append(f"no {component} engine for {rows} rows at {config.width}x{config.height} on {here}")
             continue
         record = found[0]
         try:
             runtime_cache = cache.root / "runtime" / f"{record.key.digest()}-{here}.rtcache"
-            runners[component] = EngineRunner(record.path, backend=record.key.backend, device=models.device,
-                                              input_names=[t[0] for t in record.meta.get("inputs", [])] or None,
-                                              runtime_cache=runtime_cache)
-            result.engines[component] = record
+            result.runners[component] = EngineRunner(
+                record.path, backend=record.key.backend, device=models.device,
+                input_names=[t[0] for t in record.meta.get("inputs", [])] or None, runtime_cache=runtime_cache)
+            result.records[component] = record
         except (EngineLoadError, InvalidEngineError, OSError) as exc:
-            result.notes.append(f"{component}: {exc}; it runs on torch")
-    if runners:
-        result.models = EngineModels(models, runners, result.engines)
+            result.notes.append(f"{component}: {exc}")
     return result

@@ -47,11 +47,13 @@ models/checkpoints (one file), and optionally TAESD in models/vae_approx (ComfyU
 taesd_decoder files, listed as taesd). Pick them in "Load Stream Pipeline".
 2. Allow the camera when the browser asks (open ComfyUI on localhost, or over https).
 3. Press "▶ Stream" on the Stream Sampler: the workflow is queued again each time it finishes, until \
-"■ Stop", Cancel, or an error. The sampler shows fps, ms per frame, the frames of the stream, the backend \
+"■ Stop", Cancel, or an error. The sampler shows fps, ms per frame, the frames of the stream, what runs it \
 and the state (cold / warming / streaming / reset).
 
-On an NVIDIA GPU set acceleration to cuda_graph (or compile) for far higher fps. Keep reset off while \
-streaming (it restarts the stream on every frame); turn it on for one run to restart."""
+acceleration auto takes the fastest path ready on this machine (TensorRT engines built for this size, \
+else a CUDA graph on an NVIDIA GPU, else plain PyTorch) and the sampler shows which; compile is faster \
+still on a GPU after a first run that compiles for a minute or more. Keep reset off while streaming \
+(it restarts the stream on every frame); turn it on for one run to restart."""
 
 #: what the example sets, per node; everything else keeps the node's defaults
 VALUES = {
@@ -128,9 +130,10 @@ video's size with width/height 0); all frames are decoded into memory at once.
 2. Models: a Stable Diffusion 1.x / 2.x model in models/diffusers (a diffusers folder, e.g. sd-turbo) \
 or in models/checkpoints (one file), and optionally TAESD in models/vae_approx (ComfyUI's \
 taesd_encoder / taesd_decoder files, listed as taesd). Pick them in "Load Stream Pipeline".
-3. acceleration: cuda_graph (NVIDIA GPU: the whole frame is captured once as a CUDA graph and replayed, \
-far faster; the first frame is slower), compile (torch.compile + CUDA graph: fastest, the first run \
-compiles for a minute or more), eager (plain PyTorch: the CPU, or any GPU without CUDA graphs).
+3. acceleration: auto takes the fastest path ready here: TensorRT engines built for this size, else \
+cuda_graph on an NVIDIA GPU (the whole frame captured once and replayed), else eager (plain PyTorch, \
+e.g. on the CPU); the sampler shows which. compile (torch.compile + CUDA graph) is faster still; its \
+first run compiles for a minute or more.
 4. Throughput: set frames_per_step to 4 to process 4 frames per stream step (more fps on a GPU); the \
 clip's frame count must then be a multiple of 4.
 
@@ -143,7 +146,7 @@ BATCH_VALUES = {
     "StreamRTLoadPipeline": {"model": "sd-turbo", "taesd": "taesd", "dtype": "auto", "device": "auto"},
     "StreamRTSampler": {"prompt": "a watercolor painting, soft light, vivid colors",
                         "negative_prompt": "blurry, low quality, distorted", "t_index_list": "32,45",
-                        "frames_per_step": 1, "acceleration": "cuda_graph", "reset": True},
+                        "frames_per_step": 1, "acceleration": "auto", "reset": True},
     "SaveImage": {"filename_prefix": "streamrt/frame"},
     "SaveVideo": {"filename_prefix": "streamrt/video", "format": "mp4", "codec": "h264"},
 }

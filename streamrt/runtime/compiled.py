@@ -1,0 +1,94 @@
+"""``torch.compile``'d copies of a pipeline's UNet and VAE calls, made once per pipeline and shared.
+
+The copies wrap the pipeline's modules; they never replace them: a stream that asked for ``eager`` on the
+same pipeline keeps calling the plain modules. Shapes are static (``dynamic=False``), so each stream
+config compiles once, and inductor's on-disk cache (:func:`use_compile_cache`) makes a restart cheap.
+
+One change does touch the shared UNet: on a CUDA device its weights are put in channels-last memory
+format once, which the compiled convolutions need to run fast. The values are the same, so every other
+caller computes what it computed before (docs/DESIGN.md, "The runtime seam").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models import StreamModels, decode_latents, encode_images
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "engine_cache" / "torch_compile"
+
+
+def use_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Point inductor's on-disk caches at ``cache_dir`` (default: the pack's ``engine_cache/torch_compile``),
+    so a restart reuses compiled kernels instead of compiling from scratch. Call before compiling."""
+    path = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return path
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How to compile.
+
+    Args:
+        mode (`str`, defaults to `"default"`): ``torch.compile`` mode.
+        backend (`str` or callable, defaults to `"inductor"`): ``torch.compile`` backend (tests pass a
+            counting backend to see which calls go through the compiler).
+        cache_dir (`str`, optional): inductor's cache folder (default: :data:`DEFAULT_CACHE_DIR`).
+    """
+
+    mode: str = "default"
+    backend: str | Callable = "inductor"
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class CompiledCalls:
+    """The compiled UNet module and VAE calls of one pipeline."""
+
+    unet: torch.nn.Module
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+
+
+_compiled: weakref.WeakKeyDictionary[StreamModels, dict[CompileOptions, CompiledCalls]] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def compiled_calls(models: StreamModels, options: CompileOptions = CompileOptions()) -> CompiledCalls:
+    """The compiled calls of ``models`` for ``options``, made on first use (compilation itself happens lazily,
+    on the first call of each shape)."""
+    with _lock:
+        per_models = _compiled.setdefault(models, {})
+        calls = per_models.get(options)
+        if calls is not None:
+            return calls
+        if options.backend == "inductor":
+            use_compile_cache(options.cache_dir)
+        if models.device.type == "cuda":
+            models.unet.to(memory_format=torch.channels_last)
+        kwargs = dict(backend=options.backend, dynamic=False)
+        if options.backend == "inductor":
+            kwargs["mode"] = options.mode
+        vae = models.vae
+        calls = CompiledCalls(
+            unet=torch.compile(models.unet, **kwargs),
+            encode=torch.compile(lambda images: encode_images(vae, images), **kwargs),
+            decode=torch.compile(lambda latents: decode_latents(vae, latents), **kwargs),
+        )
+        per_models[options] = calls
+        logger.info("torch.compile (%s, mode=%s) copies of the UNet and VAE calls made", options.backend, options.mode)
+        return calls

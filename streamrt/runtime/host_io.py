@@ -1,0 +1,88 @@
+"""Frames between the host and the device: pinned staging for uploads, a pinned drain for downloads.
+
+ComfyUI hands frames over as pageable CPU tensors and keeps the results it gets. A copy from pageable
+memory makes the GPU queue drain before it starts; through pinned memory it is an asynchronous DMA.
+:class:`HostIO` keeps two pinned buffers per direction, used in turn, each with the event of the copy
+that last used it: a buffer is reused two calls later, by which time its copy has long finished, so the
+wait is immediate and the copy overlaps the GPU's work on the other frame.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PinnedPair:
+    """Two pinned host buffers of one shape, used in turn, each guarded by the event of its last copy."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+        self.buffers = [torch.empty(shape, dtype=dtype, pin_memory=True) for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in range(2)]
+        self._slot = 0
+
+    def take(self) -> int:
+        """The next buffer's index, once the copy that last used it has finished."""
+        slot = self._slot
+        self._slot ^= 1
+        self.events[slot].synchronize()
+        return slot
+
+
+class HostIO:
+    """Upload and download of ``[F, H, W, 3]`` float32 frames for one stream on ``device``.
+
+    On a CPU device every method is a plain copy.
+    """
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._up = PinnedPair(shape) if self.pinned else None
+        self._down = PinnedPair(shape) if self.pinned else None
+        self._pending: tuple[int, torch.Tensor] | None = None
+
+    def upload(self, frames: torch.Tensor, dest: torch.Tensor) -> None:
+        """Copy ``frames`` (any device, any memory) into the device buffer ``dest`` without stalling the GPU."""
+        if self._up is None or frames.device.type != "cpu" or frames.is_pinned():
+            dest.copy_(frames, non_blocking=True)
+            return
+        slot = self._up.take()
+        self._up.buffers[slot].copy_(frames)
+        dest.copy_(self._up.buffers[slot], non_blocking=True)
+        self._up.events[slot].record()
+
+    def download(self, src: torch.Tensor, out: torch.Tensor | None = None, *, synchronize: bool = True) -> torch.Tensor:
+        """``src`` into ``out`` or a new CPU tensor (pinned on CUDA); with ``synchronize`` the copy is done
+        when this returns. Later work on the stream is ordered after the copy, so ``src`` may be overwritten."""
+        if out is None:
+            out = torch.empty(src.shape, dtype=src.dtype, pin_memory=self.pinned)
+        out.copy_(src, non_blocking=True)
+        if synchronize and self.pinned and out.device.type == "cpu":
+            torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def drain(self, src: torch.Tensor, dest: torch.Tensor) -> None:
+        """Start copying ``src`` towards the CPU tensor ``dest`` and finish the previous drain.
+
+        Frame k's copy into ordinary memory happens while the GPU computes frame k + 1. Call
+        :meth:`flush` after the last frame.
+        """
+        if self._down is None:
+            dest.copy_(src)
+            return
+        slot = self._down.take()
+        self._down.buffers[slot].copy_(src, non_blocking=True)
+        self._down.events[slot].record()
+        previous, self._pending = self._pending, (slot, dest)
+        if previous is not None:
+            self._finish(*previous)
+
+    def flush(self) -> None:
+        """Finish the last :meth:`drain`."""
+        if self._pending is not None:
+            self._finish(*self._pending)
+            self._pending = None
+
+    def _finish(self, slot: int, dest: torch.Tensor) -> None:
+        self._down.events[slot].synchronize()  # that frame's copy, not the work queued after it
+        dest.copy_(self._down.buffers[slot])

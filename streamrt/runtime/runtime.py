@@ -1,0 +1,288 @@
+"""The runtime seam: how one stream's UNet and VAE get called, and whether its step is captured.
+
+:func:`prepare` turns an :class:`~streamrt.config.Acceleration` into a :class:`Runtime` for one stream
+(one pipeline, one config). The runtime owns:
+
+- the callables that run the UNet and the VAE: the pipeline's own modules (``eager``, ``cuda_graph``),
+  ``torch.compile``'d copies of them (``compile``), or engine runners (``tensorrt``);
+- the step's execution: op by op, or captured once per variant in a CUDA graph and replayed;
+- the host I/O of the stream's frames (pinned staging and drain, :class:`~streamrt.runtime.host_io.HostIO`).
+
+Nothing here changes what the shared pipeline is: two streams of one pipeline with different
+accelerations each run the path they asked for. A UNet call's extra inputs travel as
+:class:`UNetExtras`; a callable that cannot take an extra it is given raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..config import Acceleration, StreamConfig
+from ..kv_cache import KVCache
+from ..models import StreamModels, decode_latents, encode_images, predict_noise
+from .compiled import CompileOptions, compiled_calls
+from .graphs import capture_graph
+from .host_io import HostIO
+
+logger = logging.getLogger(__name__)
+
+UNET, VAE_ENCODER, VAE_DECODER = "unet", "vae_encoder", "vae_decoder"
+
+
+class AccelerationUnavailable(RuntimeError):
+    """The acceleration asked for cannot run here; the message says why and what to use instead."""
+
+
+class EngineCallError(RuntimeError):
+    """An engine was given an input it has no binding for (it never falls back to torch in silence)."""
+
+
+@dataclass(frozen=True)
+class UNetExtras:
+    """The typed extra inputs of one UNet call, beyond the sample, the timesteps and the text embeddings.
+
+    Args:
+        kv_cache (`KVCache`, optional): cached attention over earlier frames (the torch path reads it
+            through the caching attention processors).
+
+    SDXL's added conditions and ControlNet residuals join here as fields of their own.
+    """
+
+    kv_cache: KVCache | None = None
+
+    def given(self) -> frozenset[str]:
+        """Names of the extras that are set."""
+        return frozenset(name for name in ("kv_cache",) if getattr(self, name) is not None)
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """The diffusers UNet keyword arguments that carry these extras."""
+        if self.kv_cache is None:
+            return {}
+        return {"cross_attention_kwargs": {"kv_cache": self.kv_cache}}
+
+
+NO_EXTRAS = UNetExtras()
+
+
+class UNetCall(Protocol):
+    """``call(sample, timesteps, embeds, extras) -> prediction``; ``accepts`` names the extras it can take."""
+
+    accepts: frozenset[str]
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                 extras: UNetExtras) -> torch.Tensor: ...
+
+
+class TorchUNet:
+    """The UNet on torch: the pipeline's module, or a compiled copy of it."""
+
+    accepts = frozenset({"kv_cache"})
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                 extras: UNetExtras = NO_EXTRAS) -> torch.Tensor:
+        return predict_noise(self.module, sample, timesteps, embeds, **extras.torch_kwargs())
+
+
+class EngineUNet:
+    """The UNet through an engine runner taking ``(sample, timestep, encoder_hidden_states)``."""
+
+    accepts: frozenset[str] = frozenset()
+
+    def __init__(self, runner: Callable[..., torch.Tensor], name: str = "the UNet engine") -> None:
+        self.runner = runner
+        self.name = name
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                 extras: UNetExtras = NO_EXTRAS) -> torch.Tensor:
+        refused = extras.given() - self.accepts
+        if refused:
+            raise EngineCallError(f"{self.name} has no inputs for {', '.join(sorted(refused))}; "
+                                  "prepare the runtime with a config the engine was built for")
+        return self.runner(sample, timesteps, embeds)
+
+
+@dataclass
+class AttachResult:
+    """Engines found for one stream: runners by component, their cache records, and notes for the user
+    (why a component has no engine here)."""
+
+    runners: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    records: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class EngineSource(Protocol):
+    """Where a runtime gets engines from (the engine cache, see :class:`streamrt.engines.CachedEngines`)."""
+
+    @property
+    def key(self) -> Hashable:
+        """What identifies this source (a stream is rebuilt when it changes)."""
+
+    def attach(self, models: StreamModels, config: StreamConfig) -> AttachResult:
+        """Runners for the components that have an engine fitting ``config`` that runs here."""
+
+
+class Runtime:
+    """How one stream calls its models and runs its step. Made by :func:`prepare`.
+
+    Attributes:
+        requested (`Acceleration`): what the caller asked for (may be ``AUTO``).
+        acceleration (`Acceleration`): what runs (never ``AUTO``).
+        device (`torch.device`): where the models run.
+        parts (`dict[str, str]`): ``unet`` / ``vae_encoder`` / ``vae_decoder`` -> ``"torch"``,
+            ``"compiled"`` or ``"engine"``.
+        notes (`tuple[str, ...]`): why a faster path was not taken (for the user).
+        captures (`bool`): whether the step is captured in a CUDA graph.
+        host (`HostIO`): the stream's pinned frame staging and drain.
+    """
+
+    def __init__(self, *, requested: Acceleration, acceleration: Acceleration, device: torch.device,
+                 unet: UNetCall, encode: Callable[[torch.Tensor], torch.Tensor],
+                 decode: Callable[[torch.Tensor], torch.Tensor], parts: Mapping[str, str], captures: bool,
+                 host: HostIO, notes: Sequence[str] = (), closers: Sequence[Callable[[], None]] = ()) -> None:
+        self.requested = requested
+        self.acceleration = acceleration
+        self.device = device
+        self.unet = unet
+        self.encode = encode
+        self.decode = decode
+        self.parts = dict(parts)
+        self.captures = captures
+        self.host = host
+        self.notes = tuple(notes)
+        self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self._closers = list(closers)
+
+    def __repr__(self) -> str:
+        return f"Runtime({self.describe()})"
+
+    def describe(self) -> str:
+        """``"cuda_graph"``, ``"auto -> eager"``, ``"tensorrt (vae_decoder on torch)"``: what runs, in a few words."""
+        text = self.acceleration.value
+        if self.requested is not self.acceleration:
+            text = f"{self.requested.value} -> {text}"
+        on_torch = [name for name, how in self.parts.items() if how == "torch"]
+        if self.acceleration is Acceleration.TENSORRT and on_torch:
+            text += f" ({', '.join(on_torch)} on torch)"
+        return text
+
+    def run(self, variant: Hashable, step: Callable[[], None], state: Sequence[torch.Tensor]) -> None:
+        """Run ``step`` once: directly, or through its CUDA graph (captured on the first call of each
+        ``variant``, with ``state`` kept as it was through the warm-up)."""
+        if not self.captures:
+            step()
+            return
+        graph = self._graphs.get(variant)
+        if graph is None:
+            graph, _ = capture_graph(step, self.device, preserve=state)
+            self._graphs[variant] = graph
+            logger.info("captured the stream step (%s) in a CUDA graph (%s)", variant, self.describe())
+        graph.replay()
+
+    def close(self) -> None:
+        """Drop the captured graphs and release engine runners (the stream is going away)."""
+        self._graphs.clear()
+        for close in self._closers:
+            close()
+        self._closers.clear()
+
+
+def _unavailable(requested: Acceleration, why: str) -> AccelerationUnavailable:
+    return AccelerationUnavailable(f"acceleration '{requested.value}' cannot run here: {why}. "
+                                   "Use 'auto' (the fastest path that runs here) or 'eager'.")
+
+
+def prepare(models: StreamModels, config: StreamConfig, acceleration: Acceleration | str | None = None, *,
+            engines: EngineSource | None = None, compile_options: CompileOptions = CompileOptions()) -> Runtime:
+    """The runtime of one stream of ``models`` with ``config``.
+
+    Args:
+        models: the (shared) pipeline; never modified, but for the channels-last layout of the UNet's
+            weights when a compiled copy is made on a GPU.
+        config: the stream's config (shapes, cached attention).
+        acceleration: what to use; ``None`` takes ``config.acceleration``.
+        engines: where ``tensorrt`` (and ``auto``) look for engines; without it there are none.
+        compile_options: how ``compile`` compiles.
+
+    Raises:
+        AccelerationUnavailable: ``cuda_graph`` without a CUDA device, ``tensorrt`` without any engine
+            that runs here for this config (the message carries the reasons).
+    """
+    requested = Acceleration(acceleration if acceleration is not None else config.acceleration)
+    device = models.device
+    cuda = device.type == "cuda"
+    host = HostIO((config.frames_per_step, config.height, config.width, 3), device)
+    notes: list[str] = []
+    torch_parts = {UNET: "torch", VAE_ENCODER: "torch", VAE_DECODER: "torch"}
+
+    def torch_runtime(resolved: Acceleration, captures: bool) -> Runtime:
+        vae = models.vae
+        return Runtime(requested=requested, acceleration=resolved, device=device, unet=TorchUNet(models.unet),
+                       encode=lambda images: encode_images(vae, images),
+                       decode=lambda latents: decode_latents(vae, latents),
+                       parts=torch_parts, captures=captures, host=host, notes=notes)
+
+    if requested in (Acceleration.AUTO, Acceleration.TENSORRT):
+        found = engines.attach(models, config) if engines is not None else AttachResult()
+        notes += found.notes
+        if UNET in found.runners or (requested is Acceleration.TENSORRT and found.runners):
+            return _engine_runtime(models, config, requested, found, host, notes)
+        if requested is Acceleration.TENSORRT:
+            raise _unavailable(requested, "no engine fits this stream on this machine ("
+                               + "; ".join(found.notes or ["none found"]) + "); build them with Build Engines")
+        for runner in found.runners.values():  # auto without a UNet engine: not worth a partial engine path
+            getattr(runner, "close", lambda: None)()
+        resolved = Acceleration.CUDA_GRAPH if cuda else Acceleration.EAGER
+        if not cuda:
+            notes.append(f"no CUDA GPU ({device}): the step runs eagerly")
+        return torch_runtime(resolved, captures=cuda)
+
+    if requested is Acceleration.EAGER:
+        return torch_runtime(requested, captures=False)
+    if requested is Acceleration.CUDA_GRAPH:
+        if not cuda:
+            raise _unavailable(requested, f"it needs a CUDA GPU and the pipeline runs on {device}")
+        return torch_runtime(requested, captures=True)
+    if requested is Acceleration.COMPILE:
+        calls = compiled_calls(models, compile_options)
+        if not cuda:
+            notes.append(f"no CUDA GPU ({device}): compiled calls run without a CUDA graph")
+        return Runtime(requested=requested, acceleration=requested, device=device, unet=TorchUNet(calls.unet),
+                       encode=calls.encode, decode=calls.decode,
+                       parts={UNET: "compiled", VAE_ENCODER: "compiled", VAE_DECODER: "compiled"},
+                       captures=cuda, host=host, notes=notes)
+    raise ValueError(f"unknown acceleration {requested!r}")
+
+
+def _engine_runtime(models: StreamModels, config: StreamConfig, requested: Acceleration, found: AttachResult,
+                    host: HostIO, notes: list[str]) -> Runtime:
+    """Engines for the components that have one, the pipeline's modules for the rest."""
+    vae = models.vae
+    runners = found.runners
+    parts = {name: ("engine" if name in runners else "torch") for name in (UNET, VAE_ENCODER, VAE_DECODER)}
+    if UNET in runners:
+        record = found.records.get(UNET)
+        unet: UNetCall = EngineUNet(runners[UNET], f"the UNet engine {getattr(record, 'name', '')}".rstrip())
+    else:
+        unet = TorchUNet(models.unet)
+    on_torch = [name for name, how in parts.items() if how == "torch"]
+    if on_torch:
+        message = f"{', '.join(on_torch)}: on torch (no engine fits this stream here)"
+        notes.append(message)
+        logger.warning("StreamRT engines: %s", message)
+    encode = runners.get(VAE_ENCODER) or (lambda images: encode_images(vae, images))
+    decode = runners.get(VAE_DECODER) or (lambda latents: decode_latents(vae, latents))
+    captures = models.device.type == "cuda" and all(
+        getattr(r, "is_stream_capturable", lambda: True)() for r in runners.values())
+    closers = [r.close for r in runners.values() if callable(getattr(r, "close", None))]
+    return Runtime(requested=requested, acceleration=Acceleration.TENSORRT, device=models.device, unet=unet,
+                   encode=encode, decode=decode, parts=parts, captures=captures, host=host, notes=notes,
+                   closers=closers)
