@@ -1,8 +1,10 @@
 // StreamRT frontend extension: live status and a stream toggle on the "Stream Sampler (StreamRT)" node.
 //
 // * Status panel. The sampler sends a websocket event "streamrt.status" after each execution:
-//   {node, frames, seconds, ms_per_frame, fps, stream_frames, backend, device, state}. "node" is the
-//   node's unique id (the graph node id, or "outer:inner" inside a subgraph). The panel shows the fps
+//   {node, frames, seconds, ms_per_frame, fps, stream_frames, backend, acceleration, parts, notes, device,
+//   state}. "node" is the node's unique id (the graph node id, or "outer:inner" inside a subgraph).
+//   "backend" says what runs the stream in a few words (e.g. "auto -> cuda_graph": what auto chose).
+//   The panel shows the fps
 //   (an exponential moving average seeded with the first measurement of a stream), the ms per frame of
 //   the last execution, the frames of this stream, the backend and device, and the state: cold (no event
 //   yet), warming, streaming, reset, or error. The latest status is also on node.streamrtStatus.
@@ -95,6 +97,8 @@ function applyStatus(node, data) {
     frames,
     stream_frames: streamFrames,
     backend: data.backend ?? null,
+    acceleration: data.acceleration ?? null,
+    notes: Array.isArray(data.notes) ? data.notes : [],
     device: data.device ?? null,
     executions: newStream ? 1 : (prev.executions ?? 0) + 1,
     updated: Date.now(),

@@ -1,4 +1,4 @@
-"""Every tensor a stream's frame touches, allocated once per config (docs/DESIGN.md, "Hot path").
+"""Every tensor a stream's frame touches, allocated once per config (docs/DESIGN.md section 4).
 
 A frame then only runs in-place and ``out=`` ops on these tensors, so the step can be captured in a
 CUDA graph, and prompt or seed changes are ``copy_`` into the same storage.

@@ -15,7 +15,7 @@ from .kv_cache import KVCacheConfig
 
 
 class Acceleration(str, enum.Enum):
-    """How a stream's UNet and VAE are run (docs/DESIGN.md, "The runtime seam").
+    """How a stream's UNet and VAE are run (docs/DESIGN.md section 6).
 
     - ``AUTO``: the fastest path that is ready here without surprises: engines for this shape that run on
       this GPU, else ``CUDA_GRAPH`` on a CUDA device, else ``EAGER``.
@@ -33,7 +33,7 @@ class Acceleration(str, enum.Enum):
 
 
 class CfgType(str, enum.Enum):
-    """How classifier-free guidance is computed (docs/DESIGN.md, "The stream step", stage 4).
+    """How classifier-free guidance is computed (docs/DESIGN.md section 2, stage 4).
 
     - ``NONE``: no guidance; one UNet row per batch row.
     - ``FULL``: classic CFG; the batch is doubled with negative-prompt rows.

@@ -1,4 +1,4 @@
-"""Cached attention across frames (StreamV2V style, docs/DESIGN.md, "Cached attention").
+"""Cached attention across frames (StreamV2V style, docs/DESIGN.md section 3).
 
 Every self-attention (``attn1``) layer of the UNet also attends to the keys and values of earlier
 frames. Per layer, one pre-allocated buffer holds, along the token axis,

@@ -1,4 +1,4 @@
-"""The cached-attention UNet as a stateless module, for ONNX / TensorRT export (DESIGN.md sections 3 and 5).
+"""The cached-attention UNet as a stateless module, for ONNX / TensorRT export (docs/DESIGN.md sections 3 and 5).
 
 In an engine the attention cache is engine I/O. :class:`UNetWithKVCache` wraps a diffusers UNet so that
 one call is a pure function::

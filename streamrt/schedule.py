@@ -1,7 +1,7 @@
 """Pure LCM schedule math for the stream batch, precomputed once per config.
 
 Everything here is a small function of the scheduler's config and the stream config; nothing is
-touched per frame. Shapes follow DESIGN.md section 2: each per-step constant is repeated F times
+touched per frame. Shapes follow docs/DESIGN.md section 2: each per-step constant is repeated F times
 (``repeat_interleave``) into ``[B, 1, 1, 1]``.
 """
 

@@ -19,7 +19,7 @@ import torch
 
 from .config import StreamConfig
 from .models import StreamModels
-from .runtime import EngineSource
+from .runtime import EngineSource, prepare
 from .stream import Stream
 
 logger = logging.getLogger(__name__)
@@ -78,12 +78,18 @@ class StreamSessions:
         with self._lock:
             stream = self._streams.get(owner)
             if stream is None or stream.models is not models or self._keys.get(owner) != key:
+                # The runtime first: an acceleration that cannot run here is refused before the old stream goes.
+                runtime = prepare(models, cfg, engines=request.engines)
                 if stream is not None:
                     logger.info("stream %s: config changed, building a new stream", owner)
                     self._drop(owner)
                     del stream  # free its buffers before allocating the new ones
-                stream = Stream(models, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
-                                engines=request.engines)
+                try:
+                    stream = Stream(models, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
+                                    runtime=runtime)
+                except BaseException:
+                    runtime.close()
+                    raise
                 self._streams[owner], self._keys[owner] = stream, key
                 return stream
             stream.set_seed(cfg.seed)

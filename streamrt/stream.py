@@ -1,4 +1,4 @@
-"""The stream: StreamDiffusion's stream batch over pre-allocated state (docs/DESIGN.md, "The stream step").
+"""The stream: StreamDiffusion's stream batch over pre-allocated state (docs/DESIGN.md section 2).
 
 A :class:`Stream` holds the state that lives across calls (latent buffer, noise, stock noise, prompt
 embeddings, cached attention, similarity memory, frame counter) and the math of one call, written as the
@@ -196,7 +196,7 @@ class Stream:
             self.buffers.delta.fill_(float(delta))
             self.config = self.config.with_(delta=float(delta))
 
-    # ------------------------------------------------------------------ the step (docs/DESIGN.md)
+    # ------------------------------------------------------------------ the step (docs/DESIGN.md section 2)
     def _to_eps(self, pred: torch.Tensor, rows: slice, out: torch.Tensor) -> None:
         """Write the epsilon prediction for batch ``rows`` (v-prediction converts: eps = a*v + b*x)."""
         if self.models.prediction_type == "v_prediction":

@@ -1,4 +1,4 @@
-"""TensorRT / TensorRT-RTX engines for the stream's UNet and VAE (docs/DESIGN.md, "Engines").
+"""TensorRT / TensorRT-RTX engines for the stream's UNet and VAE (docs/DESIGN.md section 5).
 
 - :mod:`.spec`: shape ranges, components, backends, targets (plain data).
 - :mod:`.export`: ONNX export of the UNet and VAE encoder / decoder; the extension point for

@@ -6,7 +6,7 @@ config compiles once, and inductor's on-disk cache (:func:`use_compile_cache`) m
 
 One change does touch the shared UNet: on a CUDA device its weights are put in channels-last memory
 format once, which the compiled convolutions need to run fast. The values are the same, so every other
-caller computes what it computed before (docs/DESIGN.md, "The runtime seam").
+caller computes what it computed before (docs/DESIGN.md section 6).
 """
 
 from __future__ import annotations
@@ -57,23 +57,28 @@ class CompileOptions:
 
 @dataclass(frozen=True)
 class CompiledCalls:
-    """The compiled UNet module and VAE calls of one pipeline."""
+    """The compiled UNet module and VAE calls of one pipeline's modules."""
 
     unet: torch.nn.Module
+    vae: torch.nn.Module
     encode: Callable[[torch.Tensor], torch.Tensor]
     decode: Callable[[torch.Tensor], torch.Tensor]
 
 
-_compiled: weakref.WeakKeyDictionary[StreamModels, dict[CompileOptions, CompiledCalls]] = weakref.WeakKeyDictionary()
+#: UNet module -> {(id of the VAE, options): calls}; the calls hold the VAE, so its id stays its own
+_compiled: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, CompileOptions], CompiledCalls]] = \
+    weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
 def compiled_calls(models: StreamModels, options: CompileOptions = CompileOptions()) -> CompiledCalls:
-    """The compiled calls of ``models`` for ``options``, made on first use (compilation itself happens lazily,
-    on the first call of each shape)."""
+    """The compiled calls of the modules of ``models`` for ``options``, made on first use and shared by every
+    stream (and every :class:`StreamModels`) over the same modules. Compilation itself happens lazily, on
+    the first call of each shape."""
     with _lock:
-        per_models = _compiled.setdefault(models, {})
-        calls = per_models.get(options)
+        per_unet = _compiled.setdefault(models.unet, {})
+        key = (id(models.vae), options)
+        calls = per_unet.get(key)
         if calls is not None:
             return calls
         if options.backend == "inductor":
@@ -85,10 +90,10 @@ def compiled_calls(models: StreamModels, options: CompileOptions = CompileOption
             kwargs["mode"] = options.mode
         vae = models.vae
         calls = CompiledCalls(
-            unet=torch.compile(models.unet, **kwargs),
+            unet=torch.compile(models.unet, **kwargs), vae=vae,
             encode=torch.compile(lambda images: encode_images(vae, images), **kwargs),
             decode=torch.compile(lambda latents: decode_latents(vae, latents), **kwargs),
         )
-        per_models[options] = calls
+        per_unet[key] = calls
         logger.info("torch.compile (%s, mode=%s) copies of the UNet and VAE calls made", options.backend, options.mode)
         return calls
