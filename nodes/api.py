@@ -10,13 +10,12 @@ import logging
 import os
 from collections.abc import Callable
 
-import torch
-
 import comfy.model_management as model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import ComfyExtension, io  # noqa: F401  (re-exported for the node modules)
 
 from ..streamrt.weights import WEIGHT_SUFFIXES

@@ -11,9 +11,19 @@ import logging
 from dataclasses import dataclass, fields
 
 from ..streamrt.config import CfgType, StreamConfig
-from ..streamrt.engines import (BACKENDS, COMPONENTS, TARGET_CHOICES, CachedEngines, EngineCache, build_engines,
-                                installed_backends, local_target, requests_for_stream, runtime_problem,
-                                weights_fingerprint)
+from ..streamrt.engines import (
+    BACKENDS,
+    COMPONENTS,
+    TARGET_CHOICES,
+    CachedEngines,
+    EngineCache,
+    build_engines,
+    installed_backends,
+    local_target,
+    requests_for_stream,
+    runtime_problem,
+    weights_fingerprint,
+)
 from ..streamrt.engines.cache import CacheEntry
 from ..streamrt.models import StreamModels
 from . import api

@@ -60,7 +60,8 @@ class StreamSampler(io.ComfyNode):
                 io.Image.Input("image", optional=True,
                                tooltip="Input frame(s). Leave unconnected for txt2img."),
                 io.String.Input("prompt", multiline=True, default="",
-                                tooltip="Prompt. Changing it re-encodes once; an unchanged prompt is never re-encoded."),
+                                tooltip="Prompt. Changing it re-encodes once; an unchanged prompt is never "
+                                        "re-encoded."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Negative prompt, used by cfg_type full and initialize."),
                 io.String.Input("t_index_list", default="32,45",
@@ -160,12 +161,13 @@ class StreamSampler(io.ComfyNode):
         count = int(frames.shape[0])
         runtime = stream.runtime
         api.send_status({
-            "node": node_id, "workflow": owner[0], "frames": count, "seconds": seconds, "ms_per_frame": 1000.0 * seconds / count,
+            "node": node_id, "workflow": owner[0], "frames": count, "seconds": seconds,
+            "ms_per_frame": 1000.0 * seconds / count,
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
             "backend": runtime.describe(), "acceleration": runtime.acceleration.value, "parts": runtime.parts,
             "notes": list(runtime.notes), "device": str(stream.device),
-            "state": "reset" if reset else ("warming" if fresh or stream.frames_processed <= stream.latency * frames_per_step
-                                            else "streaming"),
+            "state": "reset" if reset else (
+                "warming" if fresh or stream.frames_processed <= stream.latency * frames_per_step else "streaming"),
         })
         logger.debug("stream %s: %d frame(s) in %.1f ms (%s)", node_id, count, 1000 * seconds, runtime.describe())
         return io.NodeOutput(frames)

@@ -8,8 +8,7 @@ from .buffers import StreamBuffers
 from .config import Acceleration, CfgType, SimilarityFilterConfig, StreamConfig
 from .engines import CachedEngines, EngineCache, attach_engines, build_engines, requests_for_stream
 from .frames import FrameError, as_rgb_frames
-from .loading import (ModelLoadError, PipelineSpec, load_checkpoint, load_diffusers_folder, load_pipeline,
-                      load_taesd)
+from .loading import ModelLoadError, PipelineSpec, load_checkpoint, load_diffusers_folder, load_pipeline, load_taesd
 from .lora import LoraSpec
 from .models import StreamModels
 from .runtime import AccelerationUnavailable, Runtime, UNetExtras, prepare

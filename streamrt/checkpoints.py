@@ -183,7 +183,8 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]], *, check_widths: bo
     return Architecture(family, text_width, context_dim, in_channels, has_vae, v_pred_key="v_pred" in shapes)
 
 
-def auto_prediction_type(arch: Architecture, file_name: str, v_norm_bias: torch.Tensor | None = None) -> tuple[str, str]:
+def auto_prediction_type(arch: Architecture, file_name: str,
+                         v_norm_bias: torch.Tensor | None = None) -> tuple[str, str]:
     """The ``auto`` prediction type and why (see the module docstring for the rule).
 
     Args:

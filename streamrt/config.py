@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from .kv_cache import KVCacheConfig
 
 
-class Acceleration(str, enum.Enum):
+class Acceleration(str, enum.Enum):  # noqa: UP042 - enum.StrEnum is not in Python 3.10 (pyproject allows it)
     """How a stream's UNet and VAE are run (docs/DESIGN.md section 6).
 
     - ``AUTO``: the fastest path that is ready here without surprises: engines for this shape that run on
@@ -32,7 +32,7 @@ class Acceleration(str, enum.Enum):
     TENSORRT = "tensorrt"
 
 
-class CfgType(str, enum.Enum):
+class CfgType(str, enum.Enum):  # noqa: UP042 - as Acceleration
     """How classifier-free guidance is computed (docs/DESIGN.md section 2, stage 4).
 
     - ``NONE``: no guidance; one UNet row per batch row.
@@ -183,6 +183,6 @@ class StreamConfig:
                 self.kv_cache.enabled, self.kv_cache.max_frames if self.kv_cache.enabled else 0,
                 (flt.enabled, flt.threshold, flt.max_skip) if flt.enabled else False, self.acceleration)
 
-    def with_(self, **changes) -> "StreamConfig":
+    def with_(self, **changes) -> StreamConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)

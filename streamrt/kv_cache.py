@@ -140,7 +140,8 @@ class KVCache:
 
     def allocate(self, layers: Sequence[tuple[int, int]], rows: int, dtype: torch.dtype) -> None:
         """Allocate every layer's buffers now (before any capture or compilation traces a UNet call):
-        ``layers[i]`` is ``(tokens, channels)`` of ``attn1`` layer ``i`` (see :func:`streamrt.kv_export.kv_cache_io_spec`)."""
+        ``layers[i]`` is ``(tokens, channels)`` of ``attn1`` layer ``i``
+        (see :func:`streamrt.kv_export.kv_cache_io_spec`)."""
         for index, (tokens, channels) in enumerate(layers):
             self.layer(index, rows, tokens, channels, dtype)
 

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .models import StreamModels
-from .weights import (SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES, ModelLoadError,  # noqa: F401  (re-exported)
-                      check_weight_file, read_shapes, read_weights)
+from .weights import SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES, ModelLoadError, check_weight_file, read_shapes, read_weights  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from .lora import LoraSpec

@@ -111,7 +111,7 @@ class StreamModels:
     def text_length(self) -> int:
         return int(self.tokenizer.model_max_length)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "StreamModels":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StreamModels:
         """Move every module (in place) and return self."""
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)

@@ -159,7 +159,8 @@ def seeded_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
 
 
-def blended_noise(seeds: int | Sequence[tuple[int, float]], shape: Sequence[int], method: str = "linear") -> torch.Tensor:
+def blended_noise(seeds: int | Sequence[tuple[int, float]], shape: Sequence[int],
+                  method: str = "linear") -> torch.Tensor:
     """Noise of one seed, or a variance-preserving blend of several seeds' noise."""
     if isinstance(seeds, int):
         return seeded_noise(seeds, shape)

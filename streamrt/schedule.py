@@ -41,7 +41,7 @@ class StreamSchedule:
     a_next: torch.Tensor
     b_next: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "StreamSchedule":
+    def to(self, device: torch.device | str) -> StreamSchedule:
         """The same schedule on another device."""
         return StreamSchedule(**{k: v.to(device) for k, v in self.__dict__.items()})
 

@@ -59,7 +59,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         detail = next((line for line in lines if any(w in line.lower() for w in ("global", "class", "reduce"))), None)
         if detail is None:
             detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
-            raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {detail}") from None
+            raise ModelLoadError(
+                f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {detail}") from None
         detail = detail[:200]
         raise ModelLoadError(
             f"{path} was refused: it is a pickle that would need to run code to load ({detail}). StreamRT reads "

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from ..runtime import graph_replay_ms
-from .common import PROMPT, SCENARIOS, BenchContext
+from .common import PROMPT, SCENARIOS, BenchContext, Scenario
 
 logger = logging.getLogger("streamrt.bench")
 
@@ -23,21 +23,27 @@ def breakdown(ctx: BenchContext, args: argparse.Namespace) -> str:
     acceleration = args.accelerations[-1]
     lines = [f"| scenario ({acceleration} calls, each part in its own CUDA graph) | "
              "VAE encode ms | UNet ms | VAE decode ms | whole step ms |", "|---|---|---|---|---|"]
-    frame = ctx.frames[:1]
     for key in args.scenarios:
         sc = SCENARIOS[key]
-        stream = ctx.stream(acceleration, sc, prompt=PROMPT)
-        for _ in range(3):
-            stream.step(frame.expand(sc.frames_per_step, -1, -1, -1))
-        run, buf = stream.runtime, stream.buffers
-        parts = [
+        parts = _time_parts(ctx, acceleration, sc)
+        lines.append(f"| {sc.label}, F={sc.frames_per_step} | " + " | ".join(f"{p:.2f}" for p in parts) + " |")
+        logger.info("breakdown %s", lines[-1])
+    return "\n".join(lines)
+
+
+def _time_parts(ctx: BenchContext, acceleration: str, sc: Scenario) -> list[float]:
+    """GPU ms of encode, UNet, decode and the whole device step of one scenario's stream."""
+    stream = ctx.stream(acceleration, sc, prompt=PROMPT)
+    frames = ctx.frames[:1].expand(sc.frames_per_step, -1, -1, -1)
+    for _ in range(3):
+        stream.step(frames)
+    run, buf, extras = stream.runtime, stream.buffers, stream.unet_extras
+    try:
+        return [
             graph_replay_ms(lambda: run.encode(buf.image_in), ctx.device),
-            graph_replay_ms(lambda: run.unet(buf.unet_in, buf.timesteps, buf.embeds, stream.unet_extras), ctx.device),
+            graph_replay_ms(lambda: run.unet(buf.unet_in, buf.timesteps, buf.embeds, extras), ctx.device),
             graph_replay_ms(lambda: run.decode(buf.latent_out), ctx.device),
             graph_replay_ms(lambda: stream.device_step(False), ctx.device),
         ]
-        lines.append(f"| {sc.label}, F={sc.frames_per_step} | " + " | ".join(f"{p:.2f}" for p in parts) + " |")
-        logger.info("breakdown %s", lines[-1])
+    finally:
         stream.close()
-        del stream
-    return "\n".join(lines)

@@ -16,8 +16,17 @@ from typing import Any
 import torch
 
 from .breakdown import breakdown
-from .common import (ACCELERATIONS, REFERENCE_NAME, SCENARIOS, SKIPPED, BenchContext, Scenario, free_memory,
-                     new_row, versions)
+from .common import (
+    ACCELERATIONS,
+    REFERENCE_NAME,
+    SCENARIOS,
+    SKIPPED,
+    BenchContext,
+    Scenario,
+    free_memory,
+    new_row,
+    versions,
+)
 from .ours import run_ours
 from .reference import reference_unavailable, run_reference
 from .report import fill_speedups, fmt, render_markdown, write_outputs
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     out_dir = Path(args.out)
     meta: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "streamrt.bench", *(argv or sys.argv[1:])]),
         "device": str(device), "device_name": "cpu", "preset": args.preset, "width": args.width,
         "height": args.height, "frames": args.frames, "dtype": None, "versions": versions(),

@@ -8,8 +8,20 @@ from typing import Any
 
 import torch
 
-from .common import (NEGATIVE, PROMPT, PROMPT_2, BenchContext, Scenario, StepMarks, allocations, logger, median,
-                     new_row, percentile, sync)
+from .common import (
+    NEGATIVE,
+    PROMPT,
+    PROMPT_2,
+    BenchContext,
+    Scenario,
+    StepMarks,
+    allocations,
+    logger,
+    median,
+    new_row,
+    percentile,
+    sync,
+)
 
 
 def run_ours(ctx: BenchContext, acceleration: str, sc: Scenario) -> dict[str, Any]:
@@ -138,6 +150,6 @@ def run_ours(ctx: BenchContext, acceleration: str, sc: Scenario) -> dict[str, An
 
     if dev.type == "cuda":
         row["peak_vram_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    del stream
+    stream.close()
     return row
 

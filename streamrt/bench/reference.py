@@ -9,8 +9,23 @@ from unittest import mock
 
 import torch
 
-from .common import (DELTA, GUIDANCE, NEGATIVE, NUM_INFERENCE_STEPS, PROMPT, REFERENCE_NAME, BenchContext, Scenario,
-                     allocations, logger, median, new_row, percentile, sync)
+from .common import (
+    DELTA,
+    GUIDANCE,
+    NEGATIVE,
+    NUM_INFERENCE_STEPS,
+    PROMPT,
+    REFERENCE_NAME,
+    BenchContext,
+    Scenario,
+    allocations,
+    logger,
+    median,
+    new_row,
+    percentile,
+    sync,
+)
+
 
 @contextlib.contextmanager
 def cuda_timing_shim(device: torch.device):

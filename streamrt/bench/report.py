@@ -10,6 +10,7 @@ from typing import Any
 
 from .common import METHODS, REFERENCE_NAME, SCENARIOS
 
+
 def fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"

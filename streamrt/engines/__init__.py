@@ -13,16 +13,53 @@ Nothing here imports TensorRT at import time: the backends are optional (``pip i
 tensorrt-rtx polygraphy``), and the stream falls back to torch without them.
 """
 
-from .build import (BackendUnavailableError, EngineBuildError, EngineRequest, EngineResult, build_engines,
-                    engine_key, ensure_engine, installed_backends, local_target, requests_for_stream, resolve_target,
-                    unet_rows)
-from .cache import (CacheEntry, EngineCache, EngineCacheError, EngineKey, EngineNameError, EngineRecord,
-                    InvalidEngineError, weights_fingerprint)
-from .export import (ExportComponent, OnnxExport, TensorSpec, component_for, export_onnx, unet_component,
-                     vae_decoder_component, vae_encoder_component)
+from .build import (
+                    BackendUnavailableError,
+                    EngineBuildError,
+                    EngineRequest,
+                    EngineResult,
+                    build_engines,
+                    engine_key,
+                    ensure_engine,
+                    installed_backends,
+                    local_target,
+                    requests_for_stream,
+                    resolve_target,
+                    unet_rows,
+)
+from .cache import (
+                    CacheEntry,
+                    EngineCache,
+                    EngineCacheError,
+                    EngineKey,
+                    EngineNameError,
+                    EngineRecord,
+                    InvalidEngineError,
+                    weights_fingerprint,
+)
+from .export import (
+                    ExportComponent,
+                    OnnxExport,
+                    TensorSpec,
+                    component_for,
+                    export_onnx,
+                    unet_component,
+                    vae_decoder_component,
+                    vae_encoder_component,
+)
 from .runner import CachedEngines, EngineLoadError, EngineRunner, attach_engines, runtime_problem
-from .spec import (BACKENDS, COMPONENTS, ENGINE_FORMAT, PRECISIONS, RTX_TARGETS, TARGET_CHOICES, TENSORRT,
-                   TENSORRT_RTX, DimRange, EngineShapes)
+from .spec import (
+                    BACKENDS,
+                    COMPONENTS,
+                    ENGINE_FORMAT,
+                    PRECISIONS,
+                    RTX_TARGETS,
+                    TARGET_CHOICES,
+                    TENSORRT,
+                    TENSORRT_RTX,
+                    DimRange,
+                    EngineShapes,
+)
 
 __all__ = [
     "BACKENDS", "CachedEngines", "BackendUnavailableError", "COMPONENTS", "CacheEntry", "DimRange", "ENGINE_FORMAT",

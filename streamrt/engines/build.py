@@ -42,8 +42,19 @@ from ..config import CfgType, StreamConfig
 from ..models import StreamModels
 from .cache import EngineCache, EngineKey, EngineRecord, weights_fingerprint
 from .export import ExportComponent, component_for, export_onnx
-from .spec import (BACKEND_MODULES, BACKENDS, COMPONENTS, PRECISIONS, RTX_TARGETS, TENSORRT, TENSORRT_RTX, UNET,
-                   EngineShapes, parse_target, target_name)
+from .spec import (
+    BACKEND_MODULES,
+    BACKENDS,
+    COMPONENTS,
+    PRECISIONS,
+    RTX_TARGETS,
+    TENSORRT,
+    TENSORRT_RTX,
+    UNET,
+    EngineShapes,
+    parse_target,
+    target_name,
+)
 
 logger = logging.getLogger(__name__)
 

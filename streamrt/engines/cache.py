@@ -179,7 +179,7 @@ class EngineKey:
                 "target": self.target, "cache_window": self.cache_window, "format": self.format}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "EngineKey":
+    def from_json(cls, data: Mapping) -> EngineKey:
         return cls(weights=str(data["weights"]), component=str(data["component"]),
                    shapes=EngineShapes.from_json(data["shapes"]), precision=str(data["precision"]),
                    backend=str(data["backend"]), backend_version=str(data["backend_version"]),
@@ -198,7 +198,7 @@ class EngineKey:
         """``<weights>/<file name>``: the engine's name inside a cache folder."""
         return f"{weights_folder(self.weights)}/{self.file_name()}"
 
-    def differences(self, other: "EngineKey") -> list[str]:
+    def differences(self, other: EngineKey) -> list[str]:
         """``["target: SM86 != SM89", ...]`` for the fields where ``other`` differs from self."""
         mine, theirs = self.to_json(), other.to_json()
         return [f"{k}: {theirs[k]} != {mine[k]}" for k in mine if mine[k] != theirs.get(k)]
@@ -469,7 +469,7 @@ class EngineCache:
             "streamrt_engine": ENGINE_FORMAT,
             "key": key.to_json(),
             "engine": {"file": final.name, "sha256": sha, "bytes": size},
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             **dict(meta or {}),
         }
         with contextlib.suppress(FileNotFoundError):

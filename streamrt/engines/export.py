@@ -2,8 +2,8 @@
 
 Each exportable part is an :class:`ExportComponent`: a module whose ``forward`` takes the named
 inputs in order and returns the named outputs in order, plus the symbolic shape of every tensor
-(see :mod:`streamrt.engines.spec`). The three stock components call the diffusers models through the same functions as the
-stream's torch runtime (:mod:`streamrt.models`):
+(see :mod:`streamrt.engines.spec`). The three stock components call the diffusers models through the
+same functions as the stream's torch runtime (:mod:`streamrt.models`):
 
 =============  ==========================================================  ============================
 component      inputs                                                      outputs
@@ -158,7 +158,7 @@ class ExportComponent:
         return [t.name for t in self.outputs]
 
     def with_io(self, module: torch.nn.Module, *, extra_inputs: Sequence[TensorSpec] = (),
-                extra_outputs: Sequence[TensorSpec] = (), cache_window: int | None = None) -> "ExportComponent":
+                extra_outputs: Sequence[TensorSpec] = (), cache_window: int | None = None) -> ExportComponent:
         """The same component exported through ``module``, with more named inputs and outputs.
 
         ``module.forward`` takes the stock inputs followed by ``extra_inputs`` and returns the stock

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +34,7 @@ from ..config import StreamConfig
 from ..models import StreamModels
 from ..runtime import AttachResult
 from .build import installed_backends, local_target
-from .cache import EngineCache, EngineRecord, InvalidEngineError, weights_fingerprint
+from .cache import EngineCache, InvalidEngineError, weights_fingerprint
 from .spec import BACKEND_MODULES, BACKENDS, COMPONENTS, RTX_TARGETS, TENSORRT_RTX, UNET
 
 logger = logging.getLogger(__name__)

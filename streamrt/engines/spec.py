@@ -64,11 +64,11 @@ class DimRange:
             raise ValueError(f"a dimension range needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
 
     @classmethod
-    def fixed(cls, value: int) -> "DimRange":
+    def fixed(cls, value: int) -> DimRange:
         return cls(value, value, value)
 
     @classmethod
-    def of(cls, value: "int | DimRange | Iterable[int]") -> "DimRange":
+    def of(cls, value: int | DimRange | Iterable[int]) -> DimRange:
         """A range from an int (static), a DimRange, or ``(min, opt, max)``."""
         if isinstance(value, DimRange):
             return value
@@ -87,7 +87,7 @@ class DimRange:
     def values(self) -> tuple[int, int, int]:
         return (self.min, self.opt, self.max)
 
-    def divided(self, factor: int, what: str) -> "DimRange":
+    def divided(self, factor: int, what: str) -> DimRange:
         """Every bound divided by ``factor`` (each must be a multiple: ``what`` names the dimension)."""
         bad = [v for v in self.values() if v % factor]
         if bad:
@@ -126,12 +126,12 @@ class EngineShapes:
         object.__setattr__(self, "extra", extra)
 
     @classmethod
-    def static(cls, rows: int, width: int, height: int, **extra: int) -> "EngineShapes":
+    def static(cls, rows: int, width: int, height: int, **extra: int) -> EngineShapes:
         return cls(DimRange.fixed(rows), DimRange.fixed(height), DimRange.fixed(width),
                    tuple((k, DimRange.fixed(v)) for k, v in extra.items()))
 
     @classmethod
-    def ranged(cls, rows: int | DimRange, width: int, height: int, min_size: int, max_size: int) -> "EngineShapes":
+    def ranged(cls, rows: int | DimRange, width: int, height: int, min_size: int, max_size: int) -> EngineShapes:
         """Width and height anywhere in ``[min_size, max_size]``, tuned for ``width x height``."""
         if not min_size <= min(width, height) or not max(width, height) <= max_size:
             raise ValueError(f"{width}x{height} must lie within the size range [{min_size}, {max_size}]")
@@ -144,7 +144,7 @@ class EngineShapes:
     def covers(self, rows: int, width: int, height: int) -> bool:
         return self.rows.covers(rows) and self.width.covers(width) and self.height.covers(height)
 
-    def with_extra(self, **symbols: "int | DimRange | Iterable[int]") -> "EngineShapes":
+    def with_extra(self, **symbols: int | DimRange | Iterable[int]) -> EngineShapes:
         merged = dict(self.extra)
         merged.update({k: DimRange.of(v) for k, v in symbols.items()})
         return EngineShapes(self.rows, self.height, self.width, tuple(merged.items()))
@@ -169,6 +169,6 @@ class EngineShapes:
                 "width": list(self.width.values()), "extra": {k: list(v.values()) for k, v in self.extra}}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "EngineShapes":
+    def from_json(cls, data: Mapping) -> EngineShapes:
         return cls(DimRange.of(data["rows"]), DimRange.of(data["height"]), DimRange.of(data["width"]),
                    tuple((k, DimRange.of(v)) for k, v in dict(data.get("extra", {})).items()))

@@ -10,8 +10,18 @@ from ..config import Acceleration
 from .compiled import CompileOptions, compiled_calls, use_compile_cache
 from .graphs import capture_graph, graph_replay_ms
 from .host_io import HostIO
-from .runtime import (NO_EXTRAS, AccelerationUnavailable, AttachResult, EngineCallError, EngineSource, EngineUNet,
-                      Runtime, TorchUNet, UNetExtras, prepare)
+from .runtime import (
+                      NO_EXTRAS,
+                      AccelerationUnavailable,
+                      AttachResult,
+                      EngineCallError,
+                      EngineSource,
+                      EngineUNet,
+                      Runtime,
+                      TorchUNet,
+                      UNetExtras,
+                      prepare,
+)
 
 __all__ = [
     "Acceleration", "AccelerationUnavailable", "AttachResult", "CompileOptions", "EngineCallError", "EngineSource",

@@ -201,7 +201,7 @@ def _unavailable(requested: Acceleration, why: str) -> AccelerationUnavailable:
 
 
 def prepare(models: StreamModels, config: StreamConfig, acceleration: Acceleration | str | None = None, *,
-            engines: EngineSource | None = None, compile_options: CompileOptions = CompileOptions()) -> Runtime:
+            engines: EngineSource | None = None, compile_options: CompileOptions | None = None) -> Runtime:
     """The runtime of one stream of ``models`` with ``config``.
 
     Args:
@@ -210,7 +210,7 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
         config: the stream's config (shapes, cached attention).
         acceleration: what to use; ``None`` takes ``config.acceleration``.
         engines: where ``tensorrt`` (and ``auto``) look for engines; without it there are none.
-        compile_options: how ``compile`` compiles.
+        compile_options: how ``compile`` compiles (default: :class:`CompileOptions`' defaults).
 
     Raises:
         AccelerationUnavailable: ``cuda_graph`` without a CUDA device, ``tensorrt`` without any engine
@@ -252,7 +252,7 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
             raise _unavailable(requested, f"it needs a CUDA GPU and the pipeline runs on {device}")
         return torch_runtime(requested, captures=True)
     if requested is Acceleration.COMPILE:
-        calls = compiled_calls(models, compile_options)
+        calls = compiled_calls(models, compile_options or CompileOptions())
         if not cuda:
             notes.append(f"no CUDA GPU ({device}): compiled calls run without a CUDA graph")
         return Runtime(requested=requested, acceleration=requested, device=device, unet=TorchUNet(calls.unet),
