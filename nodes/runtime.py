@@ -30,10 +30,6 @@ class PipelineHandle:
     spec: PipelineSpec
 
     @property
-    def model_path(self) -> str:
-        return self.spec.model
-
-    @property
     def key(self) -> tuple:
         """The spec (model, TAESD, LoRA set with strengths, dtype, device, prediction type) plus the
         sizes and mtimes of every file it reads: a changed file or LoRA set means another pipeline."""

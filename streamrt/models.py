@@ -117,12 +117,3 @@ class StreamModels:
             module.to(device=device, dtype=dtype)
         self.prompt_encoder.clear()
         return self
-
-    # VAE in the stream's conventions (eager; the runtime decides how the stream calls them) -----
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents of images in [-1, 1] (see :func:`encode_images`)."""
-        return encode_images(self.vae, images)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in about [-1, 1] from unscaled latents (see :func:`decode_latents`)."""
-        return decode_latents(self.vae, latents)

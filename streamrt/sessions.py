@@ -61,10 +61,6 @@ class StreamSessions:
                 self._pipelines[key] = models
             return models
 
-    def has_pipeline(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._pipelines
-
     # streams ---------------------------------------------------------------------------------------
     def stream(self, owner: Hashable, models: StreamModels, request: StreamRequest) -> Stream:
         """The owner's stream, created or updated so that it matches ``request``.
@@ -101,23 +97,17 @@ class StreamSessions:
                 stream.reset()
             return stream
 
-    def _drop(self, owner: Hashable) -> bool:
+    def _drop(self, owner: Hashable) -> None:
         stream = self._streams.pop(owner, None)
         self._keys.pop(owner, None)
         if stream is not None:
             stream.close()
-        return stream is not None
 
     def frames_processed(self, owner: Hashable) -> int:
         """Frames the owner's stream has processed (0 when it has none)."""
         with self._lock:
             stream = self._streams.get(owner)
             return 0 if stream is None else stream.frames_processed
-
-    def drop_stream(self, owner: Hashable) -> bool:
-        """Forget one owner's stream; True when there was one."""
-        with self._lock:
-            return self._drop(owner)
 
     def live_streams(self) -> dict[Hashable, dict]:
         """A summary of every live stream (for status displays)."""

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
 
 import torch
 
@@ -48,15 +47,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 class EngineLoadError(RuntimeError):
     """An engine could not be deserialized or bound here; the message says why."""
-
-
-class Runner(Protocol):
-    """What the runtime needs from an engine runner: inputs in engine order in, output(s) out."""
-
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]: ...
 
 
 def import_backend(backend: str) -> ModuleType:
