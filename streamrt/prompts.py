@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .cuda_graphs import capture_graph
+
 logger = logging.getLogger(__name__)
 
 Weighted = Sequence[tuple[str, float]]
@@ -129,9 +131,6 @@ class PromptEncoder:
         return self._out_static.clone()  # the cache entry
 
     def _capture(self, ids: torch.Tensor) -> None:
-        # Imported here: the runtime package imports the models, which import this module.
-        from .runtime.graphs import capture_graph
-
         try:
             self._ids_static = ids.to(self.device).clone()
             self._graph, self._out_static = capture_graph(

@@ -2,13 +2,14 @@
 
 - :mod:`.runtime`: :func:`prepare`, :class:`Runtime`, :class:`UNetExtras`, the UNet callables.
 - :mod:`.compiled`: ``torch.compile``'d copies of a pipeline's calls, shared per pipeline.
-- :mod:`.graphs`: the one CUDA-graph capture helper.
+- :mod:`streamrt.cuda_graphs` (re-exported here): the one CUDA-graph capture helper, also used by the
+  prompt encoder, which sits below the runtime.
 - :mod:`.host_io`: pinned frame staging and drain.
 """
 
 from ..config import Acceleration
+from ..cuda_graphs import capture_graph, graph_replay_ms
 from .compiled import CompileOptions, compiled_calls, use_compile_cache
-from .graphs import capture_graph, graph_replay_ms
 from .host_io import HostIO
 from .runtime import (
                       NO_EXTRAS,

@@ -23,10 +23,10 @@ from typing import Any, Protocol
 import torch
 
 from ..config import Acceleration, StreamConfig
+from ..cuda_graphs import capture_graph
 from ..kv_cache import KVCache
 from ..models import StreamModels, decode_latents, encode_images, predict_noise
 from .compiled import CompileOptions, compiled_calls
-from .graphs import capture_graph
 from .host_io import HostIO
 
 logger = logging.getLogger(__name__)
