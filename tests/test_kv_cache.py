@@ -1,4 +1,4 @@
-"""Cached attention across frames (DESIGN.md section 3) against a naive reference (CPU, float32, tiny models).
+"""Cached attention across frames (docs/DESIGN.md section 3) against a naive reference (CPU, float32, tiny models).
 
 The reference (:class:`NaiveCachedSelfAttn`) keeps, per ``attn1`` layer, a Python list of the (K, V) of
 past UNet calls (appended every ``interval`` calls), concatenates the last ``window`` of them after the
@@ -470,7 +470,7 @@ def attn1_layers_from_config(unet_config: dict, latent_h: int, latent_w: int) ->
 
 def ring_bytes_formula(unet_config: dict, latent_h: int, latent_w: int, rows: int, max_frames: int,
                        element_size: int) -> int:
-    """DESIGN.md section 3: M * rows * sum_l S_l * C_l * 2 (K and V) * bytes per element."""
+    """docs/DESIGN.md section 3: M * rows * sum_l S_l * C_l * 2 (K and V) * bytes per element."""
     layers = attn1_layers_from_config(unet_config, latent_h, latent_w)
     return max_frames * rows * sum(s * c for s, c in layers) * 2 * element_size
 
@@ -491,7 +491,7 @@ def test_ring_nbytes_matches_the_formula(models):
 
 
 def test_sd15_ring_is_about_46mb_per_row_and_frame():
-    """SD1.5 at 512x512 fp16: K+V of one batch row and one frame is about 46 MB (DESIGN.md section 3).
+    """SD1.5 at 512x512 fp16: K+V of one batch row and one frame is about 46 MB (docs/DESIGN.md section 3).
 
     The formula comes from the config alone; ``KVCache.ring_nbytes`` on a meta-device UNet (nothing
     allocated) must agree with it.
@@ -523,7 +523,7 @@ def test_sd15_ring_is_about_46mb_per_row_and_frame():
 
 
 def test_sdxl_formula_is_about_105mb():
-    """SDXL's 70 attn1 layers at 512x512 fp16: about 105 MB per row and frame (DESIGN.md section 3)."""
+    """SDXL's 70 attn1 layers at 512x512 fp16: about 105 MB per row and frame (docs/DESIGN.md section 3)."""
     sdxl = {"block_out_channels": (320, 640, 1280), "layers_per_block": 2,
             "transformer_layers_per_block": (1, 2, 10),
             "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -1,4 +1,4 @@
-"""Hot-path rules (DESIGN.md section 4) on the CPU: the per-frame path keeps its state where it was allocated.
+"""Hot-path rules (docs/DESIGN.md section 4) on the CPU: the per-frame path keeps its state where it was allocated.
 
 Two checks:
 

@@ -1,4 +1,4 @@
-"""The stream against a plain re-implementation of DESIGN.md section 2.
+"""The stream against a plain re-implementation of docs/DESIGN.md section 2.
 
 :class:`ReferenceStream` is written straight from the design notes: every constant is recomputed from a
 fresh diffusers ``LCMScheduler``, every call builds its batch with ``torch.cat`` from plain tensors that
@@ -30,7 +30,7 @@ LATENT_RTOL = 1e-5     # latents reach a few hundred with random weights: compar
 
 
 class ReferenceStream:
-    """DESIGN.md section 2, literally, for F frames per call and n = len(t_index_list) steps."""
+    """docs/DESIGN.md section 2, literally, for F frames per call and n = len(t_index_list) steps."""
 
     def __init__(self, models, *, t_index_list, num_inference_steps=50, frames_per_step=1, cfg_type="self",
                  guidance_scale=1.5, delta=1.0, do_add_noise=True, seed=2, prompt="", negative_prompt="",
