@@ -11,8 +11,19 @@
 * ``e2e_tiny_models`` (session): hook point for e2e tests that need (tiny, random) model
   files: populate ``streamrt_models_root`` there; it returns that folder.
   ``models_dir(server)`` gives a server's ``<work>/models`` (same files).  (Not named
-  ``tiny_models``: tests/stream_fixtures.py already has a ``tiny_models`` fixture that
-  returns in-process ``streamrt.StreamModels``.)
+  ``tiny_models``: that fixture returns in-process ``streamrt.StreamModels``, below.)
+
+Tiny random models in this process (CPU, float32; written once per session, loaded by
+``streamrt.load_diffusers_folder``), for the core tests:
+
+* ``tiny_folders`` (session): the diffusers folders ``tiny`` (with its TAESD folder ``taesd``) and
+  ``tiny_v`` (v-prediction);
+* ``tiny_models`` / ``tiny_taesd_models`` / ``tiny_v_models`` (session): the ``tiny`` pipeline with its
+  full VAE / with TAESD, and the ``tiny-v`` pipeline;
+* ``fresh_tiny_models`` (per test): a private copy of ``tiny`` for tests that change shared model state.
+
+Helpers (plain functions and constants) are in modules beside this file, imported as top-level
+modules: ``stream_helpers``, ``e2e_helpers``, ``model_files``, ``engine_helpers``, ``workflows``.
 
 On a failing test that used ``comfy_server`` the tail of the server log is added to
 the report.  The pack is mounted as ``nodes/StreamRT`` (module name / web path
@@ -120,9 +131,50 @@ def e2e_tiny_models(streamrt_models_root: Path) -> Path:
     re-lists model folders when their mtime changes). A module that needs more models overrides
     this fixture and asks for it by the same name to get these too.
     """
-    from tests.stream_fixtures import write_e2e_models
+    from stream_helpers import write_e2e_models
 
     return write_e2e_models(streamrt_models_root)
+
+
+# stream_helpers imports torch and streamrt: imported inside the fixtures, so this conftest loads without them
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Diffusers folders of the ``tiny`` (with a TAESD folder) and ``tiny-v`` random pipelines."""
+    from stream_helpers import write_tiny_folders
+
+    return write_tiny_folders(tmp_path_factory.mktemp("stream_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_folders: dict[str, Path]):
+    """Epsilon-prediction tiny pipeline with its full ``AutoencoderKL`` (``streamrt.StreamModels``)."""
+    from stream_helpers import quiet_load
+
+    return quiet_load(tiny_folders["tiny"])
+
+
+@pytest.fixture(scope="session")
+def tiny_taesd_models(tiny_folders: dict[str, Path]):
+    """The same pipeline with the TAESD (``AutoencoderTiny``) VAE."""
+    from stream_helpers import quiet_load
+
+    return quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])
+
+
+@pytest.fixture(scope="session")
+def tiny_v_models(tiny_folders: dict[str, Path]):
+    """v-prediction tiny pipeline (SD2-shaped) with its full VAE."""
+    from stream_helpers import quiet_load
+
+    return quiet_load(tiny_folders["tiny_v"])
+
+
+@pytest.fixture
+def fresh_tiny_models(tiny_folders: dict[str, Path]):
+    """A private copy of the tiny pipeline (own prompt cache), for tests that change shared model state."""
+    from stream_helpers import quiet_load
+
+    return quiet_load(tiny_folders["tiny"])
 
 
 @pytest.fixture(scope="session", params=selected_cache_modes())

@@ -1,20 +1,22 @@
-"""Shared fixtures and helpers for the ``test_stream_*`` tests (CPU, float32, tiny random models).
+"""Helpers for the ``test_stream_*`` tests (CPU, float32, tiny random models), and the tiny e2e models' names.
 
-Import the fixtures a test module needs explicitly (torch runs on one CPU thread: tests/conftest.py)::
+Plain functions and constants, imported as a top-level module (pytest.ini puts tests/ on sys.path)::
 
-    from tests.stream_fixtures import tiny_models, make_frames  # noqa: F401
+    from stream_helpers import make_config, make_frames
 
-The model folders are written once per session by :func:`streamrt.random_models.write_random_pipeline`
-and loaded back with :func:`streamrt.load_diffusers_folder`, the loader users go through.
+The fixtures that give the tiny models (``tiny_folders``, ``tiny_models``, ``tiny_taesd_models``,
+``tiny_v_models``, ``fresh_tiny_models``) are in tests/conftest.py: a test asks for them by name. Their
+folders are written once per session by :func:`streamrt.random_models.write_random_pipeline` and loaded
+back with :func:`quiet_load` (:func:`streamrt.load_diffusers_folder`, the loader users go through).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 
 import streamrt
@@ -25,7 +27,7 @@ SIZE = 64                      # 64x64 images, 8x8 latents: a step takes a few t
 NEGATIVE = "blurry photo"      # a negative prompt that differs from every positive one used in tests
 
 
-def _quiet_load(folder: Path, taesd: Path | None = None) -> streamrt.StreamModels:
+def quiet_load(folder: Path, taesd: Path | None = None) -> streamrt.StreamModels:
     """``load_diffusers_folder`` on the CPU in float32, without the loaders' chatter about accelerate."""
     diffusers_logger = logging.getLogger("diffusers")
     level = diffusers_logger.level
@@ -36,6 +38,14 @@ def _quiet_load(folder: Path, taesd: Path | None = None) -> streamrt.StreamModel
             return streamrt.load_diffusers_folder(folder, dtype="fp32", device="cpu", taesd=taesd)
     finally:
         diffusers_logger.setLevel(level)
+
+
+def write_tiny_folders(root: Path) -> dict[str, Path]:
+    """Diffusers folders of the ``tiny`` (with a TAESD folder) and ``tiny-v`` random pipelines under ``root``."""
+    folders = {"tiny": root / "tiny", "taesd": root / "taesd", "tiny_v": root / "tiny_v"}
+    write_random_pipeline(folders["tiny"], "tiny", seed=0, taesd_folder=folders["taesd"])
+    write_random_pipeline(folders["tiny_v"], "tiny-v", seed=1)
+    return folders
 
 
 #: names of the tiny models the e2e servers see (models/diffusers/tiny-sd, models/vae_approx/tiny-taesd)
@@ -51,38 +61,11 @@ def write_e2e_models(models_root: Path) -> Path:
     return models_root
 
 
-@pytest.fixture(scope="session")
-def tiny_folders(tmp_path_factory) -> dict[str, Path]:
-    """Diffusers folders of the ``tiny`` (with a TAESD folder) and ``tiny-v`` random pipelines."""
-    root = tmp_path_factory.mktemp("stream_models")
-    folders = {"tiny": root / "tiny", "taesd": root / "taesd", "tiny_v": root / "tiny_v"}
-    write_random_pipeline(folders["tiny"], "tiny", seed=0, taesd_folder=folders["taesd"])
-    write_random_pipeline(folders["tiny_v"], "tiny-v", seed=1)
-    return folders
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tiny_folders) -> streamrt.StreamModels:
-    """Epsilon-prediction tiny pipeline with its full ``AutoencoderKL``."""
-    return _quiet_load(tiny_folders["tiny"])
-
-
-@pytest.fixture(scope="session")
-def tiny_taesd_models(tiny_folders) -> streamrt.StreamModels:
-    """The same pipeline with the TAESD (``AutoencoderTiny``) VAE."""
-    return _quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])
-
-
-@pytest.fixture(scope="session")
-def tiny_v_models(tiny_folders) -> streamrt.StreamModels:
-    """v-prediction tiny pipeline (SD2-shaped) with its full VAE."""
-    return _quiet_load(tiny_folders["tiny_v"])
-
-
-@pytest.fixture
-def fresh_tiny_models(tiny_folders) -> streamrt.StreamModels:
-    """A private copy of the tiny pipeline (own prompt cache), for tests that change shared model state."""
-    return _quiet_load(tiny_folders["tiny"])
+def first_cache_mode() -> str:
+    """The one ComfyUI cache mode for e2e modules that run under a single mode: ``default`` when it is
+    selected (or $STREAMRT_CACHE_MODES is unset), else the first of $STREAMRT_CACHE_MODES."""
+    raw = [m.strip() for m in os.environ.get("STREAMRT_CACHE_MODES", "").split(",") if m.strip()]
+    return "default" if not raw or "default" in raw else raw[0]
 
 
 def make_config(**changes) -> StreamConfig:

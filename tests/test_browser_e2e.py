@@ -36,7 +36,7 @@ from browser.build_example_workflow import VALUES as EXAMPLE_VALUES
 from browser.page import ComfyPage, browser_missing_reason, prepare_user_settings
 from comfy_harness import ComfyServer, image_bytes_to_array
 
-from tests.stream_fixtures import E2E_MODEL as MODEL, E2E_TAESD as TAESD
+from stream_helpers import E2E_MODEL as MODEL, E2E_TAESD as TAESD
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "example_workflows" / "realtime_webcam.json"

@@ -49,7 +49,7 @@ from browser.page import ComfyPage, browser_missing_reason, prepare_user_setting
 from comfy_harness import ComfyServer
 from test_browser_e2e import is_widget_input as frontend_makes_widget
 
-from tests.stream_fixtures import E2E_MODEL as MODEL, E2E_TAESD as TAESD
+from stream_helpers import E2E_MODEL as MODEL, E2E_TAESD as TAESD
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO / "example_workflows"

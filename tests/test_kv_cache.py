@@ -16,19 +16,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from stream_helpers import NEGATIVE, assert_all_equal, make_config, make_frames, quiet_load, run_steps
 
 from streamrt import Stream
 from streamrt.kv_cache import NEVER, CachedSelfAttnProcessor, KVCacheConfig, PassThroughAttnProcessor
 from streamrt.random_models import component_configs
-from tests.stream_fixtures import (  # noqa: F401 - fixtures are used by name
-    NEGATIVE,
-    _quiet_load,
-    assert_all_equal,
-    make_config,
-    make_frames,
-    run_steps,
-    tiny_folders,
-)
 
 ATOL = 1e-5          # output frames in [0, 1]
 LATENT_ATOL = 1e-4   # denoised latents x0 (all B rows, magnitudes up to ~7)
@@ -56,13 +48,13 @@ def _sharpened(models):
 @pytest.fixture(scope="module")
 def models(tiny_folders):
     """The tiny pipeline (TAESD VAE) used by the streams with the cache under test."""
-    return _sharpened(_quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"]))
+    return _sharpened(quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"]))
 
 
 @pytest.fixture(scope="module")
 def ref_models(tiny_folders):
     """A second load of the same files: its UNet carries the naive reference processors."""
-    return _sharpened(_quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"]))
+    return _sharpened(quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"]))
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -245,7 +237,7 @@ def test_reference_comparison_is_sensitive(models, ref_models, n):
 @pytest.mark.parametrize("cfg_type", ["self", "full"])
 def test_disabled_cache_is_bit_identical(tiny_folders, cfg_type):
     """Cache off = the plain stream bit for bit, also after a cached stream installed its processors."""
-    private = _quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])
+    private = quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])
     assert all(isinstance(p, AttnProcessor2_0) for p in private.unet.attn_processors.values())
     plain_cfg = kv_config(2, cfg_type).with_(kv_cache=KVCacheConfig())
     inputs = groups(6, seed=7)
@@ -580,7 +572,7 @@ def test_cuda_graph_capture_with_a_full_ring_matches_eager(tiny_folders):
     slot (the oldest) is still read by this call, so the replay reads the current frame instead of the
     oldest one unless the rings are restored with the ages.
     """
-    models = _sharpened(_quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])).to("cuda")
+    models = _sharpened(quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])).to("cuda")
     config = kv_config(2, "self", max_frames=3, window=3, interval=1)
     inputs = groups(5, seed=23)
     plan = inputs + [None, None] + inputs[:2]  # img2img (capture 1), txt2img (capture 2 with a full ring), img2img

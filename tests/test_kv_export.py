@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stream_helpers import quiet_load
 
 from streamrt.kv_cache import NEVER, KVCache, KVCacheConfig, install_kv_processors
 from streamrt.kv_export import (
@@ -22,7 +23,6 @@ from streamrt.kv_export import (
     write_current,
 )
 from streamrt.random_models import component_configs
-from tests.stream_fixtures import _quiet_load, tiny_folders  # noqa: F401 - fixtures are used by name
 
 ROWS, SIZE, M = 2, 64, 3
 ORT_ATOL = 1e-4
@@ -35,7 +35,7 @@ def unet(tiny_folders):
     attn1 queries and keys are sharpened (x6) so that the cached slots move the prediction clearly
     (with the random weights attention is almost uniform and their effect is ~1e-4).
     """
-    unet = _quiet_load(tiny_folders["tiny"]).unet
+    unet = quiet_load(tiny_folders["tiny"]).unet
     for name, module in unet.named_modules():
         if name.endswith("attn1"):
             module.to_q.weight.mul_(6.0)

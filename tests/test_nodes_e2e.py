@@ -19,7 +19,7 @@ from comfy_harness import ComfyServer, ExecutionFailed, Graph, PromptRejected
 from streamrt import Stream, StreamConfig, load_diffusers_folder
 from streamrt.kv_cache import KVCacheConfig
 from streamrt.random_models import write_random_pipeline
-from tests.stream_fixtures import E2E_MODEL as MODEL, E2E_TAESD as TAESD
+from stream_helpers import E2E_MODEL as MODEL, E2E_TAESD as TAESD
 
 pytestmark = pytest.mark.e2e
 

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stream_helpers import NEGATIVE, assert_all_equal, frame_groups, make_config, make_frames, run_steps
 
 from streamrt import FrameError, Stream, StreamConfig
-from tests.stream_fixtures import (  # noqa: F401 - fixtures are used by name
-    NEGATIVE,
-    assert_all_equal,
-    frame_groups,
-    make_config,
-    make_frames,
-    run_steps,
-    tiny_folders,
-    tiny_models,
-)
 
 
 # ---------------------------------------------------------------- configuration errors

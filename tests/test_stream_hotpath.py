@@ -23,21 +23,12 @@ import diffusers
 import pytest
 import torch
 import transformers
+from stream_helpers import NEGATIVE, frame_groups, make_config, make_frames
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import streamrt
 from streamrt import Stream
-from tests.stream_fixtures import (  # noqa: F401 - fixtures are used by name
-    NEGATIVE,
-    frame_groups,
-    make_config,
-    make_frames,
-    tiny_folders,
-    tiny_models,
-    tiny_taesd_models,
-    tiny_v_models,
-)
 
 CFG_TYPES = ["none", "full", "self", "initialize"]
 

@@ -12,17 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import LCMScheduler
+from stream_helpers import NEGATIVE, frame_groups, make_config
 
 from streamrt import Stream
-from tests.stream_fixtures import (  # noqa: F401 - fixtures are used by name
-    NEGATIVE,
-    frame_groups,
-    make_config,
-    tiny_folders,
-    tiny_models,
-    tiny_taesd_models,
-    tiny_v_models,
-)
 
 SIGMA_DATA = 0.5
 IMAGE_ATOL = 1e-5      # decoded frames live in [0, 1]

@@ -6,21 +6,10 @@ import math
 
 import pytest
 import torch
+from stream_helpers import NEGATIVE, any_differs, assert_all_equal, frame_groups, make_config, make_frames, run_steps
 
 from streamrt import Stream
 from streamrt.prompts import seeded_noise
-from tests.stream_fixtures import (  # noqa: F401 - fixtures are used by name
-    NEGATIVE,
-    any_differs,
-    assert_all_equal,
-    frame_groups,
-    fresh_tiny_models,
-    make_config,
-    make_frames,
-    run_steps,
-    tiny_folders,
-    tiny_models,
-)
 
 CFG_TYPES = ["none", "full", "self", "initialize"]
 
