@@ -19,19 +19,32 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from engine_helpers import OnnxRuntimeRunner, kv_component, tiny_stream_models
 
 from streamrt import Acceleration, AccelerationUnavailable, Stream, StreamConfig, StreamModels
-from streamrt.engines import (BackendUnavailableError, CachedEngines, EngineBuildError, EngineCache, EngineRequest,
-                              EngineShapes, TensorSpec, attach_engines, build_engines, component_for, engine_key,
-                              ensure_engine, export_onnx, requests_for_stream, resolve_target)
-from streamrt.kv_cache import KVCacheConfig
-from streamrt.runtime import AttachResult, EngineCallError, UNetExtras
+from streamrt.engines import (
+    BackendUnavailableError,
+    CachedEngines,
+    EngineBuildError,
+    EngineCache,
+    EngineRequest,
+    EngineShapes,
+    TensorSpec,
+    attach_engines,
+    build_engines,
+    component_for,
+    engine_key,
+    ensure_engine,
+    export_onnx,
+    requests_for_stream,
+    resolve_target,
+)
 from streamrt.engines import build as build_mod
 from streamrt.engines.spec import DimRange
-from streamrt.random_models import build_random_components
+from streamrt.kv_cache import KVCacheConfig
+from streamrt.runtime import AttachResult, EngineCallError, UNetExtras
 
 _MISSING = [name for name in ("polygraphy", "tensorrt_rtx") if importlib.util.find_spec(name) is None]
 #: on the tests that really build: skipped, with the reason, without the builder installed
@@ -42,16 +55,9 @@ TARGET = "SM89"
 SIZE = 64
 
 
-def tiny_stream_models(seed: int = 0) -> StreamModels:
-    parts = build_random_components("tiny", seed=seed)
-    return StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
-                        tokenizer=parts["tokenizer"], scheduler=parts["scheduler"],
-                        identity={"kind": "random", "preset": "tiny", "vae": "taesd", "seed": seed})
-
-
 @pytest.fixture(scope="module")
 def models() -> StreamModels:
-    return tiny_stream_models(0)
+    return tiny_stream_models(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -300,8 +306,6 @@ def test_targets_and_backends() -> None:
 def test_dynamic_unet_engine_with_kv_io_builds(models, cache) -> None:
     """The extension point end to end: a UNet with extra K/V I/O and dynamic rows/resolution builds,
     and its profile covers the extra input."""
-    from test_engine_export import kv_component
-
     component = kv_component(models, window=2)
     shapes = EngineShapes(DimRange(1, 2, 3), DimRange(32, 64, 96), DimRange(32, 64, 96)).with_extra(
         kv_tokens=(64, 128, 256), latent_tokens=(16, 64, 144))
@@ -314,25 +318,6 @@ def test_dynamic_unet_engine_with_kv_io_builds(models, cache) -> None:
 
 
 # ----------------------------------------------------------------------------------- the stream's side
-class OnnxRuntimeRunner:
-    """Stands in for EngineRunner (which needs an RTX GPU): same call contract, onnxruntime underneath."""
-
-    def __init__(self, path: Path, input_names, output_names) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_names, self.output_names = tuple(input_names), tuple(output_names)
-        self.calls = 0
-
-    def __call__(self, *inputs):
-        self.calls += 1
-        feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs)}
-        out = self.session.run(list(self.output_names), feeds)
-        return torch.from_numpy(np.ascontiguousarray(out[0]))
-
-
 class OnnxEngines:
     """An engine source whose runners are onnxruntime sessions of the exported components (a stand-in for the
     engine cache + EngineRunner, which need an RTX-class GPU that no machine of this project has)."""

@@ -11,27 +11,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from engine_helpers import kv_component, ort_session, tiny_stream_models
 
 from streamrt import StreamConfig, StreamModels, prepare
-from streamrt.engines import EngineShapes, TensorSpec, component_for, export_onnx
+from streamrt.engines import EngineShapes, component_for, export_onnx
 from streamrt.engines import export as export_mod
 from streamrt.engines.spec import DimRange
-from streamrt.random_models import build_random_components
 from streamrt.runtime import NO_EXTRAS
 
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 
 FP32_TOL = dict(rtol=1e-3, atol=2e-4)
 FP16_TOL = dict(rtol=2e-2, atol=2e-2)
-
-
-def tiny_stream_models(vae: str = "taesd", seed: int = 0, dtype: torch.dtype = torch.float32) -> StreamModels:
-    """Tiny random pipeline as ``StreamModels`` (``vae``: ``taesd`` or ``kl``), with an identity."""
-    parts = build_random_components("tiny", seed=seed, dtype=dtype, taesd=vae == "taesd")
-    return StreamModels(unet=parts["unet"], vae=parts["taesd"] if vae == "taesd" else parts["vae"],
-                        text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
-                        scheduler=parts["scheduler"], identity={"kind": "random", "preset": "tiny", "vae": vae,
-                                                                "seed": seed})
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +31,7 @@ def models() -> dict[str, StreamModels]:
 
 
 def run_onnx(path, names, inputs) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})
+    return ort_session(path).run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})
 
 
 def torch_outputs(component, inputs) -> list[torch.Tensor]:
@@ -155,33 +143,6 @@ def test_small_models_stay_in_one_file(models, tmp_path) -> None:
     exported = export_onnx(component_for(models["taesd"], "vae_encoder"), EngineShapes.static(1, 64, 64),
                            tmp_path / "enc.onnx", precision="fp32")
     assert not exported.external_data and [p.name for p in tmp_path.iterdir()] == ["enc.onnx"]
-
-
-class KVUNet(torch.nn.Module):
-    """Stand-in for the cached-attention UNet: the stock inputs plus a K/V ring, the stock output plus this
-    frame's K/V (here a function of the sample, so the graph really depends on both)."""
-
-    def __init__(self, unet: torch.nn.Module, channels: int) -> None:
-        super().__init__()
-        self.unet = unet
-        self.proj = torch.nn.Linear(4, channels)
-
-    def forward(self, sample, timestep, encoder_hidden_states, kv_ring):
-        noise = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-        tokens = sample.flatten(2).transpose(1, 2)                       # [rows, h*w, 4]
-        current = self.proj(tokens)                                       # [rows, h*w, C]
-        attended = noise + kv_ring.mean(dim=(1, 2))[:, None, None, None]  # reads the ring
-        return attended, current
-
-
-def kv_component(m: StreamModels, window: int = 2):
-    base = component_for(m, "unet")
-    channels = 32
-    return base.with_io(
-        KVUNet(m.unet, channels),
-        extra_inputs=[TensorSpec("kv_ring", ("rows", "kv_tokens", channels))],
-        extra_outputs=[TensorSpec("kv_current", ("rows", "latent_tokens", channels))],
-        cache_window=window)
 
 
 def test_extension_point_adds_named_io(models, tmp_path) -> None:

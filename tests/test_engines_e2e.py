@@ -12,22 +12,15 @@ stream's frames); running engines needs an RTX-class GPU, which this project's m
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from comfy_harness import ComfyServer, ExecutionFailed, Graph
-from test_nodes_e2e import MODEL, PNG_ATOL, SAMPLER_DEFAULTS, SIZE, TAESD, e2e_tiny_models, frames, uid, upload  # noqa: F401
+from e2e_helpers import MODEL, PNG_ATOL, SAMPLER_DEFAULTS, SIZE, TAESD, frames, uid, upload
+from stream_helpers import first_cache_mode
 
-
-def _engine_cache_mode() -> str:
-    raw = [m.strip() for m in os.environ.get("STREAMRT_CACHE_MODES", "").split(",") if m.strip()]
-    return "default" if not raw or "default" in raw else raw[0]
-
-
-pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("comfy_server", [_engine_cache_mode()], indirect=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("comfy_server", [first_cache_mode()], indirect=True)]
 
 pytest.importorskip("polygraphy", reason="engine builds need polygraphy")
 pytest.importorskip("tensorrt_rtx", reason="engine builds need TensorRT-RTX (pip install tensorrt-rtx)")
@@ -38,7 +31,7 @@ BUILD_DEFAULTS = dict(width=SIZE, height=SIZE, min_size=0, max_size=0, frames_pe
 
 
 @pytest.fixture
-def server(comfy_server: ComfyServer, e2e_tiny_models: Path) -> ComfyServer:  # noqa: F811
+def server(comfy_server: ComfyServer, e2e_tiny_models: Path) -> ComfyServer:
     return comfy_server
 
 

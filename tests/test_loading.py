@@ -2,7 +2,7 @@
 
 Every load path is checked against the same weights loaded from a diffusers folder: equal weights and
 an equal first frame of a stream (CPU, float32). The single-file checkpoints are written here from tiny
-random diffusers models by the inverse of diffusers' LDM conversion (this file's ``*_to_ldm``), and
+random diffusers models by the inverse of diffusers' LDM conversion (tests/model_files.py), and
 the detection rules are checked on the key names and shapes of the real SD1.5 / SD2.1 / sd-turbo
 architectures built on the meta device (no weights).
 """
@@ -17,12 +17,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_files import (
+    LORA_LAYERS,
+    ldm_name,
+    ldm_state_dict,
+    lora_state_dict,
+    taesd_to_comfy,
+    write_comfy_taesd,
+    write_config_dir,
+    write_ldm_checkpoint,
+)
 from safetensors.torch import save_file
 
 from streamrt import Stream, StreamConfig, StreamSessions
 from streamrt import checkpoints as ck
 from streamrt.loading import (
-    ModelLoadError, PipelineSpec, load_checkpoint, load_diffusers_folder, load_taesd, read_weights, taesd_pair,
+    ModelLoadError,
+    PipelineSpec,
+    load_checkpoint,
+    load_diffusers_folder,
+    load_taesd,
+    read_weights,
+    taesd_pair,
 )
 from streamrt.lora import LoraSpec, fuse_lora, ldm_unet_names
 from streamrt.random_models import build_random_components, write_clip_tokenizer, write_random_pipeline
@@ -30,208 +46,6 @@ from streamrt.random_models import build_random_components, write_clip_tokenizer
 SIZE = 64
 PROMPT, NEGATIVE = "a photo of a red cat", "blurry"
 COMFYUI = Path(os.environ.get("STREAMRT_COMFYUI") or Path(__file__).resolve().parents[1] / ".comfyui" / "ComfyUI")
-
-
-# =========================================================================== diffusers -> LDM (test side)
-_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
-           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
-
-
-def _unet_prefixes(config) -> dict[str, tuple[str, bool]]:
-    """diffusers prefix -> (LDM prefix, is a resnet), from the UNet config (CompVis block numbering)."""
-    n, per = len(config["block_out_channels"]), config["layers_per_block"]
-    pre = {"time_embedding.linear_1.": ("time_embed.0.", False), "time_embedding.linear_2.": ("time_embed.2.", False),
-           "conv_in.": ("input_blocks.0.0.", False), "conv_norm_out.": ("out.0.", False),
-           "conv_out.": ("out.2.", False), "mid_block.resnets.0.": ("middle_block.0.", True),
-           "mid_block.attentions.0.": ("middle_block.1.", False), "mid_block.resnets.1.": ("middle_block.2.", True)}
-    for i in range(n):
-        for j in range(per):
-            k = (per + 1) * i + j + 1
-            pre[f"down_blocks.{i}.resnets.{j}."] = (f"input_blocks.{k}.0.", True)
-            pre[f"down_blocks.{i}.attentions.{j}."] = (f"input_blocks.{k}.1.", False)
-        if i < n - 1:
-            pre[f"down_blocks.{i}.downsamplers.0.conv."] = (f"input_blocks.{(per + 1) * (i + 1)}.0.op.", False)
-        for j in range(per + 1):
-            k = (per + 1) * i + j
-            pre[f"up_blocks.{i}.resnets.{j}."] = (f"output_blocks.{k}.0.", True)
-            pre[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{k}.1.", False)
-        if i < n - 1:
-            slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
-            pre[f"up_blocks.{i}.upsamplers.0."] = (f"output_blocks.{(per + 1) * i + per}.{slot}.", False)
-    return pre
-
-
-def ldm_name(key: str, config) -> str:
-    """The LDM name of a diffusers UNet key or module path (without ``model.diffusion_model.``)."""
-    pre = _unet_prefixes(config)
-    match = max((p for p in pre if (key + ".").startswith(p)), key=len)
-    new, resnet = pre[match]
-    rest = (key + ".")[len(match):]
-    if resnet:
-        for a, b in _RESNET:
-            if rest.startswith(a + "."):
-                rest = b + rest[len(a):]
-    return (new + rest).rstrip(".")
-
-
-def unet_to_ldm(sd: dict, config) -> dict:
-    return {"model.diffusion_model." + ldm_name(key, config): value for key, value in sd.items()}
-
-
-def vae_to_ldm(sd: dict, config) -> dict:
-    n = len(config["block_out_channels"])
-    pre = {}
-    for part in ("encoder", "decoder"):
-        pre[f"{part}.conv_norm_out."] = f"{part}.norm_out."
-        for k in range(2):
-            pre[f"{part}.mid_block.resnets.{k}."] = f"{part}.mid.block_{k + 1}."
-        pre[f"{part}.mid_block.attentions.0."] = f"{part}.mid.attn_1."
-    for i in range(n):
-        for j in range(config["layers_per_block"] + 1):
-            pre[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
-            pre[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{n - 1 - i}.block.{j}."
-        pre[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
-        pre[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{n - 1 - i}.upsample."
-    attention = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))
-    out = {}
-    for key, value in sd.items():
-        matches = [p for p in pre if key.startswith(p)]
-        if matches:
-            match = max(matches, key=len)
-            rest = key[len(match):]
-            if pre[match].endswith("attn_1."):
-                for a, b in attention:
-                    if rest.startswith(a):
-                        rest = b + rest[len(a):]
-                if value.dim() == 2:
-                    value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
-            key = pre[match] + rest.replace("conv_shortcut", "nin_shortcut")
-        out["first_stage_model." + key] = value
-    return out
-
-
-def _with_text_model(sd: dict) -> dict:
-    """Real checkpoints name CLIP's tower ``text_model.*`` (transformers 5's CLIPTextModel does not)."""
-    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
-
-
-def clip_to_ldm(sd: dict) -> dict:
-    return {"cond_stage_model.transformer." + k: v for k, v in _with_text_model(sd).items()}
-
-
-def open_clip_to_ldm(sd: dict) -> dict:
-    """SD2 text encoder -> OpenCLIP keys, plus the extra last layer and projection real files carry."""
-    prefix, out, qkv = "cond_stage_model.model.", {}, {}
-    names = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
-             ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
-    for key, value in _with_text_model(sd).items():
-        if key == "text_model.embeddings.token_embedding.weight":
-            out[prefix + "token_embedding.weight"] = value
-        elif key == "text_model.embeddings.position_embedding.weight":
-            out[prefix + "positional_embedding"] = value
-        elif key.startswith("text_model.final_layer_norm."):
-            out[prefix + "ln_final." + key.rsplit(".", 1)[1]] = value
-        else:
-            idx, rest = key[len("text_model.encoder.layers."):].split(".", 1)
-            proj = rest.split(".")[1]
-            if proj in ("q_proj", "k_proj", "v_proj"):
-                qkv.setdefault((idx, rest.rsplit(".", 1)[1]), {})[proj] = value
-                continue
-            for a, b in names:
-                rest = b + rest[len(a):] if rest.startswith(a) else rest
-            out[f"{prefix}transformer.resblocks.{idx}.{rest}"] = value
-    for (idx, kind), parts in qkv.items():
-        out[f"{prefix}transformer.resblocks.{idx}.attn.in_proj_{kind}"] = torch.cat(
-            [parts["q_proj"], parts["k_proj"], parts["v_proj"]])
-    last = max(int(k.split(".")[4]) for k in out if ".resblocks." in k)
-    for key in [k for k in out if f".resblocks.{last}." in k]:  # OpenCLIP's last layer, which SD2 skips
-        out[key.replace(f".resblocks.{last}.", f".resblocks.{last + 1}.")] = torch.full_like(out[key], 0.5)
-    width = out[prefix + "token_embedding.weight"].shape[1]
-    like = out[prefix + "token_embedding.weight"]
-    out[prefix + "text_projection"] = torch.ones(width, width, device=like.device)
-    out[prefix + "logit_scale"] = torch.ones((), device=like.device)
-    return out
-
-
-def ldm_state_dict(unet, vae, text_encoder, family: str) -> dict:
-    sd = {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config)}
-    text = text_encoder.state_dict()
-    sd.update(clip_to_ldm(text) if family == "sd1" else open_clip_to_ldm(text))
-    return sd
-
-
-def write_ldm_checkpoint(path: Path, models, family: str) -> Path:
-    """The models' weights as an original single-file checkpoint (with the extras real files carry)."""
-    sd = ldm_state_dict(models.unet, models.vae, models.text_encoder, family)
-    sd["alphas_cumprod"] = torch.linspace(1, 0, 1000)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    return path
-
-
-def write_config_dir(folder: Path, diffusers_folder: Path, *, tokenizer: bool) -> Path:
-    """The component configs of a diffusers folder (no weights), optionally with its tokenizer."""
-    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
-                      ("scheduler", "scheduler_config.json")):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        shutil.copy(diffusers_folder / sub / name, folder / sub / name)
-    if tokenizer:
-        shutil.copytree(diffusers_folder / "tokenizer", folder / "tokenizer", dirs_exist_ok=True)
-    return folder
-
-
-def taesd_to_comfy(vae) -> tuple[dict, dict]:
-    """A diffusers AutoencoderTiny as ComfyUI's taesd_encoder / taesd_decoder state dicts."""
-    sd = vae.state_dict()
-    encoder = {k[len("encoder.layers."):]: v for k, v in sd.items() if k.startswith("encoder.layers.")}
-    decoder = {}
-    for key, value in sd.items():
-        if key.startswith("decoder.layers."):
-            head, rest = key[len("decoder.layers."):].split(".", 1)
-            decoder[f"{int(head) + 1}.{rest}"] = value  # ComfyUI's Decoder starts with a Clamp layer
-    return encoder, decoder
-
-
-def write_comfy_taesd(folder: Path, vae, name: str = "taesd") -> tuple[Path, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    encoder, decoder = taesd_to_comfy(vae)
-    paths = (folder / f"{name}_encoder.safetensors", folder / f"{name}_decoder.safetensors")
-    save_file(encoder, str(paths[0]))
-    save_file(decoder, str(paths[1]))
-    return paths
-
-
-#: kohya names of LoRA layers written by :func:`lora_state_dict`: real SD1 LoRA spelling (text_model.*)
-LORA_LAYERS = {
-    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
-        ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
-    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k":
-        ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
-    "lora_unet_down_blocks_0_attentions_0_proj_in": ("unet", "down_blocks.0.attentions.0.proj_in"),  # 1x1 conv
-    "lora_unet_down_blocks_0_resnets_0_conv1": ("unet", "down_blocks.0.resnets.0.conv1"),  # 3x3 conv (LoCon)
-    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder", "encoder.layers.0.self_attn.q_proj"),
-    "lora_te_text_model_encoder_layers_1_mlp_fc1": ("text_encoder", "encoder.layers.1.mlp.fc1"),
-}
-
-
-def lora_state_dict(models, *, rank: int = 4, alpha: float = 2.0, seed: int = 0, style: str = "kohya") -> dict:
-    """A random LoRA for :data:`LORA_LAYERS` in kohya (lora_down/up + alpha) or PEFT (lora_A/B) style."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for kohya, (target, module) in LORA_LAYERS.items():
-        weight = getattr(models, target).get_submodule(module).weight
-        if weight.dim() == 4:
-            down = torch.randn(rank, weight.shape[1], *weight.shape[2:], generator=gen) * 0.3
-            up = torch.randn(weight.shape[0], rank, 1, 1, generator=gen) * 0.3
-        else:
-            down = torch.randn(rank, weight.shape[1], generator=gen) * 0.3
-            up = torch.randn(weight.shape[0], rank, generator=gen) * 0.3
-        if style == "kohya":
-            out.update({f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up,
-                        f"{kohya}.alpha": torch.tensor(alpha)})
-        else:
-            name = f"unet.{module}" if target == "unet" else f"text_encoder.text_model.{module}"
-            out.update({f"{name}.lora_A.weight": down * (alpha / rank), f"{name}.lora_B.weight": up})
-    return out
 
 
 # =========================================================================== fixtures

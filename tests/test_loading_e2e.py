@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from comfy_harness import ComfyServer, ExecutionFailed, Graph, PromptRejected
+from e2e_helpers import PNG_ATOL, SAMPLER_DEFAULTS, as_tensor, core_config, frames, uid
+from model_files import lora_state_dict, write_comfy_taesd, write_config_dir, write_ldm_checkpoint
 from safetensors.torch import save_file
 
-from comfy_harness import ComfyServer, ExecutionFailed, Graph, PromptRejected
 from streamrt import Stream
 from streamrt.loading import load_diffusers_folder, load_taesd
 from streamrt.lora import LoraSpec
 from streamrt.random_models import write_random_pipeline
-from test_loading import lora_state_dict, write_comfy_taesd, write_config_dir, write_ldm_checkpoint
-from test_nodes_e2e import PNG_ATOL, SAMPLER_DEFAULTS, as_tensor, core_config, frames, uid
 
 pytestmark = pytest.mark.e2e
 

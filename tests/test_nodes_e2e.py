@@ -8,32 +8,23 @@ agree up to PNG quantisation (SaveImage writes 8-bit files).
 from __future__ import annotations
 
 import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from comfy_harness import ComfyServer, ExecutionFailed, Graph, PromptRejected
-from streamrt import Stream, StreamConfig, load_diffusers_folder
+from e2e_helpers import MODEL, PNG_ATOL, SAMPLER_DEFAULTS, SIZE, TAESD, as_tensor, core_config, frames, uid, upload
+
+from streamrt import Stream, load_diffusers_folder
 from streamrt.kv_cache import KVCacheConfig
 from streamrt.random_models import write_random_pipeline
-from stream_helpers import E2E_MODEL as MODEL, E2E_TAESD as TAESD
 
 pytestmark = pytest.mark.e2e
 
 # Same architecture with the self-attention output projections scaled up, so that what a layer
 # attends to (e.g. cached frames) shows through 8-bit PNGs. Random weights either way.
 MODEL_STRONG_ATTN = "tiny-sd-strong-attn"
-SIZE = 64
-# Same-CPU float32 on both sides: differences come from 8-bit PNG rounding (<= 0.5/255) only.
-PNG_ATOL = 1.01 / 255
-SAMPLER_DEFAULTS = dict(
-    prompt="a red fox in the snow", negative_prompt="blurry", t_index_list="20,35", num_inference_steps=50,
-    cfg_type="self", guidance_scale=1.5, delta=1.0, seed=7, frames_per_step=1, width=0, height=0,
-    add_noise=True, similarity_filter=False, similarity_threshold=0.98, similarity_max_skip=10,
-    acceleration="eager", cached_attention=False, cache_max_frames=4, cache_window=4, cache_interval=1, reset=False)
 
 
 @pytest.fixture(scope="session")
@@ -66,25 +57,6 @@ def server(comfy_server: ComfyServer, e2e_tiny_models: Path) -> ComfyServer:
     return comfy_server
 
 
-def core_config(**overrides) -> StreamConfig:
-    opts = {**SAMPLER_DEFAULTS, **overrides}
-    return StreamConfig(width=SIZE, height=SIZE, t_index_list=tuple(int(t) for t in opts["t_index_list"].split(",")),
-                        num_inference_steps=opts["num_inference_steps"], cfg_type=opts["cfg_type"],
-                        guidance_scale=opts["guidance_scale"], delta=opts["delta"], seed=opts["seed"],
-                        do_add_noise=opts["add_noise"], frames_per_step=opts["frames_per_step"])
-
-
-def frames(count: int, seed: int) -> np.ndarray:
-    """Distinct, smooth test frames (uint8-exact so LoadImage gives the same floats)."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(count, SIZE // 8, SIZE // 8, 3)).astype(np.uint8)
-    return np.repeat(np.repeat(base, 8, axis=1), 8, axis=2)
-
-
-def as_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images.astype(np.float32) / 255.0)
-
-
 def sampler_graph(prefix: str, image_names: list[str] | None, model: str = MODEL, **overrides) -> tuple[Graph, str]:
     """LoadImage(s) [-> ImageBatch chain] -> StreamRTSampler -> SaveImage; returns (graph, sampler id)."""
     g = Graph(prefix=prefix)
@@ -106,16 +78,8 @@ def run_images(server: ComfyServer, graph: Graph, save_id: str) -> np.ndarray:
     return np.stack(server.output_images(outputs, save_id))
 
 
-def upload(server: ComfyServer, images: np.ndarray, tag: str) -> list[str]:
-    return [server.write_input_image(img, name=f"{tag}_{k}.png") for k, img in enumerate(images)]
-
-
 def assert_frames_close(actual: np.ndarray, expected: torch.Tensor) -> None:
     np.testing.assert_allclose(actual[..., :3], expected.numpy(), atol=PNG_ATOL, rtol=0)
-
-
-def uid() -> str:
-    return "t" + uuid.uuid4().hex[:8]
 
 
 # ---------------------------------------------------------------------------------------------------
