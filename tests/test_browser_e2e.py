@@ -24,7 +24,6 @@ Skipped, with the reason, when chromium, chromedriver or selenium is missing.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -35,8 +34,9 @@ import pytest
 from browser.build_example_workflow import VALUES as EXAMPLE_VALUES
 from browser.page import ComfyPage, browser_missing_reason, prepare_user_settings
 from comfy_harness import ComfyServer, image_bytes_to_array
-
-from stream_helpers import E2E_MODEL as MODEL, E2E_TAESD as TAESD
+from e2e_helpers import MODEL, TAESD
+from stream_helpers import first_cache_mode
+from workflows import declared_inputs, spec_opts, widget_layout, widget_values_by_name, workflow_problems
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "example_workflows" / "realtime_webcam.json"
@@ -50,15 +50,10 @@ STATE_COLORS = {"cold": (0x8a, 0x8a, 0x8a), "streaming": (0x4c, 0xaf, 0x50), "re
                 "error": (0xef, 0x53, 0x50)}
 
 
-def _browser_cache_mode() -> str:
-    raw = [m.strip() for m in os.environ.get("STREAMRT_CACHE_MODES", "").split(",") if m.strip()]
-    return "default" if not raw or "default" in raw else raw[0]
-
-
 _missing = browser_missing_reason()
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.parametrize("comfy_server", [_browser_cache_mode()], indirect=True),
+    pytest.mark.parametrize("comfy_server", [first_cache_mode()], indirect=True),
     *([pytest.mark.skip(reason=f"browser tests need Chromium: {_missing}")] if _missing else []),
 ]
 
@@ -178,12 +173,6 @@ def use_tiny_models(page: ComfyPage, ids: dict, **sampler_values) -> None:
     """, ids, sampler_values, SIZE, MODEL, TAESD)
 
 
-def is_widget_input(spec: list) -> bool:
-    """Whether the frontend makes a widget for an input spec of /object_info."""
-    kind = spec[0]
-    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "WEBCAM")
-
-
 def expected_ema(values: list[float]) -> float:
     ema = values[0]
     for v in values[1:]:
@@ -200,13 +189,15 @@ def streamrt_console_problems(page: ComfyPage) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 def test_example_workflow_matches_node_definitions(page: ComfyPage, comfy_server: ComfyServer,
                                                    example: dict, ids: dict, shots: Path) -> None:
-    """The saved example gives, in this frontend's prompt, the values the builder set (by name) and the
-    node defaults elsewhere: its widgets_values are in the order the frontend expects."""
-    assert example["version"] == 0.4
+    """The saved example is a valid workflow for these nodes (tests/workflows.py), and gives, in this frontend's
+    prompt, the values the builder set (by name) and the node defaults elsewhere: its widgets_values are in the
+    order the frontend expects."""
+    info = comfy_server.object_info()
+    problems = workflow_problems(example, info)
+    assert not problems, "\n".join(problems)
     # ComfyUI lists a pack's example_workflows/ in its template browser
     templates = comfy_server.get("/api/workflow_templates").json()
     assert EXAMPLE.stem in templates.get("StreamRT", []), templates
-    info = comfy_server.object_info()
     prompt = page.js_async("return (await app.graphToPrompt()).output;")
     checked = 0
     for node in example["nodes"]:
@@ -215,36 +206,22 @@ def test_example_workflow_matches_node_definitions(page: ComfyPage, comfy_server
             continue
         spec = info[node["type"]]
         inputs = prompt[str(node["id"])]["inputs"]
-        declared = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
-        order = spec["input_order"].get("required", []) + spec["input_order"].get("optional", [])
+        declared, _ = declared_inputs(spec)
         for name in spec["input_order"].get("required", []):
             assert name in inputs, f"{node['type']}: required input {name} missing from the prompt"
-        widget_names = [n for n in order if is_widget_input(declared[n])]
-        values = node.get("widgets_values", [])
         if node["type"].startswith("StreamRT"):
             # one value per widget input: no control_after_generate (seed declares it off), and the
             # extension's button and panel are not saved
-            assert len(values) == len(widget_names), (node["type"], values, widget_names)
-        for name in widget_names:
-            kind, opts = declared[name][0], declared[name][1] if len(declared[name]) > 1 else {}
+            assert all(slot.is_input for slot in widget_layout(spec)), (node["type"], widget_layout(spec))
+        saved = widget_values_by_name(node, spec)  # types and ranges checked by workflow_problems
+        for name, saved_value in saved.items():
             value = inputs[name]
-            if kind == "WEBCAM":
+            if declared[name][0] == "WEBCAM":
                 assert re.fullmatch(r"webcam/\d+\.png \[temp\]", value), value  # a capture was uploaded
                 continue
-            intended = EXAMPLE_VALUES.get(node["type"], {}).get(name, opts.get("default"))
+            intended = EXAMPLE_VALUES.get(node["type"], {}).get(name, spec_opts(declared[name]).get("default"))
             assert value == intended, f"{node['type']}.{name}: the example gives {value!r}, meant {intended!r}"
-            if kind == "INT":
-                assert isinstance(value, int) and opts.get("min", value) <= value <= opts.get("max", value)
-            elif kind == "FLOAT":
-                assert isinstance(value, (int, float)) and opts.get("min", value) <= value <= opts.get("max", value)
-            elif kind == "BOOLEAN":
-                assert isinstance(value, bool)
-            elif kind == "STRING":
-                assert isinstance(value, str)
-            else:
-                options = kind if isinstance(kind, list) else opts.get("options", [])
-                if name not in ("model", "taesd"):  # the user's own model files
-                    assert value in options, f"{node['type']}.{name}: {value!r} not in {options}"
+            assert value == saved_value, f"{node['type']}.{name}: the frontend sends {value!r}, saved {saved_value!r}"
             checked += 1
     assert checked >= 25
     links = {(link[1], link[3]) for link in example["links"]}

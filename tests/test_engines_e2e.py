@@ -19,6 +19,7 @@ import pytest
 from comfy_harness import ComfyServer, ExecutionFailed, Graph
 from e2e_helpers import MODEL, PNG_ATOL, SAMPLER_DEFAULTS, SIZE, TAESD, frames, uid, upload
 from stream_helpers import first_cache_mode
+from workflows import linked_from, widget_values_by_name, workflow_problems
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("comfy_server", [first_cache_mode()], indirect=True)]
 
@@ -131,33 +132,21 @@ def test_missing_backend_is_reported(server: ComfyServer) -> None:
 
 
 def test_example_workflow_matches_the_nodes(server: ComfyServer) -> None:
-    """example_workflows/engine_build.json (saved by the real frontend): listed as a template, its Build Engines
-    widgets in the node's input order with valid values, and the engines' pipeline feeding the sampler."""
+    """example_workflows/engine_build.json (saved by the real frontend): listed as a template, a valid workflow for
+    these nodes (tests/workflows.py: Build Engines' widgets in the node's input order with valid values, ...), and
+    the engines' pipeline feeding the sampler, built for the sampler's shapes."""
     path = Path(__file__).resolve().parent.parent / "example_workflows" / "engine_build.json"
     example = json.loads(path.read_text(encoding="utf-8"))
     assert "engine_build" in server.get("/api/workflow_templates").json().get("StreamRT", [])
     info = server.object_info()
-    nodes = {n["id"]: n for n in example["nodes"]}
+    problems = workflow_problems(example, info)
+    assert not problems, "\n".join(problems)
     build = next(n for n in example["nodes"] if n["type"] == "StreamRTBuildEngines")
-    spec = info["StreamRTBuildEngines"]["input"]["required"]
-    widgets = [name for name in info["StreamRTBuildEngines"]["input_order"]["required"] if name != "pipeline"]
-    assert len(build["widgets_values"]) == len(widgets)
-    for name, value in zip(widgets, build["widgets_values"]):
-        kind, opts = spec[name][0], spec[name][1]
-        if kind == "COMBO" or isinstance(kind, list):
-            assert value in opts.get("options", kind if isinstance(kind, list) else []), (name, value)
-        elif kind == "INT":
-            assert opts["min"] <= value <= opts["max"], (name, value)
-        elif kind == "BOOLEAN":
-            assert isinstance(value, bool), (name, value)
-    links = {link[0]: link for link in example["links"]}
     sampler = next(n for n in example["nodes"] if n["type"] == "StreamRTSampler")
-    pipe = next(i for i in sampler["inputs"] if i["name"] == "pipeline")
-    _, source, slot, *_ = links[pipe["link"]]
-    assert nodes[source]["type"] == "StreamRTBuildEngines" and slot == 0
-    values = dict(zip(widgets, build["widgets_values"]))
-    sampler_values = dict(zip([n for n in info["StreamRTSampler"]["input_order"]["required"] if n != "pipeline"],
-                              sampler["widgets_values"]))
+    source, slot = linked_from(example, sampler, "pipeline")
+    assert source["type"] == "StreamRTBuildEngines" and slot == 0
+    values = widget_values_by_name(build, info["StreamRTBuildEngines"])
+    sampler_values = widget_values_by_name(sampler, info["StreamRTSampler"])
     # the engines are built for the sampler's shapes
     assert values["denoising_steps"] == len(sampler_values["t_index_list"].split(","))
     assert (values["width"], values["height"]) == (sampler_values["width"], sampler_values["height"])

@@ -2,22 +2,24 @@
 
 For each file (parametrized over the folder, so a new example is checked without touching this test):
 
-* it is a UI workflow (version 0.4, nodes, links); every node type is known to the server's
-  /object_info, except the UI-only nodes listed in :data:`UI_ONLY_NODES`; every link joins existing
-  nodes and slots with matching types; every required non-widget input is connected; and
-  ``widgets_values`` match the node's widget inputs (in /object_info ``input_order``) in count and
-  types, with the extra values this frontend saves (see :func:`widget_layout`);
+* :func:`workflows.workflow_problems` (tests/workflows.py) finds nothing: it is a UI workflow (version
+  0.4, nodes, links); every node type is known to the server's /object_info, except the UI-only nodes
+  listed in :data:`workflows.UI_ONLY_NODES`; every link joins existing nodes and slots with matching
+  types; every required non-widget input is connected; and ``widgets_values`` match the node's widget
+  inputs (in /object_info ``input_order``) in count and types, with the extra values this frontend saves
+  (see :func:`workflows.widget_layout`); an example built by tests/browser/build_example_workflow.py
+  holds the builder's values (by name) and the node defaults elsewhere;
 * in headless Chromium (like tests/test_browser_e2e.py), ``app.loadGraphData`` loads it without the
   "missing nodes" dialog, every node type is registered in ``LiteGraph.registered_node_types``, the
   frontend saves the same widgets_values back, and the frontend's own ``app.graphToPrompt()`` equals
-  :func:`to_api_prompt` here (so the converter below follows the frontend's rules).
+  :func:`workflows.to_api_prompt` (so that converter follows the frontend's rules).
 
 An example whose only unknown nodes are StreamRT nodes defined in nodes/*.py but not registered by the
 pack yet (example_workflows/engine_build.json while the engine nodes are being wired) is SKIPPED with
 that reason; any other unknown node fails.
 
 Then the two examples built by tests/browser/build_example_workflow.py are RUN on the server, converted
-to API prompts by :func:`to_api_prompt` with the tiny random models and test media substituted, and
+to API prompts by :func:`workflows.to_api_prompt` with the tiny random models and test media substituted, and
 ``acceleration`` as shipped (``auto``: eager on this machine without a GPU, which the status event says):
 
 * batch_video.json with a synthetic mp4 (PyAV): one SaveImage output per input frame, and the saved
@@ -35,10 +37,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,9 @@ import pytest
 from browser.build_example_workflow import EXAMPLES as BUILT_EXAMPLES
 from browser.page import ComfyPage, browser_missing_reason, prepare_user_settings
 from comfy_harness import ComfyServer
-from test_browser_e2e import is_widget_input as frontend_makes_widget
-
-from stream_helpers import E2E_MODEL as MODEL, E2E_TAESD as TAESD
+from e2e_helpers import MODEL, TAESD
+from stream_helpers import first_cache_mode
+from workflows import UI_ONLY_NODES, declared_inputs, spec_opts, to_api_prompt, unknown_node_types, workflow_problems
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO / "example_workflows"
@@ -59,172 +59,20 @@ OWNED = {"realtime_webcam.json", "batch_video.json"}
 #: builder name (tests/browser/build_example_workflow.py) per file
 BUILT = {example.output.name: name for name, example in BUILT_EXAMPLES.items()}
 
-#: frontend-only nodes: not in /object_info, not sent to the server; each has one text widget
-UI_ONLY_NODES = {"Note", "MarkdownNote"}
-#: combos whose options are the user's own files: a saved value need not be among this server's options
-USER_FILE_COMBOS = {("StreamRTLoadPipeline", "model"), ("StreamRTLoadPipeline", "taesd"),
-                    ("StreamRTLora", "lora_name")}
-UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload")
-CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-
 SIZE = 64
 VIDEO_FRAMES = 12
 VIDEO_FPS = 12
 
 
-def _cache_mode() -> str:
-    raw = [m.strip() for m in os.environ.get("STREAMRT_CACHE_MODES", "").split(",") if m.strip()]
-    return "default" if not raw or "default" in raw else raw[0]
-
-
 _missing_browser = browser_missing_reason()
 needs_browser = pytest.mark.skipif(_missing_browser is not None,
                                    reason=f"browser tests need Chromium: {_missing_browser}")
-pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("comfy_server", [_cache_mode()], indirect=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("comfy_server", [first_cache_mode()], indirect=True)]
 per_example = pytest.mark.parametrize("path", EXAMPLE_FILES, ids=[p.stem for p in EXAMPLE_FILES])
 
 
 # --------------------------------------------------------------------------------------------------
-# the frontend's rules for widgets_values
-
-
-@dataclass(frozen=True)
-class WidgetSlot:
-    """One entry of a node's widgets_values: a widget input, or an extra widget the frontend adds."""
-
-    name: str
-    kind: Any  # the input type ("INT", "COMBO", an options list, "WEBCAM"), or "CONTROL" / "BUTTON"
-    opts: dict = field(default_factory=dict)
-    is_input: bool = True
-
-
-def declared_inputs(spec: dict) -> tuple[dict, list[str]]:
-    """{name: input spec} and the input order (required, then optional) of an /object_info entry."""
-    declared = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
-    order = spec["input_order"].get("required", []) + spec["input_order"].get("optional", [])
-    return declared, order
-
-
-def spec_opts(spec: list) -> dict:
-    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-
-
-def is_combo(kind: Any) -> bool:
-    return isinstance(kind, list) or kind == "COMBO"
-
-
-def is_widget(spec: list) -> bool:
-    """Whether the frontend makes a widget for an input (tests/test_browser_e2e.py's rule, and not forceInput)."""
-    return frontend_makes_widget(spec) and not spec_opts(spec).get("forceInput")
-
-
-def widget_layout(spec: dict) -> list[WidgetSlot]:
-    """What a node of this /object_info entry saves in widgets_values, in order (frontend 1.32.9):
-
-    one value per widget input in input_order; after an INT with ``control_after_generate`` (on by
-    default for inputs named seed / noise_seed) or a combo with it, the control mode ("fixed", ...);
-    after a combo with image/video/audio_upload the upload button's value; a WEBCAM input adds the
-    "capture" button at the end.
-    """
-    declared, order = declared_inputs(spec)
-    slots: list[WidgetSlot] = []
-    trailing: list[WidgetSlot] = []
-    for name in order:
-        if not is_widget(declared[name]):
-            continue
-        kind, opts = declared[name][0], spec_opts(declared[name])
-        slots.append(WidgetSlot(name, kind, opts))
-        if (kind == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed"))) or (
-                is_combo(kind) and opts.get("control_after_generate")):
-            slots.append(WidgetSlot(f"{name}.control_after_generate", "CONTROL", is_input=False))
-        if is_combo(kind) and any(opts.get(flag) for flag in UPLOAD_FLAGS):
-            slots.append(WidgetSlot("upload", "BUTTON", is_input=False))
-        if kind == "WEBCAM":
-            trailing.append(WidgetSlot("capture", "BUTTON", is_input=False))
-    return slots + trailing
-
-
-def widget_problems(node: dict, spec: dict) -> list[str]:
-    """What is wrong with a node's widgets_values, or [] (count, then each value's type and range)."""
-    where = f"node {node['id']} ({node['type']})"
-    values = node.get("widgets_values", [])
-    if not isinstance(values, list):
-        return [f"{where}: widgets_values is not a list: {values!r}"]
-    layout = widget_layout(spec)
-    if len(values) != len(layout):
-        return [f"{where}: {len(values)} widgets_values {values!r} but the node has {len(layout)} widgets "
-                f"{[s.name for s in layout]}"]
-    problems = []
-    for slot, value in zip(layout, values):
-        what = f"{where}.{slot.name} = {value!r}"
-        lo, hi = slot.opts.get("min"), slot.opts.get("max")
-        if slot.kind == "CONTROL":
-            ok = value in CONTROL_VALUES
-        elif slot.kind == "BUTTON":
-            ok = value is None or isinstance(value, str)
-        elif slot.kind == "INT":
-            ok = isinstance(value, int) and not isinstance(value, bool) and (lo is None or value >= lo) and (
-                hi is None or value <= hi)
-        elif slot.kind == "FLOAT":
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                lo is None or value >= lo) and (hi is None or value <= hi)
-        elif slot.kind == "BOOLEAN":
-            ok = isinstance(value, bool)
-        elif slot.kind in ("STRING", "WEBCAM"):
-            ok = isinstance(value, str)
-        elif is_combo(slot.kind):
-            options = slot.kind if isinstance(slot.kind, list) else slot.opts.get("options", [])
-            user_file = ((node["type"], slot.name) in USER_FILE_COMBOS
-                         or any(slot.opts.get(flag) for flag in UPLOAD_FLAGS))
-            ok = isinstance(value, (str, int, float)) and (value in options or (user_file and isinstance(value, str)
-                                                                                 and value not in ("", "undefined")))
-        else:
-            ok = False
-            what += f" (unknown widget type {slot.kind!r})"
-        if not ok:
-            problems.append(what + f" does not fit {slot.kind!r} {slot.opts or ''}")
-    return problems
-
-
-def widget_values_by_name(node: dict, spec: dict) -> dict[str, Any]:
-    """The node's widget inputs {name: saved value} (extras such as buttons left out)."""
-    return {slot.name: value for slot, value in zip(widget_layout(spec), node.get("widgets_values", []))
-            if slot.is_input}
-
-
-def types_match(output_type: str, input_type: str) -> bool:
-    """ComfyUI's rule: equal, a wildcard, or overlapping comma-separated unions."""
-    if "*" in (output_type, input_type):
-        return True
-    return bool(set(output_type.split(",")) & set(input_type.split(",")))
-
-
-def ui_input_type(spec: list) -> str:
-    """The type the frontend writes for an input slot (a list of options is "COMBO")."""
-    return "COMBO" if isinstance(spec[0], list) else spec[0]
-
-
-# --------------------------------------------------------------------------------------------------
-# UI workflow -> API prompt
-
-
-def to_api_prompt(workflow: dict, info: dict) -> dict:
-    """The API prompt the frontend's graphToPrompt makes of a (flat, all-active) UI workflow:
-    widget inputs from widgets_values in input_order, links as ``[origin id, slot]``, UI-only nodes dropped."""
-    links = {link[0]: link for link in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        if node["type"] in UI_ONLY_NODES:
-            continue
-        if node.get("mode", 0) != 0:
-            raise NotImplementedError(f"node {node['id']} is muted or bypassed (mode {node['mode']})")
-        inputs = widget_values_by_name(node, info[node["type"]])
-        for slot in node.get("inputs", []):
-            if slot.get("link") is not None:
-                link = links[slot["link"]]
-                inputs[slot["name"]] = [str(link[1]), link[2]]
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
+# API prompts of the examples
 
 
 def with_id_prefix(prompt: dict, prefix: str) -> dict:
@@ -281,7 +129,7 @@ def defined_but_unregistered(missing: set[str]) -> set[str]:
 def skip_or_fail_on_missing(path: Path, workflow: dict, info: dict) -> None:
     """Fail on node types the server does not know, unless they are only not-yet-registered StreamRT
     nodes of an example owned by someone else: then skip, saying so."""
-    missing = {n["type"] for n in workflow["nodes"]} - set(info) - UI_ONLY_NODES
+    missing = unknown_node_types(workflow, info)
     if not missing:
         return
     pending = defined_but_unregistered(missing)
@@ -299,85 +147,8 @@ def skip_or_fail_on_missing(path: Path, workflow: dict, info: dict) -> None:
 @per_example
 def test_example_is_a_valid_ui_workflow(path: Path, server: ComfyServer, info: dict) -> None:
     workflow = load_example(path)
-    assert workflow.get("version") == 0.4, workflow.get("version")
-    assert isinstance(workflow.get("nodes"), list) and workflow["nodes"]
-    assert isinstance(workflow.get("links"), list)
     skip_or_fail_on_missing(path, workflow, info)
-
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    assert len(nodes) == len(workflow["nodes"]), "duplicate node ids"
-    assert workflow["last_node_id"] >= max(nodes)
-    links = {link[0]: link for link in workflow["links"]}
-    assert len(links) == len(workflow["links"]), "duplicate link ids"
-    assert not links or workflow["last_link_id"] >= max(links)
-
-    problems: list[str] = []
-    # links: existing nodes and slots, both ends agree, types match
-    for link in workflow["links"]:
-        assert len(link) == 6, link
-        lid, src_id, src_slot, dst_id, dst_slot, link_type = link
-        src, dst = nodes.get(src_id), nodes.get(dst_id)
-        if src is None or dst is None:
-            problems.append(f"link {link}: node {src_id if src is None else dst_id} does not exist")
-            continue
-        if src["type"] in UI_ONLY_NODES or dst["type"] in UI_ONLY_NODES:
-            problems.append(f"link {link}: joins a UI-only node")
-            continue
-        outputs = info[src["type"]]["output"]
-        if not (0 <= src_slot < len(outputs) and src_slot < len(src.get("outputs", []))):
-            problems.append(f"link {link}: {src['type']} has no output {src_slot}")
-            continue
-        out = src["outputs"][src_slot]
-        if lid not in (out.get("links") or []):
-            problems.append(f"link {link}: not listed in {src['type']}.outputs[{src_slot}].links")
-        if out["type"] != outputs[src_slot]:
-            problems.append(f"link {link}: {src['type']} output {src_slot} is {outputs[src_slot]}, saved {out['type']}")
-        if not 0 <= dst_slot < len(dst.get("inputs", [])):
-            problems.append(f"link {link}: {dst['type']} has no input slot {dst_slot}")
-            continue
-        slot = dst["inputs"][dst_slot]
-        declared, _ = declared_inputs(info[dst["type"]])
-        if slot.get("link") != lid:
-            problems.append(f"link {link}: {dst['type']}.{slot['name']} holds link {slot.get('link')}")
-        if slot["name"] not in declared:
-            problems.append(f"link {link}: {dst['type']} has no input {slot['name']}")
-            continue
-        in_type = ui_input_type(declared[slot["name"]])
-        if not types_match(outputs[src_slot], in_type):
-            problems.append(f"link {link}: {outputs[src_slot]} into {dst['type']}.{slot['name']} ({in_type})")
-        if link_type != in_type or slot["type"] != in_type:
-            problems.append(f"link {link}: type {link_type} / slot type {slot['type']}, input is {in_type}")
-
-    for node in workflow["nodes"]:
-        where = f"node {node['id']} ({node['type']})"
-        for slot in node.get("inputs", []):
-            if slot.get("link") is not None and slot["link"] not in links:
-                problems.append(f"{where}.{slot['name']}: link {slot['link']} does not exist")
-        for out in node.get("outputs", []):
-            for lid in out.get("links") or []:
-                if lid not in links:
-                    problems.append(f"{where}.{out['name']}: link {lid} does not exist")
-        if node["type"] in UI_ONLY_NODES:
-            values = node.get("widgets_values")
-            if not (isinstance(values, list) and len(values) == 1 and isinstance(values[0], str) and values[0]):
-                problems.append(f"{where}: a note with one text, got {values!r}")
-            continue
-        spec = info[node["type"]]
-        declared, order = declared_inputs(spec)
-        # every required non-widget input (a socket) is connected: the server would refuse the prompt
-        connected = {slot["name"] for slot in node.get("inputs", []) if slot.get("link") is not None}
-        for name in spec["input_order"].get("required", []):
-            if not is_widget(declared[name]) and name not in connected:
-                problems.append(f"{where}: required input {name} is not connected")
-        # the saved slots are this node's: outputs in order, inputs by name
-        saved_outputs = [o["type"] for o in node.get("outputs", [])]
-        if saved_outputs != list(spec["output"]):
-            problems.append(f"{where}: outputs {saved_outputs}, the node has {spec['output']}")
-        extras = {s.name for s in widget_layout(spec) if not s.is_input}
-        for slot in node.get("inputs", []):
-            if slot["name"] not in declared and slot["name"] not in extras:
-                problems.append(f"{where}: unknown input slot {slot['name']}")
-        problems += widget_problems(node, spec)
+    problems = workflow_problems(workflow, info)
     assert not problems, "\n".join(problems)
 
     if path.name in BUILT:  # the builder's values (by name) and the node defaults elsewhere
