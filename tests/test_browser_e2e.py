@@ -320,11 +320,14 @@ def test_stream_toggle_requeues_until_stopped(page: ComfyPage, comfy_server: Com
     page.click_at(start["x"], start["y"], then_move_to=AWAY)  # a real click on the canvas button
     page.wait_js("return window.StreamRT.streamer.active;", timeout=5, what="the stream to start")
     pending_seen = []
-    deadline = time.monotonic() + 60
-    while len(events_for(page, sampler)) < before + 4:
-        assert time.monotonic() < deadline, "the stream did not re-queue 4 times in 60 s"
+
+    def requeued_four_times() -> bool:  # and, until then, how many prompts wait in the queue
+        if len(events_for(page, sampler)) >= before + 4:
+            return True
         pending_seen.append(len(comfy_server.queue_state()["queue_pending"]))
-        time.sleep(0.1)
+        return False
+
+    page.wait_until(requeued_four_times, timeout=60, what="the stream to re-queue 4 times")
     state = status(page, sampler)
     assert state["streamer"]["active"] and state["button"] == "■ Stop"
     page.redraw()

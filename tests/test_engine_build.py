@@ -4,7 +4,8 @@ Needs ``tensorrt-rtx`` and ``polygraphy`` (requirements-test.txt); skipped, with
 What runs here is the build: executing an engine needs an RTX-class GPU, which no machine of this
 project has, so the stream's use of engines is checked with onnxruntime standing in for the runner.
 
-Build counts come from a spy on ``run_build`` (one call per engine build); times are printed with -s.
+Build and export counts come from a spy on ``run_build`` and ``export_onnx`` (one call each per engine build);
+times are printed with -s.
 """
 
 from __future__ import annotations
@@ -66,16 +67,22 @@ def cache(tmp_path_factory) -> EngineCache:
 
 
 class BuildSpy:
-    """Counts engine builds (calls of ``run_build``) and keeps the worker processes it started."""
+    """Counts engine builds (calls of ``run_build``) and ONNX exports (calls of ``export_onnx`` by the build
+    module), and keeps the worker processes it started."""
 
     def __init__(self, monkeypatch) -> None:
         self.builds: list[Path] = []
+        self.exports: list[str] = []
         self.processes: list[subprocess.Popen] = []
-        original_run, original_popen = build_mod.run_build, subprocess.Popen
+        original_run, original_export, original_popen = build_mod.run_build, build_mod.export_onnx, subprocess.Popen
 
         def run_build(job, *args, **kwargs):
             self.builds.append(job.onnx)
             return original_run(job, *args, **kwargs)
+
+        def export_onnx(component, *args, **kwargs):
+            self.exports.append(component.name)
+            return original_export(component, *args, **kwargs)
 
         spy = self
 
@@ -85,6 +92,7 @@ class BuildSpy:
                 spy.processes.append(self)
 
         monkeypatch.setattr(build_mod, "run_build", run_build)
+        monkeypatch.setattr(build_mod, "export_onnx", export_onnx)
         monkeypatch.setattr(build_mod.subprocess, "Popen", Popen)
 
     @property
@@ -126,6 +134,8 @@ def test_stream_engines_build_once_then_hit(models, cache, spy) -> None:
     first = build_engines(models, requests, cache, progress=lambda d, t: ticks.append((d, t)))
     first_seconds = time.perf_counter() - start
     assert [r.built for r in first] == [True, True, True] and spy.count == 3
+    assert spy.exports == ["unet", "vae_encoder", "vae_decoder"]
+    workers = len(spy.processes)
     assert ticks[-1] == (300, 300) and all(t == 300 for _, t in ticks)
     assert [d for d, _ in ticks] == sorted(d for d, _ in ticks), "progress never goes back"
     # TensorRT reports its build phases (most of the time goes to one of them): a few steps in between
@@ -137,7 +147,9 @@ def test_stream_engines_build_once_then_hit(models, cache, spy) -> None:
     assert [r.built for r in second] == [False, False, False] and spy.count == 3
     assert [r.reason for r in second] == ["cache hit"] * 3
     assert [r.record.path for r in second] == [r.record.path for r in first]
-    assert second_seconds < 2.0
+    # a hit does no work: no export, no builder process (what makes it take milliseconds, printed below)
+    assert len(spy.exports) == 3 and len(spy.processes) == workers
+    assert all(r.export_seconds == 0.0 and r.build_seconds == 0.0 for r in second)
     for result in first:
         meta = json.loads(result.record.path.with_suffix(".json").read_text())
         assert meta["key"]["target"] == TARGET and meta["key"]["backend"] == "tensorrt-rtx"

@@ -114,19 +114,22 @@ def test_tiny_components_shapes_and_types(tiny: dict[str, object]) -> None:
         assert not torch.allclose(latents[0], latents[1])
 
 
-def test_tiny_forward_is_fast(tiny: dict[str, object]) -> None:
-    import time
+def test_tiny_forward_is_cheap(tiny: dict[str, object]) -> None:
+    """Encode, one UNet call and decode of a 64x64 frame cost well under a GFLOP (counted by torch's flop
+    counter, not timed: the wall clock depends on the machine and its load; SD1.5's UNet alone is ~0.8 TFLOP
+    at 512x512)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros(1, 3, 64, 64)
     text = torch.zeros(1, 77, 32)
-    with torch.no_grad():
-        tiny["unet"](torch.zeros(1, 4, 8, 8), 1, encoder_hidden_states=text)  # warm-up
-        start = time.perf_counter()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
         latents = tiny["vae"].encode(x).latent_dist.mean
         out = tiny["unet"](latents, 1, encoder_hidden_states=text).sample
-        tiny["vae"].decode(out).sample
-        elapsed = time.perf_counter() - start
-    assert elapsed < 0.5, elapsed
+        tiny["vae"].decode(out)
+    flops = counter.get_flop_counts()
+    assert {"Encoder", "UNet2DConditionModel", "Decoder"} <= set(flops), list(flops)  # all three were counted
+    assert 0 < counter.get_total_flops() < 500e6, counter.get_total_flops()
 
 
 def test_same_seed_same_weights() -> None:
