@@ -56,10 +56,14 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import requests
+
+if TYPE_CHECKING:  # numpy is imported where it is used (the harness does not need it to drive a server)
+    import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,14 +153,14 @@ class ExecutionInterrupted(ExecutionFailed):
 class NodeRef:
     """A node of a :class:`Graph`; ``out(i)`` is the API-format link ``[id, i]``."""
 
-    def __init__(self, graph: "Graph", node_id: str):
+    def __init__(self, graph: Graph, node_id: str):
         self.graph = graph
         self.id = node_id
 
     def out(self, index: int = 0) -> list:
         return [self.id, index]
 
-    def set(self, **inputs: Any) -> "NodeRef":
+    def set(self, **inputs: Any) -> NodeRef:
         self.graph.nodes[self.id]["inputs"].update(_inputs(inputs))
         return self
 
@@ -206,7 +210,7 @@ def as_prompt(graph: Graph | Mapping) -> dict:
 # --------------------------------------------------------------------------- images
 
 
-def image_bytes_to_array(data: bytes) -> "np.ndarray":
+def image_bytes_to_array(data: bytes) -> np.ndarray:
     """PNG/JPEG bytes -> float32 array HxWxC in [0, 1] (RGB, or RGBA when it has alpha)."""
     import numpy as np
     from PIL import Image
@@ -218,7 +222,7 @@ def image_bytes_to_array(data: bytes) -> "np.ndarray":
         return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def load_image_array(path: str | os.PathLike) -> "np.ndarray":
+def load_image_array(path: str | os.PathLike) -> np.ndarray:
     return image_bytes_to_array(Path(path).read_bytes())
 
 
@@ -230,7 +234,7 @@ def array_to_png_bytes(array: Any) -> bytes:
     a = np.asarray(array)
     if a.ndim == 4:
         if a.shape[0] != 1:
-            raise ValueError("array_to_png_bytes takes one image; got a batch of %d" % a.shape[0])
+            raise ValueError(f"array_to_png_bytes takes one image; got a batch of {a.shape[0]}")
         a = a[0]
     if a.dtype != np.uint8:
         a = (np.clip(a.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -339,7 +343,7 @@ class WSCollector:
             pass
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> "WSCollector":
+    def __enter__(self) -> WSCollector:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -486,7 +490,7 @@ class ComfyServer:
         cmd += list(self.extra_args)
         return cmd
 
-    def start(self, timeout: float = 120.0) -> "ComfyServer":
+    def start(self, timeout: float = 120.0) -> ComfyServer:
         """Launch the server and wait until ``GET /system_stats`` answers.
 
         With an auto-picked port, a start that dies because the port got taken meanwhile
@@ -511,7 +515,7 @@ class ComfyServer:
                 raise
         raise AssertionError("unreachable")
 
-    def _start_once(self, timeout: float) -> "ComfyServer":
+    def _start_once(self, timeout: float) -> ComfyServer:
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -567,7 +571,7 @@ class ComfyServer:
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -776,7 +780,8 @@ class ComfyServer:
 
     def output_file(self, image_info: Mapping) -> Path:
         """Local path of one ``{"filename", "subfolder", "type"}`` entry (output/temp/input)."""
-        base = {"output": self.output_dir, "temp": self.temp_dir, "input": self.input_dir}[image_info.get("type", "output")]
+        folders = {"output": self.output_dir, "temp": self.temp_dir, "input": self.input_dir}
+        base = folders[image_info.get("type", "output")]
         return base / image_info.get("subfolder", "") / image_info["filename"]
 
     def write_input_image(self, array: Any, name: str | None = None, subfolder: str = "") -> str:

@@ -16,8 +16,15 @@ import pytest
 import torch
 
 from streamrt import StreamModels
-from streamrt.engines import (ENGINE_FORMAT, EngineCache, EngineKey, EngineNameError, EngineShapes, InvalidEngineError,
-                              weights_fingerprint)
+from streamrt.engines import (
+    ENGINE_FORMAT,
+    EngineCache,
+    EngineKey,
+    EngineNameError,
+    EngineShapes,
+    InvalidEngineError,
+    weights_fingerprint,
+)
 from streamrt.engines import cache as cache_mod
 from streamrt.engines.spec import DimRange
 

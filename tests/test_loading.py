@@ -407,7 +407,7 @@ def test_ldm_named_loras_equal_diffusers_named(files, sd1_ref):
     assert "lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in renamed["ldm"]
     expected = load_folder(files["sd1"])
     fuse_lora(kohya, expected.unet, expected.text_encoder)
-    for style, sd in renamed.items():
+    for _style, sd in renamed.items():
         models = load_folder(files["sd1"])
         assert fuse_lora(sd, models.unet, models.text_encoder) == {"unet": 4, "text_encoder": 2, "unmatched": 0}
         assert_same_weights(models, expected)
@@ -528,7 +528,8 @@ def test_pipeline_cache_key_follows_the_files(files, tmp_path):
     ckpt = tmp_path / "model.safetensors"
     shutil.copy(files["sd1_ckpt"], ckpt)
     spec = PipelineSpec(str(ckpt), dtype="fp32", device="cpu", config_dir=str(files["sd1_configs"]),
-                        tokenizer_dir=str(files["tokenizer"]), taesd=str(files["comfy_taesd"] / "taesd_encoder.safetensors"))
+                        tokenizer_dir=str(files["tokenizer"]),
+                        taesd=str(files["comfy_taesd"] / "taesd_encoder.safetensors"))
     sessions = StreamSessions()
     first = sessions.pipeline(spec.cache_key(), spec.load)
     assert sessions.pipeline(spec.cache_key(), spec.load) is first and sessions.loads == 1

@@ -41,11 +41,13 @@ def e2e_tiny_models(streamrt_models_root: Path) -> Path:
         write_random_pipeline(src / "tiny", "tiny", seed=4, taesd_folder=src / "taesd")
         models = load_diffusers_folder(src / "tiny", dtype="fp32", device="cpu")
         write_config_dir(root / "checkpoints" / "streamrt-tiny-configs", src / "tiny", tokenizer=True)
-        (root / "checkpoints" / (CKPT + ".streamrt.json")).write_text(json.dumps({"config_dir": "streamrt-tiny-configs"}))
+        sidecar = root / "checkpoints" / (CKPT + ".streamrt.json")
+        sidecar.write_text(json.dumps({"config_dir": "streamrt-tiny-configs"}))
         data = write_ldm_checkpoint(root / "checkpoints" / CKPT, models, "sd1").read_bytes()
         (root / "checkpoints" / BROKEN).write_bytes(data[: len(data) // 3])
         save_file(lora_state_dict(models, seed=1), str(root / "loras" / LORA))
-        write_comfy_taesd(root / "vae_approx", load_taesd(src / "taesd", dtype=torch.float32, device=torch.device("cpu")))
+        taesd = load_taesd(src / "taesd", dtype=torch.float32, device=torch.device("cpu"))
+        write_comfy_taesd(root / "vae_approx", taesd)
     return root
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from stream_helpers import NEGATIVE, assert_all_equal, frame_groups, make_config, make_frames, run_steps
 
-from streamrt import FrameError, Stream, StreamConfig
+from streamrt import FrameError, Stream
 
 
 # ---------------------------------------------------------------- configuration errors

@@ -163,17 +163,17 @@ def compare(stream: Stream, ref: ReferenceStream, inputs, *, image_atol=IMAGE_AT
         assert got.shape == want.shape == (F, 64, 64, 3)
         lat = ref.latent_out
         torch.testing.assert_close(buf.latent_out, lat, rtol=0, atol=LATENT_RTOL * _scale(lat),
-                                   msg=lambda m: f"call {k}: output latents differ\n{m}")
+                                   msg=lambda m, k=k: f"call {k}: output latents differ\n{m}")
         if ref.n > 1:
             xb = ref.x_buf
             torch.testing.assert_close(buf.x_batch[F:], xb, rtol=0, atol=LATENT_RTOL * _scale(xb),
-                                       msg=lambda m: f"call {k}: carried latent buffer differs\n{m}")
+                                       msg=lambda m, k=k: f"call {k}: carried latent buffer differs\n{m}")
         if ref.cfg_type in ("self", "initialize"):
             st = ref.stock
             torch.testing.assert_close(buf.stock, st, rtol=0, atol=LATENT_RTOL * _scale(st),
-                                       msg=lambda m: f"call {k}: stock noise differs\n{m}")
+                                       msg=lambda m, k=k: f"call {k}: stock noise differs\n{m}")
         torch.testing.assert_close(got, want, rtol=0, atol=image_atol,
-                                   msg=lambda m: f"call {k}: decoded frames differ\n{m}")
+                                   msg=lambda m, k=k: f"call {k}: decoded frames differ\n{m}")
 
 
 def _pair(models, prompt="a photo of a cat", **cfg):
