@@ -25,6 +25,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the one ComfyUI server driver lives w
 
 from comfy_harness import ComfyServer, Graph  # noqa: E402
 
+from streamrt.config import Acceleration  # noqa: E402
+
 logger = logging.getLogger("streamrt.demo")
 TINY_NAME = "streamrt-tiny-random (RANDOM WEIGHTS, demo only)"
 
@@ -76,16 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="frame size (default 512 with --model, else 128)")
     parser.add_argument("--steps", default="32,45", help="t_index_list of the stream")
     parser.add_argument("--prompt", default="a watercolor painting of a planet, vivid colors")
-    parser.add_argument("--acceleration", default=None, choices=["eager", "cuda_graph", "compile"],
-                        help="default: cuda_graph on a GPU, eager on the CPU")
+    parser.add_argument("--acceleration", default="auto", choices=[a.value for a in Acceleration],
+                        help="how the stream runs (default: auto, the fastest path ready on this machine)")
     parser.add_argument("--cached-attention", action="store_true", help="attend to earlier frames (StreamV2V)")
     parser.add_argument("--out", default=str(REPO / "out" / "demo"), help="work folder (models, input, output)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
-
-    if args.acceleration is None:
-        args.acceleration = "cuda_graph" if torch.cuda.is_available() else "eager"
     work = Path(args.out).resolve()
     size = args.size or (512 if args.model else 128)
     models = work / "models"
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if status:
         last = status[-1]
         print(f"stream: {last['frames']} frames at {size}x{size} in {last['seconds']:.2f} s = "
-              f"{last['fps']:.1f} fps ({last['ms_per_frame']:.1f} ms/frame, backend {last['backend']})")
+              f"{last['fps']:.1f} fps ({last['ms_per_frame']:.1f} ms/frame, acceleration {last['backend']})")
     print(f"whole prompt incl. server-side loading and video I/O: {wall:.1f} s")
     return 0 if frames and status else 1
 
