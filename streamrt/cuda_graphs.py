@@ -8,8 +8,10 @@ and written back after the capture, and the first replay sees the state as it wa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -18,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 def capture_graph(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
-                  preserve: Sequence[torch.Tensor] = ()) -> tuple[torch.cuda.CUDAGraph, Any]:
+                  preserve: Sequence[torch.Tensor] = (),
+                  guard: Callable[[], AbstractContextManager] | None = None) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Capture ``fn()`` in a CUDA graph on ``device``; returns the graph and what the captured call returned.
 
     Args:
@@ -26,21 +29,24 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, *, warmup: int = 
         device: the CUDA device the work runs on.
         warmup: eager calls on a side stream before the capture.
         preserve: tensors ``fn`` mutates whose values must survive the warm-up and the capture.
+        guard: a context the warm-up and the recording run in (e.g. one that points writes at scratch
+            memory, so large state needs no saving).
 
     The returned value of the captured call (e.g. an output tensor) lives in the graph's memory pool and
     is overwritten by every replay.
     """
     saved = [t.clone() for t in preserve]
     current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    current.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
+    with guard() if guard is not None else contextlib.nullcontext():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = fn()
     for target, value in zip(preserve, saved):
         target.copy_(value)
     return graph, result

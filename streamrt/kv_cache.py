@@ -18,8 +18,9 @@ The caching processors live on the (shared) UNet and are inert unless a call pas
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,7 @@ class KVCache:
         self.slot_valid = torch.zeros(m, device=device, dtype=torch.bool)
         self._calls = 0
         self._next_slot = 0
+        self._scheduled = (m, False)  # (slot, write) of the call scheduled last
 
     # host side, between calls -------------------------------------------------------------------
     def clear(self) -> None:
@@ -121,9 +123,24 @@ class KVCache:
         slot = self._next_slot if write else self.config.max_frames
         if write:
             self._next_slot = (self._next_slot + 1) % self.config.max_frames
+        self._scheduled = (slot, write)
+        self._fill_target(slot, write)
+
+    def _fill_target(self, slot: int, write: bool) -> None:
         self.write_slot.fill_(slot)
         self.write_segment.fill_(slot + 1)
         self.write_flag.fill_(int(write))
+
+    @contextlib.contextmanager
+    def writes_held(self) -> Iterator[None]:
+        """Calls inside write their K/V into the scratch slot and age no slot (a CUDA-graph capture's warm-up
+        and recording): the rings and ages stay as they are, so nothing of them needs saving. The call
+        scheduled before is restored afterwards (the captured graph reads the target from these tensors)."""
+        self._fill_target(self.config.max_frames, False)
+        try:
+            yield
+        finally:
+            self._fill_target(*self._scheduled)
 
     # device side, inside the step ---------------------------------------------------------------
     def begin_call(self) -> None:

@@ -92,11 +92,10 @@ class Stream:
                                     config.kv_cache.max_frames, vae_scale_factor=scale)
             self.kv.allocate([(layer.tokens, layer.channels) for layer in spec.layers], config.unet_rows, self.dtype)
         self.unet_extras = UNetExtras(kv_cache=self.kv)
-        buf = self.buffers
-        # What a graph capture's warm-up must leave as it found it: the carried latents and stock noise,
-        # and the attention rings with their ages.
-        self._state: tuple[torch.Tensor, ...] = (buf.unet_in, buf.stock) + (
-            () if self.kv is None else (self.kv.age, *(t for b in self.kv.layers.values() for t in (b.key, b.value))))
+        # What a graph capture's warm-up must leave as it found it: the carried latents and stock noise. The
+        # attention rings need no copy: the warm-up writes its K/V into the scratch slot (KVCache.writes_held).
+        self._state: tuple[torch.Tensor, ...] = (self.buffers.unet_in, self.buffers.stock)
+        self._capture_guard = None if self.kv is None else self.kv.writes_held
         self._check_finite = FiniteCheck()
         self._seeds: int | list[tuple[int, float]] = config.seed
         self._seed_method = "linear"
@@ -295,7 +294,7 @@ class Stream:
                 return False
         if self.kv is not None:
             self.kv.schedule_call()
-        self.runtime.run(txt2img, self._device_steps[txt2img], self._state)
+        self.runtime.run(txt2img, self._device_steps[txt2img], self._state, self._capture_guard)
         self.frames_processed += self.config.frames_per_step
         return True
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -174,15 +175,16 @@ class Runtime:
             text += f" ({', '.join(on_torch)} on torch)"
         return text
 
-    def run(self, variant: Hashable, step: Callable[[], None], state: Sequence[torch.Tensor]) -> None:
+    def run(self, variant: Hashable, step: Callable[[], None], state: Sequence[torch.Tensor],
+            guard: Callable[[], AbstractContextManager] | None = None) -> None:
         """Run ``step`` once: directly, or through its CUDA graph (captured on the first call of each
-        ``variant``, with ``state`` kept as it was through the warm-up)."""
+        ``variant``, with ``state`` kept as it was through the warm-up, which runs inside ``guard``)."""
         if not self.captures:
             step()
             return
         graph = self._graphs.get(variant)
         if graph is None:
-            graph, _ = capture_graph(step, self.device, preserve=state)
+            graph, _ = capture_graph(step, self.device, preserve=state, guard=guard)
             self._graphs[variant] = graph
             logger.info("captured the stream step (%s) in a CUDA graph (%s)", variant, self.describe())
         graph.replay()
