@@ -6,8 +6,11 @@ The one place that opens a checkpoint, LoRA or TAESD file, shared by :mod:`strea
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import stat
+import threading
 from pathlib import Path
 
 import torch
@@ -22,6 +25,51 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message names the file and the reason."""
 
 
+#: sha256 of files already hashed by this process, by file identity (device, inode, size, mtime_ns)
+_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime_ns): changes whenever the file is rewritten or replaced."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def content_digest_and_stat(path: str | os.PathLike, chunk: int = 1 << 22) -> tuple[str, os.stat_result]:
+    """:func:`content_digest` of ``path`` and the stat of the file it hashed (the identity it is memoised by)."""
+    path = Path(path)
+    for _ in range(3):
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        with _DIGESTS_LOCK:
+            known = _DIGESTS.get(file_identity(st))
+        if known is not None:
+            return known, st
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+            while block := f.read(chunk):
+                digest.update(block)
+            after = os.fstat(f.fileno())
+        if file_identity(before) == file_identity(after) == file_identity(st):
+            with _DIGESTS_LOCK:
+                _DIGESTS[file_identity(st)] = digest.hexdigest()
+            return digest.hexdigest(), st
+    raise OSError(f"{path} kept changing while it was being hashed")
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 (hex) of the bytes of the file at ``path``: what the file is, wherever it lies.
+
+    Memoised in-process by the file's identity (device, inode, size, mtime_ns), so a file is read
+    once per process while it is unchanged, whatever path it is reached by; a rewritten or replaced
+    file is read again. Reading costs about a second per GB (disk or page cache permitting).
+
+    Raises:
+        OSError: no such file, not a regular file, or a file that kept changing while being read.
+    """
+    return content_digest_and_stat(path)[0]
 
 
 def check_weight_file(path: Path) -> None:

@@ -297,3 +297,65 @@ def test_find_respects_the_size_step_of_a_dynamic_engine(cache) -> None:
         cache.commit(key, staging / "e", {"pixel_multiple": 64})
     assert cache.find(key.weights, "unet", rows=2, width=640, height=384)
     assert cache.find(key.weights, "unet", rows=2, width=600, height=384) == []  # 600 is not a multiple of 64
+
+
+def _load(folder: Path, *loras: Path) -> StreamModels:
+    from stream_helpers import quiet_load
+
+    import streamrt
+
+    if not loras:
+        return quiet_load(folder)
+    return streamrt.load_diffusers_folder(folder, dtype="fp32", device="cpu", loras=[str(p) for p in loras])
+
+
+def test_weights_fingerprint_is_the_content_not_the_path(tiny_folders, tmp_path) -> None:
+    import shutil
+
+    from model_files import lora_state_dict
+    from safetensors.torch import load_file, save_file
+
+    for name in ("a", "b", "changed"):
+        shutil.copytree(tiny_folders["tiny"], tmp_path / name / "tiny")
+    (tmp_path / "linked").symlink_to(tmp_path / "a", target_is_directory=True)  # a symlinked models folder
+    unet_file = tmp_path / "changed" / "tiny" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(unet_file)
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] += 1.0                                            # one weight changed
+    save_file(weights, unet_file)
+
+    a, b, linked = (_load(tmp_path / n / "tiny") for n in ("a", "b", "linked"))
+    assert a.identity["files"] != b.identity["files"]                           # other paths and mtimes
+    assert weights_fingerprint(a) == weights_fingerprint(b) == weights_fingerprint(linked)
+    assert weights_fingerprint(a).startswith("tiny-")
+    assert weights_fingerprint(_load(tmp_path / "changed" / "tiny")) != weights_fingerprint(a)
+
+    # LoRA files count by their content too (and their strengths still count)
+    lora = lora_state_dict(a)
+    for folder in ("l1", "l2"):
+        (tmp_path / folder).mkdir()
+        save_file(lora, tmp_path / folder / "style.safetensors")
+    with_l1, with_l2 = _load(tmp_path / "a" / "tiny", tmp_path / "l1" / "style.safetensors"), _load(
+        tmp_path / "b" / "tiny", tmp_path / "l2" / "style.safetensors")
+    assert weights_fingerprint(with_l1) == weights_fingerprint(with_l2) != weights_fingerprint(a)
+    save_file(lora_state_dict(a, seed=1), tmp_path / "l2" / "style.safetensors")
+    assert weights_fingerprint(_load(tmp_path / "b" / "tiny", tmp_path / "l2" / "style.safetensors")) \
+        != weights_fingerprint(with_l1)
+
+
+def test_weight_files_are_hashed_once_per_process(tmp_path, monkeypatch) -> None:
+    from streamrt import weights as weights_mod
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"0123456789" * 1000)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    digest = weights_mod.content_digest(path)
+    assert weights_mod.content_digest(path) == digest and opened == [str(path)]
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    assert weights_mod.content_digest(link) == digest and len(opened) == 1     # the same file by another path
+    path.write_bytes(b"9123456789" * 1000)                                      # rewritten: read again
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert weights_mod.content_digest(path) != digest and len(opened) == 2

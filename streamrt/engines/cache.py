@@ -9,9 +9,10 @@ as the model folder kind ``streamrt_engines``)::
     <root>/.staging/<id>/                     a build in progress (ONNX export, partial engine)
 
 ``<weights>`` is the weights fingerprint (a readable label plus a hash of
-:attr:`StreamModels.identity <streamrt.models.StreamModels.identity>`, which names the weight files
-and the LoRA set). The :class:`EngineKey` holds everything that changes an engine's bytes; its digest
-is part of the file name, so a changed key is a different file (a cache miss), never a stale hit.
+:attr:`StreamModels.identity <streamrt.models.StreamModels.identity>`, with the weight files and the
+LoRA set counted by the content of their files, not their paths). The :class:`EngineKey` holds
+everything that changes an engine's bytes; its digest is part of the file name, so a changed key is a
+different file (a cache miss), never a stale hit.
 
 Writes are atomic: the engine is built inside ``.staging`` (same file system), moved into place with
 ``os.replace``, and only then is the sidecar written (itself through a temporary file). The sidecar
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 
 from ..models import StreamModels
+from ..weights import content_digest_and_stat
 from .spec import ENGINE_FORMAT, EngineShapes
 
 logger = logging.getLogger(__name__)
@@ -124,13 +126,59 @@ def _hash_weights(models: StreamModels) -> str:
     return digest.hexdigest()
 
 
+def _file_content(path: Any, size: Any, mtime_ns: Any) -> list:
+    """What an identity's ``(path, size, mtime_ns)`` file entry holds: ``["sha256", <hex>]`` of its bytes
+    when the file on disk is still the one the identity recorded; else the recorded entry itself (a file
+    gone or rewritten since the models were loaded: the weights in memory are not its present bytes)."""
+    try:
+        digest, st = content_digest_and_stat(str(path))
+    except (OSError, ValueError) as exc:
+        logger.debug("weights fingerprint: %s not hashed (%s); keyed by its path", path, exc)
+        return ["file", str(path), size, mtime_ns]
+    if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+        logger.warning("%s changed since the models were loaded: their engines are keyed by its path until the "
+                       "pipeline is loaded again", path)
+        return ["file", str(path), size, mtime_ns]
+    return ["sha256", digest]
+
+
+def _is_file_entry(entry: Any, width: int) -> bool:
+    return (isinstance(entry, (list, tuple)) and len(entry) == width and isinstance(entry[0], str)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in entry[1:3]))
+
+
+def _content_identity(identity: Mapping) -> dict:
+    """``identity`` with the weight files (``files``: ``(path, size, mtime_ns)``) and LoRA files (``loras``:
+    ``(path, size, mtime_ns, strength_model, strength_clip)``) replaced by digests of their bytes (entries of
+    another shape are kept as they are)."""
+    out = dict(identity)
+    if isinstance(identity.get("files"), (list, tuple)):
+        out["files"] = [_file_content(*f) if _is_file_entry(f, 3) else f for f in identity["files"]]
+    if isinstance(identity.get("loras"), (list, tuple)):
+        out["loras"] = [_file_content(*lora[:3]) + list(lora[3:]) if _is_file_entry(lora, 5) else lora
+                        for lora in identity["loras"]]
+    return out
+
+
 def weights_fingerprint(models: StreamModels) -> str:
     """``<label>-<16 hex>``: what the UNet/VAE weights are, for the cache key and folder name.
 
-    From :attr:`StreamModels.identity` (weight files, sizes and mtimes, LoRA set), without the
-    entries that only say where the weights were loaded (device, dtype: the engine precision is its
-    own key field). Models with an empty identity (built in memory) are fingerprinted by hashing
-    their UNet and VAE weights, which is slow for full-size models.
+    From :attr:`StreamModels.identity` (weight files, LoRA set, prediction type...), without the entries
+    that only say where the weights were loaded (device, dtype: the engine precision is its own key
+    field). The files count by their content, not by where they lie: each weight and LoRA file is
+    hashed (:func:`streamrt.weights.content_digest`), so a copy, another mount or a symlinked models
+    folder finds the same engines, and a changed weight finds none. The label is the model's name (the
+    checkpoint's file name or the diffusers folder's), so a copy under another name has its own engines.
+
+    Cost: the first call reads every file of the identity once (sha256, about a second per GB: a few
+    seconds for an SD1.5 checkpoint, more for a diffusers folder with its text encoder); files are
+    memoised in-process by identity (device, inode, size, mtime_ns) and the result on ``models``, so
+    later calls cost a few ``stat``. It is only called where engines are looked up or built (Build /
+    Load Engines, attaching engines to a stream when a TensorRT backend is usable), never on the
+    realtime path of a stream that runs without TensorRT.
+
+    Models with an empty identity (built in memory) are fingerprinted by hashing their UNet and VAE
+    weights, which is slow for full-size models.
     """
     identity = {k: v for k, v in (models.identity or {}).items() if k not in _RUNTIME_ONLY_IDENTITY}
     text = _canonical(identity)
@@ -138,7 +186,8 @@ def weights_fingerprint(models: StreamModels) -> str:
     if memo is not None and memo[0] == text:
         return memo[1]
     if identity:
-        digest, label = hashlib.sha256(text.encode()).hexdigest(), _identity_label(identity)
+        content = _canonical(_content_identity(identity))
+        digest, label = hashlib.sha256(content.encode()).hexdigest(), _identity_label(identity)
     else:
         logger.warning("the models have no identity: fingerprinting them by hashing their weights")
         digest, label = _hash_weights(models), "unnamed"
