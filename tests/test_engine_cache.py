@@ -192,24 +192,186 @@ def test_unreadable_metadata(cache) -> None:
 @pytest.mark.parametrize("field,value,reason", [
     ("target", "SM86", "stale"), ("backend_version", "1.6.1.120", "stale"), ("component", "vae_encoder", "mismatch"),
 ])
-def test_sidecar_for_another_key_is_caught(cache, field, value, reason) -> None:
+def test_engine_for_another_key_is_caught(cache, field, value, reason) -> None:
     key = make_key()
-    path = store(cache, key)
-    meta = json.loads(cache.meta_path(path).read_text())
-    meta["key"] = replace(key, **{field: value}).to_json()
-    cache.meta_path(path).write_text(json.dumps(meta))
-    found = cache.lookup(key)
-    assert not found.hit and found.error.reason == reason and field in str(found.error)
+    other = replace(key, **{field: value})
+    path = store(cache, other)
+    with pytest.raises(InvalidEngineError, match=field) as caught:
+        cache.verify(path, key)
+    assert caught.value.reason == reason
+    assert not cache.lookup(key).hit and cache.lookup(key).error.reason == "missing"
 
 
-def test_older_engine_format_is_stale(cache) -> None:
-    key = make_key()
+@pytest.mark.parametrize("field,value", [
+    ("target", "SM86"), ("backend_version", "1.6.1.120"), ("component", "vae_encoder"),
+    ("shapes", EngineShapes.static(2, 768, 768)), ("shapes", EngineShapes.ranged(2, 512, 512, 256, 1024)),
+    ("weights", "other-model-fedcba9876543210"), ("cache_window", 4), ("precision", "fp32"),
+])
+def test_sidecar_edited_to_claim_another_key_is_not_trusted(cache, field, value) -> None:
+    key = make_key(shapes=EngineShapes.ranged(2, 512, 512, 256, 768))
     path = store(cache, key)
     meta = json.loads(cache.meta_path(path).read_text())
-    meta["key"]["format"] = ENGINE_FORMAT - 1
+    meta["key"] = replace(key, **{field: value}).to_json()        # the engine's sha256 and size still match
     cache.meta_path(path).write_text(json.dumps(meta))
     found = cache.lookup(key)
-    assert found.error.reason == "stale" and "format" in str(found.error)
+    assert not found.hit and found.error.reason == "metadata" and "does not belong" in str(found.error)
+    with pytest.raises(InvalidEngineError, match="does not belong") as caught:
+        cache.verify(path)
+    assert caught.value.reason == "metadata"
+    claimed = replace(key, **{field: value})
+    [entry] = cache.entries(key.weights)
+    assert entry.record is None and entry.error.reason == "metadata"
+    assert cache.entries(claimed.weights) == [] or all(e.record is None for e in cache.entries(claimed.weights))
+    for weights in {key.weights, claimed.weights}:
+        for component in ("unet", "vae_encoder"):
+            for width, height, rows in ((512, 512, 2), (768, 768, 2), (640, 384, 2)):
+                assert cache.find(weights, component, rows=rows, width=width, height=height,
+                                  cache_window=claimed.cache_window) == []
+
+
+def test_older_engine_format_is_stale(cache, monkeypatch) -> None:
+    old = make_key(format=ENGINE_FORMAT - 1)
+    monkeypatch.setattr(cache_mod, "ENGINE_FORMAT", ENGINE_FORMAT - 1)  # stored by an older StreamRT
+    path = store(cache, old)
+    monkeypatch.undo()
+    with pytest.raises(InvalidEngineError, match="format") as caught:
+        cache.verify(path)
+    assert caught.value.reason == "stale"
+    [entry] = cache.entries(old.weights)
+    assert entry.error.reason == "stale" and cache.lookup(old).error.reason == "stale"
+    assert cache.lookup(replace(old, format=ENGINE_FORMAT)).error.reason == "missing"
+
+
+def _set_raw(meta_path: Path, where: tuple[str, ...], raw: str) -> None:
+    """Set ``meta[where...]`` to the raw JSON text ``raw`` (values json.dumps cannot write, like 1e999)."""
+    meta = json.loads(meta_path.read_text())
+    target = meta
+    for part in where[:-1]:
+        target = target[part]
+    target[where[-1]] = "@RAW@"
+    meta_path.write_text(json.dumps(meta).replace('"@RAW@"', raw))
+
+
+#: hostile sidecars: how to damage one, and what the error must name
+HOSTILE_SIDECARS = {
+    "bytes-inf": (lambda m: _set_raw(m, ("engine", "bytes"), "1e999"), "engine.bytes"),
+    "window-inf": (lambda m: _set_raw(m, ("key", "cache_window"), "1e999"), "OverflowError"),
+    "rows-inf": (lambda m: _set_raw(m, ("key", "shapes", "rows"), "[1e999, 1e999, 1e999]"), "OverflowError"),
+    "deep-nesting": (lambda m: m.write_text('{"key": ' + "[" * 100_000 + "]" * 100_000 + "}"), "RecursionError"),
+    "huge-int": (lambda m: _set_raw(m, ("engine", "bytes"), "9" * 5000), "malformed"),
+    "pixel-zero": (lambda m: _set_raw(m, ("pixel_multiple",), "0"), "pixel_multiple"),
+    "pixel-negative": (lambda m: _set_raw(m, ("pixel_multiple",), "-64"), "pixel_multiple"),
+    "pixel-text": (lambda m: _set_raw(m, ("pixel_multiple",), '"64"'), "pixel_multiple"),
+    "inputs": (lambda m: _set_raw(m, ("inputs",), "[5]"), "inputs"),
+    "sha-number": (lambda m: _set_raw(m, ("engine", "sha256"), "12"), "sha256"),
+    "array": (lambda m: m.write_text("[]"), "not a JSON object"),
+    "fifo": (lambda m: (m.unlink(), os.mkfifo(m)), "not a regular file"),
+}
+
+
+def _in_time(fn, seconds: float = 20.0):
+    """``fn()`` in a thread, failing the test (not hanging it) when it does not return in time."""
+    import threading
+
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{fn} did not return within {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _unblock_fifo(path: Path) -> None:
+    """Let a reader blocked on opening the FIFO ``path`` go (a writer opens and closes it)."""
+    if path.exists() and not path.is_file():
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("damage", list(HOSTILE_SIDECARS))
+def test_hostile_sidecar_rules_out_that_engine_only(cache, damage) -> None:
+    if damage == "fifo" and not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    how, problem = HOSTILE_SIDECARS[damage]
+    good = make_key(shapes=EngineShapes.static(2, 512, 512))
+    bad = make_key(shapes=EngineShapes.ranged(2, 512, 512, 256, 768))
+    store(cache, good)
+    with cache.staging() as staging:
+        (staging / "e").write_bytes(b"engine-bytes" * 100)
+        bad_path = cache.commit(bad, staging / "e", {"pixel_multiple": 64, "inputs": [["sample", [1], "fp16"]]}).path
+    meta_path = cache.meta_path(bad_path)
+    how(meta_path)
+    try:
+        entries = _in_time(lambda: cache.entries(good.weights))
+        found = _in_time(lambda: cache.find(good.weights, "unet", rows=2, width=512, height=512))
+        looked = _in_time(lambda: cache.lookup(bad))
+    finally:
+        _unblock_fifo(meta_path)
+    assert [e.record.key for e in entries if e.record] == [good]
+    [error] = [e.error for e in entries if e.record is None]
+    assert error.reason == "metadata" and problem in str(error) and error.path == bad_path
+    assert [r.key for r in found] == [good]
+    assert not looked.hit and looked.error.reason == "metadata" and problem in str(looked.error)
+    with pytest.raises(InvalidEngineError, match="Build Engines"):
+        cache.load(bad)
+
+
+@pytest.fixture
+def fake_builds(monkeypatch):
+    """ensure_engine with the export and the TensorRT build replaced by stand-ins (no TensorRT needed):
+    yields the list of builds it ran."""
+    from types import SimpleNamespace
+
+    from streamrt.engines import build as build_mod
+
+    builds = []
+
+    def export_onnx(component, shapes, path, **kwargs):
+        Path(path).write_bytes(b"onnx")
+        return SimpleNamespace(path=Path(path), seconds=0.0, external_data=False, opset=17)
+
+    def run_build(job, progress=None, **kwargs):
+        builds.append(job)
+        job.output.write_bytes(b"rebuilt-engine" * 50)
+        return build_mod.BuildOutcome(seconds=0.0, bytes=job.output.stat().st_size, version="1.7.1.116", log_tail="")
+
+    monkeypatch.setattr(build_mod, "backend_version", lambda backend: "1.7.1.116")
+    monkeypatch.setattr(build_mod, "require_polygraphy", lambda: None)
+    monkeypatch.setattr(build_mod, "export_onnx", export_onnx)
+    monkeypatch.setattr(build_mod, "run_build", run_build)
+    return builds
+
+
+@pytest.mark.parametrize("damage", ["window-inf", "deep-nesting", "pixel-zero", "fifo"])
+def test_engine_with_a_hostile_sidecar_is_rebuilt(cache, fake_builds, damage) -> None:
+    from engine_helpers import tiny_stream_models
+
+    from streamrt.engines import EngineRequest, engine_key, ensure_engine
+
+    models = tiny_stream_models()
+    request = EngineRequest("vae_decoder", EngineShapes.ranged(1, 64, 64, 64, 128), target="SM89")
+    key = engine_key(models, request)
+    path = store(cache, key)
+    meta_path = cache.meta_path(path)
+    HOSTILE_SIDECARS[damage][0](meta_path)
+    try:
+        result = _in_time(lambda: ensure_engine(models, request, cache))
+    finally:
+        _unblock_fifo(meta_path)
+    assert result.built and len(fake_builds) == 1 and result.reason.startswith("rebuilt")
+    assert cache.lookup(key).hit and cache.lookup(key).record.path == path
+    assert [r.key for r in cache.find(key.weights, "vae_decoder", rows=1, width=64, height=128)] == [key]
 
 
 def test_verified_engines_are_not_hashed_again(cache, monkeypatch) -> None:

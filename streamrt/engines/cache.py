@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import stat as stat_mod
 import threading
 import time
 import uuid
@@ -57,6 +58,10 @@ TIMING_DIR = "timing"
 #: staging folders older than this are leftovers of a killed process
 STALE_STAGING_SECONDS = 6 * 3600
 
+#: a sidecar is a few kB; a bigger file is not one (and is not read whole)
+MAX_SIDECAR_BYTES = 1 << 20
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 #: identity entries that describe where the weights are loaded, not what they are
@@ -74,7 +79,8 @@ class EngineNameError(EngineCacheError, ValueError):
 class InvalidEngineError(EngineCacheError):
     """An engine file that must not be used.
 
-    ``reason`` is one of ``"missing"`` (no file), ``"metadata"`` (no or unreadable sidecar),
+    ``reason`` is one of ``"missing"`` (no file), ``"metadata"`` (no sidecar, or one that is unreadable,
+    malformed or describes another engine than its file name says),
     ``"corrupt"`` (size or sha256 differ from the sidecar), ``"stale"`` (another engine format,
     backend version or target) and ``"mismatch"`` (built for another key).
     """
@@ -272,6 +278,11 @@ class EngineRecord:
     def name(self) -> str:
         return f"{self.path.parent.name}/{self.path.name}"
 
+    @property
+    def pixel_multiple(self) -> int:
+        """Width and height must be multiples of this (checked by :meth:`EngineCache.verify`: a positive int)."""
+        return int(self.meta.get("pixel_multiple", 1))
+
 
 @dataclass(frozen=True)
 class CacheEntry:
@@ -314,6 +325,51 @@ def _atomic_write_text(path: Path, text: str) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_sidecar(path: Path) -> tuple[bytes, os.stat_result]:
+    """The bytes of the sidecar at ``path`` and the stat of the file they were read from. Only a regular
+    file is read (a FIFO would block, a device never end), and at most :data:`MAX_SIDECAR_BYTES` of it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_SIDECAR_BYTES:
+            raise ValueError(f"{st.st_size} bytes, more than a sidecar ever holds ({MAX_SIDECAR_BYTES})")
+        return f.read(MAX_SIDECAR_BYTES + 1), st
+
+
+def _parse_sidecar(data: bytes) -> tuple[dict, EngineKey, str, int]:
+    """(metadata, key, sha256, bytes) of a sidecar; raises ``ValueError`` naming what is wrong. Checks every
+    field the cache and the runner read (``pixel_multiple``, ``inputs``), so they can use them as they are."""
+    meta = json.loads(data)
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    if not isinstance(meta.get("key"), dict):
+        raise ValueError("no 'key' object")
+    key = EngineKey.from_json(meta["key"])
+    if key.to_json() != meta["key"]:
+        raise ValueError("the key has unknown fields or values of the wrong type")
+    engine = meta.get("engine")
+    if not isinstance(engine, dict):
+        raise ValueError("no 'engine' object")
+    sha, size = engine.get("sha256"), engine.get("bytes")
+    if not isinstance(sha, str) or not _SHA256.match(sha):
+        raise ValueError(f"engine.sha256 {sha!r:.80} is not a sha256 digest")
+    if not _is_int(size) or size <= 0:
+        raise ValueError(f"engine.bytes {size!r:.80} is not a positive integer")
+    multiple = meta.get("pixel_multiple", 1)
+    if not _is_int(multiple) or multiple <= 0:
+        raise ValueError(f"pixel_multiple {multiple!r:.80} is not a positive integer")
+    inputs = meta.get("inputs", [])
+    if not isinstance(inputs, list) or not all(isinstance(t, list) and t and isinstance(t[0], str) for t in inputs):
+        raise ValueError("inputs is not a list of [name, dims, dtype] entries")
+    return meta, key, sha, size
 
 
 class EngineCache:
@@ -369,21 +425,39 @@ class EngineCache:
     # verification ----------------------------------------------------------------------------------
     def verify(self, path: str | os.PathLike, expected: EngineKey | None = None) -> EngineRecord:
         """Check the engine at ``path`` against its sidecar (and ``expected``); raises
-        :class:`InvalidEngineError`. A file verified before and unchanged since is not hashed again."""
+        :class:`InvalidEngineError`. A file verified before and unchanged since is not hashed again.
+
+        Nothing in the sidecar is taken on trust: it must parse into a well-formed key whose file name
+        and weights folder are the engine's own (the key's digest is in the name, so a sidecar edited to
+        claim other shapes, weights or target is caught), equal to ``expected`` when given, and the
+        file's size and sha256 must be the ones it records. Whatever is wrong with a sidecar (bad JSON,
+        ``1e999``, deep nesting, a FIFO, a zero ``pixel_multiple``...) rules out this engine only, with
+        reason ``"metadata"`` and the problem named.
+        """
         path = Path(path)
         meta_path = self.meta_path(path)
         if not path.is_file():
             raise InvalidEngineError(f"no engine file at {path}", reason="missing", path=path)
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            key = EngineKey.from_json(meta["key"])
-            sha, size = str(meta["engine"]["sha256"]), int(meta["engine"]["bytes"])
+            data, mstat = _read_sidecar(meta_path)
         except FileNotFoundError:
             raise InvalidEngineError(f"engine {path.name} has no metadata file {meta_path.name}: an interrupted or "
                                      "foreign build; it is not used", reason="metadata", path=path) from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             raise InvalidEngineError(f"engine metadata {meta_path} is unreadable ({exc}); the engine is not used",
                                      reason="metadata", path=path) from None
+        try:
+            meta, key, sha, size = _parse_sidecar(data)
+        except Exception as exc:  # the sidecar is untrusted input: whatever it makes the parser raise
+            # (ValueError, OverflowError from 1e999, RecursionError from deep nesting...) rules out this engine only
+            problem = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
+            raise InvalidEngineError(f"engine metadata {meta_path} is malformed ({problem:.300}); the engine is not "
+                                     "used", reason="metadata", path=path) from None
+        if key.file_name() != path.name or weights_folder(key.weights) != path.parent.name:
+            raise InvalidEngineError(
+                f"the metadata of engine {path.parent.name}/{path.name} describes another engine ({key.describe()} "
+                f"for weights {key.weights}, which would be {key.relative_name()}): it does not belong to this "
+                "file, and the engine is not used", reason="metadata", path=path)
         if key.format != ENGINE_FORMAT:
             raise InvalidEngineError(f"engine {path.name} was built by StreamRT engine format {key.format}, this "
                                      f"version uses {ENGINE_FORMAT}: it is stale", reason="stale", path=path)
@@ -393,7 +467,7 @@ class EngineCache:
             reason = "stale" if all(d.split(":")[0] in stale for d in expected.differences(key)) else "mismatch"
             raise InvalidEngineError(f"engine {path.name} was built for something else ({diffs})",
                                      reason=reason, path=path)
-        stat, mstat = path.stat(), meta_path.stat()
+        stat = path.stat()
         if stat.st_size != size:
             raise InvalidEngineError(f"engine {path.name} is truncated or corrupt: {stat.st_size} bytes, its "
                                      f"metadata says {size}", reason="corrupt", path=path)
@@ -467,7 +541,7 @@ class EngineCache:
             k = rec.key
             if (k.weights != weights or k.component != component or k.cache_window != cache_window
                     or not k.shapes.covers(rows, width, height) or k.shapes.extra
-                    or width % int(rec.meta.get("pixel_multiple", 1)) or height % int(rec.meta.get("pixel_multiple", 1))
+                    or width % rec.pixel_multiple or height % rec.pixel_multiple
                     or (precision and k.precision != precision) or (backend and k.backend != backend)
                     or (backend_version and k.backend_version != backend_version) or (target and k.target != target)):
                 continue
