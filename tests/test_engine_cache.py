@@ -385,6 +385,100 @@ def test_verified_engines_are_not_hashed_again(cache, monkeypatch) -> None:
     assert calls == []
 
 
+# ----------------------------------------------------------------------------------- links out of the cache
+def test_staging_folder_that_is_a_link_is_refused_and_nothing_is_deleted_through_it(cache, tmp_path) -> None:
+    outside = tmp_path / "precious"
+    (outside / "old-work").mkdir(parents=True)
+    (outside / "old-work" / "thesis.txt").write_text("years of work")
+    (outside / "notes.txt").write_text("keep")
+    past = time.time() - cache_mod.STALE_STAGING_SECONDS - 10
+    for p in (outside / "old-work", outside / "notes.txt"):
+        os.utime(p, (past, past))
+    cache.root.mkdir(parents=True)
+    (cache.root / ".staging").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(cache_mod.EngineCacheError, match="link"):
+        cache.clean_staging()
+    with pytest.raises(cache_mod.EngineCacheError, match="link"), cache.staging():
+        pass
+    with pytest.raises(cache_mod.EngineCacheError, match="link"):
+        store(cache, make_key())
+    assert sorted(p.name for p in outside.iterdir()) == ["notes.txt", "old-work"]   # nothing deleted or created
+    assert (outside / "old-work" / "thesis.txt").read_text() == "years of work"
+
+
+def test_links_inside_the_staging_folder_are_not_followed(cache, tmp_path) -> None:
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    base = cache.root / ".staging"
+    base.mkdir(parents=True)
+    link = base / "99-deadbeef"
+    link.symlink_to(outside, target_is_directory=True)
+    past = time.time() - cache_mod.STALE_STAGING_SECONDS - 10
+    os.utime(link, (past, past), follow_symlinks=False)
+    os.utime(outside, (past, past))
+    assert cache.clean_staging() == 1
+    assert not link.is_symlink() and (outside / "keep.txt").read_text() == "keep"
+
+
+def _outside_engine(tmp_path: Path, key: EngineKey) -> Path:
+    """An engine for ``key``, with its sidecar, in a cache folder that is not ``cache``'s."""
+    return store(EngineCache(tmp_path / "elsewhere"), key)
+
+
+def _count_hashes(monkeypatch) -> list:
+    calls: list = []
+    original = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p, *a: calls.append(p) or original(p, *a))
+    return calls
+
+
+@pytest.mark.parametrize("link", ["weights-folder", "engine", "sidecar"])
+def test_links_out_of_the_cache_are_refused_not_read(cache, tmp_path, monkeypatch, link) -> None:
+    key = make_key()
+    target = _outside_engine(tmp_path, key)
+    folder = cache.root / cache_mod.weights_folder(key.weights)
+    if link == "weights-folder":
+        cache.root.mkdir(parents=True)
+        folder.symlink_to(target.parent, target_is_directory=True)
+        listed = folder
+    else:
+        folder.mkdir(parents=True)
+        engine, sidecar = folder / target.name, cache.meta_path(folder / target.name)
+        engine.write_bytes(target.read_bytes())
+        sidecar.write_bytes(cache.meta_path(target).read_bytes())
+        link_path, real = (engine, target) if link == "engine" else (sidecar, cache.meta_path(target))
+        link_path.unlink()
+        link_path.symlink_to(real)
+        listed = engine
+    hashed = _count_hashes(monkeypatch)
+    for entries in (cache.entries(key.weights), cache.entries()):
+        [entry] = entries
+        assert entry.record is None and entry.path == listed
+        assert entry.error.reason == "outside" and "outside the engine cache" in str(entry.error)
+    assert cache.find(key.weights, "unet", rows=2, width=512, height=512) == []
+    found = cache.lookup(key)
+    assert not found.hit and found.error.reason == "outside" and "outside the engine cache" in str(found.error)
+    assert hashed == []
+
+
+def test_no_build_through_a_link_out_of_the_cache(cache, tmp_path, fake_builds) -> None:
+    from engine_helpers import tiny_stream_models
+
+    from streamrt.engines import EngineRequest, engine_key, ensure_engine
+
+    models = tiny_stream_models()
+    request = EngineRequest("vae_decoder", EngineShapes.static(1, 64, 64), target="SM89")
+    key = engine_key(models, request)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cache.root.mkdir(parents=True)
+    (cache.root / cache_mod.weights_folder(key.weights)).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(cache_mod.EngineCacheError, match="outside"):
+        ensure_engine(models, request, cache)
+    assert fake_builds == [] and list(elsewhere.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------ roots, listing
 def test_extra_roots_are_searched_but_not_written(tmp_path) -> None:
     shared = EngineCache(tmp_path / "shared")

@@ -371,6 +371,7 @@ def ensure_engine(models: StreamModels, request: EngineRequest, cache: EngineCac
         "missing" if found.error.reason == "missing" else f"rebuilt: {found.error}")
     if not force and found.error.reason != "missing":
         logger.warning("%s", found.error)
+    cache.engine_path(key)  # refuses (EngineNameError) a place that leads out of the cache, before any work
     profile = component.profile(request.shapes)  # validates the shapes before any work
     require_polygraphy()
     with _BUILD_LOCK, cache.staging() as staging:

@@ -79,7 +79,8 @@ class EngineNameError(EngineCacheError, ValueError):
 class InvalidEngineError(EngineCacheError):
     """An engine file that must not be used.
 
-    ``reason`` is one of ``"missing"`` (no file), ``"metadata"`` (no sidecar, or one that is unreadable,
+    ``reason`` is one of ``"missing"`` (no file), ``"outside"`` (a link, or in a folder that is one, that
+    leads out of the cache: never read), ``"metadata"`` (no sidecar, or one that is unreadable,
     malformed or describes another engine than its file name says),
     ``"corrupt"`` (size or sha256 differ from the sidecar), ``"stale"`` (another engine format,
     backend version or target) and ``"mismatch"`` (built for another key).
@@ -412,6 +413,23 @@ class EngineCache:
             raise EngineNameError(f"engine name {name!r} resolves outside the engine folder {root}")
         return path
 
+    def _root_of(self, path: Path) -> Path | None:
+        """The root ``path`` lies in by name (before following links), or None."""
+        return next((root for root in self.roots if path.is_relative_to(root)), None)
+
+    def _check_inside(self, path: Path, what: str) -> None:
+        """Raise :class:`InvalidEngineError` (reason ``"outside"``) when ``path`` is not in a root, or is (or lies
+        in) a link that leads out of its root: such a file is never read or hashed."""
+        root = self._root_of(path)
+        if root is None:
+            raise InvalidEngineError(f"{what} {path} is not inside the engine cache ({', '.join(map(str, self.roots))})"
+                                     ": it is not used", reason="outside", path=path)
+        real = path.resolve()
+        if not real.is_relative_to(root):
+            raise InvalidEngineError(f"{what} {path} leads to {real}, outside the engine cache {root} (a link): it is "
+                                     "not read, and nothing is built through it; remove the link",
+                                     reason="outside", path=path)
+
     def engine_path(self, key: EngineKey, root: Path | None = None) -> Path:
         return self.resolve(key.relative_name(), root)
 
@@ -434,10 +452,12 @@ class EngineCache:
         ``1e999``, deep nesting, a FIFO, a zero ``pixel_multiple``...) rules out this engine only, with
         reason ``"metadata"`` and the problem named.
         """
-        path = Path(path)
+        path = Path(os.path.abspath(path))
         meta_path = self.meta_path(path)
+        self._check_inside(path, "engine")
         if not path.is_file():
             raise InvalidEngineError(f"no engine file at {path}", reason="missing", path=path)
+        self._check_inside(meta_path, "engine metadata")
         try:
             data, mstat = _read_sidecar(meta_path)
         except FileNotFoundError:
@@ -489,7 +509,7 @@ class EngineCache:
         """The verified engine for ``key`` in any root, or why there is none."""
         first_error: InvalidEngineError | None = None
         for root in self.roots:
-            path = self.engine_path(key, root)
+            path = root / key.relative_name()  # key names are plain (sanitized); verify refuses links out of root
             try:
                 return Lookup(key, self.verify(path, key), InvalidEngineError("hit", reason="hit", path=path))
             except InvalidEngineError as exc:
@@ -497,7 +517,7 @@ class EngineCache:
                     first_error = exc
         if first_error is None:
             first_error = InvalidEngineError(f"no engine for {key.describe()} in {', '.join(map(str, self.roots))}",
-                                             reason="missing", path=self.engine_path(key))
+                                             reason="missing", path=self.root / key.relative_name())
         return Lookup(key, None, first_error)
 
     def load(self, key: EngineKey) -> EngineRecord:
@@ -519,6 +539,11 @@ class EngineCache:
             folders = [root / weights_folder(weights)] if weights else sorted(p for p in root.iterdir() if p.is_dir())
             for folder in folders:
                 if folder.name in (STAGING_DIR, TIMING_DIR) or not folder.is_dir():
+                    continue
+                try:
+                    self._check_inside(folder, "engine folder")  # a link out of the cache is not even listed
+                except InvalidEngineError as exc:
+                    out.append(CacheEntry(folder, None, exc))
                     continue
                 for path in sorted(folder.glob(f"*{ENGINE_SUFFIX}")):
                     try:
@@ -551,11 +576,28 @@ class EngineCache:
                                             + abs(r.key.shapes.rows.opt - rows), r.name))
 
     # writing ---------------------------------------------------------------------------------------
+    def _staging_base(self) -> Path:
+        """``<root>/.staging``, refused (:class:`EngineCacheError`) when it is a link or leads elsewhere.
+
+        Refused rather than ignored: a build has to stage inside the cache (the finished engine is moved
+        into place with ``os.replace``, which needs the same file system, and nothing is written outside
+        the cache), and the leftover cleanup removes what it finds there, so following a link would build
+        in, and delete from, a folder that is not the cache's. An error naming the link lets the user
+        remove it; nothing is created or deleted through it.
+        """
+        base = self.root / STAGING_DIR
+        if base.is_symlink() or base.resolve() != base or (base.exists() and not base.is_dir()):
+            raise EngineCacheError(f"the engine cache's staging folder {base} is a link or not a folder (it leads to "
+                                   f"{base.resolve()}): builds stage and clean up only inside the cache, so nothing "
+                                   "is built or deleted there; remove it")
+        return base
+
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A private folder under ``<root>/.staging`` for one build; removed on exit, whatever happens."""
-        base = self.root / STAGING_DIR
+        base = self._staging_base()
         base.mkdir(parents=True, exist_ok=True)
+        base = self._staging_base()  # not replaced by a link meanwhile
         self.clean_staging()
         folder = base / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         folder.mkdir()
@@ -565,15 +607,23 @@ class EngineCache:
             shutil.rmtree(folder, ignore_errors=True)
 
     def clean_staging(self, max_age: float = STALE_STAGING_SECONDS) -> int:
-        """Remove staging folders left by killed processes (older than ``max_age`` seconds)."""
-        base = self.root / STAGING_DIR
+        """Remove staging folders left by killed processes (older than ``max_age`` seconds).
+
+        Never follows a link: a ``.staging`` that is one is refused (see :meth:`_staging_base`), a link
+        inside it is removed itself (not what it points to), and ``shutil.rmtree`` does not follow links
+        inside the folders it removes."""
+        base = self._staging_base()
         removed = 0
         if base.is_dir():
             now = time.time()
-            for folder in base.iterdir():
+            for entry in base.iterdir():
                 with contextlib.suppress(OSError):
-                    if now - folder.stat().st_mtime > max_age:
-                        shutil.rmtree(folder, ignore_errors=True)
+                    st = entry.lstat()
+                    if now - st.st_mtime > max_age:
+                        if stat_mod.S_ISDIR(st.st_mode):
+                            shutil.rmtree(entry, ignore_errors=True)
+                        else:
+                            entry.unlink()
                         removed += 1
         return removed
 
