@@ -479,6 +479,44 @@ def test_no_build_through_a_link_out_of_the_cache(cache, tmp_path, fake_builds) 
     assert fake_builds == [] and list(elsewhere.iterdir()) == []
 
 
+def _replace_keeping_mtime(path: Path, data: bytes) -> None:
+    """Put a new file with ``data`` at ``path`` (another inode) with the old file's mtime_ns."""
+    st = path.stat()
+    new = path.with_name(path.name + ".new")
+    new.write_bytes(data)
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, path)
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+
+
+def test_engines_are_verified_once_per_file_identity(cache, monkeypatch) -> None:
+    key = make_key()
+    path = store(cache, key)
+    hashed = _count_hashes(monkeypatch)
+    for _ in range(3):
+        assert cache.verify(path, key).key == key and cache.lookup(key).hit
+    assert hashed == []                                                   # unchanged: not hashed again
+    sidecar = cache.meta_path(path)
+    _replace_keeping_mtime(sidecar, sidecar.read_bytes())                 # another sidecar file, same bytes
+    assert cache.lookup(key).hit and len(hashed) == 1
+    assert cache.lookup(key).hit and len(hashed) == 1
+    # another file of the same size put in its place with the same mtime: hashed again, and caught
+    data = bytearray(path.read_bytes())
+    data[7] ^= 0xFF
+    _replace_keeping_mtime(path, bytes(data))
+    found = cache.lookup(key)
+    assert len(hashed) == 2 and not found.hit and found.error.reason == "corrupt"
+    # rewritten in place, same size, new mtime: hashed again
+    store(cache, key)
+    hashed.clear()
+    assert cache.lookup(key).hit and hashed == []
+    st = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    found = cache.lookup(key)
+    assert len(hashed) == 1 and not found.hit and found.error.reason == "corrupt"
+
+
 # ------------------------------------------------------------------------------------ roots, listing
 def test_extra_roots_are_searched_but_not_written(tmp_path) -> None:
     shared = EngineCache(tmp_path / "shared")

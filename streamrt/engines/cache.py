@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ..models import StreamModels
-from ..weights import content_digest_and_stat
+from ..weights import content_digest_and_stat, file_identity
 from .spec import ENGINE_FORMAT, EngineShapes
 
 logger = logging.getLogger(__name__)
@@ -389,6 +389,7 @@ class EngineCache:
             if path not in roots:
                 roots.append(path)
         self.roots: tuple[Path, ...] = tuple(roots)
+        #: path -> ((engine identity, sidecar identity, sha256), record) of engines verified by this process
         self._verified: dict[Path, tuple[tuple, EngineRecord]] = {}
         self._lock = threading.Lock()
 
@@ -491,7 +492,9 @@ class EngineCache:
         if stat.st_size != size:
             raise InvalidEngineError(f"engine {path.name} is truncated or corrupt: {stat.st_size} bytes, its "
                                      f"metadata says {size}", reason="corrupt", path=path)
-        stamp = (stat.st_size, stat.st_mtime_ns, mstat.st_mtime_ns, sha)
+        # verified once per file identity: the same engine and sidecar files (device, inode), unchanged (size,
+        # mtime_ns); a file rewritten or replaced by another, even with the same size and mtime, is hashed again
+        stamp = (file_identity(stat), file_identity(mstat), sha)
         with self._lock:
             memo = self._verified.get(path)
         if memo is not None and memo[0] == stamp:
@@ -501,8 +504,9 @@ class EngineCache:
             raise InvalidEngineError(f"engine {path.name} is corrupt: sha256 {actual[:12]}... differs from the "
                                      f"{sha[:12]}... recorded when it was built", reason="corrupt", path=path)
         record = EngineRecord(key=key, path=path, sha256=sha, size=size, meta=meta)
-        with self._lock:
-            self._verified[path] = (stamp, record)
+        if file_identity(path.stat()) == stamp[0]:  # not remembered when it changed while it was hashed
+            with self._lock:
+                self._verified[path] = (stamp, record)
         return record
 
     def lookup(self, key: EngineKey) -> Lookup:
