@@ -18,6 +18,7 @@ import folder_paths
 import torch
 from comfy_api.latest import ComfyExtension, io  # noqa: F401  (re-exported for the node modules)
 
+from ..streamrt.names import FolderIndex, plain_relative_name
 from ..streamrt.weights import WEIGHT_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -31,41 +32,27 @@ def torch_device() -> torch.device:
     return model_management.get_torch_device()
 
 
-def model_folders(kind: str, marker: str) -> list[str]:
-    """Sub-folders holding ``marker`` (e.g. model_index.json) under every path of a ComfyUI model kind."""
-    found = set()
-    for base in folder_paths.get_folder_paths(kind):
-        for root, _dirs, files in os.walk(base, followlinks=True):
-            if marker in files:
-                found.add(os.path.relpath(root, base).replace(os.sep, "/"))
-    return sorted(found)
-
-
-def resolve_model_folder(kind: str, marker: str, name: str) -> str:
-    """Absolute path of a folder returned by :func:`model_folders`."""
-    for base in folder_paths.get_folder_paths(kind):
-        path = os.path.join(base, name)
-        if os.path.isfile(os.path.join(path, marker)):
-            return path
-    raise FileNotFoundError(f"{name!r} was not found under models/{kind}")
+_DIFFUSERS = FolderIndex("model_index.json")
+_TAESD_FOLDERS = FolderIndex("config.json")
 
 
 def diffusers_folders() -> list[str]:
-    """Diffusers model folders (holding model_index.json) under ``models/diffusers``."""
-    return model_folders("diffusers", "model_index.json")
+    """Diffusers model folders (holding model_index.json) under ``models/diffusers`` (a cached listing)."""
+    return _DIFFUSERS.names(folder_paths.get_folder_paths("diffusers"))
 
 
 def resolve_diffusers_folder(name: str) -> str:
-    return resolve_model_folder("diffusers", "model_index.json", name)
+    """The folder of a name from :func:`diffusers_folders`; anything else is refused or not found."""
+    return _DIFFUSERS.resolve(folder_paths.get_folder_paths("diffusers"), name, "diffusers model")
 
 
 def taesd_folders() -> list[str]:
     """Diffusers AutoencoderTiny folders (config.json + weights) under ``models/vae_approx``."""
-    return model_folders("vae_approx", "config.json")
+    return _TAESD_FOLDERS.names(folder_paths.get_folder_paths("vae_approx"))
 
 
 def resolve_taesd_folder(name: str) -> str:
-    return resolve_model_folder("vae_approx", "config.json", name)
+    return _TAESD_FOLDERS.resolve(folder_paths.get_folder_paths("vae_approx"), name, "TAESD folder")
 
 
 class Progress:
@@ -125,11 +112,13 @@ STATUS_EVENT = "streamrt.status"
 
 
 def send_status(data: dict) -> None:
-    """Send the sampler's status (fps, frames, backend, state) to the browser as a websocket event."""
+    """Send the sampler's status (fps, frames, backend, state) as a websocket event to the client that queued
+    the prompt (as ComfyUI sends its own execution events; a prompt queued without a client id gets none)."""
     from server import PromptServer
 
-    if PromptServer.instance is not None:
-        PromptServer.instance.send_sync(STATUS_EVENT, data)
+    server = PromptServer.instance
+    if server is not None and server.client_id is not None:
+        server.send_sync(STATUS_EVENT, data, server.client_id)
 
 
 # Model files for the loaders: checkpoints, LoRAs, ComfyUI's TAESD pair, CLIP tokenizer ---------------
@@ -142,9 +131,18 @@ def checkpoint_files() -> list[str]:
     return [n for n in folder_paths.get_filename_list("checkpoints") if n.lower().endswith(WEIGHT_SUFFIXES)]
 
 
+def _resolve_listed(kind: str, name: str, what: str) -> str | None:
+    """The path of ``name`` when ComfyUI lists it under ``models/<kind>`` (its own listing, cached the way it
+    caches it), else None; an unsafe name is refused by name."""
+    plain_relative_name(name, what)
+    if not name.lower().endswith(WEIGHT_SUFFIXES) or name not in folder_paths.get_filename_list(kind):
+        return None
+    return folder_paths.get_full_path(kind, name)
+
+
 def resolve_checkpoint(name: str) -> str | None:
     """Absolute path of a name from :func:`checkpoint_files`, or None."""
-    return folder_paths.get_full_path("checkpoints", name) if name.lower().endswith(WEIGHT_SUFFIXES) else None
+    return _resolve_listed("checkpoints", name, "checkpoint")
 
 
 def lora_files() -> list[str]:
@@ -154,7 +152,7 @@ def lora_files() -> list[str]:
 
 def resolve_lora(name: str) -> str | None:
     """Absolute path of a name from :func:`lora_files`, or None."""
-    return folder_paths.get_full_path("loras", name) if name.lower().endswith(WEIGHT_SUFFIXES) else None
+    return _resolve_listed("loras", name, "LoRA")
 
 
 def comfy_taesd_files(name: str) -> tuple[str, str] | None:

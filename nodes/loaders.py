@@ -6,7 +6,7 @@ from ..streamrt.loading import PREDICTION_TYPES, ModelLoadError, PipelineSpec
 from ..streamrt.lora import LoraSpec
 from . import api
 from .api import io
-from .runtime import PipelineHandle
+from .runtime import PipelineHandle, workflow_id
 
 NO_TAESD = "none (full VAE)"
 
@@ -76,17 +76,19 @@ class LoadStreamPipeline(io.ComfyNode):
                                         "e.g. LCM-LoRA for a model that is not LCM-distilled."),
             ],
             outputs=[api.PIPELINE.Output(display_name="pipeline", tooltip="The streaming pipeline.")],
+            hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
         )
 
     @classmethod
     def execute(cls, model: str, taesd: str, dtype: str, device: str, prediction_type: str = "auto",
                 loras: tuple[LoraSpec, ...] | None = None) -> io.NodeOutput:
         path = resolve_model(model)
-        handle = PipelineHandle(PipelineSpec(
+        handle = PipelineHandle.for_spec(PipelineSpec(
             model=path, taesd=resolve_taesd(taesd), loras=tuple(loras or ()), dtype=dtype,
             device=str(api.torch_device()) if device == "auto" else device, prediction_type=prediction_type,
             tokenizer_dir=api.clip_tokenizer_dir()))
-        handle.models()  # load now, so a broken model fails on this node
+        # Load now, so a broken model fails on this node; this node holds it until it loads another one.
+        handle.models(holder=(workflow_id(cls.hidden.extra_pnginfo), cls.hidden.unique_id))
         return io.NodeOutput(handle)
 
 

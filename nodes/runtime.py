@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from ..streamrt.loading import PipelineSpec
@@ -13,10 +14,21 @@ SESSIONS = StreamSessions()
 MEMORY = MemoryWatch(SESSIONS.release)
 
 
-def models_bytes(models: StreamModels) -> int:
-    """Bytes of weights a pipeline holds (what ComfyUI is told the pack uses)."""
-    return sum(p.numel() * p.element_size()
-               for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters())
+def workflow_id(extra_pnginfo) -> str | None:
+    """The id the frontend gives the workflow a prompt came from (None for API prompts).
+
+    Streams and loaded pipelines are kept per (workflow, node): node ids are small integers, so two open
+    workflows often have a node with the same id.
+    """
+    if isinstance(extra_pnginfo, dict) and isinstance(extra_pnginfo.get("workflow"), dict):
+        wid = extra_pnginfo["workflow"].get("id")
+        return str(wid) if wid is not None else None
+    return None
+
+
+def report_memory() -> None:
+    """Tell ComfyUI how much device memory the pack holds now (pipelines and streams)."""
+    MEMORY.keep_registered(SESSIONS.total_bytes())
 
 
 @dataclass(frozen=True)
@@ -25,18 +37,23 @@ class PipelineHandle:
 
     The models live in :data:`SESSIONS`, so when ComfyUI frees memory they go even though ComfyUI's
     output cache still holds this handle; :meth:`models` reloads them on the next run.
+
+    Args:
+        spec: what to load.
+        key: the spec plus the sizes and mtimes of its files, computed once when the loader ran (a sampler
+            never stats files or walks parameters per execution).
     """
 
     spec: PipelineSpec
+    key: tuple
 
-    @property
-    def key(self) -> tuple:
-        """The spec (model, TAESD, LoRA set with strengths, dtype, device, prediction type) plus the
-        sizes and mtimes of every file it reads: a changed file or LoRA set means another pipeline."""
-        return self.spec.cache_key()
+    @classmethod
+    def for_spec(cls, spec: PipelineSpec) -> PipelineHandle:
+        return cls(spec, spec.cache_key())
 
-    def models(self) -> StreamModels:
-        """The loaded pipeline (cached by :attr:`key`; a failed load leaves nothing cached)."""
-        models = SESSIONS.pipeline(self.key, self.spec.load)
-        MEMORY.keep_registered(models_bytes(models))
+    def models(self, holder: Hashable | None = None) -> StreamModels:
+        """The loaded pipeline (cached by :attr:`key`; a failed load leaves nothing cached). ``holder`` (the
+        loader node) keeps it loaded while it holds it; what it held before is released unless in use."""
+        models = SESSIONS.pipeline(self.key, self.spec.load, holder=holder)
+        report_memory()
         return models

@@ -12,21 +12,9 @@ from ..streamrt.kv_cache import KVCacheConfig
 from . import api
 from .api import io
 from .engines import engine_source
-from .runtime import SESSIONS, PipelineHandle
+from .runtime import SESSIONS, PipelineHandle, report_memory, workflow_id
 
 logger = logging.getLogger(__name__)
-
-
-def workflow_id(extra_pnginfo) -> str | None:
-    """The id the frontend gives the workflow a prompt came from (None for API prompts).
-
-    Streams are kept per (workflow, node): node ids are small integers, so two open workflows often
-    have a sampler with the same id.
-    """
-    if isinstance(extra_pnginfo, dict) and isinstance(extra_pnginfo.get("workflow"), dict):
-        wid = extra_pnginfo["workflow"].get("id")
-        return str(wid) if wid is not None else None
-    return None
 
 
 def parse_t_index_list(text: str) -> tuple[int, ...]:
@@ -147,16 +135,12 @@ class StreamSampler(io.ComfyNode):
         owner = (workflow_id(cls.hidden.extra_pnginfo), node_id)
         models = pipeline.models()
         fresh = SESSIONS.frames_processed(owner) == 0
-        stream = SESSIONS.stream(owner, models, StreamRequest(config, prompt, negative_prompt, reset=reset,
-                                                                engines=engine_source(pipeline)))
         api.check_interrupted()
         start = time.perf_counter()
-        if image is None:
-            frames = stream.step(None)
-        elif image.shape[0] == frames_per_step:
-            frames = stream.step(image)
-        else:
-            frames = stream.process_video(image, progress=api.Progress(image.shape[0], node_id))
+        request = StreamRequest(config, prompt, negative_prompt, reset=reset, engines=engine_source(pipeline))
+        video = image is not None and image.dim() == 4 and image.shape[0] > frames_per_step
+        progress = api.Progress(int(image.shape[0]), node_id) if video else None
+        stream, frames = SESSIONS.run(owner, models, request, image, progress=progress)
         seconds = time.perf_counter() - start
         count = int(frames.shape[0])
         runtime = stream.runtime
@@ -170,4 +154,5 @@ class StreamSampler(io.ComfyNode):
                 "warming" if fresh or stream.frames_processed <= stream.latency * frames_per_step else "streaming"),
         })
         logger.debug("stream %s: %d frame(s) in %.1f ms (%s)", node_id, count, 1000 * seconds, runtime.describe())
+        report_memory()
         return io.NodeOutput(frames)

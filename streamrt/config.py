@@ -9,6 +9,7 @@ identically shaped buffers, so a config is also the key for captured CUDA graphs
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, replace
 
 from .kv_cache import KVCacheConfig
@@ -62,7 +63,7 @@ class SimilarityFilterConfig:
     max_skip: int = 10
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold < 1.0:
+        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):  # NaN fails too
             raise ValueError(f"similarity threshold must be in (0, 1), got {self.threshold}")
         if self.max_skip < 0:
             raise ValueError(f"similarity max_skip must be >= 0, got {self.max_skip}")
@@ -129,10 +130,15 @@ class StreamConfig:
                 f"t_index_list entries {bad} are outside the schedule: each must be in "
                 f"[0, {self.num_inference_steps - 1}] for num_inference_steps={self.num_inference_steps}"
             )
-        if list(self.t_index_list) != sorted(self.t_index_list):
-            raise ValueError(f"t_index_list must be increasing (noisiest step first), got {list(self.t_index_list)}")
+        if any(b <= a for a, b in zip(self.t_index_list, self.t_index_list[1:])):
+            raise ValueError(f"t_index_list must be strictly increasing (noisiest step first, no repeats), got "
+                             f"{list(self.t_index_list)}")
         if self.frames_per_step < 1:
             raise ValueError(f"frames_per_step must be >= 1, got {self.frames_per_step}")
+        for name in ("guidance_scale", "delta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.delta < 0:
             raise ValueError(f"delta must be >= 0, got {self.delta}")
 

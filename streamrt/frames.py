@@ -51,6 +51,23 @@ def as_rgb_frames(frames: torch.Tensor, *, width: int | None = None, height: int
     return frames
 
 
+def check_frames(frames: torch.Tensor, *, width: int, height: int, frames_per_step: int, count: int | None = None,
+                 finite: FiniteCheck | None = None) -> torch.Tensor:
+    """``frames`` as an ``[N, H, W, 3]`` view for a stream of ``width`` x ``height`` taking ``frames_per_step``
+    frames per call, or :class:`FrameError` naming what is wrong (size, count, channels, NaN/inf).
+
+    ``count``: exactly this many frames (one call); otherwise any multiple of ``frames_per_step`` (a video).
+    """
+    frames = as_rgb_frames(frames, width=width, height=height, check_finite=False)
+    n = frames.shape[0]
+    if count is not None and n != count:
+        raise FrameError(f"one stream step takes frames_per_step={count} frames, got {n}")
+    if count is None and n % frames_per_step:
+        raise FrameError(f"the number of frames ({n}) must be a multiple of frames_per_step={frames_per_step}")
+    (finite or FiniteCheck())(frames)
+    return frames
+
+
 class FiniteCheck:
     """Refuses NaN / inf frames before they reach a stream's state, without allocating per call.
 

@@ -111,6 +111,11 @@ class StreamModels:
     def text_length(self) -> int:
         return int(self.tokenizer.model_max_length)
 
+    def weights_nbytes(self) -> int:
+        """Bytes of the UNet, VAE and text encoder weights (walks the parameters: call it once, at load)."""
+        return sum(p.numel() * p.element_size()
+                   for m in (self.unet, self.vae, self.text_encoder) for p in m.parameters())
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StreamModels:
         """Move every module (in place) and return self."""
         for module in (self.unet, self.vae, self.text_encoder):

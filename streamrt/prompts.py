@@ -67,13 +67,31 @@ def blend(tensors: Sequence[torch.Tensor], weights: Sequence[float], method: str
     raise ValueError(f"unknown blend method {method!r}: use 'linear' or 'slerp'")
 
 
+def check_text(text: str, what: str = "prompt") -> str:
+    """``text`` if a tokenizer can take it, else a ValueError that says which character is the problem.
+
+    Lone surrogates (what a JSON ``"\\ud800"`` decodes to) are not Unicode characters: tokenizers refuse
+    them with an opaque TypeError deep in their bindings.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"the {what} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the {what} contains {text[exc.start]!r} at position {exc.start}, which is not a valid "
+                         "Unicode character (a lone surrogate); remove it") from None
+    return text
+
+
 def as_weighted(prompt: str | Weighted) -> list[tuple[str, float]]:
-    """Normalise a prompt given as text or as ``[(text, weight), ...]``."""
+    """Normalise a prompt given as text or as ``[(text, weight), ...]``, checking every text and weight."""
     if isinstance(prompt, str):
-        return [(prompt, 1.0)]
-    items = [(str(t), float(w)) for t, w in prompt]
+        return [(check_text(prompt), 1.0)]
+    items = [(check_text(t), float(w)) for t, w in prompt]
     if not items:
         raise ValueError("an empty list of prompts was given")
+    if not all(math.isfinite(w) for _, w in items):
+        raise ValueError(f"prompt weights must be finite numbers, got {[w for _, w in items]}")
     return items
 
 
@@ -109,6 +127,7 @@ class PromptEncoder:
         if hit is not None:
             self._cache.move_to_end(text)
             return hit
+        check_text(text)
         ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         self.encoder_calls += 1

@@ -1,10 +1,18 @@
 """Where streams live between calls: loaded pipelines by load key, streams by owner key.
 
-A host application (the ComfyUI nodes) keeps one :class:`StreamSessions`. Pipelines are cached by
-what identifies their weights, so asking again does not reload; streams are kept per owner (a node
-id), so every call of the same owner advances the same stream, and a changed config rebuilds only
-what it must: a new shape makes a new stream, while seed, prompt and guidance are updated in place.
-:meth:`StreamSessions.release` drops everything (what a host does when asked to free memory).
+A host application (the ComfyUI nodes) keeps one :class:`StreamSessions`.
+
+- Pipelines are cached by what identifies their weights, so asking again does not reload. A pipeline
+  stays while something uses it: a *holder* (a loader node, whose latest load it is) or a live stream.
+  When a holder loads something else, or the last stream on a pipeline goes, a pipeline nobody uses is
+  released at once.
+- Streams are kept per owner (a sampler node), so every call of the same owner advances the same stream,
+  and a changed config rebuilds only what it must (docs/DESIGN.md section 7). At most ``max_streams``
+  live at once; the least recently used goes first.
+- A call is validated before anything changes: frames, prompt texts and the acceleration are checked
+  first, so a refused call leaves the owner's stream exactly as it was.
+- :meth:`total_bytes` is the device memory all of it holds (what a host's memory manager is told);
+  :meth:`release` drops everything (what a host does when asked to free memory).
 """
 
 from __future__ import annotations
@@ -12,15 +20,18 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 
 from .config import StreamConfig
+from .frames import check_frames
 from .models import StreamModels
+from .prompts import Weighted, as_weighted, check_text
 from .runtime import EngineSource, prepare
-from .stream import Stream
+from .stream import ProgressCallback, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +41,7 @@ class StreamRequest:
     """What a caller wants from its stream on this call."""
 
     config: StreamConfig
-    prompt: str | list[tuple[str, float]] = ""
+    prompt: str | Weighted = ""
     negative_prompt: str = ""
     reset: bool = False
     engines: EngineSource | None = None
@@ -39,37 +50,75 @@ class StreamRequest:
         """What needs a new stream when it changes (the config's rebuild key and the engine source)."""
         return self.config.rebuild_key(), None if self.engines is None else self.engines.key
 
+    def check(self) -> None:
+        """Raise ValueError naming what cannot be used (prompt texts and weights), before anything changes."""
+        as_weighted(self.prompt)
+        check_text(self.negative_prompt, "negative prompt")
+
 
 class StreamSessions:
-    """Cache of loaded pipelines and registry of live streams (thread-safe)."""
+    """Cache of loaded pipelines and registry of live streams (thread-safe).
 
-    def __init__(self) -> None:
+    Args:
+        max_streams (`int`, defaults to `8`): live streams kept at most (least recently used dropped first).
+    """
+
+    def __init__(self, max_streams: int = 8) -> None:
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
+        self.max_streams = max_streams
         self._lock = threading.RLock()
         self._pipelines: dict[Hashable, StreamModels] = {}
-        self._streams: dict[Hashable, Stream] = {}
+        self._pipeline_bytes: dict[Hashable, int] = {}
+        self._holders: dict[Hashable, Hashable] = {}       # holder -> pipeline key
+        self._streams: OrderedDict[Hashable, Stream] = OrderedDict()  # least recently used first
         self._keys: dict[Hashable, tuple] = {}
+        self._stream_bytes: dict[Hashable, int] = {}
         self.loads = 0
 
     # pipelines -------------------------------------------------------------------------------------
-    def pipeline(self, key: Hashable, load: Callable[[], StreamModels]) -> StreamModels:
-        """The pipeline for ``key``, loading it with ``load()`` only when it is not cached."""
+    def pipeline(self, key: Hashable, load: Callable[[], StreamModels], *, holder: Hashable | None = None
+                 ) -> StreamModels:
+        """The pipeline for ``key``, loading it with ``load()`` only when it is not cached.
+
+        ``holder`` (e.g. a loader node) keeps the pipeline while it holds it; the pipeline it held before is
+        released when nothing else uses it.
+        """
         with self._lock:
             models = self._pipelines.get(key)
             if models is None:
                 models = load()
                 self.loads += 1
                 self._pipelines[key] = models
+                self._pipeline_bytes[key] = models.weights_nbytes()
+            if holder is not None:
+                previous = self._holders.get(holder)
+                self._holders[holder] = key
+                if previous is not None and previous != key:
+                    self._release_if_unused(previous)
             return models
+
+    def _release_if_unused(self, key: Hashable) -> None:
+        models = self._pipelines.get(key)
+        if models is None or key in self._holders.values() or any(s.models is models for s in self._streams.values()):
+            return
+        del self._pipelines[key], self._pipeline_bytes[key]
+        logger.info("released a pipeline nothing uses any more (%d left)", len(self._pipelines))
+
+    def _key_of(self, models: StreamModels) -> Hashable | None:
+        return next((k for k, m in self._pipelines.items() if m is models), None)
 
     # streams ---------------------------------------------------------------------------------------
     def stream(self, owner: Hashable, models: StreamModels, request: StreamRequest) -> Stream:
         """The owner's stream, created or updated so that it matches ``request``.
 
         Same models and same rebuild key (shapes, similarity filter, acceleration, engines): the stream
-        (with its state) is kept; seed, prompt, guidance, delta and cache window are applied in place.
-        Otherwise a new stream replaces the old one.
+        (with its state) is kept; prompt, seed, guidance, delta and cache window are applied in place.
+        Otherwise a new stream replaces the old one. What can be refused (prompt texts, the acceleration)
+        is checked before anything of the old stream changes.
         """
         cfg = request.config
+        request.check()
         key = request.rebuild_key()
         with self._lock:
             stream = self._streams.get(owner)
@@ -80,6 +129,10 @@ class StreamSessions:
                     logger.info("stream %s: config changed, building a new stream", owner)
                     self._drop(owner)
                     del stream  # free its buffers before allocating the new ones
+                while len(self._streams) >= self.max_streams:
+                    oldest = next(iter(self._streams))
+                    logger.info("stream %s: dropped, the least recently used of %d", oldest, self.max_streams)
+                    self._drop(oldest)
                 try:
                     stream = Stream(models, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
                                     runtime=runtime)
@@ -87,21 +140,45 @@ class StreamSessions:
                     runtime.close()
                     raise
                 self._streams[owner], self._keys[owner] = stream, key
+                self._stream_bytes[owner] = stream.nbytes()
                 return stream
+            self._streams.move_to_end(owner)
+            stream.set_prompt(request.prompt, request.negative_prompt)  # the one update that can refuse its input
             stream.set_seed(cfg.seed)
             stream.set_guidance(cfg.guidance_scale, cfg.delta)
             if cfg.kv_cache.enabled:
                 stream.set_cache_window(cfg.kv_cache.window, cfg.kv_cache.interval)
-            stream.set_prompt(request.prompt, request.negative_prompt)
             if request.reset:
                 stream.reset()
             return stream
 
+    def run(self, owner: Hashable, models: StreamModels, request: StreamRequest, frames: torch.Tensor | None,
+            progress: ProgressCallback | None = None) -> tuple[Stream, torch.Tensor]:
+        """One call of the owner's stream: txt2img without ``frames``, one step for ``frames_per_step``
+        frames, an aligned video for more. Returns the stream and its output frames.
+
+        The frames are checked against the requested config before the stream is touched: a refused call
+        leaves the owner's stream exactly as it was.
+        """
+        cfg = request.config
+        if frames is not None:
+            frames = check_frames(frames, width=cfg.width, height=cfg.height, frames_per_step=cfg.frames_per_step)
+        stream = self.stream(owner, models, request)
+        if frames is None:
+            return stream, stream.step(None)
+        if frames.shape[0] == cfg.frames_per_step:
+            return stream, stream.step(frames, validated=True)
+        return stream, stream.process_video(frames, progress=progress, validated=True)
+
     def _drop(self, owner: Hashable) -> None:
         stream = self._streams.pop(owner, None)
         self._keys.pop(owner, None)
+        self._stream_bytes.pop(owner, None)
         if stream is not None:
             stream.close()
+            key = self._key_of(stream.models)
+            if key is not None:
+                self._release_if_unused(key)
 
     def frames_processed(self, owner: Hashable) -> int:
         """Frames the owner's stream has processed (0 when it has none)."""
@@ -117,6 +194,16 @@ class StreamSessions:
                             "acceleration": s.runtime.describe()}
                     for owner, s in self._streams.items()}
 
+    def total_bytes(self) -> int:
+        """Device bytes held: every cached pipeline's weights and every live stream's buffers."""
+        with self._lock:
+            return sum(self._pipeline_bytes.values()) + sum(self._stream_bytes.values())
+
+    def counts(self) -> tuple[int, int]:
+        """(pipelines, streams) held now."""
+        with self._lock:
+            return len(self._pipelines), len(self._streams)
+
     def release(self, *, collect: bool = True) -> None:
         """Drop every stream and pipeline and give the GPU memory back.
 
@@ -125,9 +212,11 @@ class StreamSessions:
         """
         with self._lock:
             had = bool(self._streams or self._pipelines)
+            self._holders.clear()
             for owner in list(self._streams):
                 self._drop(owner)
             self._pipelines.clear()
+            self._pipeline_bytes.clear()
         if had and collect:
             gc.collect()
             if torch.cuda.is_available():

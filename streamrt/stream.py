@@ -22,7 +22,7 @@ import torch
 
 from .buffers import StreamBuffers, allocate_buffers
 from .config import Acceleration, CfgType, StreamConfig
-from .frames import FiniteCheck, FrameError, as_rgb_frames
+from .frames import FiniteCheck, check_frames
 from .kv_cache import KVCache, install_kv_processors
 from .kv_export import kv_cache_io_spec
 from .models import StreamModels
@@ -105,7 +105,7 @@ class Stream:
         self.frames_processed = 0
         self._device_steps = {False: lambda: self.device_step(False), True: lambda: self.device_step(True)}
         self._redraw_noise()
-        self._write_embeddings()
+        self._write_embeddings(self._prompt, self._negative, self._prompt_method)
         self.reset()
 
     @property
@@ -152,21 +152,24 @@ class Stream:
         """Change the prompt (text or ``[(text, weight), ...]`` blended linearly or by slerp).
 
         The embeddings are written into the existing buffer; an unchanged prompt does nothing and a
-        recently used one comes from the encoder's cache.
+        recently used one comes from the encoder's cache. A prompt that cannot be encoded raises and
+        leaves the stream's prompt as it was.
         """
         negative = self._negative if negative_prompt is None else negative_prompt
         prompt = prompt if isinstance(prompt, str) else [tuple(p) for p in prompt]  # a copy the caller can't mutate
         if prompt == self._prompt and negative == self._negative and method == self._prompt_method:
             return
+        self._write_embeddings(prompt, negative, method)
         self._prompt, self._negative, self._prompt_method = prompt, negative, method
-        self._write_embeddings()
 
-    def _write_embeddings(self) -> None:
+    def _write_embeddings(self, prompt: str | Weighted, negative: str, method: str) -> None:
+        """Encode first (which may refuse the text), then write into the embedding buffer."""
         enc, buf, u = self.models.prompt_encoder, self.buffers, self.config.uncond_rows
-        cond = enc.encode_blend(self._prompt, self._prompt_method)
+        cond = enc.encode_blend(prompt, method)
+        uncond = enc.encode(negative) if u else None
         buf.embeds[u:].copy_(cond.expand(self.config.batch_rows, -1, -1))
-        if u:
-            buf.embeds[:u].copy_(enc.encode(self._negative).expand(u, -1, -1))
+        if uncond is not None:
+            buf.embeds[:u].copy_(uncond.expand(u, -1, -1))
 
     def set_cache_window(self, window: int, interval: int | None = None) -> None:
         """Change the cached-attention window (and interval) without reallocating."""
@@ -309,39 +312,38 @@ class Stream:
 
     @torch.inference_mode()
     def step(self, frames: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-             synchronize: bool = True) -> torch.Tensor:
+             synchronize: bool = True, validated: bool = False) -> torch.Tensor:
         """Run one call of the stream: F frames ``[F, H, W, C]`` in [0, 1] in, F frames out.
 
         The output is the result for the frames given ``latency`` calls earlier (the first ``latency``
         outputs come from the empty buffer). ``frames=None`` runs txt2img from the stream's noise.
         Returns a CPU float32 tensor ``[F, H, W, 3]`` (pinned on CUDA), or fills ``out``.
+        ``validated``: the caller already passed ``frames`` through :meth:`check_frames` (for this config).
         """
-        if frames is not None:
+        if frames is not None and not validated:
             frames = self.check_frames(frames, self.config.frames_per_step)
         return self._output(self._call(frames), out, synchronize)
 
     def check_frames(self, frames: torch.Tensor, count: int | None = None) -> torch.Tensor:
         """``frames`` as an ``[N, H, W, 3]`` view, or :class:`FrameError` naming what is wrong (size, count,
-        channels, NaN/inf). Nothing of the stream changes."""
-        frames = as_rgb_frames(frames, width=self.config.width, height=self.config.height, check_finite=False)
-        if count is not None and frames.shape[0] != count:
-            raise FrameError(f"one stream step takes frames_per_step={count} frames, got {frames.shape[0]}")
-        if count is None and frames.shape[0] % self.config.frames_per_step:
-            raise FrameError(f"the number of frames ({frames.shape[0]}) must be a multiple of "
-                             f"frames_per_step={self.config.frames_per_step}")
-        self._check_finite(frames)
-        return frames
+        channels, NaN/inf); see :func:`streamrt.frames.check_frames`. Nothing of the stream changes."""
+        cfg = self.config
+        return check_frames(frames, width=cfg.width, height=cfg.height, frames_per_step=cfg.frames_per_step,
+                            count=count, finite=self._check_finite)
 
     @torch.inference_mode()
-    def process_video(self, frames: torch.Tensor, *, progress: ProgressCallback | None = None) -> torch.Tensor:
+    def process_video(self, frames: torch.Tensor, *, progress: ProgressCallback | None = None,
+                      validated: bool = False) -> torch.Tensor:
         """Run N frames through the stream and return N frames **aligned** with the input.
 
         Output k is the stream's result for input k (see :func:`aligned_calls`). The stream state carries
         on afterwards, so consecutive videos stay coherent. ``progress(done, total)`` is called after each
         group of F frames and may raise to stop (e.g. on a user interrupt); the stream stays usable.
+        ``validated``: as for :meth:`step`.
         """
         f = self.config.frames_per_step
-        frames = self.check_frames(frames)  # values checked once for the whole video
+        if not validated:
+            frames = self.check_frames(frames)  # values checked once for the whole video
         total = frames.shape[0]
         result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32)
         host = self.runtime.host
@@ -374,6 +376,17 @@ class Stream:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return result
+
+    def nbytes(self) -> int:
+        """Device bytes this stream holds beyond the shared models: its buffers and attention cache
+        (views counted once)."""
+        seen, total = set(), 0
+        for t in self.buffers.tensors().values():
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total + (self.kv.nbytes() if self.kv is not None else 0)
 
     def close(self) -> None:
         """Release what this stream holds outside its buffers (captured graphs, engine runners)."""
