@@ -1,0 +1,113 @@
+"""The session registry (streamrt.sessions): a refused call costs nothing, memory is bounded and accounted.
+
+Defects on main d5c3959 that these tests catch:
+
+- a refused execution discarded the live stream: the new config (frames_per_step 16, a changed seed) was
+  applied before the frames were checked;
+- ``delta = NaN`` blackened frames and ``guidance_scale = NaN`` silently ran unguided; ``t_index_list`` "32,32"
+  or 2000 x "1" was accepted; a prompt with a lone surrogate failed deep inside the tokenizer;
+- every changed load key kept another full pipeline until ``/free``, and streams accumulated, while the host
+  was told the size of one pipeline only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from stream_helpers import frame_groups, make_config, make_frames, quiet_load, run_steps
+
+from streamrt import AccelerationUnavailable, FrameError, Stream, StreamConfig, StreamRequest, StreamSessions
+
+
+def request(config: StreamConfig, prompt: str = "a cat", **kwargs) -> StreamRequest:
+    return StreamRequest(config.with_(acceleration="eager"), prompt, **kwargs)
+
+
+def test_a_refused_call_leaves_the_stream_exactly_as_it_was(tiny_models):
+    config = make_config()
+    inputs = frame_groups(5, 1, seed=8)
+    expected = run_steps(Stream(tiny_models, config.with_(acceleration="eager"), prompt="a cat"), inputs)
+    sessions = StreamSessions()
+    for frames in inputs[:3]:
+        stream, _ = sessions.run("node", tiny_models, request(config), frames)
+
+    refused = [
+        # frames_per_step 16 (a rebuild) with one frame
+        (request(config.with_(frames_per_step=16)), inputs[3], FrameError, "frames_per_step=16"),
+        # a seed change (applied in place) with NaN frames
+        (request(config.with_(seed=99)), torch.full_like(inputs[3], math.nan), FrameError, "NaN"),
+        # a prompt the tokenizer cannot take, with a new seed
+        (request(config.with_(seed=99), "a \ud800 cat"), inputs[3], ValueError, "lone surrogate"),
+        # a negative prompt likewise, with a rebuild (cfg type)
+        (request(config.with_(cfg_type="full"), negative_prompt="\udfff"), inputs[3], ValueError, "negative"),
+        # an acceleration that cannot run here
+        (StreamRequest(config.with_(acceleration="cuda_graph"), "a cat"), inputs[3], AccelerationUnavailable,
+         "CUDA"),
+        # a video whose length is not a multiple of frames_per_step 2
+        (request(config.with_(frames_per_step=2)), make_frames(3, 1), FrameError, "multiple of"),
+    ]
+    for req, frames, error, words in refused:
+        with pytest.raises(error, match=words):
+            sessions.run("node", tiny_models, req, frames)
+        assert sessions.counts() == (0, 1)
+    again, out = sessions.run("node", tiny_models, request(config), inputs[3])
+    assert again is stream and stream.frames_processed == 4
+    assert torch.equal(out, expected[3]), "the stream changed under the refused calls"
+
+
+@pytest.mark.parametrize("field", ["guidance_scale", "delta"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_scalars_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        make_config(**{field: value})
+
+
+@pytest.mark.parametrize("t_index_list", [(32, 32), (1,) * 2000, (20, 10)])
+def test_t_index_list_must_be_strictly_increasing(t_index_list):
+    with pytest.raises(ValueError, match="strictly increasing"):
+        StreamConfig(t_index_list=t_index_list)
+
+
+def test_pipelines_are_kept_while_used_and_released_after(tiny_folders):
+    """A loader (holder) switching models releases the old pipeline unless a stream still runs on it; the
+    host is told the true total: every pipeline's weights plus every stream's buffers."""
+    loads = []
+
+    def loader(name: str):
+        def load():
+            loads.append(name)
+            return quiet_load(tiny_folders["tiny"])
+        return load
+
+    sessions = StreamSessions()
+    a = sessions.pipeline("A", loader("A"), holder="loader-1")
+    weights = a.weights_nbytes()
+    assert weights > 0 and sessions.total_bytes() == weights
+    assert sessions.pipeline("A", loader("A"), holder="loader-2") is a and loads == ["A"]  # cached, two holders
+    stream, _ = sessions.run("sampler", a, request(make_config()), make_frames(1, 0))
+    assert sessions.total_bytes() == weights + stream.nbytes() and stream.nbytes() > 0
+
+    sessions.pipeline("B", loader("B"), holder="loader-1")
+    assert sessions.counts() == (2, 1)  # A: held by loader-2 and used by the stream
+    sessions.pipeline("B", loader("B"), holder="loader-2")
+    assert sessions.counts() == (2, 1)  # A: still used by the sampler's stream
+    b = sessions.pipeline("B", loader("B"))
+    sessions.run("sampler", b, request(make_config()), make_frames(1, 0))  # the stream moves to B
+    assert sessions.counts() == (1, 1) and loads == ["A", "B"]
+    assert sessions.total_bytes() == weights + stream.nbytes()  # one pipeline (same architecture) + one stream
+    sessions.release()
+    assert sessions.counts() == (0, 0) and sessions.total_bytes() == 0
+
+
+def test_streams_are_bounded_least_recently_used_first(tiny_models):
+    sessions = StreamSessions(max_streams=2)
+    frames = make_frames(1, 0)
+    first, _ = sessions.run("one", tiny_models, request(make_config()), frames)
+    sessions.run("two", tiny_models, request(make_config()), frames)
+    sessions.run("one", tiny_models, request(make_config()), frames)  # "one" is now the most recent
+    sessions.run("three", tiny_models, request(make_config()), frames)
+    assert set(sessions.live_streams()) == {"one", "three"}
+    again, _ = sessions.run("one", tiny_models, request(make_config()), frames)
+    assert again is first and first.frames_processed == 3
