@@ -178,11 +178,12 @@ def weights_fingerprint(models: StreamModels) -> str:
     checkpoint's file name or the diffusers folder's), so a copy under another name has its own engines.
 
     Cost: the first call reads every file of the identity once (sha256, about a second per GB: a few
-    seconds for an SD1.5 checkpoint, more for a diffusers folder with its text encoder); files are
-    memoised in-process by identity (device, inode, size, mtime_ns) and the result on ``models``, so
-    later calls cost a few ``stat``. It is only called where engines are looked up or built (Build /
-    Load Engines, attaching engines to a stream when a TensorRT backend is usable), never on the
-    realtime path of a stream that runs without TensorRT.
+    seconds for an SD1.5 checkpoint; for a diffusers folder every file the identity lists under it,
+    text encoder and any extra variants included); files are memoised in-process by identity (device,
+    inode, size, mtime_ns) and the result on ``models``, so later calls cost a few ``stat`` at most.
+    It is only called where engines are looked up or built (Build / Load Engines, attaching engines
+    to a stream when a TensorRT backend is usable), never on the realtime path of a stream that runs
+    without TensorRT.
 
     Models with an empty identity (built in memory) are fingerprinted by hashing their UNet and VAE
     weights, which is slow for full-size models.
