@@ -111,3 +111,14 @@ def test_aligned_calls_feed_the_last_group_again_and_drop_the_first_outputs():
     assert list(aligned_calls(3, 0)) == [(0, 0), (1, 1), (2, 2)]
     assert list(aligned_calls(3, 2)) == [(0, -2), (1, -1), (2, 0), (2, 1), (2, 2)]
     assert list(aligned_calls(1, 1)) == [(0, -1), (0, 0)]
+
+
+def test_compile_is_refused_where_compiled_kernels_cannot_run():
+    """Under ComfyUI's default cudaMallocAsync allocator compiled kernels failed inside the CUDA graph (GPU
+    machine, scripts/soak.py): compile is refused there with the way out, before any stream changes."""
+    from streamrt.runtime.compiled import compile_problem
+
+    cuda = torch.device("cuda", 0)
+    assert "--disable-cuda-malloc" in compile_problem(cuda, "cudaMallocAsync")
+    assert compile_problem(cuda, "native") is None
+    assert compile_problem(torch.device("cpu"), "cudaMallocAsync") is None

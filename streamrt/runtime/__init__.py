@@ -9,7 +9,7 @@
 
 from ..config import Acceleration
 from ..cuda_graphs import capture_graph, graph_replay_ms
-from .compiled import CompileOptions, compiled_calls, use_compile_cache
+from .compiled import CompileOptions, compile_problem, compiled_calls, use_compile_cache
 from .host_io import HostIO
 from .runtime import (
                       NO_EXTRAS,
@@ -26,6 +26,6 @@ from .runtime import (
 
 __all__ = [
     "Acceleration", "AccelerationUnavailable", "AttachResult", "CompileOptions", "EngineCallError", "EngineSource",
-    "EngineUNet", "HostIO", "NO_EXTRAS", "Runtime", "TorchUNet", "UNetExtras", "capture_graph", "compiled_calls",
-    "graph_replay_ms", "prepare", "use_compile_cache",
+    "EngineUNet", "HostIO", "NO_EXTRAS", "Runtime", "TorchUNet", "UNetExtras", "capture_graph", "compile_problem",
+    "compiled_calls", "graph_replay_ms", "prepare", "use_compile_cache",
 ]

@@ -27,7 +27,7 @@ from ..config import Acceleration, StreamConfig
 from ..cuda_graphs import capture_graph
 from ..kv_cache import KVCache
 from ..models import StreamModels, decode_latents, encode_images, predict_noise
-from .compiled import CompileOptions, compiled_calls
+from .compiled import CompileOptions, compile_problem, compiled_calls
 from .host_io import HostIO
 
 logger = logging.getLogger(__name__)
@@ -215,8 +215,9 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
         compile_options: how ``compile`` compiles (default: :class:`CompileOptions`' defaults).
 
     Raises:
-        AccelerationUnavailable: ``cuda_graph`` without a CUDA device, ``tensorrt`` without any engine
-            that runs here for this config (the message carries the reasons).
+        AccelerationUnavailable: ``cuda_graph`` without a CUDA device, ``compile`` where compiled kernels
+            cannot run (see :func:`~streamrt.runtime.compiled.compile_problem`), ``tensorrt`` without any
+            engine that runs here for this config (the message carries the reasons).
     """
     requested = Acceleration(acceleration if acceleration is not None else config.acceleration)
     device = models.device
@@ -254,7 +255,11 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
             raise _unavailable(requested, f"it needs a CUDA GPU and the pipeline runs on {device}")
         return torch_runtime(requested, captures=True)
     if requested is Acceleration.COMPILE:
-        calls = compiled_calls(models, compile_options or CompileOptions())
+        options = compile_options or CompileOptions()
+        problem = compile_problem(device) if options.backend == "inductor" else None
+        if problem:
+            raise _unavailable(requested, problem)
+        calls = compiled_calls(models, options)
         if not cuda:
             notes.append(f"no CUDA GPU ({device}): compiled calls run without a CUDA graph")
         return Runtime(requested=requested, acceleration=requested, device=device, unet=TorchUNet(calls.unet),
