@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the result here as JSON")
     parser.add_argument("--front-end-root", default=None,
                         help="serve this folder as the frontend (API-only runs without the frontend package)")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="one more argument for ComfyUI's main.py (repeat it), "
+                             "e.g. --server-arg=--disable-cuda-malloc")
+    parser.add_argument("--server-log", default=None, help="copy the server's log here at the end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
@@ -53,13 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (models / "diffusers" / "soak-tiny" / "model_index.json").is_file():
         write_random_pipeline(models / "diffusers" / "soak-tiny", "tiny",
                               taesd_folder=models / "vae_approx" / "soak-taesd")
-    extra = ["--front-end-root", args.front_end_root] if args.front_end_root else []
+    extra = (["--front-end-root", args.front_end_root] if args.front_end_root else []) + list(args.server_arg)
     cuda = torch.cuda.is_available()
     with ComfyServer(REPO, work / "server", pack_name="StreamRT", cpu=not cuda, models_source=models,
                      extra_args=extra) as server:
-        result = soak(server, executions=args.executions, model="soak-tiny", taesd="soak-taesd",
-                      acceleration=args.acceleration, size=args.size, window=args.window, log=logger.info)
-        log_tail = server.log_tail(40)
+        try:
+            result = soak(server, executions=args.executions, model="soak-tiny", taesd="soak-taesd",
+                          acceleration=args.acceleration, size=args.size, window=args.window, log=logger.info)
+        finally:
+            log_tail = server.log_tail(60)
+            if args.server_log:
+                Path(args.server_log).write_text(server.log_tail(100000), encoding="utf-8")
     summary = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "acceleration": args.acceleration,
         "size": args.size, "executions": result.executions, "failures": len(result.failures),
