@@ -6,7 +6,7 @@ from ..streamrt.loading import PREDICTION_TYPES, ModelLoadError, PipelineSpec
 from ..streamrt.lora import LoraSpec
 from . import api
 from .api import io
-from .runtime import PipelineHandle, workflow_id
+from .runtime import PipelineHandle, report_memory, workflow_id
 
 NO_TAESD = "none (full VAE)"
 
@@ -89,6 +89,7 @@ class LoadStreamPipeline(io.ComfyNode):
             tokenizer_dir=api.clip_tokenizer_dir()))
         # Load now, so a broken model fails on this node; this node holds it until it loads another one.
         handle.models(holder=(workflow_id(cls.hidden.extra_pnginfo), cls.hidden.unique_id))
+        report_memory()
         return io.NodeOutput(handle)
 
 

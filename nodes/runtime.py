@@ -53,7 +53,6 @@ class PipelineHandle:
 
     def models(self, holder: Hashable | None = None) -> StreamModels:
         """The loaded pipeline (cached by :attr:`key`; a failed load leaves nothing cached). ``holder`` (the
-        loader node) keeps it loaded while it holds it; what it held before is released unless in use."""
-        models = SESSIONS.pipeline(self.key, self.spec.load, holder=holder)
-        report_memory()
-        return models
+        loader node) keeps it loaded while it holds it; what it held before is released unless in use. The
+        node that asked reports the memory once its work is done (:func:`report_memory`)."""
+        return SESSIONS.pipeline(self.key, self.spec.load, holder=holder)

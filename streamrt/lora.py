@@ -27,6 +27,7 @@ diffs and SDXL LoRAs (``lora_te1_`` / ``lora_te2_``).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,12 @@ class LoraSpec:
     path: str
     strength_model: float = 1.0
     strength_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("strength_model", "strength_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"LoRA {name} must be a finite number, got {value!r}")
 
     def fingerprint(self) -> tuple:
         """(path, size, mtime_ns, strengths): what makes two fused pipelines equal."""

@@ -136,7 +136,7 @@ def stream_pair(models, ref_models, config, **kwargs) -> tuple[Stream, Stream, N
     ours = Stream(models, config, **kwargs)
     control = install_reference(ref_models.unet, kv.window, kv.interval)
     ref = Stream(ref_models, config.with_(kv_cache=KVCacheConfig()), **kwargs)
-    assert ref.kv is None and ref.unet_extras.given() == frozenset()  # the reference stream calls the UNet plainly
+    assert ref.kv is None and ref.unet_extras.given == frozenset()  # the reference stream calls the UNet plainly
     assert ours.kv is not None and ours.unet_extras.kv_cache is ours.kv
     return ours, ref, control
 
@@ -255,7 +255,7 @@ def test_disabled_cache_is_bit_identical(tiny_folders, cfg_type):
     assert_all_equal(run_steps(Stream(private, plain_cfg, prompt=PROMPT, negative_prompt=NEGATIVE), inputs), plain)
     disabled = plain_cfg.with_(kv_cache=KVCacheConfig(False, max_frames=5, window=2, interval=3))
     stream = Stream(private, disabled, prompt=PROMPT, negative_prompt=NEGATIVE)
-    assert stream.kv is None and stream.unet_extras.given() == frozenset()
+    assert stream.kv is None and stream.unet_extras.given == frozenset()
     assert_all_equal(run_steps(stream, inputs), plain)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from stream_helpers import frame_groups, make_config, make_frames, quiet_load, run_steps
 
-from streamrt import AccelerationUnavailable, FrameError, Stream, StreamConfig, StreamRequest, StreamSessions
+from streamrt import AccelerationUnavailable, FrameError, LoraSpec, Stream, StreamConfig, StreamRequest, StreamSessions
 
 
 def request(config: StreamConfig, prompt: str = "a cat", **kwargs) -> StreamRequest:
@@ -62,6 +62,13 @@ def test_a_refused_call_leaves_the_stream_exactly_as_it_was(tiny_models):
 def test_non_finite_scalars_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=f"{field} must be a finite number"):
         make_config(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["strength_model", "strength_clip"])
+def test_non_finite_lora_strengths_are_refused_by_name(field):
+    """A NaN strength (a JSON NaN passes ComfyUI's min/max checks) would fuse NaN into the weights."""
+    with pytest.raises(ValueError, match=f"LoRA {field} must be a finite number"):
+        LoraSpec("any.safetensors", **{field: math.nan})
 
 
 @pytest.mark.parametrize("t_index_list", [(32, 32), (1,) * 2000, (20, 10)])

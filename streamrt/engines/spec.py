@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..runtime.runtime import UNET, VAE_DECODER, VAE_ENCODER  # the components, named once
+
 #: Bump when the export or build changes the bytes of an engine for an unchanged key: every engine
 #: built by an older format is then stale and gets rebuilt.
 ENGINE_FORMAT = 1
 
-UNET, VAE_ENCODER, VAE_DECODER = "unet", "vae_encoder", "vae_decoder"
 COMPONENTS: tuple[str, ...] = (UNET, VAE_ENCODER, VAE_DECODER)
 
 PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "fp32": torch.float32}

@@ -15,6 +15,7 @@ accelerations each run the path they asked for. A UNet call's extra inputs trave
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -56,12 +57,14 @@ class UNetExtras:
 
     kv_cache: KVCache | None = None
 
+    @functools.cached_property
     def given(self) -> frozenset[str]:
-        """Names of the extras that are set."""
+        """Names of the extras that are set (computed once: the extras of a stream never change)."""
         return frozenset(name for name in ("kv_cache",) if getattr(self, name) is not None)
 
+    @functools.cached_property
     def torch_kwargs(self) -> dict[str, Any]:
-        """The diffusers UNet keyword arguments that carry these extras."""
+        """The diffusers UNet keyword arguments that carry these extras (computed once, not per frame)."""
         if self.kv_cache is None:
             return {}
         return {"cross_attention_kwargs": {"kv_cache": self.kv_cache}}
@@ -89,7 +92,7 @@ class TorchUNet:
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
                  extras: UNetExtras = NO_EXTRAS) -> torch.Tensor:
-        return predict_noise(self.module, sample, timesteps, embeds, **extras.torch_kwargs())
+        return predict_noise(self.module, sample, timesteps, embeds, **extras.torch_kwargs)
 
 
 class EngineUNet:
@@ -103,7 +106,7 @@ class EngineUNet:
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
                  extras: UNetExtras = NO_EXTRAS) -> torch.Tensor:
-        refused = extras.given() - self.accepts
+        refused = extras.given - self.accepts
         if refused:
             raise EngineCallError(f"{self.name} has no inputs for {', '.join(sorted(refused))}; "
                                   "prepare the runtime with a config the engine was built for")
