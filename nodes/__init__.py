@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .api import ComfyExtension, io
 from .engines import BuildEngines, LoadEngines
-from .loaders import LoadStreamPipeline, StreamLora
+from .loaders import LoadStreamPipeline, StreamLora, StreamPipelineFromModel
 from .sampler import StreamSampler
 
-NODES: list[type[io.ComfyNode]] = [LoadStreamPipeline, StreamLora, StreamSampler, BuildEngines, LoadEngines]
+NODES: list[type[io.ComfyNode]] = [StreamPipelineFromModel, LoadStreamPipeline, StreamLora, StreamSampler,
+                                   BuildEngines, LoadEngines]
 
 
 class StreamRTExtension(ComfyExtension):

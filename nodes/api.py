@@ -18,6 +18,7 @@ import folder_paths
 import torch
 from comfy_api.latest import ComfyExtension, io  # noqa: F401  (re-exported for the node modules)
 
+from ..streamrt.loading import LdmWeights, ModelLoadError
 from ..streamrt.names import FolderIndex, plain_relative_name
 from ..streamrt.weights import WEIGHT_SUFFIXES
 
@@ -174,6 +175,98 @@ def comfy_taesd_names() -> list[str]:
 def clip_tokenizer_dir() -> str:
     """The CLIP tokenizer files ComfyUI ships (``comfy/sd1_tokenizer``), used for single-file SD1/SD2."""
     return os.path.join(os.path.dirname(os.path.abspath(comfy.utils.__file__)), "sd1_tokenizer")
+
+
+# ---- ComfyUI's own MODEL / CLIP / VAE as a pipeline's weights (nodes/loaders.py) ----------------------
+
+
+def _patched_tensors(patcher, prefix: str, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The patcher's tensors under ``prefix`` with its weight patches (LoRAs, merges) applied, as new tensors
+    on ``device`` in ``dtype`` (keys without the prefix).
+
+    Computed key by key from the unpatched weights (the patcher's backup where ComfyUI has patched its
+    modules in place), the way ComfyUI patches a weight when it loads the model, so ComfyUI's own copy is
+    never loaded or changed: it stays where ComfyUI keeps it and its memory management is unaffected.
+    """
+    import comfy.lora
+
+    out = {}
+    for key, tensor in patcher.model_state_dict(filter_prefix=prefix).items():
+        backup = patcher.backup.get(key)
+        base = backup.weight if backup is not None else tensor
+        patches = patcher.patches.get(key)
+        if patches:
+            weight = comfy.lora.calculate_weight(patches, base.to(device=device, dtype=torch.float32, copy=True), key)
+            out[key[len(prefix):]] = weight.to(dtype=dtype)
+        else:
+            out[key[len(prefix):]] = base.to(device=device, dtype=dtype, copy=True)
+    return out
+
+
+def _prediction_type(model) -> str:
+    """``epsilon`` / ``v_prediction`` from the model's sampling object (ModelSamplingDiscrete's patch included)."""
+    import comfy.model_sampling as sampling
+
+    kind = model.get_model_object("model_sampling")
+    if isinstance(kind, (sampling.EDM, sampling.CONST, sampling.X0)) or not isinstance(kind, sampling.EPS):
+        raise ModelLoadError(f"the model samples as {type(kind).__name__}: StreamRT streams epsilon and "
+                             "v_prediction models (SD1.x/SD2.x)")
+    if not isinstance(kind, sampling.ModelSamplingDiscrete):
+        raise ModelLoadError(f"the model samples on a continuous schedule ({type(kind).__name__}): StreamRT streams "
+                             "epsilon and v_prediction models on SD's discrete 1000-step schedule")
+    return "v_prediction" if isinstance(kind, sampling.V_PREDICTION) else "epsilon"
+
+
+def _text_tower(clip):
+    """(state-dict prefix, tower, layers that condition the UNet) of an SD1.x/SD2.x CLIP, CLIP skip included."""
+    stage = clip.cond_stage_model
+    name = getattr(stage, "clip", None)
+    tower = getattr(stage, name, None) if isinstance(name, str) else None
+    if tower is None or not hasattr(tower, "num_layers"):
+        names = sorted(n for n, _ in stage.named_children())
+        raise ModelLoadError(f"this CLIP holds {names or type(stage).__name__}: StreamRT streams SD1.x/SD2.x models, "
+                             "whose CLIP is one text encoder (SDXL's two are not supported yet)")
+    layer, index = tower.options_default[0], tower.options_default[1]
+    if clip.layer_idx is not None and abs(clip.layer_idx) <= tower.num_layers:  # CLIPSetLastLayer
+        layer, index = "hidden", clip.layer_idx
+    if layer == "last":
+        layers = tower.num_layers
+    elif layer == "hidden" and tower.layer_norm_hidden_state:
+        layers = index + 1 if index >= 0 else tower.num_layers + index + 1
+    else:
+        raise ModelLoadError(f"this CLIP conditions on {layer!r} layers: not an SD1.x/SD2.x text encoder")
+    return f"{name}.transformer.", tower, layers
+
+
+def unapplied_patches(model) -> list[str]:
+    """What a MODEL carries besides weight patches (attention or block patches, wrappers), which the stream's
+    own UNet does not run."""
+    options = model.model_options
+    found = [f"transformer {k}" for k, v in options.get("transformer_options", {}).items()
+             if k in ("patches", "patches_replace") and v]
+    found += [k for k in ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function")
+              if options.get(k)]
+    return found
+
+
+def host_weights_key(model, clip, vae) -> tuple:
+    """What identifies the weights of a MODEL / CLIP / VAE with their patches: the ComfyUI objects and the
+    patchers' patch ids (ComfyUI gives every new set of patches a new uuid)."""
+    _, _, layers = _text_tower(clip)
+    return ("comfy", id(model.model), str(model.patches_uuid), id(clip.cond_stage_model),
+            str(clip.patcher.patches_uuid), layers, id(vae.first_stage_model), str(vae.patcher.patches_uuid))
+
+
+def host_weights(model, clip, vae, device: torch.device, dtype: torch.dtype) -> LdmWeights:
+    """The weights of ComfyUI's MODEL, CLIP and VAE, with their patches, for :func:`streamrt.load_ldm_weights`."""
+    unet_params = dict(getattr(model.model.model_config, "unet_config", {}) or {})
+    if "model_channels" not in unet_params:
+        raise ModelLoadError(f"this MODEL is a {type(model.model).__name__}: StreamRT streams SD1.x/SD2.x UNets")
+    prefix, _, layers = _text_tower(clip)
+    return LdmWeights(
+        unet=_patched_tensors(model, "diffusion_model.", device, dtype), unet_params=unet_params,
+        text_encoder=_patched_tensors(clip.patcher, prefix, device, dtype), text_layers=layers,
+        vae=_patched_tensors(vae.patcher, "", device, dtype), prediction_type=_prediction_type(model))
 
 
 # ---- engines (nodes/engines.py) -------------------------------------------------------------------

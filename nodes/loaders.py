@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from ..streamrt.loading import PREDICTION_TYPES, ModelLoadError, PipelineSpec
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ..streamrt.loading import PREDICTION_TYPES, ModelLoadError, PipelineSpec, load_ldm_weights, resolve_dtype
 from ..streamrt.lora import LoraSpec
+from ..streamrt.models import StreamModels
 from . import api
 from .api import io
 from .runtime import PipelineHandle, report_memory, workflow_id
+
+logger = logging.getLogger(__name__)
 
 NO_TAESD = "none (full VAE)"
 
@@ -125,3 +132,62 @@ class StreamLora(io.ComfyNode):
         if path is None:
             raise ModelLoadError(f"LoRA {lora_name!r} was not found under models/loras")
         return io.NodeOutput(tuple(loras or ()) + (LoraSpec(path, float(strength_model), float(strength_clip)),))
+
+
+@dataclass(frozen=True, eq=False)
+class HostModelSpec:
+    """How to build a pipeline from ComfyUI's MODEL / CLIP / VAE (what a PipelineHandle's ``spec`` is for it)."""
+
+    model: Any
+    clip: Any
+    vae: Any
+    dtype: str
+    device: str
+
+    def load(self) -> StreamModels:
+        device = api.torch_device() if self.device == "auto" else self.device
+        dtype = resolve_dtype(self.dtype, device)
+        weights = api.host_weights(self.model, self.clip, self.vae, device, dtype)
+        return load_ldm_weights(weights, tokenizer_dir=api.clip_tokenizer_dir(), dtype=dtype, device=device,
+                                identity={"name": "comfyui-model"})
+
+
+class StreamPipelineFromModel(io.ComfyNode):
+    """Make a stream pipeline from ComfyUI's own MODEL, CLIP and VAE (Load Checkpoint, after LoRA loaders)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamRTPipelineFromModel",
+            display_name="Stream Pipeline from Model (StreamRT)",
+            category=api.CATEGORY,
+            description="Realtime StreamDiffusion streaming from the models a graph already has: connect Load "
+                        "Checkpoint's MODEL, CLIP and VAE, after any LoRA loaders (their patches are applied). A VAE "
+                        "from Load VAE 'taesd' gives the fast tiny autoencoder. The weights are converted once, on "
+                        "ComfyUI's device, and kept until the inputs change or ComfyUI frees memory; ComfyUI's own "
+                        "copy is not loaded onto the GPU by this node. SD1.x/SD2.x models.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x/SD2.x MODEL (Load Checkpoint, LoRA loaders, "
+                                                "ModelSamplingDiscrete for v-prediction)."),
+                io.Clip.Input("clip", tooltip="Its CLIP (CLIP Set Last Layer is honoured)."),
+                io.Vae.Input("vae", tooltip="Its VAE, or Load VAE 'taesd' (taesd_encoder/taesd_decoder in "
+                                            "models/vae_approx) for a much faster encode and decode."),
+                io.Combo.Input("dtype", options=["auto", "fp16", "bf16", "fp32"], default="auto",
+                               tooltip="Precision of the stream's weights. auto = fp16 on a GPU, fp32 on the CPU."),
+            ],
+            outputs=[api.PIPELINE.Output(display_name="pipeline", tooltip="The streaming pipeline.")],
+            hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dtype: str) -> io.NodeOutput:
+        ignored = api.unapplied_patches(model)
+        if ignored:
+            logger.warning("Stream Pipeline from Model: the MODEL carries %s, which the stream does not run (weight "
+                           "patches such as LoRAs are applied)", ", ".join(ignored))
+        spec = HostModelSpec(model, clip, vae, dtype, "auto")
+        key = api.host_weights_key(model, clip, vae) + (dtype, str(api.torch_device()))
+        handle = PipelineHandle(spec, key)
+        handle.models(holder=(workflow_id(cls.hidden.extra_pnginfo), cls.hidden.unique_id))
+        report_memory()
+        return io.NodeOutput(handle)

@@ -48,6 +48,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -297,33 +298,150 @@ def _meta_build(factory):
         return factory()
 
 
+def build_unet(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any]):
+    """A diffusers ``UNet2DConditionModel`` holding an LDM UNet's tensors (keys ``model.diffusion_model.*``).
+
+    Built on the meta device and given the tensors as they are (``assign=True``): no copy, same dtype.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet = _meta_build(lambda: UNet2DConditionModel.from_config(dict(unet_config)))
+    _strict_load(unet, convert_ldm_unet_checkpoint(state_dict, unet.config), "UNet")
+    return unet
+
+
+def build_vae(state_dict: Mapping[str, torch.Tensor], config_dir: Path):
+    """A diffusers ``AutoencoderKL`` (config from ``config_dir/vae``) holding an LDM VAE's tensors
+    (keys ``encoder.*``, ``decoder.*``, ``quant_conv.*``, optionally under ``first_stage_model.``)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    vae_config = AutoencoderKL.load_config(config_dir, subfolder="vae", local_files_only=True)
+    vae = _meta_build(lambda: AutoencoderKL.from_config(vae_config))
+    _strict_load(vae, convert_ldm_vae_checkpoint(dict(state_dict), vae.config), "VAE")
+    return vae
+
+
+def build_text_encoder(state_dict: Mapping[str, torch.Tensor], config_dir: Path, num_layers: int | None = None):
+    """A transformers ``CLIPTextModel`` (config from ``config_dir/text_encoder``) holding a CLIP text tower's
+    tensors in transformers' names (``text_model.*`` or without that level).
+
+    ``num_layers`` keeps only the first layers (CLIP skip: the output of layer ``num_layers`` after the final
+    layer norm, as ComfyUI's ``CLIPSetLastLayer`` and SD2's penultimate layer give it); later layers and the
+    projection are dropped.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True)
+    if num_layers is not None:
+        if not 1 <= num_layers <= text_config.num_hidden_layers:
+            raise ModelLoadError(f"cannot keep {num_layers} of the text encoder's {text_config.num_hidden_layers} "
+                                 "layers")
+        text_config.num_hidden_layers = num_layers
+    kept = {}
+    for key, value in state_dict.items():
+        bare = key[len("text_model."):] if key.startswith("text_model.") else key
+        if bare.startswith("encoder.layers.") and int(bare.split(".")[2]) >= text_config.num_hidden_layers:
+            continue
+        if bare in ("embeddings.position_ids", "text_projection.weight", "logit_scale") or key in (
+                "text_projection.weight", "logit_scale"):
+            continue
+        kept[key] = value
+    text_encoder = _meta_build(lambda: CLIPTextModel(text_config))
+    _strict_load(text_encoder, fit_text_prefix(kept, text_encoder), "text encoder")
+    return text_encoder
+
+
 def build_components(state_dict: Mapping[str, torch.Tensor], family: str, config_dir: Path, *,
                      with_vae: bool = True) -> dict[str, object]:
-    """UNet, VAE (or None) and text encoder with the checkpoint's weights (no copies of the tensors).
+    """UNet, VAE (or None) and text encoder of a single-file checkpoint (no copies of the tensors).
 
     Models are built on the meta device from ``config_dir`` and take the checkpoint's tensors as they
     are (``assign=True``), so they keep the file's dtype until the caller casts them.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
 
-    unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
-    unet = _meta_build(lambda: UNet2DConditionModel.from_config(unet_config))
-    _strict_load(unet, convert_ldm_unet_checkpoint(state_dict, unet.config), "UNet")
-
-    vae = None
-    if with_vae:
-        vae_config = AutoencoderKL.load_config(config_dir, subfolder="vae", local_files_only=True)
-        vae = _meta_build(lambda: AutoencoderKL.from_config(vae_config))
-        vae_sd = convert_ldm_vae_checkpoint({k: v for k, v in state_dict.items() if k.startswith(VAE)}, vae.config)
-        _strict_load(vae, vae_sd, "VAE")
-
-    text_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True)
-    text_encoder = _meta_build(lambda: CLIPTextModel(text_config))
-    text_sd = text_encoder_state_dict(state_dict, family, text_config.num_hidden_layers)
-    _strict_load(text_encoder, fit_text_prefix(text_sd, text_encoder), "text encoder")
+    unet = build_unet(state_dict, UNet2DConditionModel.load_config(config_dir, subfolder="unet",
+                                                                   local_files_only=True))
+    vae = build_vae({k: v for k, v in state_dict.items() if k.startswith(VAE)}, config_dir) if with_vae else None
+    layers = CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True).num_hidden_layers
+    text_encoder = build_text_encoder(text_encoder_state_dict(state_dict, family, layers), config_dir)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
+# --------------------------------------------------------------------------- models already in memory (LDM layout)
+
+
+def unet_config_from_ldm(params: Mapping[str, Any], *, upcast_attention: bool = False) -> dict[str, Any]:
+    """A diffusers ``UNet2DConditionModel`` config for an LDM ``UNetModel`` described by its constructor
+    parameters, as ComfyUI reads them from a checkpoint's keys (``model_channels``, ``channel_mult``,
+    ``num_res_blocks``, ``transformer_depth`` per input block, ``transformer_depth_middle``, ``context_dim``,
+    ``num_heads`` / ``num_head_channels``, ``use_linear_in_transformer``, ``in_channels``, ``adm_in_channels``).
+
+    So any SD1.x / SD2.x-shaped UNet (a pruned or resized fine-tune too) gets its own config instead of
+    the shipped full-size ones.
+
+    Raises:
+        ModelLoadError: SDXL and other class-conditioned UNets, video UNets, inpainting (not 4 channels),
+            and layouts a diffusers UNet cannot express (uneven blocks per level, no middle attention).
+    """
+    def get(name, default=None):
+        return params.get(name, default)
+
+    if get("adm_in_channels") is not None:
+        raise ModelLoadError("the UNet takes a class/size vector (adm_in_channels): SDXL and unCLIP models are not "
+                             "supported yet (SD1.x/SD2.x only)")
+    if get("use_temporal_attention") or get("use_temporal_resblock"):
+        raise ModelLoadError("this is a video UNet (temporal layers): only SD1.x/SD2.x image models can stream")
+    in_channels, out_channels = int(get("in_channels", 4)), int(get("out_channels", 4))
+    if in_channels != 4 or out_channels != 4:
+        raise ModelLoadError(f"the UNet has {in_channels} input / {out_channels} output channels (an inpainting, "
+                             "depth or instruct model): only 4-channel text-to-image models can stream")
+    channels, mult = int(get("model_channels")), [int(m) for m in get("channel_mult")]
+    res_blocks = get("num_res_blocks")
+    res_blocks = [int(res_blocks)] * len(mult) if isinstance(res_blocks, int) else [int(r) for r in res_blocks]
+    if len(set(res_blocks)) != 1 or len(res_blocks) != len(mult):
+        raise ModelLoadError(f"the UNet has {res_blocks} res blocks per level: a diffusers UNet needs the same number "
+                             "on every level")
+    depth = get("transformer_depth", 1)
+    depth = [int(depth)] * sum(res_blocks) if isinstance(depth, int) else [int(d) for d in depth]
+    per_level = []
+    for level, count in enumerate(res_blocks):
+        level_depths = set(depth[level * count:(level + 1) * count])
+        if len(level_depths) != 1:
+            raise ModelLoadError(f"level {level} of the UNet has attention in some blocks only "
+                                 f"({sorted(level_depths)})")
+        per_level.append(level_depths.pop())
+    middle = int(get("transformer_depth_middle", per_level[-1] or 1))
+    if middle < 1:
+        raise ModelLoadError("the UNet has no attention in its middle block: not an SD1.x/SD2.x UNet")
+    if per_level[-1] not in (0, middle):
+        raise ModelLoadError(f"the UNet's last level has depth {per_level[-1]} but its middle block {middle}")
+    block_out = [channels * m for m in mult]
+    heads = int(get("num_heads", -1))
+    head_channels = int(get("num_head_channels", -1))
+    attention_heads = heads if heads > 0 else [c // head_channels for c in block_out]
+    cross = ["CrossAttnDownBlock2D" if d > 0 else "DownBlock2D" for d in per_level]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": int(get("image_size", 64) or 64),
+        "in_channels": in_channels, "out_channels": out_channels,
+        "down_block_types": cross,
+        "up_block_types": ["CrossAttnUpBlock2D" if d > 0 else "UpBlock2D" for d in reversed(per_level)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "block_out_channels": block_out,
+        "layers_per_block": res_blocks[0],
+        # The middle block takes the last entry; levels without attention ignore theirs.
+        "transformer_layers_per_block": [d or middle for d in per_level[:-1]] + [middle],
+        "cross_attention_dim": int(get("context_dim")),
+        "attention_head_dim": attention_heads,
+        "use_linear_projection": bool(get("use_linear_in_transformer", False)),
+        "upcast_attention": upcast_attention,
+        "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
+        "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False,
+    }
 
 
 # --------------------------------------------------------------------------- ComfyUI's TAESD files
@@ -394,3 +512,16 @@ def comfy_taesd_to_diffusers(encoder: Mapping[str, torch.Tensor],
         head, _, rest = key.partition(".")
         state[f"decoder.layers.{int(head) - 1}.{rest}"] = value
     return config, state
+
+
+def build_taesd(encoder: Mapping[str, torch.Tensor], decoder: Mapping[str, torch.Tensor]):
+    """A diffusers ``AutoencoderTiny`` from the state dicts of ComfyUI's TAESD encoder and decoder."""
+    from diffusers import AutoencoderTiny
+
+    config, state = comfy_taesd_to_diffusers(encoder, decoder)
+    vae = AutoencoderTiny(**config)
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(f"the TAESD weights do not form a TAESD: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}")
+    return vae

@@ -117,20 +117,14 @@ def taesd_pair(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def _comfy_taesd(encoder: Path, decoder: Path, dtype: torch.dtype, device: torch.device):
-    from diffusers import AutoencoderTiny
-
-    from .checkpoints import OTHER_TAESD, comfy_taesd_to_diffusers
+    from .checkpoints import OTHER_TAESD, build_taesd
 
     for path in (encoder, decoder):
         name = path.name.split(".")[0].rsplit("_", 1)[0]
         if name in OTHER_TAESD:
             raise ModelLoadError(f"{path} is {name}, the tiny autoencoder for {OTHER_TAESD[name]}; StreamRT streams "
                                  "SD1.x/SD2.x models, which need taesd (taesd_encoder / taesd_decoder)")
-    config, state = comfy_taesd_to_diffusers(read_weights(encoder), read_weights(decoder))
-    vae = AutoencoderTiny(**config)
-    missing, unexpected = vae.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ModelLoadError(f"the TAESD files do not form a TAESD: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    vae = build_taesd(read_weights(encoder), read_weights(decoder))
     return torch.nn.Module.to(vae, device=device, dtype=dtype)
 
 
@@ -377,7 +371,6 @@ def load_checkpoint(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike
 def _load_checkpoint(path: Path, tokenizer_dir: Path | None, dtype: torch.dtype, device: torch.device, taesd,
                      loras: tuple, prediction_type: str, config_dir: Path | None) -> StreamModels:
     from diffusers import LCMScheduler
-    from transformers import CLIPTokenizer
 
     from . import checkpoints as ckpt
 
@@ -413,23 +406,108 @@ def _load_checkpoint(path: Path, tokenizer_dir: Path | None, dtype: torch.dtype,
     if taesd is not None:
         parts["vae"] = load_taesd(taesd, dtype=dtype, device=device)
 
-    if (configs / "tokenizer").is_dir():
-        parts["tokenizer"] = CLIPTokenizer.from_pretrained(configs / "tokenizer", local_files_only=True)
-    elif tokenizer_dir is not None:
-        if not (tokenizer_dir / "vocab.json").is_file():
-            raise ModelLoadError(f"{tokenizer_dir} holds no CLIP tokenizer (vocab.json, merges.txt)")
-        # SD2 pads with "!" (id 0) like its OpenCLIP training; SD1 with the end token.
-        pad = {"pad_token": "!"} if arch.family == "sd2" else {}
-        parts["tokenizer"] = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True,
-                                                           model_max_length=CLIP_MAX_LENGTH, **pad)
-    else:
-        raise ModelLoadError("no tokenizer: pass tokenizer_dir (ComfyUI ships CLIP's in comfy/sd1_tokenizer)")
+    parts["tokenizer"] = _clip_tokenizer(configs, tokenizer_dir, arch.family)
     parts["scheduler"] = LCMScheduler.from_pretrained(configs, subfolder="scheduler", local_files_only=True,
                                                       prediction_type=prediction_type)
     files = [path] + [p for p in (Path(str(path) + ckpt.SIDECAR_SUFFIX), config_dir) if p and p.exists()]
     models = _finish(parts, kind="checkpoint", files=files + _taesd_paths(taesd), loras=loras, dtype=dtype,
                      device=device)
     models.identity["family"] = arch.family
+    return models
+
+
+def _clip_tokenizer(configs: Path, tokenizer_dir: Path | None, family: str):
+    """The config folder's tokenizer, else the CLIP tokenizer files in ``tokenizer_dir`` set up for ``family``."""
+    from transformers import CLIPTokenizer
+
+    if (configs / "tokenizer").is_dir():
+        return CLIPTokenizer.from_pretrained(configs / "tokenizer", local_files_only=True)
+    if tokenizer_dir is None:
+        raise ModelLoadError("no tokenizer: pass tokenizer_dir (ComfyUI ships CLIP's in comfy/sd1_tokenizer)")
+    if not (tokenizer_dir / "vocab.json").is_file():
+        raise ModelLoadError(f"{tokenizer_dir} holds no CLIP tokenizer (vocab.json, merges.txt)")
+    # SD2 pads with "!" (id 0) like its OpenCLIP training; SD1 with the end token.
+    pad = {"pad_token": "!"} if family == "sd2" else {}
+    return CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True, model_max_length=CLIP_MAX_LENGTH, **pad)
+
+
+# --------------------------------------------------------------------------- models a host already holds
+
+
+@dataclass(eq=False)
+class LdmWeights:
+    """An SD1.x / SD2.x model in the original (LDM) layout, already in memory: what a host such as ComfyUI
+    holds after loading a checkpoint and applying its patches (LoRAs), handed over tensor by tensor.
+
+    Args:
+        unet: the UNet's tensors, LDM names (``input_blocks.*``, ``middle_block.*``, ``out.*``).
+        unet_params: the LDM ``UNetModel`` parameters (see :func:`streamrt.checkpoints.unet_config_from_ldm`).
+        text_encoder: the CLIP text tower's tensors in transformers' names (``text_model.*``).
+        text_layers: how many transformer layers condition the UNet (all for SD1, 23 of 24 for SD2, fewer
+            with CLIP skip); the output is that layer's after the final layer norm.
+        vae: a full VAE's tensors (LDM names: ``encoder.*``, ``decoder.*``, ``quant_conv.*``), or TAESD's
+            (``taesd_encoder.*``, ``taesd_decoder.*``).
+        prediction_type: ``epsilon`` or ``v_prediction``.
+    """
+
+    unet: dict[str, torch.Tensor]
+    unet_params: dict
+    text_encoder: dict[str, torch.Tensor]
+    text_layers: int
+    vae: dict[str, torch.Tensor]
+    prediction_type: str
+
+
+def load_ldm_weights(weights: LdmWeights, *, tokenizer_dir: str | os.PathLike | None, dtype: str | torch.dtype,
+                     device: str | torch.device, identity: dict | None = None,
+                     config_dir: str | os.PathLike | None = None) -> StreamModels:
+    """A pipeline from a model a host holds in memory (see :class:`LdmWeights`), for SD1.x / SD2.x.
+
+    The family comes from the text encoder's width (768: SD1, 1024: SD2), the UNet's config from its
+    parameters (any SD1/SD2-shaped UNet), VAE, text encoder and scheduler configs from the shipped ones, or
+    from ``config_dir`` (a diffusers-layout folder, as for :func:`load_checkpoint`) for other widths. The
+    modules take the given tensors without copying them where dtype and device already match.
+
+    Raises:
+        ModelLoadError: another family (SDXL: not yet), weights that do not fit, an unknown prediction type.
+    """
+    from diffusers import LCMScheduler
+
+    from . import checkpoints as ckpt
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if weights.prediction_type not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"the model predicts {weights.prediction_type!r}: StreamRT streams epsilon and "
+                             "v_prediction models")
+    width = next((int(v.shape[1]) for k, v in weights.text_encoder.items()
+                  if k.endswith("embeddings.token_embedding.weight")), None)
+    family = {768: "sd1", 1024: "sd2"}.get(width)
+    if family is None and config_dir is None:
+        raise ModelLoadError(f"a text encoder of width {width}: StreamRT streams SD1.x (768) and SD2.x (1024) models")
+    context = int(weights.unet_params.get("context_dim") or 0)
+    if context != width:
+        raise ModelLoadError(f"the UNet's cross-attention width {context} does not match the text encoder's {width}")
+    family = family or "sd1"
+    configs = Path(config_dir) if config_dir else ckpt.shipped_config_dir(family, weights.prediction_type)
+    with _load_errors("the model"):
+        unet_config = ckpt.unet_config_from_ldm(
+            weights.unet_params, upcast_attention=family == "sd2" and weights.prediction_type == "v_prediction")
+        parts = {"unet": ckpt.build_unet({ckpt.UNET + k: v for k, v in weights.unet.items()}, unet_config),
+                 "text_encoder": ckpt.build_text_encoder(weights.text_encoder, configs, weights.text_layers)}
+        if any(k.startswith("taesd_encoder.") for k in weights.vae):
+            parts["vae"] = ckpt.build_taesd(
+                {k[len("taesd_encoder."):]: v for k, v in weights.vae.items() if k.startswith("taesd_encoder.")},
+                {k[len("taesd_decoder."):]: v for k, v in weights.vae.items() if k.startswith("taesd_decoder.")})
+        else:
+            parts["vae"] = ckpt.build_vae(weights.vae, configs)
+        parts["tokenizer"] = _clip_tokenizer(configs, Path(tokenizer_dir) if tokenizer_dir else None, family)
+        parts["scheduler"] = LCMScheduler.from_pretrained(configs, subfolder="scheduler", local_files_only=True,
+                                                          prediction_type=weights.prediction_type)
+        models = _finish(parts, kind="host", files=[], loras=(), dtype=dtype, device=device)
+    models.identity.update(identity or {}, family=family)
+    logger.info("pipeline from the host's model: %s, %s, %s, %s, text layers %d", family.upper(),
+                weights.prediction_type, dtype, device, weights.text_layers)
     return models
 
 

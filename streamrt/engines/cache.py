@@ -185,20 +185,22 @@ def weights_fingerprint(models: StreamModels) -> str:
     to a stream when a TensorRT backend is usable), never on the realtime path of a stream that runs
     without TensorRT.
 
-    Models with an empty identity (built in memory) are fingerprinted by hashing their UNet and VAE
-    weights, which is slow for full-size models.
+    Models whose identity names no files (built in memory, or a host's models with its patches applied) are
+    fingerprinted by hashing their UNet and VAE weights, which takes seconds for full-size models.
     """
     identity = {k: v for k, v in (models.identity or {}).items() if k not in _RUNTIME_ONLY_IDENTITY}
     text = _canonical(identity)
     memo = getattr(models, "_streamrt_weights_fingerprint", None)
     if memo is not None and memo[0] == text:
         return memo[1]
-    if identity:
+    if identity.get("files"):
         content = _canonical(_content_identity(identity))
         digest, label = hashlib.sha256(content.encode()).hexdigest(), _identity_label(identity)
     else:
-        logger.warning("the models have no identity: fingerprinting them by hashing their weights")
-        digest, label = _hash_weights(models), "unnamed"
+        # No files say what the weights are (built in memory, or handed over by a host with its patches
+        # applied): only their bytes can.
+        logger.info("the models were not loaded from files: fingerprinting them by hashing their weights")
+        digest, label = _hash_weights(models), str(identity.get("name") or "unnamed")
     fingerprint = f"{sanitize(label, limit=32)}-{digest[:16]}"
     models._streamrt_weights_fingerprint = (text, fingerprint)
     return fingerprint

@@ -1,0 +1,206 @@
+"""ComfyUI's own models as a stream's source, on the real server: Load Checkpoint -> LoraLoader -> Stream
+Pipeline from Model -> Stream Sampler, against Load Stream Pipeline + StreamRT LoRA on the same files.
+
+ComfyUI recognises a checkpoint as SD1.5 from its keys (UNet base width 320, cross-attention 768, a full
+CLIP-L and a full VAE), so the checkpoint here has SD1.5's layout with random weights: CLIP-L and the VAE at
+full size, the UNet reduced to two levels (320 / 640 channels, one block each) to keep CPU runs short.
+ComfyUI reads the reduced UNet's shape from its keys; Load Stream Pipeline gets it from a config folder
+named by the checkpoint's sidecar (the documented way for checkpoints of an unusual shape). The weights
+are stored in fp16, which ComfyUI keeps its CPU text encoder in, so both routes start from equal values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from comfy_harness import ComfyServer, ExecutionFailed, Graph
+from e2e_helpers import SAMPLER_DEFAULTS, frames, uid
+from model_files import lora_state_dict, write_ldm_checkpoint
+from safetensors.torch import save_file
+
+from streamrt.checkpoints import CONFIG_ROOT
+from streamrt.random_models import component_configs
+
+pytestmark = pytest.mark.e2e
+
+CKPT = "streamrt-sd15-layout.safetensors"
+LORA = "streamrt-sd15-layout-lora.safetensors"
+STRENGTHS = (0.8, 0.6)
+SIZE = 64
+#: both routes compute in fp32 on the CPU; they differ in LoRA arithmetic order and PNG rounding only
+ATOL = 2.01 / 255
+
+REDUCED_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+
+
+def _build(factory, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return factory().eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def e2e_tiny_models(streamrt_models_root: Path) -> Path:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = streamrt_models_root
+    if not (root / "checkpoints" / CKPT).is_file():
+        full = component_configs("sd15")
+        models = SimpleNamespace(
+            unet=_build(lambda: UNet2DConditionModel(**REDUCED_UNET), 11),
+            vae=_build(lambda: AutoencoderKL(**full["vae"]), 12),
+            text_encoder=_build(lambda: CLIPTextModel(CLIPTextConfig(**full["text_encoder"])), 13))
+        for module in (models.unet, models.vae, models.text_encoder):
+            module.half()
+        configs = root / "checkpoints" / "streamrt-sd15-layout-configs"
+        shutil.copytree(CONFIG_ROOT / "sd1", configs, dirs_exist_ok=True)
+        models.unet.save_config(configs / "unet")
+        (root / "checkpoints" / (CKPT + ".streamrt.json")).write_text(
+            json.dumps({"config_dir": "streamrt-sd15-layout-configs"}))
+        write_ldm_checkpoint(root / "checkpoints" / CKPT, models, "sd1")
+        lora = lora_state_dict(SimpleNamespace(unet=models.unet, text_encoder=models.text_encoder), seed=3)
+        save_file({k: v.contiguous() for k, v in lora.items()}, str(root / "loras" / LORA))
+    return root
+
+
+@pytest.fixture
+def server(comfy_server: ComfyServer, e2e_tiny_models: Path) -> ComfyServer:
+    return comfy_server
+
+
+def host_route(g: Graph, prefix: str, *, lora: bool = True, strengths: tuple[float, float] = STRENGTHS,
+               sampling: str | None = None):
+    """Load Checkpoint [-> ModelSamplingDiscrete] [-> LoraLoader] -> Stream Pipeline from Model."""
+    ckpt = g.node("CheckpointLoaderSimple", id=f"{prefix}ckpt", ckpt_name=CKPT)
+    model, clip = ckpt.out(0), ckpt.out(1)
+    if sampling is not None:
+        model = g.node("ModelSamplingDiscrete", model=model, sampling=sampling, zsnr=False).out(0)
+    if lora:
+        patched = g.node("LoraLoader", id=f"{prefix}lora", model=model, clip=clip, lora_name=LORA,
+                         strength_model=strengths[0], strength_clip=strengths[1])
+        model, clip = patched.out(0), patched.out(1)
+    return g.node("StreamRTPipelineFromModel", id=f"{prefix}pipe", model=model, clip=clip, vae=ckpt.out(2),
+                  dtype="auto")
+
+
+def own_route(g: Graph, prefix: str, *, lora: bool = True, prediction_type: str = "auto"):
+    """Load Stream Pipeline [+ StreamRT LoRA] on the same file."""
+    inputs = dict(model=CKPT, taesd="none (full VAE)", dtype="auto", device="auto", prediction_type=prediction_type)
+    if lora:
+        inputs["loras"] = g.node("StreamRTLora", id=f"{prefix}slora", lora_name=LORA, strength_model=STRENGTHS[0],
+                                 strength_clip=STRENGTHS[1]).out(0)
+    return g.node("StreamRTLoadPipeline", id=f"{prefix}pipe", **inputs)
+
+
+def sampled(g: Graph, prefix: str, pipeline, image, **overrides) -> None:
+    sampler = g.node("StreamRTSampler", id=f"{prefix}sampler", pipeline=pipeline.out(0), image=image,
+                     **{**SAMPLER_DEFAULTS, **overrides})
+    g.node("SaveImage", id=f"{prefix}save", images=sampler.out(0), filename_prefix=f"{prefix}/f")
+
+
+def realtime(server: ComfyServer, route, names: list[str], **route_kw) -> np.ndarray:
+    """One frame per execution through one sampler; the frames of all executions."""
+    prefix, out = uid(), []
+    for name in names:
+        g = Graph(prefix=prefix)
+        sampled(g, prefix, route(g, prefix, **route_kw), g.node("LoadImage", id=f"{prefix}img", image=name).out(0))
+        out.append(np.stack(server.output_images(server.run(g, timeout=600), f"{prefix}save"))[0])
+    return np.stack(out)[..., :3]
+
+
+def batch(server: ComfyServer, route, names: list[str]) -> np.ndarray:
+    """One execution over a video of the frames."""
+    prefix = uid()
+    g = Graph(prefix=prefix)
+    images = [g.node("LoadImage", image=n).out(0) for n in names]
+    video = images[0]
+    for image in images[1:]:
+        video = g.node("ImageBatch", image1=video, image2=image).out(0)
+    sampled(g, prefix, route(g, prefix), video)
+    return np.stack(server.output_images(server.run(g, timeout=600), f"{prefix}save"))[..., :3]
+
+
+def conversions(server: ComfyServer) -> int:
+    return len(re.findall(r"pipeline from the host's model", server.log_text()))
+
+
+@pytest.fixture
+def names(server: ComfyServer) -> list[str]:
+    return [server.write_input_image(image, name=f"{uid()}.png") for image in frames(3, seed=31)]
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_node_takes_comfyuis_model_clip_and_vae(server: ComfyServer) -> None:
+    spec = server.object_info()["StreamRTPipelineFromModel"]
+    required = spec["input"]["required"]
+    assert [required[n][0] for n in ("model", "clip", "vae")] == ["MODEL", "CLIP", "VAE"]
+    assert spec["output"] == ["STREAMRT_PIPELINE"]
+    assert all(value[1].get("tooltip") for value in required.values())
+
+
+def test_load_checkpoint_and_lora_route_gives_the_frames_of_our_loader(server: ComfyServer, names) -> None:
+    host = realtime(server, host_route, names)
+    own = realtime(server, own_route, names)
+    np.testing.assert_allclose(host, own, atol=ATOL, rtol=0)
+    assert host.std() > 0.02, "the frames are flat: nothing was compared"
+    # The LoRA was applied on both routes: without it the frames are far from these.
+    plain = realtime(server, host_route, names[:1], lora=False)
+    assert np.abs(plain[0] - host[0]).max() > 10 * ATOL
+
+    host_video = batch(server, host_route, names)
+    own_video = batch(server, own_route, names)
+    assert host_video.shape == (len(names), SIZE, SIZE, 3)
+    np.testing.assert_allclose(host_video, own_video, atol=ATOL, rtol=0)
+
+
+def test_converted_once_per_patch_set_and_free_releases_it(server: ComfyServer, names) -> None:
+    before = conversions(server)
+    prefix = uid()
+    for name in names[:2]:  # the same graph queued again: the pipeline is not converted again
+        g = Graph(prefix=prefix)
+        sampled(g, prefix, host_route(g, prefix), g.node("LoadImage", id=f"{prefix}img", image=name).out(0))
+        server.run(g, timeout=600)
+    assert conversions(server) == before + 1
+    # Another LoRA strength is another patch set: converted again, and the frames change.
+    realtime(server, host_route, names[:1], strengths=(0.2, 0.6))
+    assert conversions(server) == before + 2
+
+    server.free()
+    assert "releasing StreamRT pipelines and streams" in server.log_text()
+    realtime(server, host_route, names[:1])  # the next run converts again and works
+    assert conversions(server) == before + 3
+
+
+def test_model_sampling_discrete_v_prediction_is_honoured(server: ComfyServer, names) -> None:
+    host = realtime(server, host_route, names[:1], sampling="v_prediction")
+    np.testing.assert_allclose(host, realtime(server, own_route, names[:1], prediction_type="v_prediction"),
+                               atol=ATOL, rtol=0)
+    assert np.abs(host - realtime(server, own_route, names[:1])).max() > 10 * ATOL  # epsilon differs
+
+
+def test_a_model_that_is_not_sd1_or_sd2_is_refused_by_name(server: ComfyServer, names) -> None:
+    prefix = uid()
+    g = Graph(prefix=prefix)
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CKPT)
+    # A continuous (EDM) schedule is not one StreamRT can stream.
+    edm = g.node("ModelSamplingContinuousEDM", model=ckpt.out(0), sampling="v_prediction", sigma_max=120.0,
+                 sigma_min=0.002)
+    pipe = g.node("StreamRTPipelineFromModel", id=f"{prefix}pipe", model=edm.out(0), clip=ckpt.out(1),
+                  vae=ckpt.out(2), dtype="auto")
+    sampled(g, prefix, pipe, g.node("LoadImage", image=names[0]).out(0))
+    with pytest.raises(ExecutionFailed) as failed:
+        server.run(g, timeout=600)
+    assert failed.value.node_id == f"{prefix}pipe"
+    assert "continuous schedule" in str(failed.value)
+    # the server is fine afterwards
+    assert realtime(server, host_route, names[:1]).shape == (1, SIZE, SIZE, 3)
