@@ -4,6 +4,7 @@
 # server runs (no frontend package, no API nodes, no tokenizers of other model families).
 #   here:   bash scripts/gpu_comfyui.sh prepare            -> .gpu/ComfyUI and .gpu/wheels (git-ignored)
 #   there:  bash scripts/gpu_comfyui.sh soak [soak args]   (carry .gpu and .whl; see scripts/soak.py)
+#           bash scripts/gpu_comfyui.sh pytest [pytest args] (e2e tests with the server on the GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -22,16 +23,22 @@ prepare)
   [ -f .whl/diffusers-0.42.1-py3-none-any.whl ] || bash ../shared/device/wheels.sh
   du -sh .gpu .gpu/ComfyUI .gpu/wheels
   ;;
-soak)
+soak|pytest)
+  what=$1
   shift
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .gpu/wheels/*.whl .whl/diffusers-*.whl
   export PYTHONPATH="$PWD:/tmp/site" STREAMRT_COMFYUI="$PWD/.gpu/ComfyUI" STREAMRT_PYTHON=python3 PYTHONUNBUFFERED=1
   mkdir -p /tmp/streamrt-frontend
-  python3 scripts/soak.py --front-end-root /tmp/streamrt-frontend "$@"
+  if [ "$what" = soak ]; then
+    python3 scripts/soak.py --front-end-root /tmp/streamrt-frontend "$@"
+  else
+    STREAMRT_SERVER_GPU=1 STREAMRT_SERVER_ARGS="--front-end-root /tmp/streamrt-frontend" \
+      STREAMRT_CACHE_MODES=default python3 -m pytest -q -p no:cacheprovider "$@"
+  fi
   ;;
 *)
-  echo "usage: $0 prepare | soak [scripts/soak.py arguments]" >&2
+  echo "usage: $0 prepare | soak [scripts/soak.py arguments] | pytest [pytest arguments]" >&2
   exit 2
   ;;
 esac

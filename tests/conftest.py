@@ -31,12 +31,14 @@ the report.  The pack is mounted as ``nodes/StreamRT`` (module name / web path
 
 Environment: ``STREAMRT_COMFYUI`` (ComfyUI tree), ``STREAMRT_PYTHON`` (server
 interpreter), ``STREAMRT_SERVER_START_TIMEOUT`` (seconds, default 180),
-``STREAMRT_CACHE_MODES``.
+``STREAMRT_CACHE_MODES``, ``STREAMRT_SERVER_GPU=1`` (the server computes on the GPU instead of ``--cpu``),
+``STREAMRT_SERVER_ARGS`` (more server flags).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -182,8 +184,11 @@ def comfy_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
                  streamrt_models_root: Path):
     mode = request.param
     work = tmp_path_factory.mktemp(f"comfy-{mode}")
-    server = ComfyServer(REPO_ROOT, work, extra_args=CACHE_MODES[mode], pack_name=PACK_NAME,
-                         models_source=streamrt_models_root)
+    # STREAMRT_SERVER_GPU=1: the server computes on ComfyUI's GPU (the GPU machine's e2e runs);
+    # STREAMRT_SERVER_ARGS: more server flags (e.g. --front-end-root where no frontend package is installed).
+    extra = CACHE_MODES[mode] + tuple(shlex.split(os.environ.get("STREAMRT_SERVER_ARGS", "")))
+    server = ComfyServer(REPO_ROOT, work, extra_args=extra, pack_name=PACK_NAME, models_source=streamrt_models_root,
+                         cpu=os.environ.get("STREAMRT_SERVER_GPU") != "1")
     server.cache_mode = mode  # for tests that depend on caching
     server.start(timeout=float(os.environ.get("STREAMRT_SERVER_START_TIMEOUT", "180")))
     try:

@@ -181,6 +181,20 @@ def test_converted_once_per_patch_set_and_free_releases_it(server: ComfyServer, 
     assert conversions(server) == before + 3
 
 
+def test_the_gpu_holds_one_copy_of_the_weights(server: ComfyServer, names, e2e_tiny_models: Path) -> None:
+    """On a GPU server: after /free, the host route leaves the stream's own fp16 weights on the GPU and not
+    ComfyUI's copy as well (which would double the bytes: the UNet, VAE and CLIP of the file)."""
+    device = server.system_stats()["devices"][0]
+    if device["type"] != "cuda":
+        pytest.skip("the server computes on the CPU (set STREAMRT_SERVER_GPU=1 on a GPU machine)")
+    server.free()
+    realtime(server, host_route, names[:2])
+    device = server.system_stats()["devices"][0]
+    allocated = device["torch_vram_total"] - device["torch_vram_free"]
+    weights = (e2e_tiny_models / "checkpoints" / CKPT).stat().st_size  # fp16, like the stream's weights
+    assert allocated < 1.4 * weights, (allocated, weights)
+
+
 def test_model_sampling_discrete_v_prediction_is_honoured(server: ComfyServer, names) -> None:
     host = realtime(server, host_route, names[:1], sampling="v_prediction")
     np.testing.assert_allclose(host, realtime(server, own_route, names[:1], prediction_type="v_prediction"),
