@@ -249,6 +249,19 @@ def unapplied_patches(model) -> list[str]:
     return found
 
 
+def unload_from_gpu(*patchers) -> None:
+    """Move ComfyUI's own loaded copies of these models (and their clones) back to its offload device, as its
+    memory management does to free room: once a stream holds the converted weights, ComfyUI's copy on the
+    GPU would be a second one (Load Checkpoint loads the UNet onto a roomy GPU at once). A ComfyUI sampler
+    that needs the model later loads it again."""
+    loaded = model_management.current_loaded_models
+    for i in reversed(range(len(loaded))):
+        entry = loaded[i]
+        if any(entry.model.is_clone(p) for p in patchers) and entry.model_unload():
+            loaded.pop(i)
+    model_management.soft_empty_cache()
+
+
 def host_weights_key(model, clip, vae) -> tuple:
     """What identifies the weights of a MODEL / CLIP / VAE with their patches: the ComfyUI objects and the
     patchers' patch ids (ComfyUI gives every new set of patches a new uuid)."""

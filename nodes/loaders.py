@@ -148,8 +148,11 @@ class HostModelSpec:
         device = api.torch_device() if self.device == "auto" else self.device
         dtype = resolve_dtype(self.dtype, device)
         weights = api.host_weights(self.model, self.clip, self.vae, device, dtype)
-        return load_ldm_weights(weights, tokenizer_dir=api.clip_tokenizer_dir(), dtype=dtype, device=device,
-                                identity={"name": "comfyui-model"})
+        models = load_ldm_weights(weights, tokenizer_dir=api.clip_tokenizer_dir(), dtype=dtype, device=device,
+                                  identity={"name": "comfyui-model"})
+        del weights
+        api.unload_from_gpu(self.model, self.clip.patcher, self.vae.patcher)
+        return models
 
 
 class StreamPipelineFromModel(io.ComfyNode):
@@ -165,7 +168,8 @@ class StreamPipelineFromModel(io.ComfyNode):
                         "Checkpoint's MODEL, CLIP and VAE, after any LoRA loaders (their patches are applied). A VAE "
                         "from Load VAE 'taesd' gives the fast tiny autoencoder. The weights are converted once, on "
                         "ComfyUI's device, and kept until the inputs change or ComfyUI frees memory; ComfyUI's own "
-                        "copy is not loaded onto the GPU by this node. SD1.x/SD2.x models.",
+                        "copy goes back to its offload device (it reloads it if a ComfyUI sampler needs it). "
+                        "SD1.x/SD2.x models.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x/SD2.x MODEL (Load Checkpoint, LoRA loaders, "
                                                 "ModelSamplingDiscrete for v-prediction)."),

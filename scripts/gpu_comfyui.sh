@@ -33,7 +33,7 @@ soak|pytest)
   if [ "$what" = soak ]; then
     python3 scripts/soak.py --front-end-root /tmp/streamrt-frontend "$@"
   else
-    STREAMRT_SERVER_GPU=1 STREAMRT_SERVER_ARGS="--front-end-root /tmp/streamrt-frontend" \
+    STREAMRT_SERVER_GPU=1 STREAMRT_SERVER_ARGS="--front-end-root /tmp/streamrt-frontend ${STREAMRT_SERVER_ARGS:-}" \
       STREAMRT_CACHE_MODES=default python3 -m pytest -q -p no:cacheprovider "$@"
   fi
   ;;
