@@ -258,6 +258,8 @@ def unload_from_gpu(*patchers) -> None:
     for i in reversed(range(len(loaded))):
         entry = loaded[i]
         if any(entry.model.is_clone(p) for p in patchers) and entry.model_unload():
+            logger.info("moved ComfyUI's copy of %s to %s: the stream holds its own", type(entry.model.model).__name__,
+                        entry.model.offload_device)
             loaded.pop(i)
     model_management.soft_empty_cache()
 

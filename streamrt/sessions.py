@@ -75,6 +75,7 @@ class StreamSessions:
         self._keys: dict[Hashable, tuple] = {}
         self._stream_bytes: dict[Hashable, int] = {}
         self.loads = 0
+        self._collect_pending = False
 
     # pipelines -------------------------------------------------------------------------------------
     def pipeline(self, key: Hashable, load: Callable[[], StreamModels], *, holder: Hashable | None = None
@@ -87,6 +88,8 @@ class StreamSessions:
         with self._lock:
             models = self._pipelines.get(key)
             if models is None:
+                if self._collect_pending:
+                    self._collect()
                 models = load()
                 self.loads += 1
                 self._pipelines[key] = models
@@ -199,6 +202,12 @@ class StreamSessions:
         with self._lock:
             return sum(self._pipeline_bytes.values()) + sum(self._stream_bytes.values())
 
+    def _collect(self) -> None:
+        self._collect_pending = False
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def counts(self) -> tuple[int, int]:
         """(pipelines, streams) held now."""
         with self._lock:
@@ -207,8 +216,8 @@ class StreamSessions:
     def release(self, *, collect: bool = True) -> None:
         """Drop every stream and pipeline and give the GPU memory back.
 
-        ``collect=False`` skips the garbage collection and cache emptying, for callers inside a host's
-        own unload loop (the host empties the cache itself afterwards).
+        ``collect=False`` defers the garbage collection and cache emptying to the next load, for callers
+        inside a host's own unload loop.
         """
         with self._lock:
             had = bool(self._streams or self._pipelines)
@@ -218,8 +227,10 @@ class StreamSessions:
             self._pipelines.clear()
             self._pipeline_bytes.clear()
         if had and collect:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            self._collect()
+        elif had:
+            # Models hold reference cycles: without a collection their memory stays until Python's next one,
+            # so the next load collects first.
+            self._collect_pending = True
         if had:
             logger.info("released all streams and pipelines")

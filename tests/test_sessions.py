@@ -118,3 +118,29 @@ def test_streams_are_bounded_least_recently_used_first(tiny_models):
     assert set(sessions.live_streams()) == {"one", "three"}
     again, _ = sessions.run("one", tiny_models, request(make_config()), frames)
     assert again is first and first.frames_processed == 3
+
+
+def test_a_release_inside_a_hosts_unload_frees_the_models_before_the_next_load():
+    """release(collect=False) (called inside ComfyUI's unload loop) must not leave the old models alive until
+    Python's next garbage collection: their cycles are collected before the next pipeline loads."""
+    import gc
+    import weakref
+
+    class Models:  # a pipeline's modules hold reference cycles, as diffusers / transformers models do
+        def __init__(self) -> None:
+            self.me = self
+
+        def weights_nbytes(self) -> int:
+            return 1
+
+    sessions = StreamSessions()
+    gc.disable()
+    try:
+        old = weakref.ref(sessions.pipeline("a", Models, holder="loader"))
+        sessions.release(collect=False)
+        assert old() is not None  # only a collection frees a cycle
+        seen = []
+        sessions.pipeline("b", lambda: seen.append(old()) or Models())
+        assert seen == [None]
+    finally:
+        gc.enable()
