@@ -213,3 +213,57 @@ def lora_state_dict(models, *, rank: int = 4, alpha: float = 2.0, seed: int = 0,
             name = f"unet.{module}" if target == "unet" else f"text_encoder.text_model.{module}"
             out.update({f"{name}.lora_A.weight": down * (alpha / rank), f"{name}.lora_B.weight": up})
     return out
+
+
+#: an SD1.5-layout checkpoint that ComfyUI's Load Checkpoint recognises (see write_sd15_layout_checkpoint)
+SD15_LAYOUT_CKPT = "streamrt-sd15-layout.safetensors"
+SD15_LAYOUT_LORA = "streamrt-sd15-layout-lora.safetensors"
+#: SD1.5's UNet reduced to two levels (320 / 640 channels, one block each): ComfyUI reads the shape from the keys
+SD15_LAYOUT_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+
+
+def write_sd15_layout_checkpoint(root: Path) -> Path:
+    """``<root>/checkpoints/streamrt-sd15-layout.safetensors`` (+ its sidecar config folder) and a LoRA for it in
+    ``<root>/loras``, once; returns the checkpoint.
+
+    ComfyUI recognises a checkpoint as SD1.5 from its keys (UNet base width 320, cross-attention 768, a full
+    CLIP-L and a full VAE), so this one has SD1.5's layout with random weights: CLIP-L and the VAE at full
+    size, the UNet reduced (:data:`SD15_LAYOUT_UNET`) to keep CPU runs short. Load Stream Pipeline gets the
+    reduced UNet's shape from the config folder its sidecar names. Weights are fp16, which ComfyUI keeps its
+    CPU text encoder in, so ComfyUI's route and ours start from equal values.
+    """
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from streamrt.checkpoints import CONFIG_ROOT
+    from streamrt.random_models import component_configs
+
+    path = root / "checkpoints" / SD15_LAYOUT_CKPT
+    if path.is_file():
+        return path
+
+    def build(factory, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return factory().eval().requires_grad_(False).half()
+
+    full = component_configs("sd15")
+    models = SimpleNamespace(unet=build(lambda: UNet2DConditionModel(**SD15_LAYOUT_UNET), 11),
+                             vae=build(lambda: AutoencoderKL(**full["vae"]), 12),
+                             text_encoder=build(lambda: CLIPTextModel(CLIPTextConfig(**full["text_encoder"])), 13))
+    configs = root / "checkpoints" / "streamrt-sd15-layout-configs"
+    shutil.copytree(CONFIG_ROOT / "sd1", configs, dirs_exist_ok=True)
+    models.unet.save_config(configs / "unet")
+    (root / "checkpoints" / (SD15_LAYOUT_CKPT + ".streamrt.json")).write_text(
+        '{"config_dir": "streamrt-sd15-layout-configs"}')
+    lora = lora_state_dict(models, seed=3)
+    (root / "loras").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in lora.items()}, str(root / "loras" / SD15_LAYOUT_LORA))
+    tmp = path.with_suffix(".part")
+    write_ldm_checkpoint(tmp, models, "sd1")
+    tmp.replace(path)  # complete or absent: a later run never sees half a file
+    return path

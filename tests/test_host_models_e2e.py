@@ -1,12 +1,9 @@
 """ComfyUI's own models as a stream's source, on the real server: Load Checkpoint -> LoraLoader -> Stream
 Pipeline from Model -> Stream Sampler, against Load Stream Pipeline + StreamRT LoRA on the same files.
 
-ComfyUI recognises a checkpoint as SD1.5 from its keys (UNet base width 320, cross-attention 768, a full
-CLIP-L and a full VAE), so the checkpoint here has SD1.5's layout with random weights: CLIP-L and the VAE at
-full size, the UNet reduced to two levels (320 / 640 channels, one block each) to keep CPU runs short.
-ComfyUI reads the reduced UNet's shape from its keys; Load Stream Pipeline gets it from a config folder
-named by the checkpoint's sidecar (the documented way for checkpoints of an unusual shape). The weights
-are stored in fp16, which ComfyUI keeps its CPU text encoder in, so both routes start from equal values.
+The checkpoint has SD1.5's layout with random weights (``model_files.write_sd15_layout_checkpoint``: full
+CLIP-L and VAE, so that ComfyUI recognises it, and a reduced UNet whose shape ComfyUI reads from the keys and
+Load Stream Pipeline from the config folder named by the checkpoint's sidecar).
 
 On a GPU server (``STREAMRT_SERVER_GPU=1``, e.g. ``bash scripts/gpu_comfyui.sh pytest`` on the GPU machine) run
 ComfyUI with ``--fp32-vae``: by default ComfyUI stores VAEs in bf16 on such GPUs, which rounds the VAE
@@ -15,66 +12,28 @@ weights the stream then converts (measured on the H200: 0.08 % of pixels off by 
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from comfy_harness import ComfyServer, ExecutionFailed, Graph
 from e2e_helpers import SAMPLER_DEFAULTS, frames, uid
-from model_files import lora_state_dict, write_ldm_checkpoint
-from safetensors.torch import save_file
-
-from streamrt.checkpoints import CONFIG_ROOT
-from streamrt.random_models import component_configs
+from model_files import SD15_LAYOUT_CKPT, SD15_LAYOUT_LORA, write_sd15_layout_checkpoint
 
 pytestmark = pytest.mark.e2e
 
-CKPT = "streamrt-sd15-layout.safetensors"
-LORA = "streamrt-sd15-layout-lora.safetensors"
+CKPT, LORA = SD15_LAYOUT_CKPT, SD15_LAYOUT_LORA
 STRENGTHS = (0.8, 0.6)
 SIZE = 64
 #: both routes compute in fp32 on the CPU; they differ in LoRA arithmetic order and PNG rounding only
 ATOL = 2.01 / 255
 
-REDUCED_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-
-
-def _build(factory, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return factory().eval().requires_grad_(False)
-
 
 @pytest.fixture(scope="session")
 def e2e_tiny_models(streamrt_models_root: Path) -> Path:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root = streamrt_models_root
-    if not (root / "checkpoints" / CKPT).is_file():
-        full = component_configs("sd15")
-        models = SimpleNamespace(
-            unet=_build(lambda: UNet2DConditionModel(**REDUCED_UNET), 11),
-            vae=_build(lambda: AutoencoderKL(**full["vae"]), 12),
-            text_encoder=_build(lambda: CLIPTextModel(CLIPTextConfig(**full["text_encoder"])), 13))
-        for module in (models.unet, models.vae, models.text_encoder):
-            module.half()
-        configs = root / "checkpoints" / "streamrt-sd15-layout-configs"
-        shutil.copytree(CONFIG_ROOT / "sd1", configs, dirs_exist_ok=True)
-        models.unet.save_config(configs / "unet")
-        (root / "checkpoints" / (CKPT + ".streamrt.json")).write_text(
-            json.dumps({"config_dir": "streamrt-sd15-layout-configs"}))
-        write_ldm_checkpoint(root / "checkpoints" / CKPT, models, "sd1")
-        lora = lora_state_dict(SimpleNamespace(unet=models.unet, text_encoder=models.text_encoder), seed=3)
-        save_file({k: v.contiguous() for k, v in lora.items()}, str(root / "loras" / LORA))
-    return root
+    write_sd15_layout_checkpoint(streamrt_models_root)
+    return streamrt_models_root
 
 
 @pytest.fixture
