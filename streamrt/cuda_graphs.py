@@ -9,6 +9,7 @@ and written back after the capture, and the first replay sees the state as it wa
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -45,8 +46,17 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, *, warmup: int = 
                 fn()
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            result = fn()
+        # No garbage collection while recording: a collection can finalise another stream's graph or
+        # buffers, and freeing them is a CUDA call that invalidates the capture (torch.cuda.graph collects
+        # once itself before it starts).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph):
+                result = fn()
+        finally:
+            if collecting:
+                gc.enable()
     for target, value in zip(preserve, saved):
         target.copy_(value)
     return graph, result
