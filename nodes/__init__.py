@@ -6,8 +6,10 @@ from .api import ComfyExtension, io
 from .engines import BuildEngines, LoadEngines
 from .loaders import LoadStreamPipeline, StreamLora
 from .sampler import StreamSampler
+from .settings import StreamCachedAttention, StreamSettingsNode, StreamSimilarityFilter
 
-NODES: list[type[io.ComfyNode]] = [LoadStreamPipeline, StreamLora, StreamSampler, BuildEngines, LoadEngines]
+NODES: list[type[io.ComfyNode]] = [LoadStreamPipeline, StreamLora, StreamSampler, StreamSettingsNode,
+                                   StreamSimilarityFilter, StreamCachedAttention, BuildEngines, LoadEngines]
 
 
 class StreamRTExtension(ComfyExtension):

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 from comfy_harness import ComfyServer, Graph
+from e2e_helpers import add_sampler
 
-SAMPLER = dict(prompt="a watercolor portrait", negative_prompt="", t_index_list="32", num_inference_steps=50,
-               cfg_type="none", guidance_scale=1.0, delta=1.0, seed=2, frames_per_step=1, width=0, height=0,
-               add_noise=True, similarity_filter=False, similarity_threshold=0.98, similarity_max_skip=10,
-               cached_attention=False, cache_max_frames=4, cache_window=4, cache_interval=1, reset=False)
+SAMPLER = dict(prompt="a watercolor portrait", negative_prompt="", t_index_list="32", cfg_type="none",
+               guidance_scale=1.0, seed=2, reset=False)
 
 
 @dataclass
@@ -68,8 +67,8 @@ def realtime_graph(prefix: str, image: str, model: str, taesd: str, acceleration
     g = Graph(prefix=prefix)
     load = g.node("StreamRTLoadPipeline", id=f"{prefix}load", model=model, taesd=taesd, dtype="auto", device="auto")
     frame = g.node("LoadImage", image=image).out(0)
-    sampler = g.node("StreamRTSampler", id=f"{prefix}sampler", pipeline=load.out(0), image=frame,
-                     **dict(SAMPLER, acceleration=acceleration))
+    sampler = add_sampler(g, load.out(0), id=f"{prefix}sampler", image=frame,
+                          **dict(SAMPLER, acceleration=acceleration))
     g.node("PreviewImage", id=f"{prefix}preview", images=sampler.out(0))
     return g
 

@@ -223,7 +223,7 @@ def test_example_workflow_matches_node_definitions(page: ComfyPage, comfy_server
             assert value == intended, f"{node['type']}.{name}: the example gives {value!r}, meant {intended!r}"
             assert value == saved_value, f"{node['type']}.{name}: the frontend sends {value!r}, saved {saved_value!r}"
             checked += 1
-    assert checked >= 25
+    assert checked >= 15
     links = {(link[1], link[3]) for link in example["links"]}
     assert links == {(ids["WebcamCapture"], ids["StreamRTSampler"]),
                      (ids["StreamRTLoadPipeline"], ids["StreamRTSampler"]),
@@ -371,7 +371,7 @@ def test_stream_stops_on_execution_error(page: ComfyPage, comfy_server: ComfySer
     assert colour_pixels(panel, STATE_COLORS["error"]) >= 10
     page.js("""
         const w = app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === "t_index_list");
-        w.value = "32,45";
+        w.value = "";
     """, sampler)
 
 
