@@ -1,7 +1,7 @@
 """A realtime soak on the real ComfyUI server: the webcam-style graph queued back to back, many times.
 
 Used by tests/test_soak_e2e.py (CPU, in CI) and by ``scripts/soak.py`` (the GPU machine, compile). The graph is
-LoadImage -> Stream Sampler -> PreviewImage, one frame per execution, as ComfyUI's instant queue runs a
+LoadImage -> Realtime Sampler -> PreviewImage, one frame per execution, as ComfyUI's instant queue runs a
 webcam graph. Prompts are queued in windows (the queue never runs dry), the history is cleared after each
 window (a streaming client prunes its own entries: ComfyUI keeps up to 10,000 otherwise, which would
 show as growth that is not the pack's), and after each window the server's resident memory (and, on a GPU,
