@@ -170,7 +170,10 @@ def same_prompt(a: Prompt, b: Prompt) -> bool:
     """:func:`same_part` for prompts, weighted lists element by element (weights equal too)."""
     if isinstance(a, (str, torch.Tensor)) or isinstance(b, (str, torch.Tensor)):
         return isinstance(a, (str, torch.Tensor)) and isinstance(b, (str, torch.Tensor)) and same_part(a, b)
-    return len(a) == len(b) and all(same_part(pa, pb) and wa == wb for (pa, wa), (pb, wb) in zip(a, b))
+    try:
+        return len(a) == len(b) and all(same_part(pa, pb) and wa == wb for (pa, wa), (pb, wb) in zip(a, b))
+    except (TypeError, ValueError):  # not a well-formed weighted list: not the same (checking it names the problem)
+        return False
 
 
 def repeat_tokens(embeds: torch.Tensor, tokens: int) -> torch.Tensor:
