@@ -1,4 +1,4 @@
-// StreamRT frontend extension: live status and a stream toggle on the "Stream Sampler (StreamRT)" node.
+// StreamRT frontend extension: live status and a stream toggle on the "Realtime Sampler" node (StreamRTSampler).
 //
 // * Status panel. The sampler sends a websocket event "streamrt.status" after each execution:
 //   {node, frames, seconds, ms_per_frame, fps, stream_frames, backend, acceleration, parts, notes, device,
@@ -273,7 +273,7 @@ const streamer = {
   async queueNext() {
     if (!this.active || this.queuing) return;
     if (allSamplers().length === 0) {
-      this.stop("no Stream Sampler in the workflow");
+      this.stop("no Realtime Sampler (StreamRT) in the workflow");
       return;
     }
     if (app.processingQueue) {

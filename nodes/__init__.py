@@ -6,9 +6,11 @@ from .api import ComfyExtension, io
 from .engines import BuildEngines, LoadEngines
 from .loaders import LoadStreamPipeline, StreamLora, StreamPipelineFromModel
 from .sampler import StreamSampler
+from .settings import StreamCachedAttention, StreamSettingsNode, StreamSimilarityFilter
 
 NODES: list[type[io.ComfyNode]] = [StreamPipelineFromModel, LoadStreamPipeline, StreamLora, StreamSampler,
-                                   BuildEngines, LoadEngines]
+                                   StreamSettingsNode, StreamSimilarityFilter, StreamCachedAttention, BuildEngines,
+                                   LoadEngines]
 
 
 class StreamRTExtension(ComfyExtension):

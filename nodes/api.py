@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 CATEGORY = "StreamRT"
 PIPELINE = io.Custom("STREAMRT_PIPELINE")
+#: the sampler's stream settings (streamrt.StreamSettings), made and chained by the settings nodes
+SETTINGS = io.Custom("STREAMRT_SETTINGS")
 
 
 def torch_device() -> torch.device:
@@ -309,3 +311,45 @@ def text_ui(text: str):
     from comfy_api.latest import ui
 
     return ui.PreviewText(text)
+
+
+# ---- CONDITIONING (nodes/sampler.py) ------------------------------------------------------------------
+#: keys of a CONDITIONING entry that limit where or how strongly it applies: a stream applies one prompt to
+#: the whole frame at every step, so it cannot honour them
+_REGIONAL_KEYS = ("area", "mask", "strength", "set_area_to_bounds", "mask_strength")
+#: other keys asking for something the stream does not do (the prompt embeddings are all it uses)
+_UNSUPPORTED_KEYS = {"control": "a ControlNet", "gligen": "GLIGEN", "start_percent": "a timestep range",
+                     "end_percent": "a timestep range"}
+
+
+def conditioning_embeddings(conditioning, what: str) -> torch.Tensor:
+    """The prompt embeddings ``[1, L, D]`` of a ComfyUI CONDITIONING (``[[tensor [B, L, D], {...}], ...]``, what
+    CLIPTextEncode, ConditioningAverage or ConditioningConcat give), or a ValueError naming what the stream
+    cannot take: several entries (Conditioning Combine), a batch, area / mask / strength or other keys that
+    change how an entry applies. ``pooled_output`` is not used by SD1.x / SD2.x and is ignored. The tensor is
+    handed over as it is (not copied): the core takes it as immutable, as ComfyUI does."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(f"{what}: expected a CONDITIONING (from CLIP Text Encode), got "
+                         f"{type(conditioning).__name__ if conditioning is not None else None}")
+    if len(conditioning) != 1:
+        raise ValueError(f"{what}: the CONDITIONING holds {len(conditioning)} prompts (e.g. from Conditioning "
+                         "Combine), a stream takes one: blend them with Conditioning Average, or join them with "
+                         "Conditioning (Concat)")
+    entry = conditioning[0]
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], torch.Tensor)
+            and isinstance(entry[1], dict)):
+        raise ValueError(f"{what}: not a CONDITIONING entry [tensor, options]")
+    embeds, options = entry
+    regional = [k for k in _REGIONAL_KEYS if k in options]
+    if regional:
+        raise ValueError(f"{what}: the CONDITIONING is limited by {', '.join(regional)} (Conditioning Set Area / "
+                         "Mask / Strength), which a stream cannot apply: it uses one prompt for the whole frame. "
+                         "Combine prompts with Conditioning Average or Conditioning (Concat) instead")
+    unsupported = sorted({_UNSUPPORTED_KEYS[k] for k in _UNSUPPORTED_KEYS if k in options})
+    if unsupported:
+        raise ValueError(f"{what}: the CONDITIONING carries {' and '.join(unsupported)}, which the stream does not "
+                         "apply (it uses the prompt embeddings only); connect the plain text encoding")
+    if embeds.dim() == 3 and embeds.shape[0] != 1:
+        raise ValueError(f"{what}: the CONDITIONING has a batch of {embeds.shape[0]} prompts, a stream takes one: "
+                         "blend them with Conditioning Average")
+    return embeds

@@ -109,34 +109,36 @@ class BuildEngines(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StreamRTBuildEngines",
-            display_name="Build Engines (StreamRT)",
+            display_name="Build Engines (TensorRT, StreamRT)",
             category=api.CATEGORY,
             description=(
                 "Exports the pipeline's UNet and VAE encoder/decoder to ONNX and builds TensorRT engines for a stream "
                 "of these sizes, or reuses the ones already in the engine cache (models/streamrt_engines folders; "
                 "the pack's engine_cache/ by default). TensorRT-RTX builds ahead of time on any machine, even "
                 "without a GPU, for the GPU generation you choose; full TensorRT builds for the local GPU. Builds "
-                "take seconds to minutes. A Stream Sampler fed from the pipeline output with acceleration 'auto' or "
+                "take seconds to minutes. A Realtime Sampler fed from the pipeline output with acceleration 'auto' or "
                 "'tensorrt' runs on the engines that fit its shapes on this GPU; the sampler shows which parts do."),
             inputs=[
                 api.PIPELINE.Input("pipeline", tooltip="From Load Stream Pipeline."),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8,
-                             tooltip="Stream width the engines are tuned for (must match the sampler's)."),
+                             tooltip="Stream width the engines are tuned for (must match the stream's: the "
+                                     "Stream Settings' width, or the input's)."),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8,
-                             tooltip="Stream height the engines are tuned for (must match the sampler's)."),
+                             tooltip="Stream height the engines are tuned for (must match the stream's: the "
+                                     "Stream Settings' height, or the input's)."),
                 io.Int.Input("min_size", default=0, min=0, max=4096, step=8,
                              tooltip="0 = engines for exactly width x height (fastest). Otherwise with max_size: "
                                      "engines that accept any width and height in [min_size, max_size]."),
                 io.Int.Input("max_size", default=0, min=0, max=4096, step=8,
                              tooltip="Largest width/height a dynamic engine accepts (0 = static, see min_size)."),
                 io.Int.Input("frames_per_step", default=1, min=1, max=16,
-                             tooltip="The sampler's frames_per_step (F): VAE engines take F frames."),
+                             tooltip="The stream's frames_per_step (F, Stream Settings): VAE engines take F frames."),
                 io.Int.Input("denoising_steps", default=2, min=1, max=50,
-                             tooltip="How many indices the sampler's t_index_list has (n). The UNet batch is "
-                                     "n x F rows, more with cfg_type full or initialize."),
+                             tooltip="The sampler's steps (n; or how many indices its t_index_list has). The "
+                                     "UNet batch is n x F rows, more with cfg_type full or initialize."),
                 io.Combo.Input("cfg_type", options=[c.value for c in CfgType], default=CfgType.SELF.value,
-                               tooltip="The sampler's cfg_type (full doubles the UNet batch, initialize adds F "
-                                       "rows). With guidance_scale <= 1 the sampler runs as 'none'."),
+                               tooltip="The stream's cfg_type (Stream Settings; full doubles the UNet batch, "
+                                       "initialize adds F rows). With the sampler's cfg <= 1 it runs as 'none'."),
                 io.Combo.Input("backend", options=list(BACKENDS), default=BACKENDS[0],
                                tooltip="tensorrt-rtx (pip install tensorrt-rtx polygraphy): RTX GPUs from the 20 "
                                        "series on, builds without a GPU; not for Hopper/data-centre GPUs. tensorrt: "
@@ -193,10 +195,10 @@ class LoadEngines(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StreamRTLoadEngines",
-            display_name="Load Engines (StreamRT)",
+            display_name="Load Engines (TensorRT, StreamRT)",
             category=api.CATEGORY,
             description=(
-                "Lists the engines in the cache for this pipeline. A Stream Sampler fed from here with acceleration "
+                "Lists the engines in the cache for this pipeline. A Realtime Sampler fed from here with acceleration "
                 "'auto' or 'tensorrt' runs its UNet and VAE through the engines of this backend that match its size "
                 "and batch on this GPU; the sampler shows which parts run on engines and why others do not."),
             inputs=[

@@ -1,20 +1,24 @@
-"""Stream Sampler: advance a persistent stream with this execution's frames (or txt2img)."""
+"""The realtime sampler: advance a persistent stream with this execution's frames (or txt2img)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
 
-from ..streamrt import Acceleration, CfgType, SimilarityFilterConfig, StreamConfig, StreamRequest
-from ..streamrt.kv_cache import KVCacheConfig
+from ..streamrt import StreamRequest, StreamSettings
 from . import api
 from .api import io
 from .engines import engine_source
 from .runtime import SESSIONS, PipelineHandle, report_memory, workflow_id
 
 logger = logging.getLogger(__name__)
+
+#: shown as the node's title; the frontend's node search (1.32: fuzzy over node id and display name, a match
+#: must start within the first 30 characters) finds the node by these words
+DISPLAY_NAME = "Realtime Sampler (webcam, StreamDiffusion)"
 
 
 def parse_t_index_list(text: str) -> tuple[int, ...]:
@@ -28,6 +32,16 @@ def parse_t_index_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def prompt_input(conditioning, text: str, what: str, text_name: str, notes: list[str]):
+    """The prompt the stream gets: the CONDITIONING's embeddings when one is connected (a note says the text was
+    not used when it is not empty), else the text."""
+    if conditioning is None:
+        return text
+    if text.strip():
+        notes.append(f"{what} is connected: the {text_name} text is not used")
+    return api.conditioning_embeddings(conditioning, what)
+
+
 class StreamSampler(io.ComfyNode):
     """The stateful realtime sampler."""
 
@@ -35,72 +49,56 @@ class StreamSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StreamRTSampler",
-            display_name="Stream Sampler (StreamRT)",
+            display_name=DISPLAY_NAME,
             category=api.CATEGORY,
             description=(
-                "Runs a StreamDiffusion-style stream whose state (latent buffer, noise, RCFG stock noise) "
-                "persists across queue executions. One frame per execution (e.g. a webcam) gives a coherent "
-                "stream, len(t_index_list)-1 frames behind the input. A batch of more frames than frames_per_step "
-                "(a video) is processed in one execution and returned aligned with the input frames. "
-                "Without an image it runs txt2img. Each sampler node keeps its own stream."),
+                "Realtime StreamDiffusion-style sampler (StreamRT) for webcams and video: runs a stream whose state "
+                "(latent buffer, noise, RCFG stock noise) persists across queue executions. One frame per "
+                "execution (e.g. a webcam) gives a coherent stream, steps-1 frames behind the input. A batch of "
+                "more frames than frames_per_step (a video) is processed in one execution and returned aligned "
+                "with the input frames. Without an image it runs txt2img. Each sampler node keeps its own "
+                "stream. Stream options (cfg type, acceleration incl. TensorRT engines, size, similarity filter, "
+                "cached attention) come from the Stream Settings nodes."),
             inputs=[
                 api.PIPELINE.Input("pipeline", tooltip="From Load Stream Pipeline."),
                 io.Image.Input("image", optional=True,
                                tooltip="Input frame(s). Leave unconnected for txt2img."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="The prompt as a CONDITIONING (CLIP Text Encode, Conditioning "
+                                              "Average, Conditioning (Concat), ...) of this model's CLIP. When "
+                                              "connected it is used instead of the prompt text. An unchanged "
+                                              "conditioning costs nothing."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="The negative prompt as a CONDITIONING; used instead of the "
+                                              "negative_prompt text (by cfg_type full and initialize)."),
                 io.String.Input("prompt", multiline=True, default="",
-                                tooltip="Prompt. Changing it re-encodes once; an unchanged prompt is never "
-                                        "re-encoded."),
+                                tooltip="Prompt (when positive is not connected). Changing it re-encodes once; an "
+                                        "unchanged prompt is never re-encoded."),
                 io.String.Input("negative_prompt", multiline=True, default="",
-                                tooltip="Negative prompt, used by cfg_type full and initialize."),
-                io.String.Input("t_index_list", default="32,45",
-                                tooltip="Denoising steps as indices into the LCM schedule, noisiest first. "
-                                        "Lower indices change the image more. One index per step in flight."),
-                io.Int.Input("num_inference_steps", default=50, min=1, max=1000,
-                             tooltip="Length of the LCM schedule that t_index_list indexes."),
-                io.Combo.Input("cfg_type", options=[c.value for c in CfgType], default=CfgType.SELF.value,
-                               tooltip="none: no guidance. full: classic CFG (2x UNet batch). self: residual CFG "
-                                       "(no extra UNet rows). initialize: RCFG seeded by negative-prompt rows."),
-                io.Float.Input("guidance_scale", default=1.2, min=0.0, max=20.0, step=0.05,
-                               tooltip="Guidance strength; guidance is off at 1.0 or below."),
-                io.Float.Input("delta", default=1.0, min=0.0, max=5.0, step=0.05,
-                               tooltip="RCFG strength of the virtual negative (cfg_type self/initialize)."),
+                                tooltip="Negative prompt (when negative is not connected), used by cfg_type full "
+                                        "and initialize."),
+                io.Int.Input("steps", default=2, min=1, max=8,
+                             tooltip="Denoising steps in flight: more steps, more detail, and the output is "
+                                     "steps-1 executions behind the input."),
+                io.Float.Input("strength", default=0.36, min=0.01, max=1.0, step=0.01,
+                               tooltip="How much each frame changes (denoise): low keeps the input, 1.0 ignores "
+                                       "it. The steps share the part of the schedule this leaves."),
+                io.Float.Input("cfg", default=1.2, min=0.0, max=20.0, step=0.05,
+                               tooltip="Guidance scale; guidance is off at 1.0 or below."),
                 io.Int.Input("seed", default=2, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the stream's fixed noise. Keep it fixed for a stable stream."),
-                io.Int.Input("frames_per_step", default=1, min=1, max=16,
-                             tooltip="Frames processed together per stream step (F). A batch must be a multiple."),
-                io.Int.Input("width", default=0, min=0, max=4096, step=8,
-                             tooltip="Stream width; 0 = the input's width (512 for txt2img)."),
-                io.Int.Input("height", default=0, min=0, max=4096, step=8,
-                             tooltip="Stream height; 0 = the input's height (512 for txt2img)."),
-                io.Boolean.Input("add_noise", default=True,
-                                 tooltip="Re-noise the latents carried to the next step (StreamDiffusion default)."),
-                io.Boolean.Input("similarity_filter", default=False,
-                                 tooltip="Skip frames nearly identical to the last processed one (saves GPU time "
-                                         "on static scenes; the previous output is repeated)."),
-                io.Float.Input("similarity_threshold", default=0.98, min=0.5, max=0.9999, step=0.001,
-                               tooltip="Cosine similarity above which frames may be skipped."),
-                io.Int.Input("similarity_max_skip", default=10, min=0, max=1000,
-                             tooltip="Never skip more than this many frames in a row."),
-                io.Combo.Input("acceleration", options=[a.value for a in Acceleration], default=Acceleration.AUTO.value,
-                               tooltip="auto: the fastest path ready here (TensorRT engines built for this shape, "
-                                       "else cuda_graph on an NVIDIA GPU, else eager); the node shows what runs. "
-                                       "eager: plain PyTorch. cuda_graph: the whole frame captured once and "
-                                       "replayed. compile: torch.compile + CUDA graph (fastest torch path; the "
-                                       "first run compiles for a minute or more, cached on disk). tensorrt: engines "
-                                       "from Build Engines (an error when none fits)."),
-                io.Boolean.Input("cached_attention", default=False,
-                                 tooltip="Temporal consistency for video: each self-attention layer also attends "
-                                         "to earlier frames' keys/values (StreamV2V). Costs memory and some speed."),
-                io.Int.Input("cache_max_frames", default=4, min=1, max=16,
-                             tooltip="Frames the attention cache holds (allocated once; changing it rebuilds)."),
-                io.Int.Input("cache_window", default=4, min=1, max=16,
-                             tooltip="How many of the most recent cached frames are attended (<= max frames; "
-                                     "changes live, no rebuild)."),
-                io.Int.Input("cache_interval", default=1, min=1, max=64,
-                             tooltip="Store this frame's keys/values every N frames."),
+                io.String.Input("t_index_list", default="",
+                                tooltip="Advanced: denoising steps as indices into the LCM schedule, noisiest "
+                                        "first, e.g. '32,45' (lower indices change the image more). When set, it "
+                                        "replaces steps and strength."),
                 io.Boolean.Input("reset", default=False,
                                  tooltip="Clear the stream state before this execution (buffer, stock noise, "
                                          "frame counter). Turn off again to keep streaming."),
+                api.SETTINGS.Input("settings", optional=True,
+                                   tooltip="From Stream Settings / Stream Similarity Filter / Stream Cached "
+                                           "Attention (chained). Without it: cfg_type self, acceleration auto, "
+                                           "the input's size, one frame per step, no filter, no cached "
+                                           "attention."),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="Output frame(s), same count as the input.")],
             hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
@@ -113,32 +111,27 @@ class StreamSampler(io.ComfyNode):
         return float("nan")
 
     @classmethod
-    def execute(cls, pipeline: PipelineHandle, prompt: str, negative_prompt: str, t_index_list: str,
-                num_inference_steps: int, cfg_type: str, guidance_scale: float, delta: float, seed: int,
-                frames_per_step: int, width: int, height: int, add_noise: bool, similarity_filter: bool,
-                similarity_threshold: float, similarity_max_skip: int, acceleration: str, cached_attention: bool,
-                cache_max_frames: int, cache_window: int, cache_interval: int, reset: bool,
-                image: torch.Tensor | None = None) -> io.NodeOutput:
-        if image is not None and image.dim() == 4:
-            height = height or int(image.shape[1])
-            width = width or int(image.shape[2])
-        config = StreamConfig(
-            width=width or 512, height=height or 512, t_index_list=parse_t_index_list(t_index_list),
-            num_inference_steps=num_inference_steps, frames_per_step=frames_per_step, cfg_type=cfg_type,
-            guidance_scale=guidance_scale, delta=delta, do_add_noise=add_noise, seed=seed,
-            similarity_filter=SimilarityFilterConfig(similarity_filter, similarity_threshold, similarity_max_skip),
-            kv_cache=KVCacheConfig(cached_attention, cache_max_frames, min(cache_window, cache_max_frames),
-                                   cache_interval),
-            acceleration=acceleration,
-        )
+    def execute(cls, pipeline: PipelineHandle, prompt: str, negative_prompt: str, steps: int, strength: float,
+                cfg: float, seed: int, t_index_list: str, reset: bool, image: torch.Tensor | None = None,
+                positive=None, negative=None, settings: StreamSettings | None = None) -> io.NodeOutput:
+        if not math.isfinite(cfg):  # a JSON NaN passes ComfyUI's min/max check; named as the user knows it
+            raise ValueError(f"cfg must be a finite number, got {cfg!r}")
+        settings = settings if settings is not None else StreamSettings()
+        config = settings.stream_config(
+            t_index_list=parse_t_index_list(t_index_list) if t_index_list.strip() else None, steps=steps,
+            strength=strength, guidance_scale=cfg, seed=seed,
+            frame_size=(int(image.shape[1]), int(image.shape[2])) if image is not None and image.dim() == 4 else None)
+        notes: list[str] = []
+        request = StreamRequest(config, prompt_input(positive, prompt, "positive", "prompt", notes),
+                                prompt_input(negative, negative_prompt, "negative", "negative_prompt", notes),
+                                reset=reset, engines=engine_source(pipeline))
         node_id = cls.hidden.unique_id
         owner = (workflow_id(cls.hidden.extra_pnginfo), node_id)
         models = pipeline.models()
         fresh = SESSIONS.frames_processed(owner) == 0
         api.check_interrupted()
         start = time.perf_counter()
-        request = StreamRequest(config, prompt, negative_prompt, reset=reset, engines=engine_source(pipeline))
-        video = image is not None and image.dim() == 4 and image.shape[0] > frames_per_step
+        video = image is not None and image.dim() == 4 and image.shape[0] > config.frames_per_step
         progress = api.Progress(int(image.shape[0]), node_id) if video else None
         stream, frames = SESSIONS.run(owner, models, request, image, progress=progress)
         seconds = time.perf_counter() - start
@@ -149,9 +142,10 @@ class StreamSampler(io.ComfyNode):
             "ms_per_frame": 1000.0 * seconds / count,
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
             "backend": runtime.describe(), "acceleration": runtime.acceleration.value, "parts": runtime.parts,
-            "notes": list(runtime.notes), "device": str(stream.device),
+            "notes": list(runtime.notes) + notes, "device": str(stream.device),
             "state": "reset" if reset else (
-                "warming" if fresh or stream.frames_processed <= stream.latency * frames_per_step else "streaming"),
+                "warming" if fresh or stream.frames_processed <= stream.latency * config.frames_per_step
+                else "streaming"),
         })
         logger.debug("stream %s: %d frame(s) in %.1f ms (%s)", node_id, count, 1000 * seconds, runtime.describe())
         report_memory()

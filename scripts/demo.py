@@ -1,7 +1,7 @@
 """Headless demo: the real ComfyUI server with StreamRT runs a batch-video workflow.
 
 Starts ComfyUI (on the GPU when there is one, else the CPU) with this pack mounted, makes an input
-video, runs LoadVideo -> GetVideoComponents -> Stream Sampler -> CreateVideo/SaveVideo + SaveImage,
+video, runs LoadVideo -> GetVideoComponents -> Realtime Sampler -> CreateVideo/SaveVideo + SaveImage,
 and prints where the frames and the video went and the sampler's frames per second.
 
 Without ``--model`` it builds a TINY RANDOM-WEIGHT model on the fly (no download): the pipeline
@@ -58,12 +58,14 @@ def build_graph(model: str, taesd: str, args: argparse.Namespace) -> Graph:
     load = g.node("StreamRTLoadPipeline", model=model, taesd=taesd, dtype="auto", device="auto")
     video = g.node("LoadVideo", file="streamrt_demo_input.mp4")
     parts = g.node("GetVideoComponents", video=video.out(0))
+    settings = g.node("StreamRTSettings", cfg_type="self", delta=1.0, frames_per_step=1, add_noise=True,
+                      acceleration=args.acceleration, width=0, height=0, schedule_length=50)
+    if args.cached_attention:
+        settings = g.node("StreamRTCachedAttention", settings=settings.out(0), max_frames=4, window=4, interval=1)
     sampler = g.node(
         "StreamRTSampler", pipeline=load.out(0), image=parts.out(0), prompt=args.prompt, negative_prompt="",
-        t_index_list=args.steps, num_inference_steps=50, cfg_type="self", guidance_scale=1.2, delta=1.0,
-        seed=2, frames_per_step=1, width=0, height=0, add_noise=True, similarity_filter=False,
-        similarity_threshold=0.98, similarity_max_skip=10, acceleration=args.acceleration,
-        cached_attention=args.cached_attention, cache_max_frames=4, cache_window=4, cache_interval=1, reset=True)
+        steps=args.steps, strength=args.strength, cfg=1.2, seed=2, t_index_list=args.t_index_list or "", reset=True,
+        settings=settings.out(0))
     g.node("SaveImage", images=sampler.out(0), filename_prefix="streamrt_demo/frame")
     created = g.node("CreateVideo", images=sampler.out(0), fps=parts.out(2))
     g.node("SaveVideo", video=created.out(0), filename_prefix="streamrt_demo/video", format="mp4", codec="h264")
@@ -76,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--taesd", help="an AutoencoderTiny (TAESD) diffusers folder (optional)")
     parser.add_argument("--frames", type=int, default=48, help="frames in the input video")
     parser.add_argument("--size", type=int, default=None, help="frame size (default 512 with --model, else 128)")
-    parser.add_argument("--steps", default="32,45", help="t_index_list of the stream")
+    parser.add_argument("--steps", type=int, default=2, help="denoising steps in flight (default 2)")
+    parser.add_argument("--strength", type=float, default=0.36, help="how much each frame changes (default 0.36)")
+    parser.add_argument("--t-index-list", default=None, help="explicit LCM indices, e.g. 32,45 (replaces "
+                                                             "--steps and --strength)")
     parser.add_argument("--prompt", default="a watercolor painting of a planet, vivid colors")
     parser.add_argument("--acceleration", default="auto", choices=[a.value for a in Acceleration],
                         help="how the stream runs (default: auto, the fastest path ready on this machine)")

@@ -1,7 +1,7 @@
 """Realtime soak on the real ComfyUI server: the webcam-style graph queued back to back N times.
 
 Starts ComfyUI with this pack (on the GPU when there is one), writes a small random-weight model, runs
-LoadImage -> Stream Sampler -> PreviewImage ``--executions`` times (``tests/soak.py``), and prints the rate,
+LoadImage -> Realtime Sampler -> PreviewImage ``--executions`` times (``tests/soak.py``), and prints the rate,
 the failures and the server's resident memory and device memory after every window, with their slopes.
 
     python scripts/soak.py --executions 10000 --acceleration compile      # GPU machine

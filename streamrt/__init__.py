@@ -12,8 +12,9 @@ from .loading import ModelLoadError, PipelineSpec, load_checkpoint, load_diffuse
 from .lora import LoraSpec
 from .models import StreamModels
 from .runtime import AccelerationUnavailable, Runtime, UNetExtras, prepare
-from .schedule import StreamSchedule, build_schedule, lcm_boundary_scalings
+from .schedule import StreamSchedule, build_schedule, lcm_boundary_scalings, strength_t_index_list
 from .sessions import StreamRequest, StreamSessions
+from .settings import StreamSettings
 from .stream import Stream
 
 __version__ = "0.1.0"
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Acceleration", "AccelerationUnavailable", "CachedEngines", "CfgType", "EngineCache", "FrameError", "LoraSpec",
     "ModelLoadError", "PipelineSpec", "Runtime", "SimilarityFilterConfig", "Stream", "StreamBuffers", "StreamConfig",
-    "StreamModels", "StreamRequest", "StreamSchedule", "StreamSessions", "UNetExtras", "__version__", "as_rgb_frames",
-    "attach_engines", "build_engines", "build_schedule", "lcm_boundary_scalings", "load_checkpoint",
-    "load_diffusers_folder", "load_pipeline", "load_taesd", "prepare", "requests_for_stream",
+    "StreamModels", "StreamRequest", "StreamSchedule", "StreamSessions", "StreamSettings", "UNetExtras", "__version__",
+    "as_rgb_frames", "attach_engines", "build_engines", "build_schedule", "lcm_boundary_scalings", "load_checkpoint",
+    "load_diffusers_folder", "load_pipeline", "load_taesd", "prepare", "requests_for_stream", "strength_t_index_list",
 ]

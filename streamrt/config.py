@@ -89,6 +89,10 @@ class StreamConfig:
         kv_cache (`KVCacheConfig`): cached attention over earlier frames (off by default).
         acceleration (`Acceleration`, defaults to `Acceleration.AUTO`): how the UNet and VAE run
             (see :mod:`streamrt.runtime`).
+        prompt_length (`int`, defaults to `0`): tokens of the prompt-embedding buffer; every prompt's token
+            count must divide it (shorter prompts are repeated to fill it, which leaves attention unchanged).
+            ``0``: sized when the stream is made, to the least common multiple of its prompts' token counts
+            (77 for text; a long CONDITIONING has a multiple of 77).
     """
 
     width: int = 512
@@ -104,6 +108,7 @@ class StreamConfig:
     similarity_filter: SimilarityFilterConfig = field(default_factory=SimilarityFilterConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     acceleration: Acceleration = Acceleration.AUTO
+    prompt_length: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
@@ -141,6 +146,8 @@ class StreamConfig:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.delta < 0:
             raise ValueError(f"delta must be >= 0, got {self.delta}")
+        if not isinstance(self.prompt_length, int) or self.prompt_length < 0:
+            raise ValueError(f"prompt_length must be a whole number >= 0, got {self.prompt_length!r}")
 
     # Derived sizes -------------------------------------------------------------------------------
     @property
@@ -180,14 +187,15 @@ class StreamConfig:
         return self.cfg_type in (CfgType.SELF, CfgType.INITIALIZE)
 
     def rebuild_key(self) -> tuple:
-        """Everything that needs a new stream when it changes: buffer shapes, the captured step, the
-        similarity filter and the acceleration. The live scalars (seed, guidance, delta, cache window and
-        interval) are not in it: they change in place."""
+        """Everything that needs a new stream when it changes: buffer shapes (the prompt-embedding length
+        included), the captured step, the similarity filter and the acceleration. The live scalars (seed,
+        guidance, delta, cache window and interval) are not in it: they change in place."""
         flt = self.similarity_filter
         return (self.width, self.height, self.t_index_list, self.num_inference_steps,
                 self.frames_per_step, self.cfg_type, self.guided, self.do_add_noise,
                 self.kv_cache.enabled, self.kv_cache.max_frames if self.kv_cache.enabled else 0,
-                (flt.enabled, flt.threshold, flt.max_skip) if flt.enabled else False, self.acceleration)
+                (flt.enabled, flt.threshold, flt.max_skip) if flt.enabled else False, self.acceleration,
+                self.prompt_length)
 
     def with_(self, **changes) -> StreamConfig:
         """A copy with some fields changed (validated again)."""

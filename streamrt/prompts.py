@@ -1,4 +1,11 @@
-"""Prompt encoding with a small LRU cache keyed by text, and prompt / noise blending.
+"""Prompts: text, embeddings or weighted blends of both; encoding with a small LRU cache keyed by text;
+prompt / noise blending.
+
+A prompt is text, an embeddings tensor ``[1, L, D]`` (e.g. what a host's own text encoder made: ComfyUI's
+CONDITIONING), or a weighted list ``[(text or tensor, weight), ...]`` that is blended. Text becomes
+``[1, 77, D]`` through the pipeline's CLIP; a tensor is used as it is, with ``L`` any multiple of 77 (a long
+prompt). Parts of different lengths are repeated to their least common multiple, as ComfyUI does: repeating
+the keys and values of cross-attention leaves its result unchanged.
 
 Text encoders stay on the models' device for the life of the pipeline: an unchanged prompt is
 served from the cache and never reaches the encoder again.
@@ -17,7 +24,11 @@ from .cuda_graphs import capture_graph
 
 logger = logging.getLogger(__name__)
 
-Weighted = Sequence[tuple[str, float]]
+#: one prompt: text, or embeddings ``[1, L, D]``
+PromptPart = str | torch.Tensor
+Weighted = Sequence[tuple[PromptPart, float]]
+#: what a stream takes as its prompt
+Prompt = PromptPart | Weighted
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
@@ -83,16 +94,97 @@ def check_text(text: str, what: str = "prompt") -> str:
     return text
 
 
-def as_weighted(prompt: str | Weighted) -> list[tuple[str, float]]:
-    """Normalise a prompt given as text or as ``[(text, weight), ...]``, checking every text and weight."""
-    if isinstance(prompt, str):
-        return [(check_text(prompt), 1.0)]
-    items = [(check_text(t), float(w)) for t, w in prompt]
+def check_embeddings(embeds: torch.Tensor, what: str = "prompt", *, embed_dim: int | None = None,
+                     text_length: int | None = None) -> torch.Tensor:
+    """``embeds`` if it can be a prompt, else a ValueError that says what is wrong with it.
+
+    A prompt's embeddings are a floating tensor ``[1, L, D]`` of finite values; with ``embed_dim`` its width
+    ``D`` must be the pipeline's text width, with ``text_length`` its ``L`` a positive multiple of it.
+    """
+    if not isinstance(embeds, torch.Tensor):
+        raise ValueError(f"the {what} must be text or embeddings, got {type(embeds).__name__}")
+    if embeds.dim() != 3 or embeds.shape[0] != 1:
+        raise ValueError(f"the {what} embeddings must have the shape [1, tokens, width], got {list(embeds.shape)}")
+    if not embeds.is_floating_point():
+        raise ValueError(f"the {what} embeddings must be floating point, got {embeds.dtype}")
+    tokens, width = int(embeds.shape[1]), int(embeds.shape[2])
+    if embed_dim is not None and width != embed_dim:
+        raise ValueError(
+            f"the {what} embeddings are {width} wide but this pipeline's text encoder gives {embed_dim}: they come "
+            f"from another model's text encoder (SD1.x: 768, SD2.x: 1024, SDXL: 2048); encode the prompt with "
+            f"this model's CLIP")
+    if text_length is not None and (tokens < 1 or tokens % text_length):
+        raise ValueError(f"the {what} embeddings have {tokens} tokens: use a positive multiple of {text_length} "
+                         f"(what CLIP text encoders give)")
+    if not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"the {what} embeddings contain NaN or infinite values")
+    return embeds
+
+
+def check_part(part: PromptPart, what: str = "prompt", *, embed_dim: int | None = None,
+               text_length: int | None = None) -> PromptPart:
+    """A text (:func:`check_text`) or embeddings (:func:`check_embeddings`) prompt, checked."""
+    if isinstance(part, str):
+        return check_text(part, what)
+    return check_embeddings(part, what, embed_dim=embed_dim, text_length=text_length)
+
+
+def as_weighted(prompt: Prompt, what: str = "prompt", *, embed_dim: int | None = None,
+                text_length: int | None = None) -> list[tuple[PromptPart, float]]:
+    """Normalise a prompt given as text, embeddings or ``[(text or embeddings, weight), ...]``, checking every
+    part (see :func:`check_part`) and weight."""
+    if isinstance(prompt, (str, torch.Tensor)):
+        return [(check_part(prompt, what, embed_dim=embed_dim, text_length=text_length), 1.0)]
+    if not isinstance(prompt, Sequence) or not all(isinstance(i, Sequence) and len(i) == 2 for i in prompt):
+        raise ValueError(f"the {what} must be text, embeddings or a list of (prompt, weight) pairs, "
+                         f"got {type(prompt).__name__}")
+    items = [(check_part(t, what, embed_dim=embed_dim, text_length=text_length), float(w)) for t, w in prompt]
     if not items:
-        raise ValueError("an empty list of prompts was given")
+        raise ValueError(f"an empty list of {what}s was given")
     if not all(math.isfinite(w) for _, w in items):
-        raise ValueError(f"prompt weights must be finite numbers, got {[w for _, w in items]}")
+        raise ValueError(f"{what} weights must be finite numbers, got {[w for _, w in items]}")
     return items
+
+
+def token_length(prompt: Prompt, text_length: int) -> int:
+    """Tokens the embeddings of ``prompt`` have: ``text_length`` for text, ``L`` for a tensor, the least common
+    multiple over a weighted list."""
+    if isinstance(prompt, str):
+        return text_length
+    if isinstance(prompt, torch.Tensor):
+        return int(prompt.shape[1])
+    return math.lcm(*(token_length(part, text_length) for part, _ in prompt))
+
+
+def same_part(a: PromptPart, b: PromptPart) -> bool:
+    """Whether two prompt parts are the same prompt: equal texts, or the same tensor object or an equal one
+    (``torch.equal``; cheap for a CPU tensor of a few hundred thousand values)."""
+    if a is b:
+        return True
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and a == b
+    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+
+
+def same_prompt(a: Prompt, b: Prompt) -> bool:
+    """:func:`same_part` for prompts, weighted lists element by element (weights equal too)."""
+    if isinstance(a, (str, torch.Tensor)) or isinstance(b, (str, torch.Tensor)):
+        return isinstance(a, (str, torch.Tensor)) and isinstance(b, (str, torch.Tensor)) and same_part(a, b)
+    try:
+        return len(a) == len(b) and all(same_part(pa, pb) and wa == wb for (pa, wa), (pb, wb) in zip(a, b))
+    except (TypeError, ValueError):  # not a well-formed weighted list: not the same (checking it names the problem)
+        return False
+
+
+def repeat_tokens(embeds: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``embeds [1, L, D]`` repeated along the tokens to ``tokens`` (a multiple of ``L``), as ComfyUI pads
+    conditionings of different lengths: cross-attention over repeated keys and values is unchanged."""
+    length = embeds.shape[1]
+    if tokens == length:
+        return embeds
+    if tokens % length:
+        raise ValueError(f"embeddings of {length} tokens cannot fill {tokens} tokens (not a multiple)")
+    return embeds.repeat(1, tokens // length, 1)
 
 
 class PromptEncoder:
@@ -158,12 +250,23 @@ class PromptEncoder:
             logger.warning("text encoder could not be captured in a CUDA graph (%s); encoding eagerly", exc)
             self._graph, self._ids_static, self._out_static = False, None, None
 
-    def encode_blend(self, prompt: str | Weighted, method: str = "linear") -> torch.Tensor:
-        """Embeddings of one prompt or of a weighted blend of prompts (``linear`` or ``slerp``)."""
+    def embeddings(self, part: PromptPart) -> torch.Tensor:
+        """Embeddings ``[1, L, D]`` of a text (:meth:`encode`) or of given embeddings, on the encoder's device and
+        in its dtype."""
+        if isinstance(part, str):
+            return self.encode(part)
+        param = next(self.text_encoder.parameters())
+        return part.to(device=param.device, dtype=param.dtype)
+
+    def encode_blend(self, prompt: Prompt, method: str = "linear") -> torch.Tensor:
+        """Embeddings of one prompt or of a weighted blend of prompts (``linear`` or ``slerp``); parts of
+        different token lengths are repeated to their least common multiple first."""
         items = as_weighted(prompt)
         if len(items) == 1:
-            return self.encode(items[0][0])
-        return blend([self.encode(t) for t, _ in items], [w for _, w in items], method)
+            return self.embeddings(items[0][0])
+        parts = [self.embeddings(t) for t, _ in items]
+        tokens = math.lcm(*(p.shape[1] for p in parts))
+        return blend([repeat_tokens(p, tokens) for p in parts], [w for _, w in items], method)
 
     def clear(self) -> None:
         """Forget every cached prompt (and the captured encoder, e.g. after the models moved)."""

@@ -16,6 +16,34 @@ from .config import StreamConfig
 SIGMA_DATA = 0.5
 
 
+def strength_t_index_list(steps: int, strength: float, schedule_length: int = 50) -> tuple[int, ...]:
+    """The ``t_index_list`` of ``steps`` denoising steps that change a frame by ``strength`` (img2img denoise).
+
+    With ``N = schedule_length`` LCM timesteps (noisiest first), the first index is
+    ``first = clamp(N - round(strength * N), 0, N - 1)`` and step ``k`` (``k = 0 .. steps - 1``) sits at
+    ``first + floor(k * (N - first) / steps)``: the steps share the part of the schedule that ``strength``
+    leaves evenly. ``steps=2, strength=0.36`` gives ``(32, 41)`` and ``steps=1`` gives ``(32,)`` for ``N = 50``.
+
+    Raises:
+        ValueError: naming ``steps`` / ``strength`` when a value is out of range or when the steps do not fit
+            the part of the schedule left (two steps would share an index).
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):  # NaN fails too
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    if schedule_length < 1:
+        raise ValueError(f"the schedule length must be >= 1, got {schedule_length}")
+    n = schedule_length
+    first = min(max(n - round(strength * n), 0), n - 1)
+    left = n - first
+    if steps > left:
+        raise ValueError(f"steps={steps} do not fit strength={strength:g}: it leaves {left} of the {n} schedule "
+                         f"steps (indices {first}..{n - 1}) and each step needs its own; lower steps or raise "
+                         "strength (or give t_index_list)")
+    return tuple(first + k * left // steps for k in range(steps))  # floor, in integers
+
+
 def lcm_boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float = 10.0,
                           sigma_data: float = SIGMA_DATA) -> tuple[torch.Tensor, torch.Tensor]:
     """LCM boundary-condition scalings ``(c_skip, c_out)`` for discrete timesteps (float64 math)."""

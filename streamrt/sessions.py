@@ -29,31 +29,45 @@ import torch
 from .config import StreamConfig
 from .frames import check_frames
 from .models import StreamModels
-from .prompts import Weighted, as_weighted, check_text
+from .prompts import Prompt, PromptPart
 from .runtime import EngineSource, prepare
-from .stream import ProgressCallback, Stream
+from .stream import ProgressCallback, Stream, check_fits, check_prompts, prompt_length
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class StreamRequest:
-    """What a caller wants from its stream on this call."""
+    """What a caller wants from its stream on this call.
+
+    ``prompt`` is text, embeddings ``[1, L, D]`` or a weighted blend of both; ``negative_prompt`` text or
+    embeddings (see :mod:`streamrt.prompts`). Embeddings are taken as immutable: handing the same tensor again
+    (or an equal one) changes nothing.
+    """
 
     config: StreamConfig
-    prompt: str | Weighted = ""
-    negative_prompt: str = ""
+    prompt: Prompt = ""
+    negative_prompt: PromptPart = ""
     reset: bool = False
     engines: EngineSource | None = None
 
-    def rebuild_key(self) -> tuple:
-        """What needs a new stream when it changes (the config's rebuild key and the engine source)."""
-        return self.config.rebuild_key(), None if self.engines is None else self.engines.key
+    def stream_config(self, models: StreamModels) -> StreamConfig:
+        """The config of the stream for this request: ``config``, its ``prompt_length`` sized for these prompts
+        when it is 0 (so a prompt of another token length needs a new stream)."""
+        if self.config.prompt_length:
+            return self.config
+        return self.config.with_(prompt_length=prompt_length(models, self.config, self.prompt,
+                                                             self.negative_prompt))
 
-    def check(self) -> None:
-        """Raise ValueError naming what cannot be used (prompt texts and weights), before anything changes."""
-        as_weighted(self.prompt)
-        check_text(self.negative_prompt, "negative prompt")
+    def rebuild_key(self, models: StreamModels) -> tuple:
+        """What needs a new stream when it changes (the stream config's rebuild key and the engine source)."""
+        return self.stream_config(models).rebuild_key(), None if self.engines is None else self.engines.key
+
+    def check(self, models: StreamModels) -> None:
+        """Raise ValueError naming what cannot be used (prompt texts, embeddings, weights), before anything
+        changes."""
+        check_prompts(models, self.prompt, self.negative_prompt)
+        check_fits(models, self.stream_config(models), self.prompt, self.negative_prompt)
 
 
 class StreamSessions:
@@ -115,14 +129,15 @@ class StreamSessions:
     def stream(self, owner: Hashable, models: StreamModels, request: StreamRequest) -> Stream:
         """The owner's stream, created or updated so that it matches ``request``.
 
-        Same models and same rebuild key (shapes, similarity filter, acceleration, engines): the stream
-        (with its state) is kept; prompt, seed, guidance, delta and cache window are applied in place.
-        Otherwise a new stream replaces the old one. What can be refused (prompt texts, the acceleration)
-        is checked before anything of the old stream changes.
+        Same models and same rebuild key (shapes, prompt-embedding length, similarity filter, acceleration,
+        engines): the stream (with its state) is kept; prompt, seed, guidance, delta and cache window are applied
+        in place (an unchanged prompt, text or embeddings, costs nothing).
+        Otherwise a new stream replaces the old one. What can be refused (prompt texts and embeddings, the
+        acceleration) is checked before anything of the old stream changes.
         """
-        cfg = request.config
-        request.check()
-        key = request.rebuild_key()
+        request.check(models)
+        cfg = request.stream_config(models)
+        key = request.rebuild_key(models)
         with self._lock:
             stream = self._streams.get(owner)
             if stream is None or stream.models is not models or self._keys.get(owner) != key:

@@ -16,6 +16,7 @@ Two entry points:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -26,7 +27,7 @@ from .frames import FiniteCheck, check_frames
 from .kv_cache import KVCache, install_kv_processors
 from .kv_export import kv_cache_io_spec
 from .models import StreamModels
-from .prompts import Weighted, blended_noise
+from .prompts import Prompt, PromptPart, as_weighted, blended_noise, check_part, same_part, same_prompt, token_length
 from .runtime import EngineSource, Runtime, UNetExtras, prepare
 from .schedule import StreamSchedule, build_schedule
 from .similarity import SimilarityFilter
@@ -34,6 +35,51 @@ from .similarity import SimilarityFilter
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
+
+
+def prompt_length(models: StreamModels, config: StreamConfig, prompt: Prompt, negative_prompt: PromptPart) -> int:
+    """Tokens of the embedding buffer a stream with these prompts needs: the least common multiple of the
+    prompt's token count and, when the config has negative-prompt rows, the negative prompt's."""
+    tokens = token_length(prompt, models.text_length)
+    if config.uncond_rows:
+        tokens = math.lcm(tokens, token_length(negative_prompt, models.text_length))
+    return tokens
+
+
+def check_prompts(models: StreamModels, prompt: Prompt, negative_prompt: PromptPart) -> None:
+    """Raise ValueError naming what cannot be a prompt of these models: texts, embeddings' shapes and widths,
+    weights (see :mod:`streamrt.prompts`)."""
+    dims = dict(embed_dim=models.embed_dim, text_length=models.text_length)
+    as_weighted(prompt, **dims)
+    check_part(negative_prompt, "negative prompt", **dims)
+
+
+def check_fits(models: StreamModels, config: StreamConfig, prompt: Prompt, negative_prompt: PromptPart) -> None:
+    """Raise ValueError when a (checked) prompt the config uses has a token count that does not divide the
+    config's ``prompt_length``: such a prompt needs a new stream."""
+    used = [("prompt", prompt)]
+    if config.uncond_rows:
+        used.append(("negative prompt", negative_prompt))
+    for what, part in used:
+        length = token_length(part, models.text_length)
+        if config.prompt_length % length:
+            raise ValueError(f"the {what} has {length} tokens, which do not fit this stream's "
+                             f"{config.prompt_length}-token prompt buffer: it needs a new stream (prompt_length "
+                             f"a multiple of {length})")
+
+
+def _own_copy(prompt: Prompt) -> Prompt:
+    """A weighted list copied, so the caller changing its list later is seen as a change (texts and tensors
+    are kept as they are: immutable)."""
+    return prompt if isinstance(prompt, (str, torch.Tensor)) else [tuple(p) for p in prompt]
+
+
+def _fill_rows(dest: torch.Tensor, embeds: torch.Tensor) -> None:
+    """Write ``embeds [1, L, D]`` into every row of ``dest [rows, T, D]``, repeated T / L times along the tokens."""
+    rows, tokens, width = dest.shape
+    length = embeds.shape[1]
+    dest.view(rows, tokens // length, length, width).copy_(embeds.view(1, 1, length, width).expand(
+        rows, tokens // length, length, width))
 
 
 def aligned_calls(groups: int, latency: int) -> Iterator[tuple[int, int]]:
@@ -52,8 +98,11 @@ class Stream:
     Args:
         models (`StreamModels`): the pipeline's models (shared between streams, never modified).
         config (`StreamConfig`): shapes, mode and acceleration of this stream.
-        prompt (`str` or `[(str, float)]`, defaults to `""`): initial prompt or weighted prompts.
-        negative_prompt (`str`, defaults to `""`): used by ``full`` and ``initialize`` guidance.
+        prompt (`str`, `torch.Tensor` or `[(str or torch.Tensor, float)]`, defaults to `""`): initial prompt:
+            text, embeddings ``[1, L, D]`` (L a multiple of 77, D the pipeline's text width) or a weighted blend
+            (see :mod:`streamrt.prompts`).
+        negative_prompt (`str` or `torch.Tensor`, defaults to `""`): used by ``full`` and ``initialize``
+            guidance.
         engines (`EngineSource`, optional): where ``tensorrt`` / ``auto`` acceleration finds engines.
         runtime (`Runtime`, optional): a runtime prepared by the caller (otherwise
             :func:`streamrt.runtime.prepare` makes one from ``config.acceleration``).
@@ -61,8 +110,8 @@ class Stream:
     The stream state lives on between calls until :meth:`reset`.
     """
 
-    def __init__(self, models: StreamModels, config: StreamConfig, *, prompt: str | Weighted = "",
-                 negative_prompt: str = "", engines: EngineSource | None = None,
+    def __init__(self, models: StreamModels, config: StreamConfig, *, prompt: Prompt = "",
+                 negative_prompt: PromptPart = "", engines: EngineSource | None = None,
                  runtime: Runtime | None = None) -> None:
         scale = models.vae_scale_factor
         if config.width % scale or config.height % scale:
@@ -72,6 +121,10 @@ class Stream:
             raise ValueError(f"unsupported prediction_type {models.prediction_type!r}: "
                              f"use an epsilon or v_prediction model")
         self.models = models
+        check_prompts(models, prompt, negative_prompt)
+        if not config.prompt_length:  # sized for the prompts it is made with
+            config = config.with_(prompt_length=prompt_length(models, config, prompt, negative_prompt))
+        check_fits(models, config, prompt, negative_prompt)
         self.config = config
         self.device = models.device
         self.dtype = models.dtype
@@ -81,7 +134,7 @@ class Stream:
         self._a0_scaled = self.schedule.a[: config.frames_per_step] * models.vae_scaling_factor
         self.buffers: StreamBuffers = allocate_buffers(
             config, self.schedule, latent_channels=models.latent_channels, vae_scale_factor=scale,
-            text_length=models.text_length, embed_dim=models.embed_dim, device=self.device, dtype=self.dtype)
+            text_length=config.prompt_length, embed_dim=models.embed_dim, device=self.device, dtype=self.dtype)
         self.similarity = SimilarityFilter(config.similarity_filter, tuple(self.buffers.image_in.shape),
                                            seed=config.seed, device=self.device, dtype=self.dtype)
         self.kv: KVCache | None = None
@@ -99,9 +152,10 @@ class Stream:
         self._check_finite = FiniteCheck()
         self._seeds: int | list[tuple[int, float]] = config.seed
         self._seed_method = "linear"
-        self._prompt: str | Weighted = prompt if isinstance(prompt, str) else [tuple(p) for p in prompt]
-        self._negative = negative_prompt
+        self._prompt: Prompt = _own_copy(prompt)
+        self._negative: PromptPart = negative_prompt
         self._prompt_method = "linear"
+        self.embedding_writes = 0  # prompt embeddings written into the buffer (an unchanged prompt writes none)
         self.frames_processed = 0
         self._device_steps = {False: lambda: self.device_step(False), True: lambda: self.device_step(True)}
         self._redraw_noise()
@@ -148,28 +202,39 @@ class Stream:
         buf.init_noise_rot[:-f].copy_(buf.init_noise[f:])
         buf.init_noise_rot[-f:].copy_(buf.init_noise[:f])
 
-    def set_prompt(self, prompt: str | Weighted, negative_prompt: str | None = None, method: str = "linear") -> None:
-        """Change the prompt (text or ``[(text, weight), ...]`` blended linearly or by slerp).
+    def set_prompt(self, prompt: Prompt, negative_prompt: PromptPart | None = None, method: str = "linear") -> None:
+        """Change the prompt: text, embeddings ``[1, L, D]`` or ``[(text or embeddings, weight), ...]`` blended
+        linearly or by slerp.
 
-        The embeddings are written into the existing buffer; an unchanged prompt does nothing and a
-        recently used one comes from the encoder's cache. A prompt that cannot be encoded raises and
-        leaves the stream's prompt as it was.
+        The embeddings are written into the existing buffer; an unchanged prompt does nothing (the same
+        tensor object or an equal one counts as unchanged: tensors are taken as immutable, as ComfyUI treats
+        its CONDITIONING) and a recently used text comes from the encoder's cache. A prompt that cannot be
+        used raises and leaves the stream's prompt as it was; so does one whose token count does not divide
+        the stream's ``config.prompt_length`` (such a prompt needs a new stream).
         """
         negative = self._negative if negative_prompt is None else negative_prompt
-        prompt = prompt if isinstance(prompt, str) else [tuple(p) for p in prompt]  # a copy the caller can't mutate
-        if prompt == self._prompt and negative == self._negative and method == self._prompt_method:
+        cond_same = same_prompt(prompt, self._prompt) and method == self._prompt_method
+        uncond_same = same_part(negative, self._negative)
+        if cond_same and (uncond_same or not self.config.uncond_rows):
+            if not uncond_same:  # not used by this cfg type: kept for later, nothing to write
+                self._negative = check_part(negative, "negative prompt", embed_dim=self.models.embed_dim,
+                                            text_length=self.models.text_length)
             return
+        check_prompts(self.models, prompt, negative)
+        check_fits(self.models, self.config, prompt, negative)
         self._write_embeddings(prompt, negative, method)
-        self._prompt, self._negative, self._prompt_method = prompt, negative, method
+        self._prompt, self._negative, self._prompt_method = _own_copy(prompt), negative, method
 
-    def _write_embeddings(self, prompt: str | Weighted, negative: str, method: str) -> None:
-        """Encode first (which may refuse the text), then write into the embedding buffer."""
+    def _write_embeddings(self, prompt: Prompt, negative: PromptPart, method: str) -> None:
+        """Encode first (which may refuse the text), then write into the embedding buffer, each prompt repeated
+        along the tokens to fill it (in place: no new tensor for the buffer)."""
         enc, buf, u = self.models.prompt_encoder, self.buffers, self.config.uncond_rows
         cond = enc.encode_blend(prompt, method)
-        uncond = enc.encode(negative) if u else None
-        buf.embeds[u:].copy_(cond.expand(self.config.batch_rows, -1, -1))
+        uncond = enc.embeddings(negative) if u else None
+        _fill_rows(buf.embeds[u:], cond)
         if uncond is not None:
-            buf.embeds[:u].copy_(uncond.expand(u, -1, -1))
+            _fill_rows(buf.embeds[:u], uncond)
+        self.embedding_writes += 1
 
     def set_cache_window(self, window: int, interval: int | None = None) -> None:
         """Change the cached-attention window (and interval) without reallocating."""

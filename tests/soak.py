@@ -1,7 +1,7 @@
 """A realtime soak on the real ComfyUI server: the webcam-style graph queued back to back, many times.
 
 Used by tests/test_soak_e2e.py (CPU, in CI) and by ``scripts/soak.py`` (the GPU machine, compile). The graph is
-LoadImage -> Stream Sampler -> PreviewImage, one frame per execution, as ComfyUI's instant queue runs a
+LoadImage -> Realtime Sampler -> PreviewImage, one frame per execution, as ComfyUI's instant queue runs a
 webcam graph. Prompts are queued in windows (the queue never runs dry), the history is cleared after each
 window (a streaming client prunes its own entries: ComfyUI keeps up to 10,000 otherwise, which would
 show as growth that is not the pack's), and after each window the server's resident memory (and, on a GPU,
@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 from comfy_harness import ComfyServer, Graph
+from e2e_helpers import add_sampler
 
-SAMPLER = dict(prompt="a watercolor portrait", negative_prompt="", t_index_list="32", num_inference_steps=50,
-               cfg_type="none", guidance_scale=1.0, delta=1.0, seed=2, frames_per_step=1, width=0, height=0,
-               add_noise=True, similarity_filter=False, similarity_threshold=0.98, similarity_max_skip=10,
-               cached_attention=False, cache_max_frames=4, cache_window=4, cache_interval=1, reset=False)
+SAMPLER = dict(prompt="a watercolor portrait", negative_prompt="", t_index_list="32", cfg_type="none",
+               guidance_scale=1.0, seed=2, reset=False)
 
 
 @dataclass
@@ -68,8 +67,8 @@ def realtime_graph(prefix: str, image: str, model: str, taesd: str, acceleration
     g = Graph(prefix=prefix)
     load = g.node("StreamRTLoadPipeline", id=f"{prefix}load", model=model, taesd=taesd, dtype="auto", device="auto")
     frame = g.node("LoadImage", image=image).out(0)
-    sampler = g.node("StreamRTSampler", id=f"{prefix}sampler", pipeline=load.out(0), image=frame,
-                     **dict(SAMPLER, acceleration=acceleration))
+    sampler = add_sampler(g, load.out(0), id=f"{prefix}sampler", image=frame,
+                          **dict(SAMPLER, acceleration=acceleration))
     g.node("PreviewImage", id=f"{prefix}preview", images=sampler.out(0))
     return g
 

@@ -410,6 +410,24 @@ def test_tensorrt_without_engines_says_why(models, cache) -> None:
     assert not result.runners and any("CUDA" in note or "cuda" in note for note in result.notes)
 
 
+def test_unet_engines_are_not_attached_to_prompts_of_another_length(models, cache, monkeypatch) -> None:
+    """UNet engines take the text encoder's 77 tokens: a stream whose prompt buffer is longer (a long
+    CONDITIONING) runs its UNet on torch and says why, as with cached attention. (A backend that runs here is
+    pretended: the check comes before any engine is looked up.)"""
+    from streamrt.engines import runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "runtime_problem", lambda backend, device: None)
+    monkeypatch.setattr(runner_mod, "installed_backends", lambda: {"tensorrt-rtx": "1.0"})
+    monkeypatch.setattr(runner_mod, "local_target", lambda device: "SM89")
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35))
+    for length in (0, 77):
+        notes = attach_engines(models, config.with_(prompt_length=length), cache, backend="tensorrt-rtx").notes
+        assert any(note.startswith("no unet engine") for note in notes), notes
+    notes = attach_engines(models, config.with_(prompt_length=154), cache, backend="tensorrt-rtx").notes
+    assert "prompts of 154 tokens: the UNet runs on torch (its engines take 77)" in notes, notes
+    assert not any(note.startswith("no unet engine") for note in notes), notes
+
+
 # ------------------------------------------------------------------------- the runner, on a fake backend
 class _Enum:
     def __init__(self, name: str) -> None:

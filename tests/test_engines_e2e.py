@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from comfy_harness import ComfyServer, ExecutionFailed, Graph
-from e2e_helpers import MODEL, PNG_ATOL, SAMPLER_DEFAULTS, SIZE, TAESD, frames, uid, upload
+from e2e_helpers import MODEL, PNG_ATOL, SIZE, TAESD, add_sampler, frames, uid, upload
 from stream_helpers import first_cache_mode
 from workflows import linked_from, widget_values_by_name, workflow_problems
 
@@ -77,7 +77,7 @@ def test_build_reuse_load_and_sample(server: ComfyServer) -> None:
     # the same request again: both reused, nothing rewritten; its pipeline output feeds a sampler
     prefix2 = uid()
     graph2, build_id2 = build_graph(prefix2)
-    sampler = graph2.node("StreamRTSampler", pipeline=[build_id2, 0], **dict(SAMPLER_DEFAULTS, width=SIZE, height=SIZE))
+    sampler = add_sampler(graph2, [build_id2, 0], width=SIZE, height=SIZE)
     graph2.node("SaveImage", id=f"{prefix2}save", images=sampler.out(0), filename_prefix=f"{prefix2}/b")
     outputs2 = server.run(graph2, timeout=600)
     again = text_of(outputs2, build_id2)
@@ -94,7 +94,7 @@ def test_build_reuse_load_and_sample(server: ComfyServer) -> None:
     engines = g.node("StreamRTLoadEngines", id=f"{prefix3}engines", pipeline=load.out(0), backend="auto")
     batch = g.node("ImageBatch", image1=g.node("LoadImage", image=names[0]).out(0),
                    image2=g.node("LoadImage", image=names[1]).out(0))
-    sampler = g.node("StreamRTSampler", pipeline=engines.out(0), image=batch.out(0), **SAMPLER_DEFAULTS)
+    sampler = add_sampler(g, engines.out(0), image=batch.out(0))
     g.node("SaveImage", id=f"{prefix3}save", images=sampler.out(0), filename_prefix=f"{prefix3}/e")
     outputs = server.run(g, timeout=300)
     listing = text_of(outputs, f"{prefix3}engines")
@@ -105,7 +105,7 @@ def test_build_reuse_load_and_sample(server: ComfyServer) -> None:
     load2 = g2.node("StreamRTLoadPipeline", model=MODEL, taesd=TAESD, dtype="auto", device="auto")
     batch2 = g2.node("ImageBatch", image1=g2.node("LoadImage", image=names[0]).out(0),
                      image2=g2.node("LoadImage", image=names[1]).out(0))
-    sampler2 = g2.node("StreamRTSampler", pipeline=load2.out(0), image=batch2.out(0), **SAMPLER_DEFAULTS)
+    sampler2 = add_sampler(g2, load2.out(0), image=batch2.out(0))
     g2.node("SaveImage", id=f"{prefix3}save2", images=sampler2.out(0), filename_prefix=f"{prefix3}/t")
     torch_only = np.stack(server.output_images(server.run(g2, timeout=300), f"{prefix3}save2"))
     np.testing.assert_allclose(with_engines, torch_only, atol=PNG_ATOL, rtol=0)
@@ -132,9 +132,10 @@ def test_missing_backend_is_reported(server: ComfyServer) -> None:
 
 
 def test_example_workflow_matches_the_nodes(server: ComfyServer) -> None:
-    """example_workflows/engine_build.json (saved by the real frontend): listed as a template, a valid workflow for
-    these nodes (tests/workflows.py: Build Engines' widgets in the node's input order with valid values, ...), and
-    the engines' pipeline feeding the sampler, built for the sampler's shapes."""
+    """example_workflows/engine_build.json (saved by the real frontend, tests/browser/build_example_workflow.py):
+    listed as a template, a valid workflow for these nodes (tests/workflows.py: Build Engines' widgets in the
+    node's input order with valid values, ...), and the engines' pipeline feeding the sampler, built for the
+    stream's shapes (the sampler's steps and its Stream Settings)."""
     path = Path(__file__).resolve().parent.parent / "example_workflows" / "engine_build.json"
     example = json.loads(path.read_text(encoding="utf-8"))
     assert "engine_build" in server.get("/api/workflow_templates").json().get("StreamRT", [])
@@ -145,10 +146,13 @@ def test_example_workflow_matches_the_nodes(server: ComfyServer) -> None:
     sampler = next(n for n in example["nodes"] if n["type"] == "StreamRTSampler")
     source, slot = linked_from(example, sampler, "pipeline")
     assert source["type"] == "StreamRTBuildEngines" and slot == 0
+    settings, _ = linked_from(example, sampler, "settings")
+    assert settings["type"] == "StreamRTSettings"
     values = widget_values_by_name(build, info["StreamRTBuildEngines"])
     sampler_values = widget_values_by_name(sampler, info["StreamRTSampler"])
-    # the engines are built for the sampler's shapes
-    assert values["denoising_steps"] == len(sampler_values["t_index_list"].split(","))
-    assert (values["width"], values["height"]) == (sampler_values["width"], sampler_values["height"])
-    assert values["cfg_type"] == sampler_values["cfg_type"]
-    assert values["frames_per_step"] == sampler_values["frames_per_step"]
+    stream = widget_values_by_name(settings, info["StreamRTSettings"])
+    # the engines are built for the stream's shapes: the sampler's steps and its settings
+    assert sampler_values["t_index_list"] == "" and values["denoising_steps"] == sampler_values["steps"]
+    assert (values["width"], values["height"]) == (stream["width"], stream["height"])
+    assert values["cfg_type"] == stream["cfg_type"]
+    assert values["frames_per_step"] == stream["frames_per_step"]

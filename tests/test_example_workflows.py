@@ -181,18 +181,22 @@ def test_batch_video_graph(info: dict) -> None:
         ("StreamRTLoadPipeline", "pipeline", "StreamRTSampler", "pipeline"),
         ("StreamRTSampler", "image", "SaveImage", "images"),
         ("StreamRTSampler", "image", "CreateVideo", "images"),
+        ("StreamRTSettings", "settings", "StreamRTSampler", "settings"),
         ("GetVideoComponents", "fps", "CreateVideo", "fps"),
         ("CreateVideo", "VIDEO", "SaveVideo", "video"),
     }, edges
     assert sorted(types.values()) == sorted(["LoadVideo", "GetVideoComponents", "StreamRTLoadPipeline",
-                                             "StreamRTSampler", "SaveImage", "CreateVideo", "SaveVideo", "Note"])
+                                             "StreamRTSettings", "StreamRTSampler", "SaveImage", "CreateVideo",
+                                             "SaveVideo", "Note"])
     prompt = to_api_prompt(workflow, info)
     by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
     assert by_type["LoadVideo"]["file"] == "input.mp4"
     assert by_type["StreamRTLoadPipeline"]["model"] == "sd-turbo"
     assert by_type["StreamRTLoadPipeline"]["taesd"] == "taesd"
-    assert by_type["StreamRTSampler"]["acceleration"] == "auto"
-    assert by_type["StreamRTSampler"]["t_index_list"] == "32,45"
+    assert by_type["StreamRTSettings"]["acceleration"] == "auto"
+    assert by_type["StreamRTSettings"]["frames_per_step"] == 1
+    sampler = by_type["StreamRTSampler"]
+    assert (sampler["steps"], sampler["strength"], sampler["t_index_list"]) == (2, 0.36, "")  # steps and strength
     assert by_type["SaveImage"]["filename_prefix"] == "streamrt/frame"
     assert by_type["SaveVideo"]["filename_prefix"] == "streamrt/video"
     note = next(n for n in workflow["nodes"] if n["type"] == "Note")["widgets_values"][0]
@@ -231,8 +235,8 @@ def test_batch_video_example_runs(server: ComfyServer, info: dict) -> None:
     prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "batch_video.json"), info), "example-")
     substitute(prompt, "LoadVideo", file=name)
     substitute(prompt, "StreamRTLoadPipeline", model=MODEL, taesd=TAESD)
-    (sampler_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSampler"]
-    assert prompt[sampler_id]["inputs"]["acceleration"] == "auto"  # runs as shipped
+    (settings_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSettings"]
+    assert prompt[settings_id]["inputs"]["acceleration"] == "auto"  # runs as shipped
     (save_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
     (video_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "SaveVideo"]
     outputs = server.run(prompt, timeout=120)
@@ -262,7 +266,7 @@ def test_realtime_example_runs_and_streams(server: ComfyServer, info: dict) -> N
     substitute(prompt, "WebcamCapture", image=name)
     substitute(prompt, "StreamRTLoadPipeline", model=MODEL, taesd=TAESD)
     (sampler_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSampler"]
-    assert prompt[sampler_id]["inputs"]["acceleration"] == "auto"  # runs as shipped
+    assert "settings" not in prompt[sampler_id]["inputs"]  # runs as shipped: the defaults, acceleration auto
     (preview_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "PreviewImage"]
     assert prompt[sampler_id]["inputs"]["reset"] is False
     first = json.loads(json.dumps(prompt))

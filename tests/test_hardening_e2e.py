@@ -5,7 +5,8 @@ combo inputs, and a JSON ``NaN`` passes its min/max checks):
 
 * a diffusers or TAESD folder outside the models folders loaded by a ``../`` or absolute name;
 * a refused execution (one frame for frames_per_step 16) threw the live stream away;
-* ``delta = NaN``, ``t_index_list = "32,32"``, a prompt with a lone surrogate were accepted or failed opaquely;
+* ``delta = NaN``, ``t_index_list = "32,32"``, a prompt with a lone surrogate were accepted or failed opaquely
+  (likewise now a NaN ``cfg`` or ``strength``);
 * the status event went to every connected client.
 
 After every refusal the next prompt runs, on the same stream.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from comfy_harness import ComfyServer, ExecutionFailed, Graph, as_prompt
-from e2e_helpers import MODEL, SAMPLER_DEFAULTS, TAESD, frames, upload
+from e2e_helpers import MODEL, TAESD, add_sampler, frames, upload
 from stream_helpers import first_cache_mode
 
 from streamrt.random_models import write_random_pipeline
@@ -45,10 +46,9 @@ def server(comfy_server: ComfyServer, e2e_tiny_models) -> ComfyServer:
 def graph(tag: str, image: str | None, *, model: str = MODEL, taesd: str = TAESD, **inputs) -> Graph:
     g = Graph(prefix=tag)
     load = g.node("StreamRTLoadPipeline", id=f"{tag}load", model=model, taesd=taesd, dtype="auto", device="auto")
-    sampler_inputs = dict(SAMPLER_DEFAULTS, **inputs)
     if image is not None:
-        sampler_inputs["image"] = g.node("LoadImage", image=image).out(0)
-    sampler = g.node("StreamRTSampler", id=f"{tag}sampler", pipeline=load.out(0), **sampler_inputs)
+        inputs["image"] = g.node("LoadImage", image=image).out(0)
+    sampler = add_sampler(g, load.out(0), id=f"{tag}sampler", **inputs)
     g.node("PreviewImage", id=f"{tag}preview", images=sampler.out(0))
     return g
 
@@ -103,7 +103,8 @@ def test_a_refused_execution_keeps_the_stream(server: ComfyServer):
 
 @pytest.mark.parametrize("inputs,words", [
     (dict(delta=math.nan), "delta must be a finite number"),
-    (dict(guidance_scale=math.nan), "guidance_scale must be a finite number"),
+    (dict(guidance_scale=math.nan), "cfg must be a finite number"),
+    (dict(strength=math.nan, t_index_list=""), "strength must be in (0, 1]"),
     (dict(t_index_list="32,32"), "strictly increasing"),
     (dict(t_index_list=",".join(["1"] * 2000)), "strictly increasing"),
     (dict(prompt="a cat \ud800"), "lone surrogate"),

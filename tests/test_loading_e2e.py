@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_harness import ComfyServer, ExecutionFailed, Graph, PromptRejected
-from e2e_helpers import PNG_ATOL, SAMPLER_DEFAULTS, as_tensor, core_config, frames, uid
+from e2e_helpers import PNG_ATOL, SAMPLER_DEFAULTS, add_sampler, as_tensor, core_config, frames, uid
 from model_files import lora_state_dict, write_comfy_taesd, write_config_dir, write_ldm_checkpoint
 from safetensors.torch import save_file
 
@@ -74,8 +74,7 @@ def graph(prefix: str, image: str, *, model: str = CKPT, lora: str | None = None
         inputs["loras"] = g.node("StreamRTLora", id=f"{prefix}lora", lora_name=lora,
                                  strength_model=LORA_STRENGTHS[0], strength_clip=LORA_STRENGTHS[1])
     load = g.node("StreamRTLoadPipeline", id=f"{prefix}load", **inputs)
-    sampler = g.node("StreamRTSampler", id=f"{prefix}sampler", pipeline=load.out(0),
-                     image=g.node("LoadImage", image=image).out(0), **SAMPLER_DEFAULTS)
+    sampler = add_sampler(g, load.out(0), id=f"{prefix}sampler", image=g.node("LoadImage", image=image).out(0))
     g.node("SaveImage", id=f"{prefix}save", images=sampler.out(0), filename_prefix=f"{prefix}/f")
     return g
 

@@ -14,7 +14,19 @@ import numpy as np
 import pytest
 import torch
 from comfy_harness import ComfyServer, ExecutionFailed, Graph, PromptRejected
-from e2e_helpers import MODEL, PNG_ATOL, SAMPLER_DEFAULTS, SIZE, TAESD, as_tensor, core_config, frames, uid, upload
+from e2e_helpers import (
+    MODEL,
+    PNG_ATOL,
+    SAMPLER_DEFAULTS,
+    SIZE,
+    TAESD,
+    add_sampler,
+    as_tensor,
+    core_config,
+    frames,
+    uid,
+    upload,
+)
 
 from streamrt import Stream, load_diffusers_folder
 from streamrt.kv_cache import KVCacheConfig
@@ -61,14 +73,14 @@ def sampler_graph(prefix: str, image_names: list[str] | None, model: str = MODEL
     """LoadImage(s) [-> ImageBatch chain] -> StreamRTSampler -> SaveImage; returns (graph, sampler id)."""
     g = Graph(prefix=prefix)
     load = g.node("StreamRTLoadPipeline", id=f"{prefix}load", model=model, taesd=TAESD, dtype="auto", device="auto")
-    inputs = dict(SAMPLER_DEFAULTS, **overrides)
+    inputs = dict(overrides)
     if image_names:
         batch = g.node("LoadImage", image=image_names[0]).out(0)
         for name in image_names[1:]:
             batch = g.node("ImageBatch", image1=batch, image2=g.node("LoadImage", image=name).out(0)).out(0)
         inputs["image"] = batch
     sampler_id = f"{prefix}sampler"
-    sampler = g.node("StreamRTSampler", id=sampler_id, pipeline=load.out(0), **inputs)
+    sampler = add_sampler(g, load.out(0), id=sampler_id, **inputs)
     g.node("SaveImage", id=f"{prefix}save", images=sampler.out(0), filename_prefix=f"{prefix}/f")
     return g, sampler_id
 
@@ -138,9 +150,8 @@ def test_two_samplers_in_one_graph_have_independent_streams(server: ComfyServer,
     for name in names:
         g, _ = sampler_graph(prefix, [name])
         load = f"{prefix}load"
-        second = g.node("StreamRTSampler", id=f"{prefix}sampler2", pipeline=[load, 0],
-                        image=g.to_dict()[f"{prefix}sampler"]["inputs"]["image"],
-                        **dict(SAMPLER_DEFAULTS, seed=11))
+        second = add_sampler(g, [load, 0], id=f"{prefix}sampler2",
+                             image=g.to_dict()[f"{prefix}sampler"]["inputs"]["image"], seed=11)
         g.node("SaveImage", id=f"{prefix}save2", images=second.out(0), filename_prefix=f"{prefix}/g")
         outputs = server.run(g, timeout=300)
         outs_a.append(server.output_images(outputs, f"{prefix}save")[0])
@@ -217,7 +228,7 @@ def test_interrupt_mid_batch_then_next_prompt_works(server: ComfyServer) -> None
     g = Graph(prefix=prefix)
     load = g.node("StreamRTLoadPipeline", model=MODEL, taesd=TAESD, dtype="auto", device="auto")
     video = g.node("RepeatImageBatch", image=g.node("LoadImage", image=names[0]).out(0), amount=400)
-    sampler = g.node("StreamRTSampler", pipeline=load.out(0), image=video.out(0), **SAMPLER_DEFAULTS)
+    sampler = add_sampler(g, load.out(0), image=video.out(0))
     g.node("PreviewImage", images=sampler.out(0))
     ws = server.websocket()
     try:
@@ -270,11 +281,13 @@ def test_sampler_runs_concurrently_safe(server: ComfyServer) -> None:
 def test_cached_attention_persists_across_executions_and_reset_clears_it(server: ComfyServer) -> None:
     prefix, clip = uid(), frames(4, seed=12)
     names = upload(server, clip, prefix)
-    opts = dict(model=MODEL_STRONG_ATTN, cached_attention=True, cache_max_frames=3, cache_window=2, cache_interval=1)
+    cache = dict(cached_attention=True, cache_max_frames=3, cache_window=2, cache_interval=1)
+    opts = dict(model=MODEL_STRONG_ATTN, **cache)
     got = [run_images(server, sampler_graph(prefix, [name], **opts)[0], f"{prefix}save")[0] for name in names]
     core_models = load_diffusers_folder(server.models_dir / "diffusers" / MODEL_STRONG_ATTN, dtype="fp32",
                                         device="cpu", taesd=server.models_dir / "vae_approx" / TAESD)
-    config = core_config().with_(kv_cache=KVCacheConfig(True, 3, 2, 1))
+    config = core_config(**cache)
+    assert config.kv_cache == KVCacheConfig(True, 3, 2, 1)
     stream = Stream(core_models, config, prompt=SAMPLER_DEFAULTS["prompt"],
                     negative_prompt=SAMPLER_DEFAULTS["negative_prompt"])
     expected = [stream.step(as_tensor(clip[k:k + 1]))[0] for k in range(len(clip))]

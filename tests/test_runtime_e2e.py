@@ -20,15 +20,13 @@ import uuid
 import numpy as np
 import pytest
 from comfy_harness import ComfyServer, Graph
+from e2e_helpers import add_sampler
 from stream_helpers import E2E_MODEL, E2E_TAESD, first_cache_mode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("comfy_server", [first_cache_mode()], indirect=True)]
 
 SIZE = 64
-SAMPLER = dict(prompt="a lighthouse at dusk", negative_prompt="", t_index_list="20,35", num_inference_steps=50,
-               cfg_type="self", guidance_scale=1.5, delta=1.0, seed=3, frames_per_step=1, width=0, height=0,
-               add_noise=True, similarity_filter=False, similarity_threshold=0.98, similarity_max_skip=10,
-               cached_attention=False, cache_max_frames=4, cache_window=4, cache_interval=1)
+SAMPLER = dict(prompt="a lighthouse at dusk", negative_prompt="", t_index_list="20,35", guidance_scale=1.5, seed=3)
 
 
 @pytest.fixture
@@ -50,8 +48,7 @@ def graph(tag: str, image: str, samplers: dict[str, dict]) -> Graph:
                   device="auto")
     frame = g.node("LoadImage", image=image).out(0)
     for name, inputs in samplers.items():
-        sampler = g.node("StreamRTSampler", id=f"{tag}{name}", pipeline=load.out(0), image=frame,
-                         **dict(SAMPLER, **inputs))
+        sampler = add_sampler(g, load.out(0), id=f"{tag}{name}", image=frame, **dict(SAMPLER, **inputs))
         g.node("SaveImage", id=f"{tag}{name}-save", images=sampler.out(0), filename_prefix=f"{tag}/{name}")
     return g
 

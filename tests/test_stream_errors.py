@@ -56,6 +56,9 @@ def test_bad_blends_are_refused(tiny_models):
         stream.set_prompt([("a cat", -1.0), ("a dog", 2.0)])
     with pytest.raises(ValueError, match="blend method"):
         stream.set_prompt([("a cat", 1.0), ("a dog", 2.0)], method="cubic")
+    stream.set_prompt([("a cat", 1.0), ("a dog", 2.0)])
+    with pytest.raises(ValueError, match=r"list of \(prompt, weight\) pairs"):
+        stream.set_prompt([("a cat",), ("a dog", 2.0)])
     with pytest.raises(ValueError, match="weights"):
         stream.set_seed([(1, 0.0), (2, 0.0)])
 

@@ -358,6 +358,11 @@ def attach_engines(models: StreamModels, config: StreamConfig, cache: EngineCach
             # the stream yet: with cached attention the UNet runs on torch.
             result.notes.append("cached attention: the UNet runs on torch (no engine takes the attention cache yet)")
             continue
+        if component == UNET and config.prompt_length not in (0, models.text_length):
+            # UNet engines are exported for the text encoder's own length (streamrt/engines/export.py).
+            result.notes.append(f"prompts of {config.prompt_length} tokens: the UNet runs on torch (its engines take "
+                                f"{models.text_length})")
+            continue
         rows = config.unet_rows if component == UNET else config.frames_per_step
         found = [rec for name, version in usable.items()
                  for rec in cache.find(weights, component, rows=rows, width=config.width, height=config.height,

@@ -10,9 +10,11 @@ saved file no longer matches the node definitions.
     .venv/bin/python tests/browser/build_example_workflow.py --workflow batch_video
     .venv/bin/python tests/browser/build_example_workflow.py --url http://127.0.0.1:8188
 
-Examples (``--workflow``): ``realtime`` (realtime_webcam.json: WebcamCapture -> Stream Sampler ->
-PreviewImage) and ``batch_video`` (batch_video.json: LoadVideo -> GetVideoComponents -> Stream Sampler ->
-SaveImage and CreateVideo -> SaveVideo). example_workflows/engine_build.json is written by hand elsewhere.
+Examples (``--workflow``): ``realtime`` (realtime_webcam.json: WebcamCapture -> Realtime Sampler ->
+PreviewImage), ``batch_video`` (batch_video.json: LoadVideo -> GetVideoComponents -> Realtime Sampler (with
+Stream Settings) -> SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` (engine_build.json: Load
+Stream Pipeline -> Build Engines -> Realtime Sampler (with Stream Settings matching the engines), fed by
+WebcamCapture).
 """
 
 from __future__ import annotations
@@ -46,14 +48,17 @@ NOTE = """Realtime webcam -> StreamRT
 models/checkpoints (one file), and optionally TAESD in models/vae_approx (ComfyUI's taesd_encoder / \
 taesd_decoder files, listed as taesd). Pick them in "Load Stream Pipeline".
 2. Allow the camera when the browser asks (open ComfyUI on localhost, or over https).
-3. Press "▶ Stream" on the Stream Sampler: the workflow is queued again each time it finishes, until \
+3. Press "▶ Stream" on the Realtime Sampler: the workflow is queued again each time it finishes, until \
 "■ Stop", Cancel, or an error. The sampler shows fps, ms per frame, the frames of the stream, what runs it \
 and the state (cold / warming / streaming / reset).
 
-acceleration auto takes the fastest path ready on this machine (TensorRT engines built for this size, \
-else a CUDA graph on an NVIDIA GPU, else plain PyTorch) and the sampler shows which; compile is faster \
-still on a GPU after a first run that compiles for a minute or more. Keep reset off while streaming \
-(it restarts the stream on every frame); turn it on for one run to restart."""
+steps (denoising steps in flight) and strength (how much each frame changes) set the look; a CONDITIONING \
+(CLIP Text Encode) can replace the prompt texts through positive / negative. Without settings the sampler \
+runs acceleration auto: the fastest path ready on this machine (TensorRT engines built for this size, else \
+a CUDA graph on an NVIDIA GPU, else plain PyTorch), and shows which. For compile (faster still on a GPU \
+after a first run that compiles for a minute or more), another size or cfg type, connect a "Stream \
+Settings (StreamRT)" node to the sampler's settings input. Keep reset off while streaming (it restarts the \
+stream on every frame); turn it on for one run to restart."""
 
 #: what the example sets, per node; everything else keeps the node's defaults
 VALUES = {
@@ -118,24 +123,25 @@ BATCH_VIDEO_FILE = "input.mp4"
 BATCH_NOTE = """Batch video -> StreamRT
 
 Batch video mode: one queue runs the whole clip. Load Video -> Get Video Components hands all frames \
-to the Stream Sampler as one batch; it streams them through in a single execution and returns exactly \
+to the Realtime Sampler as one batch; it streams them through in a single execution and returns exactly \
 as many frames as came in, aligned with the input (output frame k belongs to input frame k: the stream \
 is flushed at the end). Save Image writes every frame (output/streamrt/frame_*.png); Create Video + \
 Save Video write an mp4 at the input's fps (output/streamrt/video_*.mp4). Press Run once; the \
 sampler's "▶ Stream" toggle (re-queue until stopped) is for the realtime webcam example.
 
 1. Put the clip into ComfyUI's input folder (or use Load Video's upload button) and pick it in "file" \
-(input.mp4 is a placeholder). Its width and height must be multiples of 8 (the sampler keeps the \
-video's size with width/height 0); all frames are decoded into memory at once.
+(input.mp4 is a placeholder). Its width and height must be multiples of 8 (the stream keeps the \
+video's size with Stream Settings' width/height 0); all frames are decoded into memory at once.
 2. Models: a Stable Diffusion 1.x / 2.x model in models/diffusers (a diffusers folder, e.g. sd-turbo) \
 or in models/checkpoints (one file), and optionally TAESD in models/vae_approx (ComfyUI's \
 taesd_encoder / taesd_decoder files, listed as taesd). Pick them in "Load Stream Pipeline".
-3. acceleration: auto takes the fastest path ready here: TensorRT engines built for this size, else \
+3. acceleration (Stream Settings): auto takes the fastest path ready here: TensorRT engines built for this size, else \
 cuda_graph on an NVIDIA GPU (the whole frame captured once and replayed), else eager (plain PyTorch, \
 e.g. on the CPU); the sampler shows which. compile (torch.compile + CUDA graph) is faster still; its \
 first run compiles for a minute or more.
-4. Throughput: set frames_per_step to 4 to process 4 frames per stream step (more fps on a GPU); the \
-clip's frame count must then be a multiple of 4.
+4. Throughput: set frames_per_step to 4 (Stream Settings) to process 4 frames per stream step (more fps \
+on a GPU); the clip's frame count must then be a multiple of 4. steps and strength on the sampler set how \
+much each frame changes.
 
 reset is on, so every queue starts a fresh stream (the same clip gives the same frames); turn it off to \
 carry the stream on from the previous clip."""
@@ -145,8 +151,8 @@ BATCH_VALUES = {
     "LoadVideo": {"file": BATCH_VIDEO_FILE},
     "StreamRTLoadPipeline": {"model": "sd-turbo", "taesd": "taesd", "dtype": "auto", "device": "auto"},
     "StreamRTSampler": {"prompt": "a watercolor painting, soft light, vivid colors",
-                        "negative_prompt": "blurry, low quality, distorted", "t_index_list": "32,45",
-                        "frames_per_step": 1, "acceleration": "auto", "reset": True},
+                        "negative_prompt": "blurry, low quality, distorted", "reset": True},
+    "StreamRTSettings": {"frames_per_step": 1, "acceleration": "auto"},
     "SaveImage": {"filename_prefix": "streamrt/frame"},
     "SaveVideo": {"filename_prefix": "streamrt/video", "format": "mp4", "codec": "h264"},
 }
@@ -159,16 +165,75 @@ const sampler = add("StreamRTSampler", [410, 60], [400, 0]);
 const save = add("SaveImage", [850, 60], [440, 420]);
 const create = add("CreateVideo", [850, 540], [300, 0]);
 const saveVideo = add("SaveVideo", [1190, 540], [420, 420]);
+const settings = add("StreamRTSettings", [410, 720], [400, 0]);
 const text = add("Note", [40, 780], [330, 560]);
 text.widgets[0].value = note;
 text.title = "How to use";
 video.connect(0, parts, "video");
 parts.connect(0, sampler, "image");
 load.connect(0, sampler, "pipeline");
+settings.connect(0, sampler, "settings");
 sampler.connect(0, save, "images");
 sampler.connect(0, create, "images");
 parts.connect(2, create, "fps");  // the input's frame rate (a widget input, linked)
 create.connect(0, saveVideo, "video");
+""" + _SAVE_JS
+
+
+# ---------------------------------------------------------------------------------------------------
+# engine_build.json
+
+ENGINE_OUTPUT = EXAMPLES_DIR / "engine_build.json"
+ENGINE_WORKFLOW_ID = "9b2e4c61-3f7a-4d2b-8c1e-5a6f7b8c9d0e"
+
+ENGINE_NOTE = """TensorRT engines -> StreamRT (realtime webcam)
+
+1. Install a backend into ComfyUI's Python: pip install tensorrt-rtx polygraphy (RTX 20xx-50xx GPUs; it can \
+also build on a machine without a GPU for a chosen target). Full TensorRT (backend 'tensorrt') builds for \
+the local GPU.
+2. Queue once: 'Build Engines' exports the UNet and the VAE encoder/decoder to ONNX and builds fp16 engines \
+for 512x512, frames_per_step 1, 2 denoising steps, cfg_type self (these numbers must match the stream's: the \
+Stream Settings node and the sampler's steps), into models/streamrt_engines folders (the pack's \
+engine_cache/ by default). The SD UNet takes minutes; the report says what was built or reused and where. \
+Later queues reuse the engines in milliseconds.
+3. acceleration 'auto' (Stream Settings) runs the UNet/VAE through the engines that match the stream's size \
+and batch on this GPU, and PyTorch (a CUDA graph) where none does; the sampler shows what runs and why (e.g. \
+TensorRT-RTX does not run on Hopper/data-centre GPUs). Set it to 'tensorrt' to get an error instead when no \
+engine fits.
+
+min_size/max_size build engines for a range of sizes instead. Engines already built: use 'Load Engines' \
+between Load Stream Pipeline and the sampler instead of Build Engines; it lists the cached engines of the \
+model."""
+
+#: what the engine example sets, per node; everything else keeps the node's defaults
+ENGINE_VALUES = {
+    "WebcamCapture": {"width": 512, "height": 512, "capture_on_queue": True},
+    "StreamRTLoadPipeline": {"model": "sd-turbo", "taesd": "taesd", "dtype": "auto", "device": "auto"},
+    "StreamRTBuildEngines": {"width": 512, "height": 512, "frames_per_step": 1, "denoising_steps": 2,
+                             "cfg_type": "self", "components": "unet + vae"},
+    "StreamRTSettings": {"width": 512, "height": 512, "frames_per_step": 1, "cfg_type": "self",
+                         "acceleration": "auto"},
+    "StreamRTSampler": {"prompt": "a watercolor portrait, soft light, vivid colors",
+                        "negative_prompt": "blurry, low quality, distorted", "steps": 2},
+}
+
+ENGINE_BUILD_JS = _ADD_JS + """
+const load = add("StreamRTLoadPipeline", [40, 60], [330, 154]);
+const cam = add("WebcamCapture", [40, 300], [330, 440]);
+const build = add("StreamRTBuildEngines", [410, 60], [360, 0]);
+const report = add("PreviewAny", [410, 560], [360, 240]);
+const settings = add("StreamRTSettings", [410, 840], [360, 0]);
+const sampler = add("StreamRTSampler", [810, 60], [400, 0]);
+const preview = add("PreviewImage", [1250, 60], [520, 560]);
+const text = add("Note", [40, 780], [330, 560]);
+text.widgets[0].value = note;
+text.title = "How to use";
+load.connect(0, build, "pipeline");
+build.connect(0, sampler, "pipeline");
+build.connect(1, report, "source");
+cam.connect(0, sampler, "image");
+settings.connect(0, sampler, "settings");
+sampler.connect(0, preview, "images");
 """ + _SAVE_JS
 
 
@@ -185,6 +250,7 @@ class Example:
 EXAMPLES: dict[str, Example] = {
     "realtime": Example(OUTPUT, WORKFLOW_ID, BUILD_JS, VALUES, NOTE),
     "batch_video": Example(BATCH_OUTPUT, BATCH_WORKFLOW_ID, BATCH_BUILD_JS, BATCH_VALUES, BATCH_NOTE),
+    "engine_build": Example(ENGINE_OUTPUT, ENGINE_WORKFLOW_ID, ENGINE_BUILD_JS, ENGINE_VALUES, ENGINE_NOTE),
 }
 
 

@@ -1,0 +1,112 @@
+"""The sampler's numbers in the core: steps and strength onto the LCM schedule, and the settings the settings nodes
+chain (streamrt.schedule.strength_t_index_list, streamrt.settings.StreamSettings). Pure functions: no models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from streamrt import Acceleration, CfgType, SimilarityFilterConfig, StreamConfig, StreamSettings, strength_t_index_list
+from streamrt.kv_cache import KVCacheConfig
+
+
+@pytest.mark.parametrize(("steps", "strength", "length", "expected"), [
+    (2, 0.36, 50, (32, 41)),          # the sampler's defaults
+    (1, 0.36, 50, (32,)),
+    (4, 0.36, 50, (32, 36, 41, 45)),
+    (8, 0.36, 50, (32, 34, 36, 38, 41, 43, 45, 47)),
+    (2, 1.0, 50, (0, 25)),            # full strength starts at the noisiest timestep
+    (1, 0.01, 50, (49,)),             # round(0.5) = 0: the first index is clamped to the last one
+    (2, 0.5, 4, (2, 3)),
+    (1, 0.999, 1, (0,)),
+])
+def test_steps_and_strength_map_onto_the_schedule(steps, strength, length, expected):
+    assert strength_t_index_list(steps, strength, length) == expected
+
+
+def test_every_mapping_is_a_valid_t_index_list_or_names_steps_and_strength():
+    """Over the sampler's whole input range: strictly increasing indices inside the schedule (what StreamConfig
+    accepts), the first at N - round(strength * N), or an error naming both inputs."""
+    for length in (1, 4, 10, 50):
+        for steps in range(1, 9):
+            for hundredths in range(1, 101):
+                strength = hundredths / 100
+                try:
+                    indices = strength_t_index_list(steps, strength, length)
+                except ValueError as exc:
+                    assert f"steps={steps}" in str(exc) and f"strength={strength:g}" in str(exc)
+                    assert steps > length - min(max(length - round(strength * length), 0), length - 1)
+                    continue
+                assert len(indices) == steps
+                assert indices[0] == min(max(length - round(strength * length), 0), length - 1)
+                StreamConfig(t_index_list=indices, num_inference_steps=length)  # validates: in range, increasing
+
+
+@pytest.mark.parametrize(("steps", "strength", "words"), [
+    (8, 0.1, ["steps=8", "strength=0.1", "leaves 5", "45..49"]),
+    (0, 0.36, ["steps must be", "0"]),
+    (2, 0.0, ["strength must be in (0, 1]", "0"]),
+    (2, 1.5, ["strength must be in (0, 1]", "1.5"]),
+    (2, math.nan, ["strength must be in (0, 1]", "nan"]),
+])
+def test_impossible_steps_and_strength_are_refused_by_name(steps, strength, words):
+    with pytest.raises(ValueError) as info:
+        strength_t_index_list(steps, strength)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+def test_no_settings_are_the_sampler_defaults():
+    config = StreamSettings().stream_config(frame_size=(64, 96))
+    assert (config.width, config.height) == (96, 64)  # 0: the frames' size
+    assert config.t_index_list == (32, 41) and config.num_inference_steps == 50
+    assert config.cfg_type is CfgType.SELF and config.guidance_scale == 1.2 and config.delta == 1.0
+    assert config.frames_per_step == 1 and config.do_add_noise and config.seed == 2
+    assert config.acceleration is Acceleration.AUTO
+    assert not config.similarity_filter.enabled and not config.kv_cache.enabled
+    txt2img = StreamSettings().stream_config()
+    assert (txt2img.width, txt2img.height) == (512, 512)
+
+
+def test_the_sampler_numbers_and_the_settings_make_the_config():
+    settings = StreamSettings(cfg_type="full", delta=0.5, frames_per_step=2, add_noise=False, acceleration="eager",
+                              width=128, height=0, schedule_length=40)
+    config = settings.stream_config(steps=3, strength=0.5, guidance_scale=2.0, seed=9, frame_size=(64, 96))
+    assert (config.width, config.height) == (128, 64)
+    assert config.t_index_list == strength_t_index_list(3, 0.5, 40) and config.num_inference_steps == 40
+    assert (config.cfg_type, config.delta, config.frames_per_step, config.do_add_noise) == (CfgType.FULL, 0.5, 2, False)
+    assert (config.acceleration, config.guidance_scale, config.seed) == (Acceleration.EAGER, 2.0, 9)
+    # an explicit t_index_list overrides steps and strength
+    assert settings.stream_config(t_index_list=(5, 30), steps=3, strength=0.5).t_index_list == (5, 30)
+
+
+def test_chained_settings_apply_later_fields_over_earlier_ones():
+    """What the settings nodes do: each applies its own fields to what came before (with_), the rest carries."""
+    stream = StreamSettings().with_(cfg_type="initialize", frames_per_step=4, acceleration="eager")
+    filtered = stream.with_(similarity_filter=SimilarityFilterConfig(True, 0.9, 3))
+    cached = filtered.with_(kv_cache=KVCacheConfig(True, 3, 2, 1))
+    again = cached.with_(cfg_type="none")  # a second Stream Settings node further down the chain
+    assert again.similarity_filter == SimilarityFilterConfig(True, 0.9, 3)
+    assert again.kv_cache == KVCacheConfig(True, 3, 2, 1)
+    assert (again.cfg_type, again.frames_per_step, again.acceleration) == (CfgType.NONE, 4, Acceleration.EAGER)
+    assert stream.kv_cache == KVCacheConfig() and not stream.similarity_filter.enabled  # immutable: earlier unchanged
+    with pytest.raises(AttributeError):
+        stream.cfg_type = CfgType.FULL  # frozen
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    (dict(cfg_type="fancy"), ["cfg_type", "fancy"]),
+    (dict(acceleration="fast"), ["acceleration", "fast"]),
+    (dict(delta=math.nan), ["delta", "nan"]),
+    (dict(delta=-1.0), ["delta", "-1"]),
+    (dict(width=60), ["width", "multiple of 8", "60"]),
+    (dict(height=-8), ["height", "-8"]),
+    (dict(frames_per_step=0), ["frames_per_step"]),
+    (dict(schedule_length=0), ["schedule_length"]),
+])
+def test_bad_settings_are_refused_by_name(changes, words):
+    with pytest.raises(ValueError) as info:
+        StreamSettings().with_(**changes)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
