@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from comfy_harness import ComfyServer, ExecutionFailed, Graph
-from e2e_helpers import SAMPLER_DEFAULTS, frames, uid
+from e2e_helpers import SAMPLER_DEFAULTS, add_sampler, frames, uid
 from model_files import SD15_LAYOUT_CKPT, SD15_LAYOUT_LORA, write_sd15_layout_checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -66,17 +66,26 @@ def own_route(g: Graph, prefix: str, *, lora: bool = True, prediction_type: str 
 
 
 def sampled(g: Graph, prefix: str, pipeline, image, **overrides) -> None:
-    sampler = g.node("StreamRTSampler", id=f"{prefix}sampler", pipeline=pipeline.out(0), image=image,
-                     **{**SAMPLER_DEFAULTS, **overrides})
+    sampler = add_sampler(g, pipeline.out(0), id=f"{prefix}sampler", image=image, **overrides)
     g.node("SaveImage", id=f"{prefix}save", images=sampler.out(0), filename_prefix=f"{prefix}/f")
 
 
-def realtime(server: ComfyServer, route, names: list[str], **route_kw) -> np.ndarray:
+def with_clip_text_encode(g: Graph, prefix: str, pipeline) -> dict:
+    """The prompts as CONDITIONING from ComfyUI's CLIPTextEncode on the (LoRA-patched) CLIP of the route."""
+    clip = pipeline.inputs["clip"]  # the link into Stream Pipeline from Model
+    encode = {name: g.node("CLIPTextEncode", clip=clip, text=SAMPLER_DEFAULTS[key]).out(0)
+              for name, key in (("positive", "prompt"), ("negative", "negative_prompt"))}
+    return dict(encode, prompt="", negative_prompt="")
+
+
+def realtime(server: ComfyServer, route, names: list[str], conditioning: bool = False, **route_kw) -> np.ndarray:
     """One frame per execution through one sampler; the frames of all executions."""
     prefix, out = uid(), []
     for name in names:
         g = Graph(prefix=prefix)
-        sampled(g, prefix, route(g, prefix, **route_kw), g.node("LoadImage", id=f"{prefix}img", image=name).out(0))
+        pipeline = route(g, prefix, **route_kw)
+        prompts = with_clip_text_encode(g, prefix, pipeline) if conditioning else {}
+        sampled(g, prefix, pipeline, g.node("LoadImage", id=f"{prefix}img", image=name).out(0), **prompts)
         out.append(np.stack(server.output_images(server.run(g, timeout=600), f"{prefix}save"))[0])
     return np.stack(out)[..., :3]
 
@@ -119,6 +128,11 @@ def test_load_checkpoint_and_lora_route_gives_the_frames_of_our_loader(server: C
     # The LoRA was applied on both routes: without it the frames are far from these.
     plain = realtime(server, host_route, names[:1], lora=False)
     assert np.abs(plain[0] - host[0]).max() > 10 * ATOL
+
+    # CLIPTextEncode's CONDITIONING instead of the texts: ComfyUI's own text encoder (fp16 on its CPU) gives
+    # the prompts, so the frames agree to that encoder's precision.
+    encoded = realtime(server, host_route, names, conditioning=True)
+    np.testing.assert_allclose(encoded, own, atol=3 * ATOL, rtol=0)
 
     host_video = batch(server, host_route, names)
     own_video = batch(server, own_route, names)
