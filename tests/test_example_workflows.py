@@ -48,6 +48,7 @@ from browser.build_example_workflow import EXAMPLES as BUILT_EXAMPLES
 from browser.page import ComfyPage, browser_missing_reason, prepare_user_settings
 from comfy_harness import ComfyServer
 from e2e_helpers import MODEL, TAESD
+from model_files import SD15_LAYOUT_CKPT, write_sd15_layout_checkpoint
 from stream_helpers import first_cache_mode
 from workflows import UI_ONLY_NODES, declared_inputs, spec_opts, to_api_prompt, unknown_node_types, workflow_problems
 
@@ -101,6 +102,15 @@ def substitute(prompt: dict, class_type: str, **values: Any) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 # fixtures
+
+
+@pytest.fixture(scope="session")
+def e2e_tiny_models(streamrt_models_root: Path) -> Path:
+    """The tiny models, and a checkpoint Load Checkpoint recognises (for the batch example's route)."""
+    from stream_helpers import write_e2e_models
+
+    write_sd15_layout_checkpoint(streamrt_models_root)
+    return write_e2e_models(streamrt_models_root)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +173,8 @@ def test_example_is_a_valid_ui_workflow(path: Path, server: ComfyServer, info: d
                 if isinstance(value, list):  # linked
                     continue
                 intended = example.values.get(node["type"], {}).get(name, spec_opts(declared[name]).get("default"))
+                if node.get("title") in example.texts and name == "text":
+                    intended = example.texts[node["title"]]
                 if intended is not None and declared[name][0] != "WEBCAM":
                     assert value == intended, f"{path.name}: {node['type']}.{name} = {value!r}, meant {intended!r}"
 
@@ -178,21 +190,31 @@ def test_batch_video_graph(info: dict) -> None:
     assert edges == {
         ("LoadVideo", "VIDEO", "GetVideoComponents", "video"),
         ("GetVideoComponents", "images", "StreamRTSampler", "image"),
-        ("StreamRTLoadPipeline", "pipeline", "StreamRTSampler", "pipeline"),
+        ("CheckpointLoaderSimple", "MODEL", "StreamRTPipelineFromModel", "model"),
+        ("CheckpointLoaderSimple", "CLIP", "StreamRTPipelineFromModel", "clip"),
+        ("CheckpointLoaderSimple", "VAE", "StreamRTPipelineFromModel", "vae"),
+        ("CheckpointLoaderSimple", "CLIP", "CLIPTextEncode", "clip"),
+        ("CLIPTextEncode", "CONDITIONING", "StreamRTSampler", "positive"),
+        ("CLIPTextEncode", "CONDITIONING", "StreamRTSampler", "negative"),
+        ("StreamRTPipelineFromModel", "pipeline", "StreamRTSampler", "pipeline"),
         ("StreamRTSampler", "image", "SaveImage", "images"),
         ("StreamRTSampler", "image", "CreateVideo", "images"),
         ("StreamRTSettings", "settings", "StreamRTSampler", "settings"),
         ("GetVideoComponents", "fps", "CreateVideo", "fps"),
         ("CreateVideo", "VIDEO", "SaveVideo", "video"),
     }, edges
-    assert sorted(types.values()) == sorted(["LoadVideo", "GetVideoComponents", "StreamRTLoadPipeline",
+    assert sorted(types.values()) == sorted(["LoadVideo", "GetVideoComponents", "CheckpointLoaderSimple",
+                                             "CLIPTextEncode", "CLIPTextEncode", "StreamRTPipelineFromModel",
                                              "StreamRTSettings", "StreamRTSampler", "SaveImage", "CreateVideo",
                                              "SaveVideo", "Note"])
     prompt = to_api_prompt(workflow, info)
     by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
     assert by_type["LoadVideo"]["file"] == "input.mp4"
-    assert by_type["StreamRTLoadPipeline"]["model"] == "sd-turbo"
-    assert by_type["StreamRTLoadPipeline"]["taesd"] == "taesd"
+    assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "sd_turbo.safetensors"
+    sampler_id = next(nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSampler")
+    texts = {slot: prompt[prompt[sampler_id]["inputs"][slot][0]]["inputs"]["text"] for slot in ("positive", "negative")}
+    assert texts == {"positive": "a watercolor painting, soft light, vivid colors",
+                     "negative": "blurry, low quality, distorted"}
     assert by_type["StreamRTSettings"]["acceleration"] == "auto"
     assert by_type["StreamRTSettings"]["frames_per_step"] == 1
     sampler = by_type["StreamRTSampler"]
@@ -200,8 +222,8 @@ def test_batch_video_graph(info: dict) -> None:
     assert by_type["SaveImage"]["filename_prefix"] == "streamrt/frame"
     assert by_type["SaveVideo"]["filename_prefix"] == "streamrt/video"
     note = next(n for n in workflow["nodes"] if n["type"] == "Note")["widgets_values"][0]
-    for words in ("batch video mode", "aligned", "models/diffusers", "models/vae_approx", "auto", "cuda_graph",
-                  "compile", "eager", "frames_per_step to 4"):
+    for words in ("batch video mode", "aligned", "models/checkpoints", "Load VAE 'taesd'", "models/diffusers",
+                  "auto", "cuda_graph", "compile", "eager", "frames_per_step to 4"):
         assert words in note.lower() or words in note, words
 
 
@@ -234,7 +256,7 @@ def test_batch_video_example_runs(server: ComfyServer, info: dict) -> None:
 
     prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "batch_video.json"), info), "example-")
     substitute(prompt, "LoadVideo", file=name)
-    substitute(prompt, "StreamRTLoadPipeline", model=MODEL, taesd=TAESD)
+    substitute(prompt, "CheckpointLoaderSimple", ckpt_name=SD15_LAYOUT_CKPT)
     (settings_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSettings"]
     assert prompt[settings_id]["inputs"]["acceleration"] == "auto"  # runs as shipped
     (save_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]

@@ -11,8 +11,9 @@ saved file no longer matches the node definitions.
     .venv/bin/python tests/browser/build_example_workflow.py --url http://127.0.0.1:8188
 
 Examples (``--workflow``): ``realtime`` (realtime_webcam.json: WebcamCapture -> Realtime Sampler ->
-PreviewImage), ``batch_video`` (batch_video.json: LoadVideo -> GetVideoComponents -> Realtime Sampler (with
-Stream Settings) -> SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` (engine_build.json: Load
+PreviewImage), ``batch_video`` (batch_video.json: LoadVideo -> GetVideoComponents -> Realtime Sampler (with Stream
+Settings; pipeline and prompts from Load Checkpoint -> Stream Pipeline from Model and CLIP Text Encode) ->
+SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` (engine_build.json: Load
 Stream Pipeline -> Build Engines -> Realtime Sampler (with Stream Settings matching the engines), fed by
 WebcamCapture).
 """
@@ -71,7 +72,7 @@ VALUES = {
 #: shared start of every build script: arguments, an empty graph, and add(type, pos, size) which sets
 #: the values of VALUES[type] on the new node's widgets (by name)
 _ADD_JS = """
-const [values, note] = arguments;
+const [values, note, texts] = arguments;
 app.graph.clear();
 const add = (type, pos, size) => {
     const node = LiteGraph.createNode(type);
@@ -120,7 +121,10 @@ BATCH_WORKFLOW_ID = "9b4e2a71-3c5d-4f8e-a1b2-6c7d8e9f0a1b"
 #: such file in input/) as it is; left unset, a LoadVideo with no video files would save "undefined".
 BATCH_VIDEO_FILE = "input.mp4"
 
-BATCH_NOTE = """Batch video -> StreamRT
+#: Load Checkpoint's file: a placeholder the frontend keeps (sd-turbo as one file in models/checkpoints)
+BATCH_CHECKPOINT = "sd_turbo.safetensors"
+
+BATCH_NOTE = """Batch video -> StreamRT, from the checkpoint you already use
 
 Batch video mode: one queue runs the whole clip. Load Video -> Get Video Components hands all frames \
 to the Realtime Sampler as one batch; it streams them through in a single execution and returns exactly \
@@ -132,13 +136,16 @@ sampler's "▶ Stream" toggle (re-queue until stopped) is for the realtime webca
 1. Put the clip into ComfyUI's input folder (or use Load Video's upload button) and pick it in "file" \
 (input.mp4 is a placeholder). Its width and height must be multiples of 8 (the stream keeps the \
 video's size with Stream Settings' width/height 0); all frames are decoded into memory at once.
-2. Models: a Stable Diffusion 1.x / 2.x model in models/diffusers (a diffusers folder, e.g. sd-turbo) \
-or in models/checkpoints (one file), and optionally TAESD in models/vae_approx (ComfyUI's \
-taesd_encoder / taesd_decoder files, listed as taesd). Pick them in "Load Stream Pipeline".
-3. acceleration (Stream Settings): auto takes the fastest path ready here: TensorRT engines built for this size, else \
-cuda_graph on an NVIDIA GPU (the whole frame captured once and replayed), else eager (plain PyTorch, \
-e.g. on the CPU); the sampler shows which. compile (torch.compile + CUDA graph) is faster still; its \
-first run compiles for a minute or more.
+2. Models: Load Checkpoint takes a Stable Diffusion 1.x / 2.x checkpoint from models/checkpoints (e.g. \
+sd_turbo.safetensors, a placeholder here). Stream Pipeline from Model converts its MODEL, CLIP and VAE \
+once (LoRA loaders in between are applied). For a much faster encode/decode connect Load VAE 'taesd' \
+(taesd_encoder / taesd_decoder in models/vae_approx) instead of the checkpoint's VAE. The prompts come \
+from CLIP Text Encode, as for KSampler. (Load Stream Pipeline is the other way in: a diffusers folder \
+from models/diffusers or a checkpoint, with TAESD and LoRAs on the node.)
+3. acceleration (Stream Settings): auto takes the fastest path ready here: TensorRT engines built for \
+this size, else cuda_graph on an NVIDIA GPU (the whole frame captured once and replayed), else eager \
+(plain PyTorch, e.g. on the CPU); the sampler shows which. compile (torch.compile + CUDA graph) is \
+faster still; its first run compiles for a minute or more.
 4. Throughput: set frames_per_step to 4 (Stream Settings) to process 4 frames per stream step (more fps \
 on a GPU); the clip's frame count must then be a multiple of 4. steps and strength on the sampler set how \
 much each frame changes.
@@ -146,12 +153,16 @@ much each frame changes.
 reset is on, so every queue starts a fresh stream (the same clip gives the same frames); turn it off to \
 carry the stream on from the previous clip."""
 
+#: the texts of the CLIP Text Encode nodes, by node title
+BATCH_TEXTS = {"Prompt": "a watercolor painting, soft light, vivid colors",
+               "Negative prompt": "blurry, low quality, distorted"}
+
 #: what the batch example sets, per node; everything else keeps the node's defaults
 BATCH_VALUES = {
     "LoadVideo": {"file": BATCH_VIDEO_FILE},
-    "StreamRTLoadPipeline": {"model": "sd-turbo", "taesd": "taesd", "dtype": "auto", "device": "auto"},
-    "StreamRTSampler": {"prompt": "a watercolor painting, soft light, vivid colors",
-                        "negative_prompt": "blurry, low quality, distorted", "reset": True},
+    "CheckpointLoaderSimple": {"ckpt_name": BATCH_CHECKPOINT},
+    "StreamRTPipelineFromModel": {"dtype": "auto"},
+    "StreamRTSampler": {"reset": True},
     "StreamRTSettings": {"frames_per_step": 1, "acceleration": "auto"},
     "SaveImage": {"filename_prefix": "streamrt/frame"},
     "SaveVideo": {"filename_prefix": "streamrt/video", "format": "mp4", "codec": "h264"},
@@ -160,18 +171,31 @@ BATCH_VALUES = {
 BATCH_BUILD_JS = _ADD_JS + """
 const video = add("LoadVideo", [40, 60], [330, 330]);
 const parts = add("GetVideoComponents", [40, 440], [330, 0]);
-const load = add("StreamRTLoadPipeline", [40, 580], [330, 130]);
-const sampler = add("StreamRTSampler", [410, 60], [400, 0]);
-const save = add("SaveImage", [850, 60], [440, 420]);
-const create = add("CreateVideo", [850, 540], [300, 0]);
-const saveVideo = add("SaveVideo", [1190, 540], [420, 420]);
-const settings = add("StreamRTSettings", [410, 720], [400, 0]);
-const text = add("Note", [40, 780], [330, 560]);
+const ckpt = add("CheckpointLoaderSimple", [40, 580], [330, 0]);
+const positive = add("CLIPTextEncode", [410, 60], [400, 160]);
+const negative = add("CLIPTextEncode", [410, 260], [400, 160]);
+positive.title = "Prompt";
+negative.title = "Negative prompt";
+for (const node of [positive, negative]) node.widgets.find(w => w.name === "text").value = texts[node.title];
+const pipe = add("StreamRTPipelineFromModel", [40, 740], [330, 0]);
+const sampler = add("StreamRTSampler", [850, 60], [400, 0]);
+const settings = add("StreamRTSettings", [850, 720], [400, 0]);
+const save = add("SaveImage", [1290, 60], [440, 420]);
+const create = add("CreateVideo", [1290, 540], [300, 0]);
+const saveVideo = add("SaveVideo", [1630, 540], [420, 420]);
+const text = add("Note", [40, 900], [330, 560]);
 text.widgets[0].value = note;
 text.title = "How to use";
 video.connect(0, parts, "video");
 parts.connect(0, sampler, "image");
-load.connect(0, sampler, "pipeline");
+ckpt.connect(0, pipe, "model");
+ckpt.connect(1, pipe, "clip");
+ckpt.connect(2, pipe, "vae");
+ckpt.connect(1, positive, "clip");
+ckpt.connect(1, negative, "clip");
+positive.connect(0, sampler, "positive");
+negative.connect(0, sampler, "negative");
+pipe.connect(0, sampler, "pipeline");
 settings.connect(0, sampler, "settings");
 sampler.connect(0, save, "images");
 sampler.connect(0, create, "images");
@@ -245,11 +269,13 @@ class Example:
     build_js: str
     values: dict = field(default_factory=dict)
     note: str = ""
+    #: the text widget of nodes of one type that differ (CLIP Text Encode), by node title
+    texts: dict = field(default_factory=dict)
 
 
 EXAMPLES: dict[str, Example] = {
     "realtime": Example(OUTPUT, WORKFLOW_ID, BUILD_JS, VALUES, NOTE),
-    "batch_video": Example(BATCH_OUTPUT, BATCH_WORKFLOW_ID, BATCH_BUILD_JS, BATCH_VALUES, BATCH_NOTE),
+    "batch_video": Example(BATCH_OUTPUT, BATCH_WORKFLOW_ID, BATCH_BUILD_JS, BATCH_VALUES, BATCH_NOTE, BATCH_TEXTS),
     "engine_build": Example(ENGINE_OUTPUT, ENGINE_WORKFLOW_ID, ENGINE_BUILD_JS, ENGINE_VALUES, ENGINE_NOTE),
 }
 
@@ -257,7 +283,7 @@ EXAMPLES: dict[str, Example] = {
 def build_on_page(page: ComfyPage, name: str = "realtime") -> dict:
     """Build one example on an open page; return the workflow as it is saved."""
     example = EXAMPLES[name]
-    workflow = json.loads(page.js_async(example.build_js, example.values, example.note))
+    workflow = json.loads(page.js_async(example.build_js, example.values, example.note, example.texts))
     workflow["id"] = example.workflow_id
     workflow.setdefault("extra", {})["ds"] = {"offset": [0, 0], "scale": 1}
     for node in workflow["nodes"]:
