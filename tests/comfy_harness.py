@@ -25,7 +25,7 @@ Work-dir layout made by :class:`ComfyServer`::
     <work>/input  <work>/out  <work>/tmp (ComfyUI's temp folder is tmp/temp)  <work>/user
     <work>/server.log               the server's stdout + stderr
 
-The yaml registers ``custom_nodes``, ``checkpoints``, ``diffusers``, ``vae_approx``,
+The yaml registers ``custom_nodes``, ``checkpoints``, ``diffusers``, ``vae_approx``, ``vae``,
 ``loras`` and the custom key ``streamrt_engines`` (-> ``models/engines``).
 
 Things worth knowing about the server (ComfyUI 0.3.75):
@@ -72,6 +72,7 @@ MODEL_FOLDERS: dict[str, str] = {
     "checkpoints": "checkpoints",
     "diffusers": "diffusers",
     "vae_approx": "vae_approx",
+    "vae": "vae",
     "loras": "loras",
     "streamrt_engines": "engines",
 }

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from comfy_harness import ComfyServer, ExecutionFailed, Graph
 from e2e_helpers import SAMPLER_DEFAULTS, add_sampler, frames, uid
-from model_files import SD15_LAYOUT_CKPT, SD15_LAYOUT_LORA, write_sd15_layout_checkpoint
+from model_files import SD15_LAYOUT_CKPT, SD15_LAYOUT_LORA, taesd_to_comfy, write_sd15_layout_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -30,10 +31,29 @@ SIZE = 64
 ATOL = 2.01 / 255
 
 
+#: a TAESD of the real architecture (ComfyUI's Load VAE only builds that one), random weights: a single file in
+#: models/vae for Load VAE, the same weights as an AutoencoderTiny folder in models/vae_approx for our loader
+TAESD_FILE, TAESD_FOLDER = "streamrt-taesd-full.safetensors", "streamrt-taesd-full"
+
+
 @pytest.fixture(scope="session")
 def e2e_tiny_models(streamrt_models_root: Path) -> Path:
-    write_sd15_layout_checkpoint(streamrt_models_root)
-    return streamrt_models_root
+    root = streamrt_models_root
+    write_sd15_layout_checkpoint(root)
+    if not (root / "vae" / TAESD_FILE).is_file():
+        from diffusers import AutoencoderTiny
+        from safetensors.torch import save_file
+
+        torch.manual_seed(14)
+        taesd = AutoencoderTiny().eval()
+        taesd.save_pretrained(root / "vae_approx" / TAESD_FOLDER, safe_serialization=True)
+        encoder, decoder = taesd_to_comfy(taesd)
+        state = {**{f"taesd_encoder.{k}": v for k, v in encoder.items()},
+                 **{f"taesd_decoder.{k}": v for k, v in decoder.items()},
+                 "vae_scale": torch.tensor(0.18215), "vae_shift": torch.tensor(0.0)}
+        (root / "vae").mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(root / "vae" / TAESD_FILE))
+    return root
 
 
 @pytest.fixture
@@ -42,8 +62,9 @@ def server(comfy_server: ComfyServer, e2e_tiny_models: Path) -> ComfyServer:
 
 
 def host_route(g: Graph, prefix: str, *, lora: bool = True, strengths: tuple[float, float] = STRENGTHS,
-               sampling: str | None = None):
-    """Load Checkpoint [-> ModelSamplingDiscrete] [-> LoraLoader] -> Stream Pipeline from Model."""
+               sampling: str | None = None, taesd: bool = False):
+    """Load Checkpoint [-> ModelSamplingDiscrete] [-> LoraLoader] [+ Load VAE (TAESD)] -> Stream Pipeline from
+    Model."""
     ckpt = g.node("CheckpointLoaderSimple", id=f"{prefix}ckpt", ckpt_name=CKPT)
     model, clip = ckpt.out(0), ckpt.out(1)
     if sampling is not None:
@@ -52,13 +73,14 @@ def host_route(g: Graph, prefix: str, *, lora: bool = True, strengths: tuple[flo
         patched = g.node("LoraLoader", id=f"{prefix}lora", model=model, clip=clip, lora_name=LORA,
                          strength_model=strengths[0], strength_clip=strengths[1])
         model, clip = patched.out(0), patched.out(1)
-    return g.node("StreamRTPipelineFromModel", id=f"{prefix}pipe", model=model, clip=clip, vae=ckpt.out(2),
-                  dtype="auto")
+    vae = g.node("VAELoader", vae_name=TAESD_FILE).out(0) if taesd else ckpt.out(2)
+    return g.node("StreamRTPipelineFromModel", id=f"{prefix}pipe", model=model, clip=clip, vae=vae, dtype="auto")
 
 
-def own_route(g: Graph, prefix: str, *, lora: bool = True, prediction_type: str = "auto"):
+def own_route(g: Graph, prefix: str, *, lora: bool = True, prediction_type: str = "auto", taesd: bool = False):
     """Load Stream Pipeline [+ StreamRT LoRA] on the same file."""
-    inputs = dict(model=CKPT, taesd="none (full VAE)", dtype="auto", device="auto", prediction_type=prediction_type)
+    inputs = dict(model=CKPT, taesd=TAESD_FOLDER if taesd else "none (full VAE)", dtype="auto", device="auto",
+                  prediction_type=prediction_type)
     if lora:
         inputs["loras"] = g.node("StreamRTLora", id=f"{prefix}slora", lora_name=LORA, strength_model=STRENGTHS[0],
                                  strength_clip=STRENGTHS[1]).out(0)
@@ -177,6 +199,12 @@ def test_the_gpu_holds_one_copy_of_the_weights(server: ComfyServer, names, e2e_t
     assert server.log_text().count("moved ComfyUI's copy of BaseModel") == moved + 1
     # ComfyUI's UNet staying on the GPU too would add its 27 % of the file on top
     assert added < 1.15 * weights, (added, weights)
+
+
+def test_load_vae_taesd_gives_the_tiny_autoencoder(server: ComfyServer, names) -> None:
+    host = realtime(server, host_route, names[:2], taesd=True)
+    np.testing.assert_allclose(host, realtime(server, own_route, names[:2], taesd=True), atol=ATOL, rtol=0)
+    assert np.abs(host - realtime(server, own_route, names[:2])).max() > 10 * ATOL  # not the full VAE
 
 
 def test_model_sampling_discrete_v_prediction_is_honoured(server: ComfyServer, names) -> None:
