@@ -83,9 +83,8 @@ class KVCache:
         m = config.max_frames
         self.device = device
         self.layers: dict[int, _LayerBuffers] = {}
-        # token count -> [1, 1, 1, (M + 1) * S] additive key mask (0 attended, -inf not): SDPA takes an additive
-        # mask as it is, a boolean one it first converts on every call (1.50 vs 0.89 ms at the first UNet level
-        # for window 4, measured on the H200; docs/DESIGN.md section 3).
+        # token count -> [1, 1, 1, (M + 1) * S] additive key mask (0 attended, -inf not), in the compute dtype:
+        # SDPA takes it as it is (docs/DESIGN.md section 3).
         self.masks: dict[int, torch.Tensor] = {}
         self.age = torch.full((m + 1,), NEVER, device=device, dtype=torch.int64)
         self.window = torch.tensor(config.window, device=device, dtype=torch.int64)
