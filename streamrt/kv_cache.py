@@ -95,7 +95,12 @@ class KVCache:
         self._slot_invalid = torch.ones(m, device=device, dtype=torch.bool)
         self._calls = 0
         self._next_slot = 0
+        self._writes = 0  # ring writes since the last clear (host side)
         self._scheduled = (m, False)  # (slot, write) of the call scheduled last
+        #: this call attends without a mask: every slot is written and inside the window (window == max_frames),
+        #: so SDPA can take its unmasked (flash) kernel. A host-side fact, so a captured or compiled step is
+        #: made once per value (docs/DESIGN.md section 3).
+        self.unmasked = False
 
     # host side, between calls -------------------------------------------------------------------
     def clear(self) -> None:
@@ -103,6 +108,8 @@ class KVCache:
         self.age.fill_(NEVER)
         self._calls = 0
         self._next_slot = 0
+        self._writes = 0
+        self.unmasked = False
 
     def set_window(self, window: int) -> None:
         """Attend to the ``window`` most recent cached frames from the next call on (no reallocation)."""
@@ -123,9 +130,13 @@ class KVCache:
         """
         write = self._calls % self.config.interval == 0
         self._calls += 1
-        slot = self._next_slot if write else self.config.max_frames
+        m = self.config.max_frames
+        # The slots this call attends were written by earlier calls: all valid once m writes are done.
+        self.unmasked = self.config.window == m and self._writes >= m
+        slot = self._next_slot if write else m
         if write:
-            self._next_slot = (self._next_slot + 1) % self.config.max_frames
+            self._next_slot = (self._next_slot + 1) % m
+            self._writes += 1
         self._scheduled = (slot, write)
         self._fill_target(slot, write)
 
@@ -224,7 +235,7 @@ def project_self_attention(attn: Attention, hidden_states: torch.Tensor, temb=No
 
 
 def attend_and_project(attn: Attention, inp: SelfAttnInput, keys: torch.Tensor, values: torch.Tensor,
-                       mask: torch.Tensor) -> torch.Tensor:
+                       mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of the current queries over ``keys``/``values`` ``[rows, S_all, C]`` under a boolean
     ``mask`` ``[1, 1, 1, S_all]``, then the output half of ``AttnProcessor2_0`` (to_out, residual)."""
     rows = inp.query.shape[0]
@@ -264,7 +275,8 @@ class CachedSelfAttnProcessor:
         key_all[:, 0].copy_(inp.key)
         value_all[:, 0].copy_(inp.value)
         seen = (kv_cache.config.max_frames + 1) * tokens
-        out = attend_and_project(attn, inp, buf.key[:, :seen], buf.value[:, :seen], buf.mask)
+        out = attend_and_project(attn, inp, buf.key[:, :seen], buf.value[:, :seen],
+                                 None if kv_cache.unmasked else buf.mask)
         # The current frame joins the ring (or the scratch slot) after it has been attended.
         key_all.index_copy_(1, kv_cache.write_segment, inp.key.unsqueeze(1))
         value_all.index_copy_(1, kv_cache.write_segment, inp.value.unsqueeze(1))

@@ -360,9 +360,11 @@ class Stream:
             if self.similarity.should_skip(buf.image_in):
                 self.frames_processed += self.config.frames_per_step
                 return False
+        unmasked = False
         if self.kv is not None:
             self.kv.schedule_call()
-        self.runtime.run(txt2img, self._device_steps[txt2img], self._state, self._capture_guard)
+            unmasked = self.kv.unmasked
+        self.runtime.run((txt2img, unmasked), self._device_steps[txt2img], self._state, self._capture_guard)
         self.frames_processed += self.config.frames_per_step
         return True
 

@@ -359,6 +359,28 @@ def test_state_survives_calls_and_videos(models, ref_models):
     assert ours.kv._calls == 4 + 3 + 2 * ours.latency
 
 
+def test_a_full_window_attends_without_a_mask(models, ref_models):
+    """Once every slot is written and the window spans them all, the call attends with no mask (SDPA's flash
+    path); the frames stay those of the naive reference, and a smaller window, a reset or a seed change goes
+    back to the mask until the ring is full again."""
+    config = kv_config(2, "self", max_frames=3, window=3, interval=2)
+    ours, ref, control = stream_pair(models, ref_models, config, prompt=PROMPT)
+    got, expected, unmasked = [], [], []
+    for call, frames in enumerate(groups(12, seed=41)):
+        if call == 9:
+            ours.set_cache_window(2)
+            control.window = 2
+        got += record(ours, [frames])
+        expected += record(ref, [frames])
+        unmasked.append(ours.kv.unmasked)
+    assert_close_records(got, expected)
+    # writes at calls 0, 2, 4 (interval 2): from call 5 on the three slots hold earlier frames
+    assert unmasked == [False] * 5 + [True] * 4 + [False] * 3
+    ours.reset()
+    ours.step(make_frames(1, 3))
+    assert not ours.kv.unmasked
+
+
 @pytest.mark.parametrize("cfg_type", ["self", "full"])
 def test_reset_replays_bit_for_bit(models, cfg_type):
     stream = Stream(models, kv_config(2, cfg_type, max_frames=3, window=2, interval=2), prompt=PROMPT,
