@@ -121,6 +121,7 @@ class StreamSampler(io.ComfyNode):
             t_index_list=parse_t_index_list(t_index_list) if t_index_list.strip() else None, steps=steps,
             strength=strength, guidance_scale=cfg, seed=seed,
             frame_size=(int(image.shape[1]), int(image.shape[2])) if image is not None and image.dim() == 4 else None)
+        image = settings.fit_frames(image)  # resized to the settings' width / height, when they set them
         notes: list[str] = []
         request = StreamRequest(config, prompt_input(positive, prompt, "positive", "prompt", notes),
                                 prompt_input(negative, negative_prompt, "negative", "negative_prompt", notes),
