@@ -11,7 +11,7 @@ import torch
 from ..streamrt import StreamRequest, StreamSettings
 from . import api
 from .api import io
-from .engines import engine_source
+from .engines import engine_note, engine_source
 from .runtime import SESSIONS, PipelineHandle, report_memory, workflow_id
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,9 @@ class StreamSampler(io.ComfyNode):
                 "warming" if fresh or stream.frames_processed <= stream.latency * config.frames_per_step
                 else "streaming"),
         })
+        note = engine_note(pipeline, runtime)  # which parts run on engines, which on torch, and why
+        if note is not None:
+            api.show_text(node_id, note)
         logger.debug("stream %s: %d frame(s) in %.1f ms (%s)", node_id, count, 1000 * seconds, runtime.describe())
         report_memory()
         return io.NodeOutput(frames)

@@ -14,8 +14,8 @@ Examples (``--workflow``): ``realtime`` (realtime_webcam.json: WebcamCapture -> 
 PreviewImage), ``batch_video`` (batch_video.json: LoadVideo -> GetVideoComponents -> Realtime Sampler (with Stream
 Settings; pipeline and prompts from Load Checkpoint -> Stream Pipeline from Model and CLIP Text Encode) ->
 SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` (engine_build.json: Load
-Stream Pipeline -> Build Engines -> Realtime Sampler (with Stream Settings matching the engines), fed by
-WebcamCapture).
+Stream Pipeline -> Build Engines -> Realtime Sampler, one Stream Settings node into both (the engines' shapes),
+fed by WebcamCapture).
 """
 
 from __future__ import annotations
@@ -212,18 +212,19 @@ ENGINE_WORKFLOW_ID = "9b2e4c61-3f7a-4d2b-8c1e-5a6f7b8c9d0e"
 
 ENGINE_NOTE = """TensorRT engines -> StreamRT (realtime webcam)
 
-1. Install a backend into ComfyUI's Python: pip install tensorrt-rtx polygraphy (RTX 20xx-50xx GPUs; it can \
-also build on a machine without a GPU for a chosen target). Full TensorRT (backend 'tensorrt') builds for \
-the local GPU.
+1. Install a backend into ComfyUI's Python: pip install tensorrt-rtx (RTX 20xx-50xx GPUs; it can also build on \
+a machine without a GPU for a chosen target) or pip install tensorrt (full TensorRT, builds for the local GPU); \
+polygraphy comes with StreamRT's requirements.
 2. Queue once: 'Build Engines' exports the UNet and the VAE encoder/decoder to ONNX and builds fp16 engines \
-for 512x512, frames_per_step 1, 2 denoising steps, cfg_type self (these numbers must match the stream's: the \
-Stream Settings node and the sampler's steps), into models/streamrt_engines folders (the pack's \
-engine_cache/ by default). The SD UNet takes minutes; the report says what was built or reused and where. \
+for the stream the sampler runs: the shapes come from the Stream Settings node connected to both (512x512, \
+frames_per_step 1, cfg_type self) and Build Engines' steps, which must be the sampler's steps. The sampler \
+resizes the webcam's frames to the settings' width x height. Engines go to models/streamrt_engines. The SD UNet \
+takes minutes; the report (shown in Preview as Text and on the node) says what was built or reused and where. \
 Later queues reuse the engines in milliseconds.
 3. acceleration 'auto' (Stream Settings) runs the UNet/VAE through the engines that match the stream's size \
-and batch on this GPU, and PyTorch (a CUDA graph) where none does; the sampler shows what runs and why (e.g. \
-TensorRT-RTX does not run on Hopper/data-centre GPUs). Set it to 'tensorrt' to get an error instead when no \
-engine fits.
+and batch on this GPU, and PyTorch (a CUDA graph) where none does; the sampler shows on its node which parts run \
+on engines and why others do not (e.g. TensorRT-RTX does not run on Hopper/data-centre GPUs). Set it to \
+'tensorrt' to get an error instead when no engine fits.
 
 min_size/max_size build engines for a range of sizes instead. Engines already built: use 'Load Engines' \
 between Load Stream Pipeline and the sampler instead of Build Engines; it lists the cached engines of the \
@@ -233,8 +234,7 @@ model."""
 ENGINE_VALUES = {
     "WebcamCapture": {"width": 512, "height": 512, "capture_on_queue": True},
     "StreamRTLoadPipeline": {"model": "sd-turbo", "taesd": "taesd", "dtype": "auto", "device": "auto"},
-    "StreamRTBuildEngines": {"width": 512, "height": 512, "frames_per_step": 1, "denoising_steps": 2,
-                             "cfg_type": "self", "components": "unet + vae"},
+    "StreamRTBuildEngines": {"steps": 2, "width": 0, "height": 0, "components": "unet + vae"},
     "StreamRTSettings": {"width": 512, "height": 512, "frames_per_step": 1, "cfg_type": "self",
                          "acceleration": "auto"},
     "StreamRTSampler": {"prompt": "a watercolor portrait, soft light, vivid colors",
@@ -244,15 +244,16 @@ ENGINE_VALUES = {
 ENGINE_BUILD_JS = _ADD_JS + """
 const load = add("StreamRTLoadPipeline", [40, 60], [330, 154]);
 const cam = add("WebcamCapture", [40, 300], [330, 440]);
-const build = add("StreamRTBuildEngines", [410, 60], [360, 0]);
-const report = add("PreviewAny", [410, 560], [360, 240]);
-const settings = add("StreamRTSettings", [410, 840], [360, 0]);
+const settings = add("StreamRTSettings", [410, 60], [360, 0]);
+const build = add("StreamRTBuildEngines", [410, 400], [360, 0]);
+const report = add("PreviewAny", [410, 820], [560, 260]);
 const sampler = add("StreamRTSampler", [810, 60], [400, 0]);
 const preview = add("PreviewImage", [1250, 60], [520, 560]);
 const text = add("Note", [40, 780], [330, 560]);
 text.widgets[0].value = note;
 text.title = "How to use";
 load.connect(0, build, "pipeline");
+settings.connect(0, build, "settings");
 build.connect(0, sampler, "pipeline");
 build.connect(1, report, "source");
 cam.connect(0, sampler, "image");
