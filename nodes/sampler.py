@@ -144,6 +144,7 @@ class StreamSampler(io.ComfyNode):
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
             "backend": runtime.describe(), "acceleration": runtime.acceleration.value, "parts": runtime.parts,
             "notes": list(runtime.notes) + notes, "device": str(stream.device),
+            "sessions": dict(zip(("pipelines", "streams"), SESSIONS.counts())),  # what the pack holds now
             "state": "reset" if reset else (
                 "warming" if fresh or stream.frames_processed <= stream.latency * config.frames_per_step
                 else "streaming"),
