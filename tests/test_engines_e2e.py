@@ -175,13 +175,14 @@ def test_missing_backend_is_reported(server: ComfyServer) -> None:
 
 
 def test_example_workflow_matches_the_nodes(server: ComfyServer) -> None:
-    """example_workflows/engine_build.json (saved by the real frontend, tests/browser/build_example_workflow.py):
+    """"example_workflows/TensorRT engines (StreamRT).json" (saved by the real frontend,
+    tests/browser/build_example_workflow.py):
     listed as a template, a valid workflow for these nodes (tests/workflows.py: Build Engines' widgets in the
     node's input order with valid values, ...), and the engines' pipeline feeding the sampler, built for the
     stream's shapes (the sampler's steps and its Stream Settings)."""
-    path = Path(__file__).resolve().parent.parent / "example_workflows" / "engine_build.json"
+    path = Path(__file__).resolve().parent.parent / "example_workflows" / "TensorRT engines (StreamRT).json"
     example = json.loads(path.read_text(encoding="utf-8"))
-    assert "engine_build" in server.get("/api/workflow_templates").json().get("StreamRT", [])
+    assert "TensorRT engines (StreamRT)" in server.get("/api/workflow_templates").json().get("StreamRT", [])
     info = server.object_info()
     problems = workflow_problems(example, info)
     assert not problems, "\n".join(problems)

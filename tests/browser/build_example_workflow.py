@@ -10,12 +10,15 @@ saved file no longer matches the node definitions.
     .venv/bin/python tests/browser/build_example_workflow.py --workflow batch_video
     .venv/bin/python tests/browser/build_example_workflow.py --url http://127.0.0.1:8188
 
-Examples (``--workflow``): ``realtime`` (realtime_webcam.json: WebcamCapture -> Realtime Sampler ->
-PreviewImage), ``batch_video`` (batch_video.json: LoadVideo -> GetVideoComponents -> Realtime Sampler (with Stream
-Settings; pipeline and prompts from Load Checkpoint -> Stream Pipeline from Model and CLIP Text Encode) ->
-SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` (engine_build.json: Load
-Stream Pipeline -> Build Engines -> Realtime Sampler, one Stream Settings node into both (the engines' shapes),
-fed by WebcamCapture).
+Examples (``--workflow``): ``realtime`` ("Realtime webcam (StreamRT).json": WebcamCapture -> Realtime Sampler
+-> PreviewImage), ``batch_video`` ("Batch video (StreamRT).json": LoadVideo -> GetVideoComponents -> Realtime
+Sampler (with Stream Settings; pipeline and prompts from Load Checkpoint -> Stream Pipeline from Model and CLIP
+Text Encode) -> SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` ("TensorRT engines
+(StreamRT).json": Load Stream Pipeline -> Build Engines -> Realtime Sampler, one Stream Settings node into both
+(the engines' shapes), fed by WebcamCapture). The file names are the titles ComfyUI's template browser shows.
+
+Thumbnails (``<name>.jpg`` beside each file, what the template browser shows) are screenshots of these graphs:
+tests/browser/make_thumbnails.py.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ from browser.page import ComfyPage, prepare_user_settings  # noqa: E402
 EXAMPLES_DIR = REPO / "example_workflows"
 
 # ---------------------------------------------------------------------------------------------------
-# realtime_webcam.json
+# Realtime webcam (StreamRT).json
 
-OUTPUT = EXAMPLES_DIR / "realtime_webcam.json"
+OUTPUT = EXAMPLES_DIR / "Realtime webcam (StreamRT).json"
 WORKFLOW_ID = "5f0c1d2e-7a3b-4c8d-9e6f-1a2b3c4d5e6f"
 
 NOTE = """Realtime webcam -> StreamRT
@@ -112,9 +115,9 @@ sampler.connect(0, preview, "images");
 """ + _SAVE_JS
 
 # ---------------------------------------------------------------------------------------------------
-# batch_video.json
+# Batch video (StreamRT).json
 
-BATCH_OUTPUT = EXAMPLES_DIR / "batch_video.json"
+BATCH_OUTPUT = EXAMPLES_DIR / "Batch video (StreamRT).json"
 BATCH_WORKFLOW_ID = "9b4e2a71-3c5d-4f8e-a1b2-6c7d8e9f0a1b"
 
 #: LoadVideo's file: a placeholder. The frontend keeps a combo value that is not among the options (no
@@ -205,9 +208,9 @@ create.connect(0, saveVideo, "video");
 
 
 # ---------------------------------------------------------------------------------------------------
-# engine_build.json
+# TensorRT engines (StreamRT).json
 
-ENGINE_OUTPUT = EXAMPLES_DIR / "engine_build.json"
+ENGINE_OUTPUT = EXAMPLES_DIR / "TensorRT engines (StreamRT).json"
 ENGINE_WORKFLOW_ID = "9b2e4c61-3f7a-4d2b-8c1e-5a6f7b8c9d0e"
 
 ENGINE_NOTE = """TensorRT engines -> StreamRT (realtime webcam)
