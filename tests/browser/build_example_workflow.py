@@ -137,8 +137,9 @@ Save Video write an mp4 at the input's fps (output/streamrt/video_*.mp4). Press 
 sampler's "▶ Stream" toggle (re-queue until stopped) is for the realtime webcam example.
 
 1. Put the clip into ComfyUI's input folder (or use Load Video's upload button) and pick it in "file" \
-(input.mp4 is a placeholder). Its width and height must be multiples of 8 (the stream keeps the \
-video's size with Stream Settings' width/height 0); all frames are decoded into memory at once.
+(input.mp4 is a placeholder). With Stream Settings' width/height 0 the stream keeps the video's size, \
+which must then be a multiple of 8; set them to resize every frame to that size. All frames are decoded \
+into memory at once.
 2. Models: Load Checkpoint takes a Stable Diffusion 1.x / 2.x checkpoint from models/checkpoints (e.g. \
 sd_turbo.safetensors, a placeholder here). Stream Pipeline from Model converts its MODEL, CLIP and VAE \
 once (LoRA loaders in between are applied). For a much faster encode/decode connect Load VAE 'taesd' \
