@@ -288,16 +288,24 @@ def host_weights(model, clip, vae, device: torch.device, dtype: torch.dtype) -> 
 
 # ---- engines (nodes/engines.py) -------------------------------------------------------------------
 ENGINE_FOLDER = "streamrt_engines"
-PACK_ENGINE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine_cache")
+#: where engines were kept before they moved to ComfyUI's models folder; still searched, so nothing built is lost
+LEGACY_ENGINE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine_cache")
+
+
+def default_engine_dir() -> str:
+    """``models/streamrt_engines`` in ComfyUI's models folder: survives reinstalling or updating the pack."""
+    return os.path.join(folder_paths.models_dir, ENGINE_FOLDER)
 
 
 def register_engine_folder() -> None:
-    """Register the pack's ``engine_cache/`` as the model folder kind ``streamrt_engines`` (idempotent).
+    """Register ComfyUI's ``models/streamrt_engines`` and, after it, the pack's old ``engine_cache/`` as the model
+    folder kind ``streamrt_engines`` (idempotent).
 
-    Appended after folders a user configured for that kind in extra_model_paths.yaml, so the user's
-    first folder is where new engines go; every folder is searched.
+    Appended after the folders a user configured for that kind in extra_model_paths.yaml, so the user's first
+    folder is where new engines go (else ``models/streamrt_engines``); every folder is searched, the old one too.
     """
-    folder_paths.add_model_folder_path(ENGINE_FOLDER, PACK_ENGINE_DIR)
+    folder_paths.add_model_folder_path(ENGINE_FOLDER, default_engine_dir())
+    folder_paths.add_model_folder_path(ENGINE_FOLDER, LEGACY_ENGINE_DIR)
 
 
 def engine_folders() -> list[str]:
@@ -311,6 +319,29 @@ def text_ui(text: str):
     from comfy_api.latest import ui
 
     return ui.PreviewText(text)
+
+
+def preview_text(text: str) -> str:
+    """``text`` (lines, columns aligned with spaces) as a STRING that *Preview as Text* (PreviewAny) shows as it is.
+
+    PreviewAny (frontend 1.32) renders its text as Markdown, where single line breaks join lines and runs of
+    spaces collapse: a report arrives as one paragraph. A fenced code block keeps every line and the columns,
+    in a monospace font; other consumers of the STRING see the text between two fence lines.
+    """
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}\n{text}\n{fence}"
+
+
+def show_text(node_id: str | None, text: str) -> None:
+    """Show ``text`` on the node itself (ComfyUI's progress text: a read-only text under the node's widgets, line
+    breaks kept; it stays until the node sends another), for the client that queued the prompt."""
+    from server import PromptServer
+
+    server = PromptServer.instance
+    if server is not None and server.client_id is not None and node_id is not None:
+        server.send_progress_text(text, node_id, server.client_id)
 
 
 # ---- CONDITIONING (nodes/sampler.py) ------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Build Engines and Load Engines: TensorRT / TensorRT-RTX engines for a STREAMRT_PIPELINE.
 
-The work is in :mod:`streamrt.engines`; these nodes pick the cache folders, map the widgets to
-engine requests, and report what happened as text.
+The work is in :mod:`streamrt.engines`; these nodes pick the cache folders, map the sampler's settings and the
+widgets to engine requests, and report what happened as text (on the node, and as a STRING that Preview as Text
+shows line by line). :func:`engine_note` is what a sampler shows about the engines it runs on.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import functools
 import logging
 from dataclasses import dataclass, fields
 
-from ..streamrt.config import CfgType, StreamConfig
+from ..streamrt import StreamSettings
 from ..streamrt.engines import (
     BACKENDS,
     COMPONENTS,
@@ -26,6 +27,7 @@ from ..streamrt.engines import (
 )
 from ..streamrt.engines.cache import CacheEntry
 from ..streamrt.models import StreamModels
+from ..streamrt.runtime import Acceleration, Runtime
 from . import api
 from .api import io
 from .runtime import PipelineHandle
@@ -68,12 +70,14 @@ def engine_source(pipeline: PipelineHandle) -> CachedEngines:
     return CachedEngines(engine_cache(), getattr(pipeline, "engine_backend", "auto"))
 
 
-def stream_config_for(width: int, height: int, frames_per_step: int, denoising_steps: int,
-                      cfg_type: str) -> StreamConfig:
-    """A config with the shapes a sampler with these numbers has (guidance on for full / initialize)."""
-    return StreamConfig(width=width, height=height, t_index_list=tuple(range(denoising_steps)),
-                        num_inference_steps=max(50, denoising_steps), frames_per_step=frames_per_step,
-                        cfg_type=cfg_type, guidance_scale=1.0 if cfg_type == CfgType.NONE.value else 1.2)
+def engine_note(pipeline: PipelineHandle, runtime: Runtime) -> str | None:
+    """What a sampler shows on its node about engines: which parts run on them, which run on torch and why
+    (:meth:`Runtime.summary`), when engines are in play: the pipeline comes from Build / Load Engines, the stream
+    asked for ``tensorrt``, or a part runs on an engine. None otherwise (nothing to say about engines)."""
+    if (isinstance(pipeline, EnginePipelineHandle) or runtime.requested is Acceleration.TENSORRT
+            or "engine" in runtime.parts.values()):
+        return "StreamRT engines\n" + runtime.summary()
+    return None
 
 
 def _entry_line(entry: CacheEntry, installed: dict[str, str], here: str | None, device) -> str:
@@ -103,7 +107,7 @@ def list_engines(models: StreamModels, cache: EngineCache) -> str:
 
 
 class BuildEngines(io.ComfyNode):
-    """Build (or reuse) the engines a stream with these numbers runs on, and attach them to the pipeline."""
+    """Build (or reuse) the engines a sampler's stream runs on, and attach them to the pipeline."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -112,37 +116,42 @@ class BuildEngines(io.ComfyNode):
             display_name="Build Engines (TensorRT, StreamRT)",
             category=api.CATEGORY,
             description=(
-                "Exports the pipeline's UNet and VAE encoder/decoder to ONNX and builds TensorRT engines for a stream "
-                "of these sizes, or reuses the ones already in the engine cache (models/streamrt_engines folders; "
-                "the pack's engine_cache/ by default). TensorRT-RTX builds ahead of time on any machine, even "
-                "without a GPU, for the GPU generation you choose; full TensorRT builds for the local GPU. Builds "
-                "take seconds to minutes. A Realtime Sampler fed from the pipeline output with acceleration 'auto' or "
-                "'tensorrt' runs on the engines that fit its shapes on this GPU; the sampler shows which parts do."),
+                "Exports the pipeline's UNet and VAE encoder/decoder to ONNX and builds TensorRT engines for the "
+                "stream a Realtime Sampler runs: connect the same Stream Settings node as the sampler's (cfg type, "
+                "frames per step, size) and set steps as on the sampler. Reuses the engines already in the engine "
+                "cache (models/streamrt_engines; the pack's old engine_cache/ is still read). TensorRT-RTX builds "
+                "ahead of time on any machine, even without a GPU, for the GPU generation you choose; full TensorRT "
+                "builds for the local GPU. Builds take seconds to minutes. A sampler fed from the pipeline output "
+                "with acceleration 'auto' or 'tensorrt' runs on the engines that fit its shapes on this GPU, and "
+                "shows which parts do and why the others do not."),
             inputs=[
-                api.PIPELINE.Input("pipeline", tooltip="From Load Stream Pipeline."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8,
-                             tooltip="Stream width the engines are tuned for (must match the stream's: the "
-                                     "Stream Settings' width, or the input's)."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8,
-                             tooltip="Stream height the engines are tuned for (must match the stream's: the "
-                                     "Stream Settings' height, or the input's)."),
+                api.PIPELINE.Input("pipeline", tooltip="From Load Stream Pipeline or Stream Pipeline from Model."),
+                api.SETTINGS.Input("settings", optional=True,
+                                   tooltip="The sampler's settings (the same Stream Settings node): the engines are "
+                                           "built for its cfg type, frames per step and width/height. Without it: "
+                                           "the sampler's defaults (cfg type self, one frame per step)."),
+                io.Int.Input("steps", default=2, min=1, max=50,
+                             tooltip="The sampler's steps (or how many indices its t_index_list has). The UNet "
+                                     "batch is steps x frames per step rows, more with cfg_type full or "
+                                     "initialize (with the sampler's cfg <= 1 those run as 'none': set cfg_type "
+                                     "none in the settings then)."),
+                io.Int.Input("width", default=0, min=0, max=4096, step=8,
+                             tooltip="0 = the settings' width. Set it only when the settings take the input's size "
+                                     "(width 0 there, or no settings): then the width of the frames the sampler "
+                                     "gets, e.g. the webcam's."),
+                io.Int.Input("height", default=0, min=0, max=4096, step=8,
+                             tooltip="0 = the settings' height. Set it only when the settings take the input's size "
+                                     "(height 0 there, or no settings): then the height of the sampler's frames."),
                 io.Int.Input("min_size", default=0, min=0, max=4096, step=8,
-                             tooltip="0 = engines for exactly width x height (fastest). Otherwise with max_size: "
-                                     "engines that accept any width and height in [min_size, max_size]."),
+                             tooltip="0 = engines for exactly the stream's width x height (fastest). Otherwise "
+                                     "with max_size: engines that accept any width and height in [min_size, "
+                                     "max_size], tuned for the stream's."),
                 io.Int.Input("max_size", default=0, min=0, max=4096, step=8,
                              tooltip="Largest width/height a dynamic engine accepts (0 = static, see min_size)."),
-                io.Int.Input("frames_per_step", default=1, min=1, max=16,
-                             tooltip="The stream's frames_per_step (F, Stream Settings): VAE engines take F frames."),
-                io.Int.Input("denoising_steps", default=2, min=1, max=50,
-                             tooltip="The sampler's steps (n; or how many indices its t_index_list has). The "
-                                     "UNet batch is n x F rows, more with cfg_type full or initialize."),
-                io.Combo.Input("cfg_type", options=[c.value for c in CfgType], default=CfgType.SELF.value,
-                               tooltip="The stream's cfg_type (Stream Settings; full doubles the UNet batch, "
-                                       "initialize adds F rows). With the sampler's cfg <= 1 it runs as 'none'."),
                 io.Combo.Input("backend", options=list(BACKENDS), default=BACKENDS[0],
-                               tooltip="tensorrt-rtx (pip install tensorrt-rtx polygraphy): RTX GPUs from the 20 "
-                                       "series on, builds without a GPU; not for Hopper/data-centre GPUs. tensorrt: "
-                                       "full TensorRT, builds on the GPU it will run on."),
+                               tooltip="tensorrt-rtx (pip install tensorrt-rtx): RTX GPUs from the 20 series on, "
+                                       "builds without a GPU; not for Hopper/data-centre GPUs. tensorrt (pip "
+                                       "install tensorrt): full TensorRT, builds on the GPU it will run on."),
                 io.Combo.Input("target", options=["auto", *TARGET_CHOICES], default="auto",
                                tooltip="GPU generation the engines run on. auto = this machine's GPU. SM75 RTX 20xx, "
                                        "SM80 A100, SM86 RTX 30xx, SM89 RTX 40xx, SM120 RTX 50xx."),
@@ -155,7 +164,8 @@ class BuildEngines(io.ComfyNode):
             ],
             outputs=[api.PIPELINE.Output(display_name="pipeline",
                                          tooltip="The pipeline, for samplers that should use these engines."),
-                     io.String.Output(display_name="report", tooltip="What was built or reused, and where.")],
+                     io.String.Output(display_name="report",
+                                      tooltip="What was built or reused, and where (for Preview as Text).")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
             not_idempotent=True,
@@ -166,26 +176,39 @@ class BuildEngines(io.ComfyNode):
         return float("nan")  # always look at the cache: engines may have been deleted or damaged meanwhile
 
     @classmethod
-    def execute(cls, pipeline: PipelineHandle, width: int, height: int, min_size: int, max_size: int,
-                frames_per_step: int, denoising_steps: int, cfg_type: str, backend: str, target: str,
-                precision: str, components: str, rebuild: bool) -> io.NodeOutput:
+    def execute(cls, pipeline: PipelineHandle, steps: int, width: int, height: int, min_size: int, max_size: int,
+                backend: str, target: str, precision: str, components: str, rebuild: bool,
+                settings: StreamSettings | None = None) -> io.NodeOutput:
         models = pipeline.models()
-        config = stream_config_for(width, height, frames_per_step, denoising_steps, cfg_type)
+        settings = settings if settings is not None else StreamSettings()
+        config = settings.shapes_config(steps=steps, width=width, height=height)
         requests = requests_for_stream(config, components=COMPONENT_SETS[components], precision=precision,
                                        backend=backend, target=target, min_size=min_size, max_size=max_size)
         cache = engine_cache()
         progress = api.Progress(100 * len(requests), cls.hidden.unique_id)
         results = build_engines(models, requests, cache, progress=progress, force=rebuild)
-        first = results[0].key
-        lines = [f"StreamRT engines: {first.backend} {first.backend_version}, target {first.target}, "
-                 f"{first.precision}, weights {first.weights}"]
-        for r in results:
-            what = (f"built in {r.build_seconds:.1f} s (export {r.export_seconds:.1f} s)" if r.built else "reused")
-            lines.append(f"  {r.key.component:<12} {r.key.shapes.label():<28} {what:<34} {r.record.size / 1e6:8.1f} MB")
-        lines.append(f"Folder: {results[0].record.path.parent}")
-        report = "\n".join(lines)
+        report = build_report(config, results)
         logger.info("%s", report)
-        return io.NodeOutput(with_engines(pipeline, backend), report, ui=api.text_ui(report))
+        api.show_text(cls.hidden.unique_id, report)
+        return io.NodeOutput(with_engines(pipeline, backend), api.preview_text(report), ui=api.text_ui(report))
+
+
+def build_report(config, results) -> str:
+    """What Build Engines did, as aligned lines: the stream, each engine built or reused, and the folder."""
+    first = results[0].key
+    cfg = config.cfg_type.value if config.guidance_scale > 1 else "none"
+    lines = [f"StreamRT engines: {first.backend} {first.backend_version}, target {first.target}, "
+             f"{first.precision}, weights {first.weights}",
+             f"stream: {config.width}x{config.height}, {config.num_steps} step(s), {config.frames_per_step} frame(s) "
+             f"per step, cfg_type {cfg}"]
+    for r in results:
+        what = (f"built in {r.build_seconds:.1f} s (export {r.export_seconds:.1f} s)" if r.built else "reused")
+        lines.append(f"  {r.key.component:<12} {r.key.shapes.label():<28} {what:<34} {r.record.size / 1e6:8.1f} MB")
+    lines.append(f"Folder: {results[0].record.path.parent}")
+    if config.kv_cache.enabled:
+        lines.append("Note: the settings turn cached attention on: the UNet runs on torch then (no engine takes the "
+                     "attention cache yet); the VAE engines are used.")
+    return "\n".join(lines)
 
 
 class LoadEngines(io.ComfyNode):
@@ -208,7 +231,8 @@ class LoadEngines(io.ComfyNode):
             ],
             outputs=[api.PIPELINE.Output(display_name="pipeline", tooltip="The pipeline, for samplers that should "
                                                                            "use engines of this backend."),
-                     io.String.Output(display_name="engines", tooltip="The engines found, and whether they run here.")],
+                     io.String.Output(display_name="engines", tooltip="The engines found, and whether they run here "
+                                                                      "(for Preview as Text).")],
             is_output_node=True,
             not_idempotent=True,
         )
@@ -221,7 +245,7 @@ class LoadEngines(io.ComfyNode):
     def execute(cls, pipeline: PipelineHandle, backend: str) -> io.NodeOutput:
         models = pipeline.models()
         listing = list_engines(models, engine_cache())
-        return io.NodeOutput(with_engines(pipeline, backend), listing, ui=api.text_ui(listing))
+        return io.NodeOutput(with_engines(pipeline, backend), api.preview_text(listing), ui=api.text_ui(listing))
 
 
 ENGINE_NODES: list[type[io.ComfyNode]] = [BuildEngines, LoadEngines]

@@ -11,7 +11,7 @@ import torch
 from ..streamrt import StreamRequest, StreamSettings
 from . import api
 from .api import io
-from .engines import engine_source
+from .engines import engine_note, engine_source
 from .runtime import SESSIONS, PipelineHandle, report_memory, workflow_id
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class StreamSampler(io.ComfyNode):
             t_index_list=parse_t_index_list(t_index_list) if t_index_list.strip() else None, steps=steps,
             strength=strength, guidance_scale=cfg, seed=seed,
             frame_size=(int(image.shape[1]), int(image.shape[2])) if image is not None and image.dim() == 4 else None)
+        image = settings.fit_frames(image)  # resized to the settings' width / height, when they set them
         notes: list[str] = []
         request = StreamRequest(config, prompt_input(positive, prompt, "positive", "prompt", notes),
                                 prompt_input(negative, negative_prompt, "negative", "negative_prompt", notes),
@@ -143,10 +144,14 @@ class StreamSampler(io.ComfyNode):
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
             "backend": runtime.describe(), "acceleration": runtime.acceleration.value, "parts": runtime.parts,
             "notes": list(runtime.notes) + notes, "device": str(stream.device),
+            "sessions": dict(zip(("pipelines", "streams"), SESSIONS.counts())),  # what the pack holds now
             "state": "reset" if reset else (
                 "warming" if fresh or stream.frames_processed <= stream.latency * config.frames_per_step
                 else "streaming"),
         })
+        note = engine_note(pipeline, runtime)  # which parts run on engines, which on torch, and why
+        if note is not None:
+            api.show_text(node_id, note)
         logger.debug("stream %s: %d frame(s) in %.1f ms (%s)", node_id, count, 1000 * seconds, runtime.describe())
         report_memory()
         return io.NodeOutput(frames)

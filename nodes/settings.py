@@ -40,9 +40,10 @@ class StreamSettingsNode(io.ComfyNode):
             node_id="StreamRTSettings",
             display_name="Stream Settings (StreamRT)",
             category=SETTINGS_CATEGORY,
-            description="Stream options for the realtime sampler: cfg type, RCFG delta, frames per step, size, "
-                        "schedule length and acceleration (auto / eager / cuda_graph / compile / TensorRT "
-                        "engines). Changing cfg_type, size, frames per step, schedule or acceleration rebuilds "
+            description="Stream options for the realtime sampler: cfg type, RCFG delta, frames per step, size (the "
+                        "input is resized to it), schedule length and acceleration (auto / eager / cuda_graph / "
+                        "compile / TensorRT engines). Connect the same node to Build Engines to build engines for "
+                        "this stream. Changing cfg_type, size, frames per step, schedule or acceleration rebuilds "
                         "the stream; delta changes live.",
             inputs=[
                 chain_input(),
@@ -63,9 +64,11 @@ class StreamSettingsNode(io.ComfyNode):
                                        "first run compiles for a minute or more, cached on disk). tensorrt: engines "
                                        "from Build Engines (an error when none fits)."),
                 io.Int.Input("width", default=0, min=0, max=4096, step=8,
-                             tooltip="Stream width; 0 = the input's width (512 for txt2img)."),
+                             tooltip="Stream width: the input frames are resized to it (stretched, no crop). 0 = the "
+                                     "input's width, which must then be a multiple of 8 (512 for txt2img)."),
                 io.Int.Input("height", default=0, min=0, max=4096, step=8,
-                             tooltip="Stream height; 0 = the input's height (512 for txt2img)."),
+                             tooltip="Stream height: the input frames are resized to it (stretched, no crop). 0 = "
+                                     "the input's height, which must then be a multiple of 8 (512 for txt2img)."),
                 io.Int.Input("schedule_length", default=50, min=1, max=1000,
                              tooltip="Length of the LCM schedule (num_inference_steps) that steps/strength and "
                                      "t_index_list index."),

@@ -17,7 +17,7 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
 fi
 PY=${PYTHON:-python3}
 VENV=.venv
-stamp=$VENV/.streamrt-setup-v6  # bumped when the installed requirements change (v6: ruff)
+stamp=$VENV/.streamrt-setup-v7  # bumped when the installed requirements change (v7: polygraphy, onnx in requirements.txt)
 if [ -f "$stamp" ] && [ -f .comfyui/ComfyUI/main.py ]; then
   exit 0
 fi

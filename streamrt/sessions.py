@@ -5,7 +5,9 @@ A host application (the ComfyUI nodes) keeps one :class:`StreamSessions`.
 - Pipelines are cached by what identifies their weights, so asking again does not reload. A pipeline
   stays while something uses it: a *holder* (a loader node, whose latest load it is) or a live stream.
   When a holder loads something else, or the last stream on a pipeline goes, a pipeline nobody uses is
-  released at once.
+  released at once, and its memory given back (its reference cycles collected, the CUDA cache emptied)
+  before anything new is loaded or allocated: a holder that switches models lets go of the old pipeline
+  before it loads the new one.
 - Streams are kept per owner (a sampler node), so every call of the same owner advances the same stream,
   and a changed config rebuilds only what it must (docs/DESIGN.md section 7). At most ``max_streams``
   live at once; the least recently used goes first.
@@ -100,6 +102,11 @@ class StreamSessions:
         released when nothing else uses it.
         """
         with self._lock:
+            previous = self._holders.get(holder) if holder is not None else None
+            if previous is not None and previous != key:
+                # The holder lets go of what it held first: unused, it is gone before the new pipeline loads.
+                del self._holders[holder]
+                self._release_if_unused(previous)
             models = self._pipelines.get(key)
             if models is None:
                 if self._collect_pending:
@@ -109,18 +116,22 @@ class StreamSessions:
                 self._pipelines[key] = models
                 self._pipeline_bytes[key] = models.weights_nbytes()
             if holder is not None:
-                previous = self._holders.get(holder)
                 self._holders[holder] = key
-                if previous is not None and previous != key:
-                    self._release_if_unused(previous)
+            if self._collect_pending:
+                self._collect()
             return models
 
-    def _release_if_unused(self, key: Hashable) -> None:
+    def _release_if_unused(self, key: Hashable) -> bool:
+        """Drop the pipeline of ``key`` when no holder and no stream uses it; its memory is given back by the next
+        :meth:`_collect` (callers inside a host's unload loop must not collect there, see :meth:`release`)."""
         models = self._pipelines.get(key)
         if models is None or key in self._holders.values() or any(s.models is models for s in self._streams.values()):
-            return
-        del self._pipelines[key], self._pipeline_bytes[key]
-        logger.info("released a pipeline nothing uses any more (%d left)", len(self._pipelines))
+            return False
+        del self._pipelines[key], self._pipeline_bytes[key], models
+        self._collect_pending = True
+        logger.info("released a pipeline nothing uses any more (%d pipeline(s), %d stream(s) left)",
+                    len(self._pipelines), len(self._streams))
+        return True
 
     def _key_of(self, models: StreamModels) -> Hashable | None:
         return next((k for k, m in self._pipelines.items() if m is models), None)
@@ -151,6 +162,8 @@ class StreamSessions:
                     oldest = next(iter(self._streams))
                     logger.info("stream %s: dropped, the least recently used of %d", oldest, self.max_streams)
                     self._drop(oldest)
+                if self._collect_pending:  # a pipeline went with the old stream: free it before allocating
+                    self._collect()
                 try:
                     stream = Stream(models, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
                                     runtime=runtime)

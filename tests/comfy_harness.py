@@ -372,6 +372,8 @@ class ComfyServer:
     :param database_url: ``--database-url``; the default in-memory sqlite makes the server log
         harmless "SQLite objects created in a thread can only be used in that same thread"
         tracebacks (pass ``f"sqlite:///{work}/comfy.db"`` for a quiet log).
+    :param model_folders: the model folder keys the yaml registers, ``{key: sub folder of <work>/models}``
+        (default :data:`MODEL_FOLDERS`); leave a key out to see what the server does without it.
     """
 
     def __init__(self, pack_dir: str | os.PathLike | None, work_dir: str | os.PathLike, *,
@@ -379,7 +381,7 @@ class ComfyServer:
                  extra_packs: Mapping[str, str | os.PathLike] | None = None,
                  models_source: str | os.PathLike | None = None, cpu: bool = True,
                  env: Mapping[str, str] | None = None, host: str = "127.0.0.1",
-                 database_url: str = "sqlite:///:memory:"):
+                 database_url: str = "sqlite:///:memory:", model_folders: Mapping[str, str] | None = None):
         self.pack_dir = Path(pack_dir).resolve() if pack_dir is not None else None
         self.work_dir = Path(work_dir).resolve()
         self.extra_args = tuple(str(a) for a in extra_args)
@@ -391,6 +393,7 @@ class ComfyServer:
         self.cpu = cpu
         self.env = dict(env or {})
         self.database_url = database_url
+        self.model_folders = dict(MODEL_FOLDERS if model_folders is None else model_folders)
         self.proc: subprocess.Popen | None = None
         self._log_file = None
         self.session = requests.Session()
@@ -453,7 +456,7 @@ class ComfyServer:
                         raise ServerStartError(f"{self.models_dir} exists and is not a link to {self.models_source}")
             if not self.models_dir.exists():
                 self.models_dir.symlink_to(self.models_source, target_is_directory=True)
-        for sub in MODEL_FOLDERS.values():
+        for sub in self.model_folders.values():
             (self.models_dir / sub).mkdir(parents=True, exist_ok=True)
         packs = dict(self.extra_packs)
         if self.pack_dir is not None:
@@ -472,7 +475,7 @@ class ComfyServer:
             link.symlink_to(path, target_is_directory=True)
         lines = ["streamrt_test:", f"    base_path: {json.dumps(str(self.work_dir))}",
                  "    custom_nodes: nodes"]
-        lines += [f"    {key}: models/{sub}" for key, sub in MODEL_FOLDERS.items()]
+        lines += [f"    {key}: models/{sub}" for key, sub in self.model_folders.items()]
         self.yaml_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def command(self) -> list[str]:

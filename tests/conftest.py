@@ -93,6 +93,7 @@ class _RepoRootIsNotATestPackage:
 def pytest_configure(config: pytest.Config) -> None:
     # also declared in pytest.ini; repeated so the marker exists under any rootdir
     config.addinivalue_line("markers", "e2e: end-to-end test that starts a real ComfyUI server subprocess")
+    config.addinivalue_line("markers", "network: needs a package index (pip resolves packages from it)")
     if not config.pluginmanager.has_plugin("streamrt-repo-root-guard"):
         config.pluginmanager.register(_RepoRootIsNotATestPackage(), "streamrt-repo-root-guard")
 

@@ -2,7 +2,7 @@
 
 Headless Chromium (selenium, Debian's chromium + chromedriver) opens the page served by the
 ``comfy_server`` fixture (ComfyUI 0.3.75 with its frontend 1.32.9), loads
-example_workflows/realtime_webcam.json with ``app.loadGraphData`` and runs it. The WebcamCapture node is
+example_workflows/Realtime webcam (StreamRT).json with ``app.loadGraphData`` and runs it. The WebcamCapture node is
 kept: Chromium runs with a fake camera (``--use-fake-device-for-media-stream``), so each queue captures
 Chromium's synthetic test pattern and uploads it like a real webcam frame. For speed the test only
 switches the loader to the tiny random models and the capture size to 64x64.
@@ -40,7 +40,7 @@ from stream_helpers import first_cache_mode
 from workflows import declared_inputs, spec_opts, widget_layout, widget_values_by_name, workflow_problems
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "example_workflows" / "realtime_webcam.json"
+EXAMPLE = REPO / "example_workflows" / "Realtime webcam (StreamRT).json"
 SHOTS_OUT = REPO / "out" / "browser"
 
 SIZE = 64

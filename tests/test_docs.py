@@ -13,7 +13,7 @@ CITATION = re.compile(r"(\S*)DESIGN\.md(?:\)?,?\s+sections?\s+(\d+)(?:\s+and\s+(
 
 def tracked_text_files() -> list[Path]:
     names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+                           capture_output=True, text=True, check=True).stdout.splitlines()
     return [REPO / n for n in names if n.endswith((".py", ".md", ".js", ".sh", ".toml", ".txt", ".ini", ".json"))
             and (REPO / n).is_file()]
 

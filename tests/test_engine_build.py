@@ -50,7 +50,7 @@ from streamrt.runtime import AttachResult, EngineCallError, UNetExtras
 _MISSING = [name for name in ("polygraphy", "tensorrt_rtx") if importlib.util.find_spec(name) is None]
 #: on the tests that really build: skipped, with the reason, without the builder installed
 needs_builder = pytest.mark.skipif(bool(_MISSING), reason=f"engine builds need {' and '.join(_MISSING)} "
-                                                          "(pip install tensorrt-rtx polygraphy)")
+                                                          "(pip install -r requirements.txt tensorrt-rtx)")
 
 TARGET = "SM89"
 SIZE = 64

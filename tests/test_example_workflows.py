@@ -15,32 +15,40 @@ For each file (parametrized over the folder, so a new example is checked without
   :func:`workflows.to_api_prompt` (so that converter follows the frontend's rules).
 
 An example whose only unknown nodes are StreamRT nodes defined in nodes/*.py but not registered by the
-pack yet (example_workflows/engine_build.json while the engine nodes are being wired) is SKIPPED with
+pack yet (example_workflows/TensorRT engines (StreamRT).json while the engine nodes are being wired) is SKIPPED with
 that reason; any other unknown node fails.
 
 Then the two examples built by tests/browser/build_example_workflow.py are RUN on the server, converted
 to API prompts by :func:`workflows.to_api_prompt` with the tiny random models and test media substituted, and
 ``acceleration`` as shipped (``auto``: eager on this machine without a GPU, which the status event says):
 
-* batch_video.json with a synthetic mp4 (PyAV): one SaveImage output per input frame, and the saved
+* Batch video (StreamRT).json with a synthetic mp4 (PyAV): one SaveImage output per input frame, and the saved
   video has the input's frame count and frame rate (fps is linked from GetVideoComponents);
-* realtime_webcam.json with an uploaded PNG as WebcamCapture's image (an API prompt has no camera):
+* Realtime webcam (StreamRT).json with an uploaded PNG as WebcamCapture's image (an API prompt has no camera):
   queued twice, the stream advanced (frame 1, then 2) and the two outputs differ.
 
 Runs under ONE cache mode (``default``, or the first of $STREAMRT_CACHE_MODES): what is checked here is
 the example files and that they run; how the sampler behaves under --cache-none / --cache-lru is covered
 by tests/test_nodes_e2e.py, and the frontend checks do not depend on the server's cache.
 The browser part is skipped, with the reason, when chromium, chromedriver or selenium is missing.
+
+Every example has a thumbnail: ``<name>.jpg`` beside it (a 512x512 screenshot of its graph, made by
+tests/browser/make_thumbnails.py), served where ComfyUI's template browser asks for it
+(``/api/workflow_templates/StreamRT/<name>.jpg``); in the browser, the template browser's StreamRT cards show those
+pictures (not the placeholder) under the examples' names as titles, and a card opens its workflow.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -56,7 +64,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO / "example_workflows"
 EXAMPLE_FILES = sorted(EXAMPLES_DIR.glob("*.json"))
 #: examples that must never be skipped (they use only registered nodes)
-OWNED = {"realtime_webcam.json", "batch_video.json"}
+OWNED = {"Realtime webcam (StreamRT).json", "Batch video (StreamRT).json"}
 #: builder name (tests/browser/build_example_workflow.py) per file
 BUILT = {example.output.name: name for name, example in BUILT_EXAMPLES.items()}
 
@@ -179,10 +187,28 @@ def test_example_is_a_valid_ui_workflow(path: Path, server: ComfyServer, info: d
                     assert value == intended, f"{path.name}: {node['type']}.{name} = {value!r}, meant {intended!r}"
 
 
+@per_example
+def test_example_has_a_thumbnail_that_the_server_serves(path: Path, server: ComfyServer) -> None:
+    """ComfyUI's template browser shows /api/workflow_templates/<pack>/<name>.jpg for each example (frontend 1.32:
+    ``mediaSubtype: "jpg"`` for custom node templates) and a placeholder where it is missing."""
+    from PIL import Image
+
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"{thumbnail.name} is missing: run tests/browser/make_thumbnails.py"
+    served = server.get(f"/api/workflow_templates/StreamRT/{quote(thumbnail.name)}")
+    assert served.status_code == 200 and served.headers["Content-Type"] == "image/jpeg", served
+    assert served.content == thumbnail.read_bytes()
+    image = Image.open(io.BytesIO(served.content))
+    assert image.format == "JPEG" and image.size == (512, 512)
+    pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    assert pixels.std() > 10, "the thumbnail is (nearly) one flat colour: not a picture of the graph"
+    assert path.stem in server.get("/api/workflow_templates").json().get("StreamRT", [])
+
+
 def test_batch_video_graph(info: dict) -> None:
     """The batch example is the graph it is meant to be (by node type and slot name)."""
     assert OWNED <= {p.name for p in EXAMPLE_FILES}
-    workflow = load_example(EXAMPLES_DIR / "batch_video.json")
+    workflow = load_example(EXAMPLES_DIR / "Batch video (StreamRT).json")
     types = {n["id"]: n["type"] for n in workflow["nodes"]}
     names = {n["id"]: [s["name"] for s in n.get("inputs", [])] for n in workflow["nodes"]}
     edges = {(types[src], info[types[src]]["output_name"][slot], types[dst], names[dst][dslot])
@@ -254,7 +280,7 @@ def test_batch_video_example_runs(server: ComfyServer, info: dict) -> None:
     frames_in, fps_in = decoded_video(server.input_dir / name)
     assert (frames_in, fps_in) == (VIDEO_FRAMES, VIDEO_FPS)
 
-    prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "batch_video.json"), info), "example-")
+    prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "Batch video (StreamRT).json"), info), "example-")
     substitute(prompt, "LoadVideo", file=name)
     substitute(prompt, "CheckpointLoaderSimple", ckpt_name=SD15_LAYOUT_CKPT)
     (settings_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSettings"]
@@ -284,7 +310,8 @@ def test_realtime_example_runs_and_streams(server: ComfyServer, info: dict) -> N
     image = np.repeat(np.repeat(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
     name = server.write_input_image(image, name=f"webcam_{uuid.uuid4().hex[:8]}.png")
 
-    prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "realtime_webcam.json"), info), "example-")
+    prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "Realtime webcam (StreamRT).json"), info),
+                            "example-")
     substitute(prompt, "WebcamCapture", image=name)
     substitute(prompt, "StreamRTLoadPipeline", model=MODEL, taesd=TAESD)
     (sampler_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSampler"]
@@ -371,3 +398,43 @@ def test_example_loads_in_the_frontend(path: Path, page: ComfyPage, server: Comf
             assert re.fullmatch(r"webcam/\d+\.png \[temp\]", node["inputs"]["image"]), node
             node["inputs"]["image"] = ours[node_id]["inputs"]["image"]
     assert frontend == ours
+
+
+@needs_browser
+def test_the_template_browser_shows_the_examples_with_their_pictures(page: ComfyPage) -> None:
+    """Browse Templates -> StreamRT: one card per example, titled with its name, showing its own thumbnail (the
+    frontend's default picture where the .jpg is missing); a card opens its workflow."""
+    page.js("""
+        document.querySelectorAll('.p-dialog-mask').forEach(e => e.remove());
+        app.extensionManager.command.execute('Comfy.BrowseTemplates');
+    """)
+    page.wait_js("""return Array.from(document.querySelectorAll('span')).some(e => e.innerText === 'StreamRT')""",
+                 timeout=30, what="the template browser's StreamRT category")
+    page.js("""Array.from(document.querySelectorAll('span')).find(e => e.innerText === 'StreamRT').click()""")
+    names = sorted(p.stem for p in EXAMPLE_FILES)
+    cards = page.wait_js("""
+        const cards = Array.from(document.querySelectorAll('[data-testid^="template-workflow-"]'));
+        const shown = cards.map(card => ({
+            name: card.dataset.testid.slice('template-workflow-'.length),
+            title: card.querySelector('h3')?.innerText,
+            images: Array.from(card.querySelectorAll('img')).map(i => ({src: decodeURIComponent(i.src),
+                                                                      width: i.naturalWidth, done: i.complete})),
+        }));
+        return shown.length === arguments[0] && shown.every(c => c.images.length && c.images.every(i => i.done))
+            ? shown : null;
+    """, len(names), timeout=30, what="the StreamRT template cards with their pictures")
+    assert sorted(card["name"] for card in cards) == names, cards
+    for card in cards:
+        assert card["title"] == card["name"], card
+        (image,) = card["images"]
+        # the frontend fetches the picture into a blob: URL; the placeholder is its default-template.png (224 wide)
+        assert "default-template" not in image["src"] and image["width"] == 512, card
+
+    # a card opens its workflow
+    name = names[0]
+    page.js("""document.querySelector(`[data-testid="template-workflow-${arguments[0]}"]`).click()""", name)
+    expected = len(load_example(EXAMPLES_DIR / f"{name}.json")["nodes"])
+    deadline = time.monotonic() + 30
+    while page.js("return app.graph.nodes.length") != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert page.js("return app.graph.nodes.length") == expected

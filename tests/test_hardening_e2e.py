@@ -133,18 +133,27 @@ def test_the_status_event_goes_to_the_client_that_queued(server: ComfyServer):
 
 def test_switching_models_in_a_loader_releases_the_previous_pipeline(server: ComfyServer, e2e_tiny_models):
     """The loader holds the pipeline it loaded; loading another one releases the first once nothing else uses
-    it (here: after the sampler moved its stream to the new one)."""
+    it (here: after the sampler moved its stream to the new one), and the pack holds as many pipelines and streams
+    as before (the status event's session counts), not one pipeline more per switch until /free."""
     t = tag()
     models = []
-    for k in range(2):  # models no other test's loader holds
+    for k in range(3):  # models no other test's loader holds
         name = f"tiny-sd-switch-{k}"
         if not (Path(e2e_tiny_models) / "diffusers" / name).exists():
             write_random_pipeline(Path(e2e_tiny_models) / "diffusers" / name, "tiny", seed=10 + k)
         models.append(name)
     (image,) = upload(server, frames(1, seed=34), t)
-    server.run(graph(t, image, model=models[0]))
     released = "released a pipeline nothing uses any more"
-    before = server.log_tail(100000).count(released)
-    server.run(graph(t, image, model=models[1]))
-    log = server.log_tail(100000)
-    assert log.count(released) == before + 1, log[-3000:]
+    with server.websocket() as ws:
+        def sessions_after(model: str) -> dict:
+            ws.clear()
+            server.run(graph(t, image, model=model), client_id=ws.client_id)
+            return ws.wait_for("streamrt.status", timeout=30)[1]["sessions"]
+
+        first = sessions_after(models[0])
+        assert first["pipelines"] >= 1 and first["streams"] >= 1, first
+        for model in models[1:]:
+            before = server.log_tail(100000).count(released)
+            assert sessions_after(model) == first, f"switching to {model} kept the previous pipeline"
+            log = server.log_tail(100000)
+            assert log.count(released) == before + 1, log[-3000:]

@@ -545,3 +545,52 @@ def test_pipeline_cache_key_follows_the_files(files, tmp_path):
     assert str(files["comfy_taesd"] / "taesd_decoder.safetensors") in {f for f, *_ in first.identity["files"]}
     os.utime(ckpt, ns=(1, 1))
     assert sessions.pipeline(spec.cache_key(), spec.load) is not first and sessions.loads == 2
+
+
+# =========================================================================== fp16-variant diffusers folders
+def test_a_folder_with_only_fp16_variant_files_loads(files, tmp_path):
+    """A diffusers folder whose components hold only ``*.fp16.safetensors`` (as many published models ship, saved
+    with ``variant="fp16"``) loads through diffusers' / transformers' ``variant="fp16"``: the same weights as the
+    plain folder's, rounded to fp16; the TAESD folder likewise. Before: "no file named
+    diffusion_pytorch_model.bin"."""
+    from streamrt.loading import weights_variant
+    from streamrt.random_models import build_random_components
+
+    folder, taesd = tmp_path / "sd1-fp16", tmp_path / "taesd-fp16"
+    shutil.copytree(files["sd1"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    parts = build_random_components("tiny", seed=0, taesd=True)  # the weights of files["sd1"] (seed 0)
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name].half().save_pretrained(folder / name, safe_serialization=True, variant="fp16")
+    parts["taesd"].half().save_pretrained(taesd, safe_serialization=True, variant="fp16")
+    assert sorted(p.name for p in (folder / "unet").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    assert sorted(p.name for p in (folder / "text_encoder").iterdir()) == ["config.json", "model.fp16.safetensors"]
+    assert weights_variant(folder / "unet") == "fp16" and weights_variant(files["sd1"] / "unet") is None
+
+    got = load_diffusers_folder(folder, dtype="fp16", device="cpu", taesd=taesd)
+    plain = load_diffusers_folder(files["sd1"], dtype="fp16", device="cpu", taesd=files["taesd"])
+    assert_same_weights(got, plain)
+    # loaded in fp32 too (the weights as stored), and a stream runs on them
+    assert first_frame(load_folder(folder)).shape == (1, SIZE, SIZE, 3)
+
+
+def test_variant_file_names(tmp_path):
+    """Which variant a component folder needs: none while plain files (single or sharded) are there."""
+    from streamrt.loading import weights_variant
+
+    def variant(*names: str) -> str | None:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(b"")
+        return weights_variant(folder)
+
+    assert variant("config.json", "diffusion_pytorch_model.safetensors",
+                   "diffusion_pytorch_model.fp16.safetensors") is None
+    assert variant("model.safetensors.index.json", "model-00001-of-00002.safetensors") is None
+    assert variant("diffusion_pytorch_model.fp16.safetensors") == "fp16"
+    assert variant("diffusion_pytorch_model.safetensors.index.fp16.json",
+                   "diffusion_pytorch_model.fp16-00001-of-00002.safetensors") == "fp16"
+    assert variant("model.bf16.safetensors", "model.fp16.safetensors") == "fp16"
+    assert variant("pytorch_model.bf16.bin") == "bf16"
+    assert variant("config.json") is None and weights_variant(tmp_path / "missing") is None

@@ -123,3 +123,24 @@ def test_compile_is_refused_where_compiled_kernels_cannot_run():
     assert "--disable-cuda-malloc" in compile_problem(cuda, "cudaMallocAsync")
     assert compile_problem(cuda, "native") is None
     assert compile_problem(torch.device("cpu"), "cudaMallocAsync") is None
+
+
+def test_compiled_copies_go_with_their_pipeline(tiny_folders):
+    """The compiled copies of a pipeline are shared by its streams and freed with it: before, they were kept in a
+    table keyed by the UNet module that the compiled copy itself holds, so every pipeline ever compiled stayed in
+    memory (after switching models too, and after ComfyUI's /free)."""
+    import gc
+    import weakref
+
+    from stream_helpers import quiet_load
+
+    from streamrt.runtime import compiled_calls
+
+    models = quiet_load(tiny_folders["tiny"])
+    options = CompileOptions(backend=CountingBackend())
+    calls = compiled_calls(models, options)
+    assert compiled_calls(models, options) is calls  # shared
+    unet = weakref.ref(models.unet)
+    del models, calls
+    gc.collect()
+    assert unet() is None, "the compiled copies keep the released pipeline's UNet alive"

@@ -144,3 +144,60 @@ def test_a_release_inside_a_hosts_unload_frees_the_models_before_the_next_load()
         assert seen == [None]
     finally:
         gc.enable()
+
+
+class CyclicModels:
+    """A stand-in pipeline holding a reference cycle, as diffusers / transformers models do: only a garbage
+    collection frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+    def weights_nbytes(self) -> int:
+        return 1
+
+
+def test_a_loader_that_switches_models_frees_the_old_one_before_loading_the_new_one():
+    """Switching the model on a loader (the holder) gives the old pipeline's memory back before the new one loads
+    (not at Python's next collection, and not only after ComfyUI's /free): the peak is one pipeline, not two."""
+    import gc
+    import weakref
+
+    sessions = StreamSessions()
+    gc.disable()
+    try:
+        old = weakref.ref(sessions.pipeline("a", CyclicModels, holder="loader"))
+        seen = []
+        sessions.pipeline("b", lambda: seen.append(old()) or CyclicModels(), holder="loader")
+        assert seen == [None], "the old pipeline was alive while the new one loaded"
+        assert sessions.counts() == (1, 0)
+        # another holder keeps it: nothing is released
+        kept = weakref.ref(sessions.pipeline("c", CyclicModels, holder="loader"))
+        sessions.pipeline("c", CyclicModels, holder="other")
+        sessions.pipeline("b", CyclicModels, holder="loader")
+        assert kept() is not None and sessions.counts() == (2, 0)
+    finally:
+        gc.enable()
+
+
+def test_a_stream_that_moves_to_another_pipeline_frees_the_old_one_at_once(tiny_folders):
+    """The sampler's stream moving to the loader's new pipeline releases the old one (nothing uses it any more) and
+    frees it before the new stream allocates, without waiting for a garbage collection."""
+    import gc
+    import weakref
+
+    sessions = StreamSessions()
+    gc.collect()
+    gc.disable()
+    try:
+        a = sessions.pipeline("A", lambda: quiet_load(tiny_folders["tiny"]), holder="loader")
+        sessions.run("sampler", a, request(make_config()), make_frames(1, 0))
+        old_unet = weakref.ref(a.unet)
+        del a
+        b = sessions.pipeline("B", lambda: quiet_load(tiny_folders["tiny"]), holder="loader")
+        assert old_unet() is not None and sessions.counts() == (2, 1)  # the sampler's stream still runs on A
+        sessions.run("sampler", b, request(make_config()), make_frames(1, 1))
+        assert sessions.counts() == (1, 1)
+        assert old_unet() is None, "the released pipeline is still alive (its reference cycles were not collected)"
+    finally:
+        gc.enable()

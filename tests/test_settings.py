@@ -6,8 +6,17 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from streamrt import Acceleration, CfgType, SimilarityFilterConfig, StreamConfig, StreamSettings, strength_t_index_list
+from streamrt import (
+    Acceleration,
+    CfgType,
+    FrameError,
+    SimilarityFilterConfig,
+    StreamConfig,
+    StreamSettings,
+    strength_t_index_list,
+)
 from streamrt.kv_cache import KVCacheConfig
 
 
@@ -110,3 +119,65 @@ def test_bad_settings_are_refused_by_name(changes, words):
         StreamSettings().with_(**changes)
     for word in words:
         assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+# ---- the input's size: resized to the settings' size, or kept (a multiple of 8) -------------------------
+def test_a_size_in_the_settings_resizes_the_input():
+    """Width and height in the settings are what the stream runs at: frames of any other size are resized to
+    them (bilinear, each side on its own), so the config and the frames always agree."""
+    frames = torch.rand(3, 100, 100, 3, generator=torch.Generator().manual_seed(0))
+    settings = StreamSettings(width=96, height=64)
+    config = settings.stream_config(frame_size=(100, 100))
+    fitted = settings.fit_frames(frames)
+    assert (config.width, config.height) == (96, 64) and fitted.shape == (3, 64, 96, 3)
+    expected = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2), size=(64, 96), mode="bilinear",
+                                               align_corners=False).permute(0, 2, 3, 1)
+    assert torch.equal(fitted, expected) and fitted.is_contiguous()
+    # shrunk below half: filtered first (antialiased), so fine detail averages out instead of aliasing
+    stripes = torch.zeros(1, 100, 100, 3)
+    stripes[:, :, ::2] = 1.0  # one-pixel stripes: plain bilinear at 1/4 picks stripes, the filter averages them
+    small = StreamSettings(width=24, height=24).fit_frames(stripes)
+    assert small.shape == (1, 24, 24, 3) and (small - 0.5).abs().max() < 0.1
+    assert 0 <= fitted.min() and fitted.max() <= 1
+    # a flat frame stays flat (no ringing), and one side set keeps the input's other side
+    flat = torch.full((1, 100, 100, 3), 0.25)
+    assert torch.allclose(StreamSettings(width=48).fit_frames(flat), torch.full((1, 100, 48, 3), 0.25))
+    assert StreamSettings(width=48).stream_config(frame_size=(96, 100)).height == 96
+    # the right size already, or no size set: the very same tensor (nothing copied)
+    exact = torch.rand(1, 64, 96, 3)
+    assert settings.fit_frames(exact) is exact
+    assert StreamSettings().fit_frames(frames) is frames
+    assert settings.fit_frames(None) is None
+
+
+def test_the_input_size_must_be_a_multiple_of_8_and_the_error_says_how_to_resize():
+    """A 100x100 input without a size in the settings: the error names the input's real size and the fix (a width
+    and height in the settings resize it), not "width must be a multiple of 8, got 100" while the widget shows 0."""
+    with pytest.raises(FrameError) as info:
+        StreamSettings().stream_config(frame_size=(100, 100))
+    message = str(info.value)
+    for words in ("100x100", "multiples of 8", "set width and height in the stream settings", "96x96"):
+        assert words in message, message
+    with pytest.raises(FrameError, match=r"101x60, .*\(e\.g\. 96x56\)"):  # (height, width): 60 high, 101 wide
+        StreamSettings().stream_config(frame_size=(60, 101))
+    assert StreamSettings(width=96, height=96).stream_config(frame_size=(100, 100)).width == 96  # resized: fine
+
+
+def test_shapes_ahead_of_the_stream_come_from_the_settings():
+    """What Build Engines builds for: the settings' cfg type, frames per step and size with the sampler's steps,
+    so a stream of the same settings has exactly those shapes."""
+    settings = StreamSettings(cfg_type="full", frames_per_step=2, width=128, height=64)
+    shapes = settings.shapes_config(steps=3)
+    stream = settings.stream_config(steps=3, guidance_scale=1.5, frame_size=(480, 640))
+    assert (shapes.width, shapes.height, shapes.unet_rows) == (stream.width, stream.height, stream.unet_rows) == (
+        128, 64, 2 * 3 * 2)
+    assert StreamSettings(cfg_type="none").shapes_config(steps=2, width=64, height=64).unet_rows == 2
+    assert settings.shapes_config(steps=3, width=128, height=64).width == 128  # the same size again: fine
+    # the settings take the input's size: the input's size is given here
+    assert (StreamSettings().shapes_config(steps=1, width=96, height=72).width, 72) == (96, 72)
+    with pytest.raises(ValueError, match="no width: the settings take the input's width"):
+        StreamSettings().shapes_config(steps=2)
+    with pytest.raises(ValueError, match="width 512 differs from the settings' width 128: the sampler resizes"):
+        settings.shapes_config(steps=2, width=512)
+    with pytest.raises(ValueError, match="steps must be in"):
+        settings.shapes_config(steps=0)

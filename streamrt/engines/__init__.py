@@ -9,8 +9,9 @@
 - :mod:`.runner`: :class:`EngineRunner` (torch tensors <-> engine), :func:`attach_engines` and
   :class:`CachedEngines` (the engine source of :func:`streamrt.runtime.prepare`).
 
-Nothing here imports TensorRT at import time: the backends are optional (``pip install
-tensorrt-rtx polygraphy``), and the stream falls back to torch without them.
+Nothing here imports TensorRT at import time: the backends are optional (``pip install tensorrt-rtx``
+or ``tensorrt``; polygraphy and onnx come with requirements.txt), and the stream falls back to torch
+without them.
 """
 
 from .build import (

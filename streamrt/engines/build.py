@@ -7,8 +7,9 @@ component to ONNX inside the cache's staging folder, builds it with polygraphy i
 
 Backends:
 
-- ``tensorrt-rtx`` (``pip install tensorrt-rtx polygraphy``): builds ahead of time, on any machine,
-  CPU-only ones included, for a named compute capability (:data:`~streamrt.engines.spec.RTX_TARGETS`).
+- ``tensorrt-rtx`` (``pip install tensorrt-rtx``; polygraphy and onnx come with requirements.txt): builds ahead
+  of time, on any machine, CPU-only ones included, for a named compute capability
+  (:data:`~streamrt.engines.spec.RTX_TARGETS`).
   Its runtime runs on RTX-class GPUs (Turing to Blackwell) and refuses Hopper (SM90).
 - ``tensorrt`` (full TensorRT, NVIDIA's package index): builds on and for the local GPU only.
 
@@ -87,8 +88,8 @@ def backend_version(backend: str) -> str:
         pass
     if importlib.util.find_spec(module) is not None:
         return str(importlib.import_module(module).__version__)
-    hint = ("pip install tensorrt-rtx polygraphy" if backend == TENSORRT_RTX else
-            "pip install tensorrt polygraphy (from NVIDIA's package index)")
+    hint = ("pip install tensorrt-rtx" if backend == TENSORRT_RTX else
+            "pip install tensorrt (from NVIDIA's package index)")
     raise BackendUnavailableError(f"the {backend} backend is not installed: {hint}")
 
 
@@ -105,7 +106,8 @@ def installed_backends() -> dict[str, str]:
 
 def require_polygraphy() -> None:
     if importlib.util.find_spec("polygraphy") is None:
-        raise BackendUnavailableError("building engines needs polygraphy: pip install polygraphy")
+        raise BackendUnavailableError("building engines needs polygraphy: pip install -r requirements.txt in the "
+                                      "StreamRT folder (or pip install polygraphy)")
 
 
 def local_target(device: torch.device | str | None = None) -> str | None:

@@ -1,7 +1,7 @@
 """The engine cache: where engines live on disk, what they were built for, and whether to trust them.
 
-Layout under a cache folder (default: the pack's ``engine_cache/``; ComfyUI users can add folders
-as the model folder kind ``streamrt_engines``)::
+Layout under a cache folder (in ComfyUI: the model folder kind ``streamrt_engines``, by default
+``models/streamrt_engines``, with the pack's old ``engine_cache/`` still read)::
 
     <root>/<weights>/<component>_<shapes>_<precision>_<backend>-<version>_<target>_kv<window>_<digest>.engine
     <root>/<weights>/<same name>.json        metadata sidecar: the key, the engine's sha256 and size

@@ -1,4 +1,4 @@
-"""``torch.compile``'d copies of a pipeline's UNet and VAE calls, made once per pipeline and shared.
+"""``torch.compile``'d copies of a pipeline's UNet and VAE calls, made once per pipeline and shared by its streams.
 
 The copies wrap the pipeline's modules; they never replace them: a stream that asked for ``eager`` on the
 same pipeline keeps calling the plain modules. Shapes are static (``dynamic=False``), so each stream
@@ -84,20 +84,20 @@ class CompiledCalls:
     decode: Callable[[torch.Tensor], torch.Tensor]
 
 
-#: UNet module -> {(id of the VAE, options): calls}; the calls hold the VAE, so its id stays its own
-_compiled: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, CompileOptions], CompiledCalls]] = \
-    weakref.WeakKeyDictionary()
+#: pipeline -> {options: calls}. Keyed by the :class:`StreamModels`, which the calls do not reference: keyed by
+#: the UNet module, the compiled copy (which holds that module) would keep its own key, and so every pipeline
+#: ever compiled, alive for good.
+_compiled: weakref.WeakKeyDictionary[StreamModels, dict[CompileOptions, CompiledCalls]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
 def compiled_calls(models: StreamModels, options: CompileOptions = CompileOptions()) -> CompiledCalls:
     """The compiled calls of the modules of ``models`` for ``options``, made on first use and shared by every
-    stream (and every :class:`StreamModels`) over the same modules. Compilation itself happens lazily, on
-    the first call of each shape."""
+    stream of that pipeline; they go with it. Compilation itself happens lazily, on the first call of each
+    shape."""
     with _lock:
-        per_unet = _compiled.setdefault(models.unet, {})
-        key = (id(models.vae), options)
-        calls = per_unet.get(key)
+        per_models = _compiled.setdefault(models, {})
+        calls = per_models.get(options)
         if calls is not None:
             return calls
         if options.backend == "inductor":
@@ -113,6 +113,6 @@ def compiled_calls(models: StreamModels, options: CompileOptions = CompileOption
             encode=torch.compile(lambda images: encode_images(vae, images), **kwargs),
             decode=torch.compile(lambda latents: decode_latents(vae, latents), **kwargs),
         )
-        per_unet[key] = calls
+        per_models[options] = calls
         logger.info("torch.compile (%s, mode=%s) copies of the UNet and VAE calls made", options.backend, options.mode)
         return calls

@@ -178,6 +178,13 @@ class Runtime:
             text += f" ({', '.join(on_torch)} on torch)"
         return text
 
+    def summary(self) -> str:
+        """What runs and why, for a user: the acceleration, each part (``unet: engine``, ``vae_decoder: torch``) and
+        the notes that say why a faster path (an engine, a CUDA graph) was not taken, one per line."""
+        lines = [f"runs: {self.describe()}", "  ".join(f"{name}: {how}" for name, how in self.parts.items())]
+        lines += [f"- {note}" for note in self.notes]
+        return "\n".join(lines)
+
     def run(self, variant: Hashable, step: Callable[[], None], state: Sequence[torch.Tensor],
             guard: Callable[[], AbstractContextManager] | None = None) -> None:
         """Run ``step`` once: directly, or through its CUDA graph (captured on the first call of each

@@ -10,12 +10,15 @@ saved file no longer matches the node definitions.
     .venv/bin/python tests/browser/build_example_workflow.py --workflow batch_video
     .venv/bin/python tests/browser/build_example_workflow.py --url http://127.0.0.1:8188
 
-Examples (``--workflow``): ``realtime`` (realtime_webcam.json: WebcamCapture -> Realtime Sampler ->
-PreviewImage), ``batch_video`` (batch_video.json: LoadVideo -> GetVideoComponents -> Realtime Sampler (with Stream
-Settings; pipeline and prompts from Load Checkpoint -> Stream Pipeline from Model and CLIP Text Encode) ->
-SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` (engine_build.json: Load
-Stream Pipeline -> Build Engines -> Realtime Sampler (with Stream Settings matching the engines), fed by
-WebcamCapture).
+Examples (``--workflow``): ``realtime`` ("Realtime webcam (StreamRT).json": WebcamCapture -> Realtime Sampler
+-> PreviewImage), ``batch_video`` ("Batch video (StreamRT).json": LoadVideo -> GetVideoComponents -> Realtime
+Sampler (with Stream Settings; pipeline and prompts from Load Checkpoint -> Stream Pipeline from Model and CLIP
+Text Encode) -> SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` ("TensorRT engines
+(StreamRT).json": Load Stream Pipeline -> Build Engines -> Realtime Sampler, one Stream Settings node into both
+(the engines' shapes), fed by WebcamCapture). The file names are the titles ComfyUI's template browser shows.
+
+Thumbnails (``<name>.jpg`` beside each file, what the template browser shows) are screenshots of these graphs:
+tests/browser/make_thumbnails.py.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ from browser.page import ComfyPage, prepare_user_settings  # noqa: E402
 EXAMPLES_DIR = REPO / "example_workflows"
 
 # ---------------------------------------------------------------------------------------------------
-# realtime_webcam.json
+# Realtime webcam (StreamRT).json
 
-OUTPUT = EXAMPLES_DIR / "realtime_webcam.json"
+OUTPUT = EXAMPLES_DIR / "Realtime webcam (StreamRT).json"
 WORKFLOW_ID = "5f0c1d2e-7a3b-4c8d-9e6f-1a2b3c4d5e6f"
 
 NOTE = """Realtime webcam -> StreamRT
@@ -112,9 +115,9 @@ sampler.connect(0, preview, "images");
 """ + _SAVE_JS
 
 # ---------------------------------------------------------------------------------------------------
-# batch_video.json
+# Batch video (StreamRT).json
 
-BATCH_OUTPUT = EXAMPLES_DIR / "batch_video.json"
+BATCH_OUTPUT = EXAMPLES_DIR / "Batch video (StreamRT).json"
 BATCH_WORKFLOW_ID = "9b4e2a71-3c5d-4f8e-a1b2-6c7d8e9f0a1b"
 
 #: LoadVideo's file: a placeholder. The frontend keeps a combo value that is not among the options (no
@@ -134,8 +137,9 @@ Save Video write an mp4 at the input's fps (output/streamrt/video_*.mp4). Press 
 sampler's "▶ Stream" toggle (re-queue until stopped) is for the realtime webcam example.
 
 1. Put the clip into ComfyUI's input folder (or use Load Video's upload button) and pick it in "file" \
-(input.mp4 is a placeholder). Its width and height must be multiples of 8 (the stream keeps the \
-video's size with Stream Settings' width/height 0); all frames are decoded into memory at once.
+(input.mp4 is a placeholder). With Stream Settings' width/height 0 the stream keeps the video's size, \
+which must then be a multiple of 8; set them to resize every frame to that size. All frames are decoded \
+into memory at once.
 2. Models: Load Checkpoint takes a Stable Diffusion 1.x / 2.x checkpoint from models/checkpoints (e.g. \
 sd_turbo.safetensors, a placeholder here). Stream Pipeline from Model converts its MODEL, CLIP and VAE \
 once (LoRA loaders in between are applied). For a much faster encode/decode connect Load VAE 'taesd' \
@@ -205,25 +209,26 @@ create.connect(0, saveVideo, "video");
 
 
 # ---------------------------------------------------------------------------------------------------
-# engine_build.json
+# TensorRT engines (StreamRT).json
 
-ENGINE_OUTPUT = EXAMPLES_DIR / "engine_build.json"
+ENGINE_OUTPUT = EXAMPLES_DIR / "TensorRT engines (StreamRT).json"
 ENGINE_WORKFLOW_ID = "9b2e4c61-3f7a-4d2b-8c1e-5a6f7b8c9d0e"
 
 ENGINE_NOTE = """TensorRT engines -> StreamRT (realtime webcam)
 
-1. Install a backend into ComfyUI's Python: pip install tensorrt-rtx polygraphy (RTX 20xx-50xx GPUs; it can \
-also build on a machine without a GPU for a chosen target). Full TensorRT (backend 'tensorrt') builds for \
-the local GPU.
+1. Install a backend into ComfyUI's Python: pip install tensorrt-rtx (RTX 20xx-50xx GPUs; it can also build on \
+a machine without a GPU for a chosen target) or pip install tensorrt (full TensorRT, builds for the local GPU); \
+polygraphy comes with StreamRT's requirements.
 2. Queue once: 'Build Engines' exports the UNet and the VAE encoder/decoder to ONNX and builds fp16 engines \
-for 512x512, frames_per_step 1, 2 denoising steps, cfg_type self (these numbers must match the stream's: the \
-Stream Settings node and the sampler's steps), into models/streamrt_engines folders (the pack's \
-engine_cache/ by default). The SD UNet takes minutes; the report says what was built or reused and where. \
+for the stream the sampler runs: the shapes come from the Stream Settings node connected to both (512x512, \
+frames_per_step 1, cfg_type self) and Build Engines' steps, which must be the sampler's steps. The sampler \
+resizes the webcam's frames to the settings' width x height. Engines go to models/streamrt_engines. The SD UNet \
+takes minutes; the report (shown in Preview as Text and on the node) says what was built or reused and where. \
 Later queues reuse the engines in milliseconds.
 3. acceleration 'auto' (Stream Settings) runs the UNet/VAE through the engines that match the stream's size \
-and batch on this GPU, and PyTorch (a CUDA graph) where none does; the sampler shows what runs and why (e.g. \
-TensorRT-RTX does not run on Hopper/data-centre GPUs). Set it to 'tensorrt' to get an error instead when no \
-engine fits.
+and batch on this GPU, and PyTorch (a CUDA graph) where none does; the sampler shows on its node which parts run \
+on engines and why others do not (e.g. TensorRT-RTX does not run on Hopper/data-centre GPUs). Set it to \
+'tensorrt' to get an error instead when no engine fits.
 
 min_size/max_size build engines for a range of sizes instead. Engines already built: use 'Load Engines' \
 between Load Stream Pipeline and the sampler instead of Build Engines; it lists the cached engines of the \
@@ -233,8 +238,7 @@ model."""
 ENGINE_VALUES = {
     "WebcamCapture": {"width": 512, "height": 512, "capture_on_queue": True},
     "StreamRTLoadPipeline": {"model": "sd-turbo", "taesd": "taesd", "dtype": "auto", "device": "auto"},
-    "StreamRTBuildEngines": {"width": 512, "height": 512, "frames_per_step": 1, "denoising_steps": 2,
-                             "cfg_type": "self", "components": "unet + vae"},
+    "StreamRTBuildEngines": {"steps": 2, "width": 0, "height": 0, "components": "unet + vae"},
     "StreamRTSettings": {"width": 512, "height": 512, "frames_per_step": 1, "cfg_type": "self",
                          "acceleration": "auto"},
     "StreamRTSampler": {"prompt": "a watercolor portrait, soft light, vivid colors",
@@ -244,15 +248,16 @@ ENGINE_VALUES = {
 ENGINE_BUILD_JS = _ADD_JS + """
 const load = add("StreamRTLoadPipeline", [40, 60], [330, 154]);
 const cam = add("WebcamCapture", [40, 300], [330, 440]);
-const build = add("StreamRTBuildEngines", [410, 60], [360, 0]);
-const report = add("PreviewAny", [410, 560], [360, 240]);
-const settings = add("StreamRTSettings", [410, 840], [360, 0]);
+const settings = add("StreamRTSettings", [410, 60], [360, 0]);
+const build = add("StreamRTBuildEngines", [410, 400], [360, 0]);
+const report = add("PreviewAny", [410, 820], [560, 260]);
 const sampler = add("StreamRTSampler", [810, 60], [400, 0]);
 const preview = add("PreviewImage", [1250, 60], [520, 560]);
 const text = add("Note", [40, 780], [330, 560]);
 text.widgets[0].value = note;
 text.title = "How to use";
 load.connect(0, build, "pipeline");
+settings.connect(0, build, "settings");
 build.connect(0, sampler, "pipeline");
 build.connect(1, report, "source");
 cam.connect(0, sampler, "image");
