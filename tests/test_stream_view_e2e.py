@@ -78,6 +78,7 @@ def test_stream_preview_sends_each_frame_and_writes_no_file(server: ComfyServer)
         for name in names:
             ws.clear()
             pid, entry = server.run_entry(stream_graph(prefix, [name], view={"max_size": 0}), client_id=ws.client_id)
+            ws.wait_prompt_done(pid)  # every message of the prompt is in
             assert entry["outputs"].get(f"{prefix}view") is None  # nothing listed: no file behind the view
             ((meta, image),) = previews(ws, f"{prefix}view")
             assert meta["prompt_id"] == pid and meta["display_node_id"] == f"{prefix}view"
@@ -97,27 +98,36 @@ def test_stream_preview_shows_the_last_image_it_is_given(server: ComfyServer) ->
     first, last = upload(server, np.stack(pictures), prefix)
     pictures = [p.astype(np.float32) / 255 for p in pictures]
 
-    def shown(max_size: int, client_id: str | None) -> list[np.ndarray]:
-        g = Graph(prefix=prefix)
+    def view_graph(max_size: int) -> tuple[Graph, str]:
+        g = Graph(prefix=uid())  # new node ids: nothing cached from an earlier run
         batch = g.node("ImageBatch", image1=g.node("LoadImage", image=first).out(0),
                        image2=g.node("LoadImage", image=last).out(0))
-        g.node("StreamRTPreview", id=f"{prefix}view", images=batch.out(0), max_size=max_size)
-        with server.websocket(feature_flags=FLAGS) as ws, server.websocket() as legacy:
-            if client_id is None:  # a prompt queued without a client id (ComfyUI would broadcast a preview)
-                answer = server.post("/prompt", {"prompt": as_prompt(g)})
-                answer.raise_for_status()
-                server.raise_for_status(server.wait(answer.json()["prompt_id"]))
-                return [image for _, image in previews(ws) + previews(legacy)]
-            server.run(g, client_id=ws.client_id)
-            return [image for _, image in previews(ws, f"{prefix}view")]
+        view = g.node("StreamRTPreview", images=batch.out(0), max_size=max_size)
+        return g, view.id
 
-    (full,) = shown(0, "client")
+    def shown(max_size: int, client: bool = True) -> list[np.ndarray]:
+        g, view = view_graph(max_size)
+        with server.websocket(feature_flags=FLAGS) as ws, server.websocket() as legacy:
+            if client:
+                ws.wait_prompt_done(server.run_entry(g, client_id=ws.client_id)[0])
+                return [image for _, image in previews(ws, view)]
+            # a prompt queued without a client id (ComfyUI would send its previews to every browser)
+            answer = server.post("/prompt", {"prompt": as_prompt(g)})
+            answer.raise_for_status()
+            server.raise_for_status(server.wait(answer.json()["prompt_id"]))
+            # any message of that prompt came before the end of the next one (one queue of messages)
+            marker, _ = view_graph(max_size + 8)
+            ws.wait_prompt_done(server.run_entry(marker, client_id=ws.client_id)[0])
+            return [image for meta, image in previews(ws) + previews(legacy) if (meta or {}).get("node_id") == view
+                    or meta is None]
+
+    (full,) = shown(0)
     assert_jpeg_of(full, pictures[1], other=pictures[0])
-    (small,) = shown(SIZE // 2, "client")
+    (small,) = shown(SIZE // 2)
     assert small.shape == (SIZE // 2, SIZE // 2, 3)
     half = pictures[1].reshape(SIZE // 2, 2, SIZE // 2, 2, 3).mean(axis=(1, 3))
     assert_jpeg_of(small, half, other=pictures[0][::2, ::2])
-    assert shown(0, None) == []
+    assert shown(0, client=False) == []
 
 
 def test_a_video_previews_on_the_sampler_before_it_ends(server: ComfyServer) -> None:
