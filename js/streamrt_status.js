@@ -4,11 +4,14 @@
 // app.extensionManager (queue mode and commands); nothing of the frontend is patched or replaced.
 //
 // * Panel. One HTML widget (node.addDOMWidget) on each sampler: the "▶ Stream / ■ Stop" button and three lines:
-//   the state (cold, warming, streaming, reset, batch k/N, stopped: ...), the speeds (the loop's real rate,
-//   execution to execution as measured here, next to the sampler's own fps and ms per frame) and the stream
-//   (frames, what runs it, device). Both node renderers (the canvas and "Nodes 2.0") show the same element at
-//   its natural height, so no pixel offsets and no clipping. The latest status is also on node.streamrtStatus,
-//   the loop's measurements on node.streamrtLoop.
+//   the state (cold, warming, streaming, reset, batch k/N, stopped: ...), the speeds (the loop's real rate next
+//   to the sampler's own fps and ms per frame) and the stream (frames, what runs it, device). Both node
+//   renderers (the canvas and "Nodes 2.0") show the same element at its natural height, so no pixel offsets
+//   and no clipping. The latest status is also on node.streamrtStatus, the loop's measurements on
+//   node.streamrtLoop.
+// * Loop rate. Measured here, in the browser, from execution start to execution start ("execution_start") of
+//   the prompts that ran the sampler while streaming, over the last LOOP_WINDOW intervals: what the stream
+//   really delivers, capture, upload and queueing included.
 // * Status events. The sampler sends "streamrt.status" after each execution: {node, workflow, prompt_id, frames,
 //   seconds, ms_per_frame, fps, stream_frames, backend, acceleration, parts, notes, device, state}; "node" is the
 //   node's unique id (the graph node id, or "outer:inner" inside a subgraph). A video also sends
@@ -197,7 +200,7 @@ function statusLines(node) {
 // ------------------------------------------------------------------------------------------- panel
 
 /** The panel element of a sampler: the button and the three status lines. */
-function makePanel(node) {
+function makePanel() {
   const panel = document.createElement("div");
   panel.className = "streamrt-panel";
   Object.assign(panel.style, { display: "flex", flexDirection: "column", boxSizing: "border-box" });
@@ -237,13 +240,13 @@ function makePanel(node) {
 
 function addPanel(node) {
   if (node.widgets?.some((w) => w.name === PANEL_WIDGET)) return;
-  const panel = makePanel(node);
+  const panel = makePanel();
   const margin = 4;
   const widget = node.addDOMWidget(PANEL_WIDGET, "streamrt_stream", panel, {
     serialize: false, // not in the prompt
     hideOnZoom: true,
     margin,
-    // the panel's own height once it is on the page; before that, four lines' worth
+    // the panel's own height once it is on the page (a first guess of four lines before that)
     getMinHeight: () => (panel.streamrt.body.offsetHeight || 4 * 18 + 12) + 2 * margin,
   });
   widget.serialize = false; // not in widgets_values
