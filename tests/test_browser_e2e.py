@@ -30,6 +30,7 @@ Skipped, with the reason, when chromium, chromedriver or selenium is missing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -55,6 +56,8 @@ AWAY = (1000, 1000)  # an empty spot of the canvas for the mouse (no hover toolt
 STATE_COLORS = {"cold": (0x8a, 0x8a, 0x8a), "streaming": (0x4c, 0xaf, 0x50), "reset": (0x42, 0xa5, 0xf5),
                 "error": (0xef, 0x53, 0x50)}
 LOOP_EXECUTIONS = 200  # the history test's loop length
+#: the video test's frames: long enough for several previews (one every 0.25 s), on the CPU or a GPU server
+VIDEO_FRAMES = 480 if os.environ.get("STREAMRT_SERVER_GPU") == "1" else 48
 
 
 _missing = browser_missing_reason()
@@ -707,7 +710,7 @@ api.addEventListener("execution_success", () => { seen.success = seen.success ??
 
 def test_a_video_previews_on_the_sampler_before_it_ends(page: ComfyPage, comfy_server: ComfyServer, own_graph,
                                                         shots: Path) -> None:
-    frames_in = 48
+    frames_in = VIDEO_FRAMES
     graph = own_graph(repeat=frames_in)
     page.js(BATCH_JS, graph["sampler"])
     errors = page.js_async("await app.queuePrompt(0, 1); return app.lastNodeErrors;")
