@@ -1,39 +1,57 @@
-// StreamRT frontend extension: live status and a stream toggle on the "Realtime Sampler" node (StreamRTSampler).
+// StreamRT frontend extension: the stream control and status panel of the "Realtime Sampler" (StreamRTSampler),
+// and the stream view's housekeeping (Stream Preview, StreamRTPreview). Built on the frontend's extension API:
+// app.registerExtension hooks (setup, nodeCreated, loadedGraphNode), api events, node.addDOMWidget and
+// app.extensionManager (queue mode and commands); nothing of the frontend is patched or replaced.
 //
-// * Status panel. The sampler sends a websocket event "streamrt.status" after each execution:
-//   {node, frames, seconds, ms_per_frame, fps, stream_frames, backend, acceleration, parts, notes, device,
-//   state}. "node" is the node's unique id (the graph node id, or "outer:inner" inside a subgraph).
-//   "backend" says what runs the stream in a few words (e.g. "auto -> cuda_graph": what auto chose).
-//   The panel shows the fps
-//   (an exponential moving average seeded with the first measurement of a stream), the ms per frame of
-//   the last execution, the frames of this stream, the backend and device, and the state: cold (no event
-//   yet), warming, streaming, reset, or error. The latest status is also on node.streamrtStatus.
-// * Stream toggle. "▶ Stream" queues the workflow and queues it again each time an execution finishes,
-//   until "■ Stop" is pressed, an execution fails, it is interrupted (Cancel), or the workflow can't be
-//   queued. It never piles prompts up: the next one is queued only when the queue is otherwise empty.
+// * Panel. One HTML widget (node.addDOMWidget) on each sampler: the "▶ Stream / ■ Stop" button and three lines:
+//   the state (cold, warming, streaming, reset, batch k/N, stopped: ...), the speeds (the loop's real rate next
+//   to the sampler's own fps and ms per frame) and the stream (frames, what runs it, device). Both node
+//   renderers (the canvas and "Nodes 2.0") show the same element at its natural height, so no pixel offsets
+//   and no clipping. The latest status is also on node.streamrtStatus, the loop's measurements on
+//   node.streamrtLoop.
+// * Loop rate. Measured here, in the browser, from execution start to execution start ("execution_start") of
+//   the prompts that ran the sampler while streaming, over the last LOOP_WINDOW intervals: what the stream
+//   really delivers, capture, upload and queueing included.
+// * Status events. The sampler sends "streamrt.status" after each execution: {node, workflow, prompt_id, frames,
+//   seconds, ms_per_frame, fps, stream_frames, backend, acceleration, parts, notes, device, state}; "node" is the
+//   node's unique id (the graph node id, or "outer:inner" inside a subgraph). A video also sends
+//   {state: "batch", done, total, fps} while it runs (with its newest frame as the node's preview).
+//   The sampler fps on the panel is an exponential moving average seeded with the first measurement of a stream.
+// * ▶ Stream is the frontend's own instant queue ("Run (Instant)": queue again whenever the queue is empty):
+//   the button switches that mode on and queues once, ■ Stop (or the Run button's mode menu) switches it back.
+//   The extension adds what the instant mode does not do by itself: it stops on Cancel, on an execution error,
+//   when the workflow cannot be queued or no longer has a sampler, and it deletes the loop's older entries from
+//   the queue history (ComfyUI's /history delete), so a stream of hours leaves a bounded history.
+// * Previews. The frontend replaces a node's preview image without revoking the previous object URL; for the
+//   StreamRT nodes, whose previews arrive every frame, the replaced URLs are revoked here.
 //
-// Both are extra widgets at the end of the node's widget list, with serialize = false: they are not in
-// the workflow's widgets_values and not in the prompt.
+// The panel widget has serialize = false: it is not in the workflow's widgets_values and not in the prompt.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const NODE_TYPE = "StreamRTSampler";
+const SAMPLER = "StreamRTSampler";
+const PREVIEW = "StreamRTPreview";
 const STATUS_EVENT = "streamrt.status";
+const PANEL_WIDGET = "streamrt_stream";
 const EMA_ALPHA = 0.25;
-const STATUS_WIDGET = "streamrt_status";
-// The canvas shows the button's label (▶ Stream or ■ Stop); the Vue renderer shows its name.
-const BUTTON_WIDGET = "▶ Stream / ■ Stop";
 const LABEL_START = "▶ Stream";
 const LABEL_STOP = "■ Stop";
-const LINE_HEIGHT = 16;
-const PANEL_LINES = 3;
-const PANEL_PAD = 6;
+/** executions in the loop-rate window: the rate is taken over the last LOOP_WINDOW intervals */
+const LOOP_WINDOW = 8;
+/** the loop's newest history entries kept; older ones are deleted HISTORY_BATCH at a time */
+const HISTORY_KEEP = 10;
+const HISTORY_BATCH = 10;
+/** a queued prompt shows in the server's queue at once: none after this long means it was refused */
+const QUEUE_CHECK_MS = 1500;
+/** a replaced preview URL is revoked after this long (an image may still be loading from it) */
+const REVOKE_AFTER_MS = 1000;
 const STATE_COLORS = {
   cold: "#8a8a8a",
   warming: "#e0a030",
   streaming: "#4caf50",
   reset: "#42a5f5",
+  batch: "#ab47bc",
   error: "#ef5350",
 };
 
@@ -45,9 +63,9 @@ function rootGraph() {
   return app.rootGraph ?? app.graph;
 }
 
-function isSampler(node) {
-  return !!node && (node.comfyClass === NODE_TYPE || node.type === NODE_TYPE);
-}
+const typeOf = (node) => node?.comfyClass ?? node?.type;
+const isSampler = (node) => typeOf(node) === SAMPLER;
+const isStreamNode = (node) => typeOf(node) === SAMPLER || typeOf(node) === PREVIEW;
 
 /** The node of a unique id: "12" (root graph) or "5:12" (node 12 inside subgraph node 5). */
 function nodeForUniqueId(uniqueId) {
@@ -64,12 +82,7 @@ function allSamplers() {
   const root = rootGraph();
   if (!root) return [];
   const graphs = [root, ...(root.subgraphs?.values?.() ?? [])];
-  return graphs.flatMap((g) => (g.nodes ?? g._nodes ?? []).filter(isSampler));
-}
-
-function redraw() {
-  app.canvas?.setDirty?.(true, true);
-  app.graph?.setDirtyCanvas?.(true, true);
+  return graphs.flatMap((g) => (g.nodes ?? []).filter(isSampler));
 }
 
 // ------------------------------------------------------------------------------------------ status
@@ -79,14 +92,23 @@ const finite = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
 /** Fold one "streamrt.status" event into the node's status (fps EMA seeded by a new stream's first value). */
 function applyStatus(node, data) {
   const prev = node.streamrtStatus;
+  if (data.state === "batch") {
+    node.streamrtStatus = {
+      ...(prev ?? { fps: null, ms_per_frame: null, stream_frames: null, backend: null, device: null, notes: [],
+        executions: 0 }),
+      state: "batch", done: finite(data.done), total: finite(data.total), batch_fps: finite(data.fps),
+      updated: Date.now(),
+    };
+    return;
+  }
   const fps = finite(data.fps);
   const streamFrames = finite(data.stream_frames);
   const frames = finite(data.frames);
   // A new stream: the first event, a reset, a stream whose frames are all of this execution (new or
   // rebuilt), or a frame counter that went back (stream released by "Free model and node cache").
-  const newStream = !prev || data.state === "reset" ||
+  const newStream = !prev || prev.stream_frames === null || data.state === "reset" ||
     (streamFrames !== null && frames !== null && streamFrames <= frames) ||
-    (streamFrames !== null && prev.stream_frames !== null && streamFrames < prev.stream_frames);
+    (streamFrames !== null && streamFrames < prev.stream_frames);
   let ema = newStream ? null : prev.fps;
   if (fps !== null) ema = ema === null ? fps : ema + EMA_ALPHA * (fps - ema);
   node.streamrtStatus = {
@@ -103,7 +125,33 @@ function applyStatus(node, data) {
     executions: newStream ? 1 : (prev.executions ?? 0) + 1,
     updated: Date.now(),
   };
-  redrawPanel(node);
+}
+
+/** When each prompt started executing, as this browser saw it ("execution_start"): the loop's clock. */
+const startedAt = new Map();
+
+function onExecutionStart(event) {
+  const id = event?.detail?.prompt_id;
+  if (id) startedAt.set(id, performance.now());
+  while (startedAt.size > 4 * LOOP_WINDOW) startedAt.delete(startedAt.keys().next().value);
+  loop.lastBusy = performance.now();
+}
+
+/** The loop's real rate on a node, measured in the browser: from execution start to execution start of the
+ * prompts that ran this sampler while streaming (the start, not the status event that comes after the sampler
+ * ran, so the sampler's own time varying from frame to frame does not shift the measurement). */
+function measureLoop(node, data) {
+  const record = node.streamrtLoop ??= { times: [], prompts: [], fps: null, executions_per_s: null };
+  record.times.push(startedAt.get(data.prompt_id) ?? performance.now());
+  record.prompts.push(data.prompt_id ?? null);
+  if (record.times.length > LOOP_WINDOW + 1) {
+    record.times.shift();
+    record.prompts.shift();
+  }
+  const n = record.times.length;
+  const span = (record.times[n - 1] - record.times[0]) / 1000;
+  record.executions_per_s = n > 1 && span > 0 ? (n - 1) / span : null;
+  record.fps = record.executions_per_s === null ? null : record.executions_per_s * (finite(data.frames) ?? 1);
 }
 
 function onStatusEvent(event) {
@@ -115,232 +163,232 @@ function onStatusEvent(event) {
   const node = nodeForUniqueId(data.node);
   if (!isSampler(node)) return;
   applyStatus(node, data);
-  redraw();
+  if (data.state !== "batch" && loop.active) {
+    measureLoop(node, data);
+    loop.ran(data.prompt_id);
+  }
+  refreshPanel(node);
 }
 
 const fmt = (v, digits) => (v === null || v === undefined ? "–" : v.toFixed(digits));
 
+/** "2.08 fps" (three significant digits up to 100), or "–" when unknown. */
 function fpsText(fps) {
   if (fps === null || fps === undefined) return "–";
-  return fps >= 100 ? fps.toFixed(0) : fps >= 10 ? fps.toFixed(1) : fps.toFixed(2);
-}
-
-/** The panel's text lines: [state line, speed line, stream line]. */
-function statusLines(node) {
-  const s = node.streamrtStatus;
-  const first = streamer.error ? `● stopped: ${streamer.error}` : `● ${s?.state ?? "cold"}`;
-  if (!s) return [first, "fps –   ms/frame –", "frames 0   backend –"];
-  const device = s.device ? ` · ${s.device}` : "";
-  return [
-    first,
-    `fps ${fpsText(s.fps)}   ${fmt(s.ms_per_frame, 1)} ms/frame`,
-    `frames ${s.stream_frames ?? "–"}   ${s.backend ?? "–"}${device}`,
-  ];
+  return `${fps >= 100 ? fps.toFixed(0) : fps >= 10 ? fps.toFixed(1) : fps.toFixed(2)} fps`;
 }
 
 function stateOf(node) {
-  return streamer.error ? "error" : node.streamrtStatus?.state ?? "cold";
+  return loop.error ? "error" : node.streamrtStatus?.state ?? "cold";
 }
 
-/** One line for the compact panel of the Vue node renderer ("Nodes 2.0"). */
-function compactLine(node) {
+/** The panel's text lines: [state, speeds, stream]. */
+function statusLines(node) {
   const s = node.streamrtStatus;
-  if (streamer.error) return `● stopped: ${streamer.error}`;
-  if (!s) return "● cold";
-  return `● ${s.state}  ${fpsText(s.fps)} fps  ${fmt(s.ms_per_frame, 1)} ms  #${s.stream_frames ?? "–"}`;
+  const rate = node.streamrtLoop?.fps ?? null;
+  let state = `● ${s?.state ?? "cold"}`;
+  if (s?.state === "batch") state = `● batch ${s.done ?? "–"}/${s.total ?? "–"} frames`;
+  if (loop.error) state = `● stopped: ${loop.error}`;
+  if (!s) return [state, "loop –   sampler –", "frames 0   backend –"];
+  const speed = s.state === "batch"
+    ? `sampler ${fpsText(s.batch_fps)} so far`
+    : `loop ${fpsText(rate)}   sampler ${fpsText(s.fps)}   ${fmt(s.ms_per_frame, 1)} ms`;
+  const device = s.device ? ` · ${s.device}` : "";
+  return [state, speed, `frames ${s.stream_frames ?? "–"}   ${s.backend ?? "–"}${device}`];
 }
 
-const VUE_CANVAS_SHIFT = 13;
-const vueNodes = () => !!globalThis.LiteGraph?.vueNodesMode;
+// ------------------------------------------------------------------------------------------- panel
 
-function makeStatusWidget(node) {
-  const fullHeight = PANEL_LINES * LINE_HEIGHT + 2 * PANEL_PAD;
-  return {
-    type: "streamrt_status",
-    name: STATUS_WIDGET,
-    value: "",
-    serialize: false, // not in widgets_values
-    options: { serialize: false }, // not in the prompt
-    computeSize(width) {
-      // The Vue renderer gives a legacy widget one row: draw one line there.
-      return [width ?? node.size?.[0] ?? 0, vueNodes() ? VUE_CANVAS_SHIFT + LINE_HEIGHT + 4 : fullHeight];
-    },
-    draw(ctx, drawNode, width, y, _h, lowQuality) {
-      const compact = vueNodes();
-      // The Vue renderer's widget canvas starts 13 px above its row (WidgetLegacy: mt-[-13px]).
-      if (compact) y += VUE_CANVAS_SHIFT;
-      const lines = compact ? [compactLine(drawNode)] : statusLines(drawNode);
-      const height = compact ? LINE_HEIGHT + 4 : fullHeight;
-      const pad = compact ? 2 : PANEL_PAD;
-      this.lastDrawn = lines; // for tests: what the canvas was given
-      const margin = 15;
-      const w = Math.max(0, width - 2 * margin);
-      ctx.save();
-      ctx.fillStyle = "rgba(0, 0, 0, 0.28)";
-      ctx.beginPath();
-      if (ctx.roundRect) ctx.roundRect(margin, y, w, height, 6);
-      else ctx.rect(margin, y, w, height);
-      ctx.fill();
-      if (!lowQuality) {
-        ctx.beginPath();
-        ctx.rect(margin, y, w, height);
-        ctx.clip();
-        ctx.font = "12px monospace";
-        ctx.textAlign = "left";
-        ctx.textBaseline = "middle";
-        lines.forEach((line, i) => {
-          ctx.fillStyle = i === 0 ? STATE_COLORS[stateOf(drawNode)] ?? STATE_COLORS.cold
-            : (globalThis.LiteGraph?.WIDGET_TEXT_COLOR ?? "#ddd");
-          ctx.fillText(line, margin + 8, y + pad + LINE_HEIGHT * (i + 0.5));
-        });
-      }
-      ctx.restore();
-    },
-  };
+/** The panel element of a sampler: the button and the three status lines. */
+function makePanel() {
+  const panel = document.createElement("div");
+  panel.className = "streamrt-panel";
+  Object.assign(panel.style, { display: "flex", flexDirection: "column", boxSizing: "border-box" });
+  const body = document.createElement("div"); // natural height: what the widget needs
+  Object.assign(body.style, {
+    display: "flex", flexDirection: "column", gap: "0.3em", padding: "0.35em 0.5em", borderRadius: "6px",
+    borderLeft: `4px solid ${STATE_COLORS.cold}`, background: "rgba(0, 0, 0, 0.28)",
+    font: "12px / 1.35 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace",
+    color: "var(--input-text, #ddd)", overflowWrap: "anywhere",
+  });
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "streamrt-toggle";
+  button.title = "Queue this workflow again each time the queue is empty (the frontend's instant queue), " +
+    "until stopped, Cancel or an error.";
+  Object.assign(button.style, {
+    font: "inherit", padding: "0.25em 0.5em", cursor: "pointer", borderRadius: "4px",
+    color: "var(--input-text, #ddd)", background: "var(--comfy-input-bg, #222)",
+    border: "1px solid var(--border-color, #444)",
+  });
+  button.addEventListener("click", (event) => {
+    event.stopPropagation();
+    if (loop.active) loop.stop();
+    else loop.start();
+  });
+  const lines = [0, 1, 2].map((i) => {
+    const line = document.createElement("div");
+    line.className = `streamrt-line streamrt-line-${i}`;
+    body.append(line);
+    return line;
+  });
+  body.prepend(button);
+  panel.append(body);
+  panel.streamrt = { body, button, lines };
+  return panel;
 }
 
-/** Redraw a node's panel: the canvas, and the Vue renderer's own little canvas when it has one. */
-function redrawPanel(node) {
-  try {
-    node.widgets?.find((w) => w.name === STATUS_WIDGET)?.triggerDraw?.();
-  } catch (err) {
-    console.warn("[StreamRT] panel redraw failed", err);
-  }
-  node.setDirtyCanvas?.(true, false);
-}
-
-// ------------------------------------------------------------------------------------------ stream
-
-/**
- * Queue the workflow once through the app, exactly as the Run button does (widgets' beforeQueued /
- * afterQueued callbacks, error dialog, progress on the nodes), and return the server's prompt id.
- * app.queuePrompt's own return value can't tell success (1.32.9 answers false after a good queue), so
- * api.queuePrompt is watched for the duration of this one call.
- */
-async function queueWorkflowOnce() {
-  const original = api.queuePrompt;
-  let answer = null;
-  let failure = null;
-  const watcher = async function (...args) {
-    try {
-      answer = await original.apply(this, args);
-      return answer;
-    } catch (err) {
-      failure = err;
-      throw err;
-    }
-  };
-  api.queuePrompt = watcher;
-  try {
-    await app.queuePrompt(0, 1);
-  } finally {
-    if (api.queuePrompt === watcher) api.queuePrompt = original;
-  }
-  if (failure) throw failure;
-  if (!answer?.prompt_id) throw new Error("the workflow was not queued");
-  return answer.prompt_id;
-}
-
-/** The re-queue loop behind the "▶ Stream / ■ Stop" buttons (one per browser tab). */
-const streamer = {
-  active: false,
-  queuing: false,
-  mine: new Set(), // ids of the prompts this loop queued that have not finished yet
-  finished: [], // ids of recently finished prompts (an answer may come after its execution ended)
-  remaining: 0, // the server's queue_remaining, from the last "status" event
-  executions: 0, // executions of this loop's prompts that finished since the last start
-  error: null,
-
-  start() {
-    if (this.active) return;
-    this.active = true;
-    this.error = null;
-    this.executions = 0;
-    log("stream started");
-    refreshButtons();
-    // A prompt of an earlier run still in flight queues the next one when it ends.
-    if (this.mine.size === 0) this.queueNext();
-  },
-
-  stop(reason = null) {
-    const was = this.active;
-    this.active = false;
-    if (reason) this.error = reason;
-    if (was) log(reason ? `stream stopped: ${reason}` : "stream stopped");
-    refreshButtons();
-  },
-
-  async queueNext() {
-    if (!this.active || this.queuing) return;
-    if (allSamplers().length === 0) {
-      this.stop("no Realtime Sampler (StreamRT) in the workflow");
-      return;
-    }
-    if (app.processingQueue) {
-      // Another queuePrompt (e.g. the Run button) is being sent: try again when it is done.
-      setTimeout(() => this.queueNext(), 50);
-      return;
-    }
-    this.queuing = true;
-    let id = null;
-    try {
-      id = await queueWorkflowOnce();
-    } catch (err) {
-      this.stop(`could not queue: ${err?.message ?? err}`);
-    } finally {
-      this.queuing = false;
-    }
-    if (id === null) return;
-    if (this.finished.includes(id)) this.onFinished(id, true, true); // it ended before the answer came
-    else this.mine.add(id);
-  },
-
-  onFinished(promptId, success, early = false) {
-    const wasMine = this.mine.delete(promptId) || early;
-    if (!early) this.finished = [...this.finished.slice(-15), promptId];
-    if (!wasMine) return;
-    if (success) this.executions++;
-    // Queue the next one only when nothing else waits (remaining counts the prompt that just ended).
-    if (this.active && this.mine.size === 0 && this.remaining <= 1) this.queueNext();
-  },
-
-  onQueueStatus(remaining) {
-    this.remaining = remaining;
-    // The queue went idle while streaming and none of ours is in flight (e.g. another client's prompts
-    // ran in between): carry on.
-    if (this.active && remaining === 0 && this.mine.size === 0) this.queueNext();
-  },
-};
-
-function refreshButtons() {
-  for (const node of allSamplers()) {
-    const button = node.widgets?.find((w) => w.name === BUTTON_WIDGET);
-    if (button) button.label = streamer.active ? LABEL_STOP : LABEL_START;
-    redrawPanel(node);
-  }
-  redraw();
-}
-
-function addWidgets(node) {
-  if (node.widgets?.some((w) => w.name === STATUS_WIDGET)) return;
-  const button = node.addWidget("button", BUTTON_WIDGET, null, () => {
-    if (streamer.active) streamer.stop();
-    else streamer.start();
-  }, { serialize: false });
-  button.serialize = false;
-  button.label = streamer.active ? LABEL_STOP : LABEL_START;
-  button.tooltip = "Queue this workflow again each time it finishes, until stopped (or an error).";
-  node.addCustomWidget(makeStatusWidget(node));
+function addPanel(node) {
+  if (node.widgets?.some((w) => w.name === PANEL_WIDGET)) return;
+  const panel = makePanel();
+  const margin = 4;
+  const widget = node.addDOMWidget(PANEL_WIDGET, "streamrt_stream", panel, {
+    serialize: false, // not in the prompt
+    hideOnZoom: true,
+    margin,
+    // the panel's own height once it is on the page (a first guess of four lines before that)
+    getMinHeight: () => (panel.streamrt.body.offsetHeight || 4 * 18 + 12) + 2 * margin,
+  });
+  widget.serialize = false; // not in widgets_values
+  refreshPanel(node);
   fitSize(node);
 }
 
-/** Grow the node (never shrink it) so that the added widgets fit. */
+/** Write the node's status into its panel (and the button's label). */
+function refreshPanel(node) {
+  const panel = node.widgets?.find((w) => w.name === PANEL_WIDGET)?.element;
+  if (!panel?.streamrt) return;
+  const { body, button, lines } = panel.streamrt;
+  const text = statusLines(node);
+  const colour = STATE_COLORS[stateOf(node)] ?? STATE_COLORS.cold;
+  text.forEach((t, i) => {
+    if (lines[i].textContent !== t) lines[i].textContent = t;
+  });
+  lines[0].style.color = colour;
+  body.style.borderLeftColor = colour;
+  body.title = (node.streamrtStatus?.notes ?? []).join("\n");
+  const label = loop.active ? LABEL_STOP : LABEL_START;
+  if (button.textContent !== label) button.textContent = label;
+  button.disabled = !loop.queue;
+}
+
+function refreshAll() {
+  for (const node of allSamplers()) refreshPanel(node);
+}
+
+/** Grow the node (never shrink it) so that its widgets fit. */
 function fitSize(node) {
   const min = node.computeSize?.();
   if (!min || !node.size) return;
   const w = Math.max(node.size[0], min[0]);
   const h = Math.max(node.size[1], min[1]);
   if (w !== node.size[0] || h !== node.size[1]) node.setSize?.([w, h]);
+}
+
+// ------------------------------------------------------------------------------------------- loop
+
+/** The ▶ Stream loop: the frontend's instant queue mode, plus stopping rules and history pruning. */
+const loop = {
+  /** the frontend's queue settings (mode: "disabled" | "instant" | "change", batchCount) */
+  get queue() {
+    return app.extensionManager?.queueSettings ?? null;
+  },
+  get active() {
+    return this.queue?.mode === "instant";
+  },
+  error: null,
+  executions: 0, // successful executions since the last start
+  remaining: 0, // the server's queue_remaining, from the last "status" event
+  lastIdle: 0, // when the server's queue was last seen empty / busy (performance.now())
+  lastBusy: 0,
+  previousMode: "disabled",
+  kept: [], // prompt ids of the loop's executions still in the history, oldest first
+
+  start() {
+    const queue = this.queue;
+    if (!queue) {
+      this.error = "this frontend has no instant queue";
+      refreshAll();
+      return;
+    }
+    if (allSamplers().length === 0) return;
+    this.error = null;
+    this.executions = 0;
+    for (const node of allSamplers()) node.streamrtLoop = null;
+    if (queue.mode !== "instant") this.previousMode = queue.mode;
+    queue.mode = "instant";
+    log("stream started");
+    refreshAll();
+    // The instant mode queues when the queue becomes empty; when it is empty now, queue the first one.
+    if (this.remaining === 0) app.extensionManager.command.execute("Comfy.QueuePrompt");
+  },
+
+  stop(reason = null) {
+    if (reason) this.error = reason;
+    if (this.active) {
+      this.queue.mode = this.previousMode === "instant" ? "disabled" : this.previousMode;
+      log(reason ? `stream stopped: ${reason}` : "stream stopped");
+    }
+    refreshAll();
+  },
+
+  /** An execution of the loop ran (its status event came): keep its history entry, delete older ones. */
+  ran(promptId) {
+    if (!promptId || this.kept.includes(promptId)) return;
+    this.kept.push(promptId);
+    if (this.kept.length <= HISTORY_KEEP + HISTORY_BATCH) return;
+    const old = this.kept.splice(0, this.kept.length - HISTORY_KEEP);
+    api.fetchApi("/history", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ delete: old }),
+    }).catch((err) => console.warn("[StreamRT] could not prune the queue history", err));
+  },
+
+  onQueueStatus(remaining) {
+    this.remaining = remaining;
+    if (remaining > 0) this.lastBusy = performance.now();
+    else this.lastIdle = performance.now();
+    // Another workflow tab is shown now: the instant queue would queue it next. (This listener runs before
+    // the frontend's instant queue, which reacts to the same event a moment later.)
+    if (this.active && remaining === 0 && allSamplers().length === 0) {
+      this.stop("no Realtime Sampler in the workflow");
+    }
+  },
+
+  /** The frontend finished a queue attempt: if nothing reached the server's queue, the prompt was refused. */
+  onQueued() {
+    if (!this.active) return;
+    const idle = this.lastIdle;
+    setTimeout(() => {
+      if (this.active && this.remaining === 0 && this.lastBusy <= idle) {
+        this.stop("the workflow could not be queued");
+      }
+    }, QUEUE_CHECK_MS);
+  },
+};
+
+// ---------------------------------------------------------------------------------------- previews
+
+const previewUrls = new Map(); // locator id -> the preview URLs last seen for a StreamRT node
+
+/** The store key of a node's previews: its id, prefixed by its subgraph's id inside a subgraph. */
+function locatorOf(node) {
+  return node.graph && node.graph !== rootGraph() ? `${node.graph.id}:${node.id}` : String(node.id);
+}
+
+/** After the frontend stored a new preview of a StreamRT node: revoke the URLs it replaced. */
+function onPreview(event) {
+  const node = nodeForUniqueId(event?.detail?.displayNodeId ?? event?.detail?.nodeId);
+  if (!isStreamNode(node)) return;
+  const key = locatorOf(node);
+  const now = app.nodePreviewImages?.[key] ?? [];
+  const before = previewUrls.get(key) ?? [];
+  previewUrls.set(key, [...now]);
+  const replaced = before.filter((url) => !now.includes(url));
+  if (!replaced.length) return;
+  setTimeout(() => {
+    const shown = new Set(Object.values(app.nodePreviewImages ?? {}).flat());
+    for (const url of replaced) if (!shown.has(url)) URL.revokeObjectURL(url);
+  }, REVOKE_AFTER_MS);
 }
 
 // --------------------------------------------------------------------------------------- extension
@@ -350,53 +398,46 @@ app.registerExtension({
 
   async setup() {
     api.addEventListener(STATUS_EVENT, onStatusEvent);
-    api.addEventListener("execution_success", (event) => {
-      if (!streamer.active && streamer.error) { // a good run clears "stopped: ..."
-        streamer.error = null;
-        refreshButtons();
+    api.addEventListener("b_preview_with_metadata", onPreview);
+    api.addEventListener("execution_start", onExecutionStart);
+    api.addEventListener("execution_success", () => {
+      if (loop.active) loop.executions++;
+      else if (loop.error) { // a good run clears "stopped: ..."
+        loop.error = null;
+        refreshAll();
       }
-      streamer.onFinished(event?.detail?.prompt_id, true);
     });
     api.addEventListener("execution_error", (event) => {
       const d = event?.detail ?? {};
-      if (streamer.active) {
-        streamer.stop(`error in ${d.node_type ?? "a node"}${d.node_id ? ` #${d.node_id}` : ""}`);
-      }
-      streamer.onFinished(d.prompt_id, false);
+      if (loop.active) loop.stop(`error in ${d.node_type ?? "a node"}${d.node_id ? ` #${d.node_id}` : ""}`);
     });
-    api.addEventListener("execution_interrupted", (event) => {
-      streamer.stop(); // Cancel stops streaming (not an error)
-      streamer.onFinished(event?.detail?.prompt_id, false);
-    });
+    api.addEventListener("execution_interrupted", () => loop.stop()); // Cancel stops streaming (not an error)
     api.addEventListener("status", (event) => {
       const remaining = event?.detail?.exec_info?.queue_remaining;
-      if (typeof remaining === "number") streamer.onQueueStatus(remaining);
+      if (typeof remaining === "number") loop.onQueueStatus(remaining);
     });
+    api.addEventListener("promptQueued", () => loop.onQueued());
+    // The Run button's mode menu switches the same instant mode: keep the buttons' labels with it.
+    loop.queue?.$subscribe?.(() => refreshAll());
   },
 
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== NODE_TYPE) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const result = onNodeCreated?.apply(this, arguments);
-      try {
-        addWidgets(this);
-      } catch (err) {
-        console.error("[StreamRT] could not add the status widgets", err);
-      }
-      return result;
-    };
-    const onConfigure = nodeType.prototype.onConfigure;
-    nodeType.prototype.onConfigure = function () {
-      const result = onConfigure?.apply(this, arguments);
-      // A workflow saved without this extension may have a node too small for the panel.
-      fitSize(this);
-      return result;
-    };
+  nodeCreated(node) {
+    try {
+      if (isSampler(node)) addPanel(node);
+    } catch (err) {
+      console.error("[StreamRT] could not add the stream panel", err);
+    }
+  },
+
+  loadedGraphNode(node) {
+    // A workflow saved without this extension may have a node too small for the panel.
+    if (isSampler(node)) fitSize(node);
   },
 });
 
-// For tests and the browser console: window.StreamRT.streamer.start() / .stop().
+// For tests and the browser console: window.StreamRT.loop.start() / .stop().
 globalThis.StreamRT = Object.assign(globalThis.StreamRT ?? {}, {
-  streamer, nodeForUniqueId, statusLines, widgets: { button: BUTTON_WIDGET, status: STATUS_WIDGET },
+  loop, nodeForUniqueId, statusLines, widgets: { panel: PANEL_WIDGET }, constants: {
+    LOOP_WINDOW, HISTORY_KEEP, HISTORY_BATCH, EMA_ALPHA, STATE_COLORS,
+  },
 });

@@ -5,12 +5,13 @@ from __future__ import annotations
 from .api import ComfyExtension, io
 from .engines import BuildEngines, LoadEngines
 from .loaders import LoadStreamPipeline, StreamLora, StreamPipelineFromModel
+from .preview import StreamPreview
 from .sampler import StreamSampler
 from .settings import StreamCachedAttention, StreamSettingsNode, StreamSimilarityFilter
 
 NODES: list[type[io.ComfyNode]] = [StreamPipelineFromModel, LoadStreamPipeline, StreamLora, StreamSampler,
-                                   StreamSettingsNode, StreamSimilarityFilter, StreamCachedAttention, BuildEngines,
-                                   LoadEngines]
+                                   StreamPreview, StreamSettingsNode, StreamSimilarityFilter, StreamCachedAttention,
+                                   BuildEngines, LoadEngines]
 
 
 class StreamRTExtension(ComfyExtension):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 import comfy.model_management as model_management
@@ -16,7 +17,10 @@ import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 import torch
+from comfy.cli_args import args as comfy_args
 from comfy_api.latest import ComfyExtension, io  # noqa: F401  (re-exported for the node modules)
+from comfy_execution.utils import get_executing_context
+from PIL import Image
 
 from ..streamrt.loading import LdmWeights, ModelLoadError
 from ..streamrt.names import FolderIndex, plain_relative_name
@@ -56,17 +60,6 @@ def taesd_folders() -> list[str]:
 
 def resolve_taesd_folder(name: str) -> str:
     return _TAESD_FOLDERS.resolve(folder_paths.get_folder_paths("vae_approx"), name, "TAESD folder")
-
-
-class Progress:
-    """ComfyUI's progress bar plus the interrupt check, as one ``progress(done, total)`` callback."""
-
-    def __init__(self, total: int, node_id: str | None) -> None:
-        self._bar = comfy.utils.ProgressBar(total, node_id=node_id)
-
-    def __call__(self, done: int, total: int) -> None:
-        self._bar.update_absolute(done, total)
-        model_management.throw_exception_if_processing_interrupted()
 
 
 def check_interrupted() -> None:
@@ -111,17 +104,80 @@ class MemoryWatch:
         self._patcher.model.model_loaded_weight_memory = self._patcher.size
 
 
+# ---- the browser: status events and previews (nodes/sampler.py, nodes/preview.py) ---------------------------
 STATUS_EVENT = "streamrt.status"
+#: seconds between the previews (and status events) a video sends while the sampler runs it
+BATCH_PREVIEW_INTERVAL = 0.25
+
+
+def _server():
+    from server import PromptServer
+
+    return PromptServer.instance
+
+
+def _client_id() -> str | None:
+    """The browser that queued the running prompt (None for a prompt queued without a client id)."""
+    server = _server()
+    return server.client_id if server is not None else None
 
 
 def send_status(data: dict) -> None:
-    """Send the sampler's status (fps, frames, backend, state) as a websocket event to the client that queued
-    the prompt (as ComfyUI sends its own execution events; a prompt queued without a client id gets none)."""
-    from server import PromptServer
-
-    server = PromptServer.instance
+    """Send a status (fps, frames, backend, state) as a websocket event to the client that queued the prompt (as
+    ComfyUI sends its own execution events; a prompt queued without a client id gets none), with the prompt's id."""
+    server = _server()
     if server is not None and server.client_id is not None:
-        server.send_sync(STATUS_EVENT, data, server.client_id)
+        context = get_executing_context()
+        prompt_id = context.prompt_id if context is not None else server.last_prompt_id
+        server.send_sync(STATUS_EVENT, {**data, "prompt_id": prompt_id}, server.client_id)
+
+
+def preview_image(frame: torch.Tensor, max_size: int | None = None) -> tuple[str, Image.Image, int | None]:
+    """A frame ``[H, W, 3]`` in [0, 1] as ComfyUI's preview ``("JPEG", image, max_size)``: what a progress bar
+    carries to the browser over the websocket; no file is written. A frame larger than ``max_size`` (its longest
+    side; 0 or None: any size) is scaled down by the server."""
+    pixels = frame.detach().to("cpu", torch.float32).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    larger = max_size and max(pixels.shape[0], pixels.shape[1]) > max_size
+    return "JPEG", Image.fromarray(pixels[..., :3]), int(max_size) if larger else None
+
+
+def send_preview(frame: torch.Tensor, node_id: str, max_size: int | None = None) -> None:
+    """Show ``frame`` on node ``node_id`` in the browser that queued the prompt, the way ComfyUI shows a sampler's
+    previews: a progress bar's preview, sent over the websocket as a binary preview event carrying the node's id
+    (``comfy.utils.ProgressBar.update_absolute(..., preview=...)``). A prompt queued without a client id gets
+    none (ComfyUI would send it to every open browser)."""
+    if _client_id() is not None:
+        comfy.utils.ProgressBar(1, node_id=node_id).update_absolute(1, 1, preview=preview_image(frame, max_size))
+
+
+class Progress:
+    """A video on the sampler node. ``progress(done, total)`` after each group: ComfyUI's progress bar and the
+    interrupt check. ``preview(finished)`` with the output frames finished so far: every
+    :data:`BATCH_PREVIEW_INTERVAL` seconds (and at the end) the newest one becomes the node's preview, and a
+    ``streamrt.status`` event with ``state: "batch"`` says how far the video is."""
+
+    def __init__(self, total: int, node_id: str | None, workflow: str | None = None) -> None:
+        self._bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self._node_id, self._workflow, self._total = node_id, workflow, total
+        self._start = self._last = time.perf_counter()
+        self._shown = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.update_absolute(done, total)
+        model_management.throw_exception_if_processing_interrupted()
+
+    def preview(self, finished: torch.Tensor) -> None:
+        done, now = int(finished.shape[0]), time.perf_counter()
+        if done == self._shown or (done < self._total and now - self._last < BATCH_PREVIEW_INTERVAL):
+            return
+        self._shown, self._last = done, now
+        if _client_id() is not None:  # ComfyUI's preview size (--preview-size), as its samplers' previews
+            image = preview_image(finished[-1], comfy_args.preview_size)
+            self._bar.update_absolute(self._bar.current, self._total, preview=image)
+        if done < self._total:  # the sampler's own status follows the last frame
+            seconds = now - self._start
+            send_status({"node": self._node_id, "workflow": self._workflow, "state": "batch", "done": done,
+                         "total": self._total, "seconds": seconds, "fps": done / seconds if seconds > 0 else None})
 
 
 # Model files for the loaders: checkpoints, LoRAs, ComfyUI's TAESD pair, CLIP tokenizer ---------------

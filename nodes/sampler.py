@@ -133,8 +133,9 @@ class StreamSampler(io.ComfyNode):
         api.check_interrupted()
         start = time.perf_counter()
         video = image is not None and image.dim() == 4 and image.shape[0] > config.frames_per_step
-        progress = api.Progress(int(image.shape[0]), node_id) if video else None
-        stream, frames = SESSIONS.run(owner, models, request, image, progress=progress)
+        progress = api.Progress(int(image.shape[0]), node_id, owner[0]) if video else None
+        stream, frames = SESSIONS.run(owner, models, request, image, progress=progress,
+                                      preview=progress.preview if progress is not None else None)
         seconds = time.perf_counter() - start
         count = int(frames.shape[0])
         runtime = stream.runtime

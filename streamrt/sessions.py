@@ -33,7 +33,7 @@ from .frames import check_frames
 from .models import StreamModels
 from .prompts import Prompt, PromptPart
 from .runtime import EngineSource, prepare
-from .stream import ProgressCallback, Stream, check_fits, check_prompts, prompt_length
+from .stream import PreviewCallback, ProgressCallback, Stream, check_fits, check_prompts, prompt_length
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +184,11 @@ class StreamSessions:
             return stream
 
     def run(self, owner: Hashable, models: StreamModels, request: StreamRequest, frames: torch.Tensor | None,
-            progress: ProgressCallback | None = None) -> tuple[Stream, torch.Tensor]:
+            progress: ProgressCallback | None = None, preview: PreviewCallback | None = None
+            ) -> tuple[Stream, torch.Tensor]:
         """One call of the owner's stream: txt2img without ``frames``, one step for ``frames_per_step``
-        frames, an aligned video for more. Returns the stream and its output frames.
+        frames, an aligned video for more (``progress`` and ``preview`` as for :meth:`Stream.process_video`).
+        Returns the stream and its output frames.
 
         The frames are checked against the requested config before the stream is touched: a refused call
         leaves the owner's stream exactly as it was.
@@ -199,7 +201,7 @@ class StreamSessions:
             return stream, stream.step(None)
         if frames.shape[0] == cfg.frames_per_step:
             return stream, stream.step(frames, validated=True)
-        return stream, stream.process_video(frames, progress=progress, validated=True)
+        return stream, stream.process_video(frames, progress=progress, preview=preview, validated=True)
 
     def _drop(self, owner: Hashable) -> None:
         stream = self._streams.pop(owner, None)

@@ -35,6 +35,9 @@ from .similarity import SimilarityFilter
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
+#: ``preview(frames)``: the output frames of a video finished on the host so far, ``[k, H, W, 3]`` (a view of the
+#: result, complete and never written again)
+PreviewCallback = Callable[[torch.Tensor], None]
 
 
 def prompt_length(models: StreamModels, config: StreamConfig, prompt: Prompt, negative_prompt: PromptPart) -> int:
@@ -400,13 +403,15 @@ class Stream:
 
     @torch.inference_mode()
     def process_video(self, frames: torch.Tensor, *, progress: ProgressCallback | None = None,
-                      validated: bool = False) -> torch.Tensor:
+                      preview: PreviewCallback | None = None, validated: bool = False) -> torch.Tensor:
         """Run N frames through the stream and return N frames **aligned** with the input.
 
         Output k is the stream's result for input k (see :func:`aligned_calls`). The stream state carries
         on afterwards, so consecutive videos stay coherent. ``progress(done, total)`` is called after each
         group of F frames and may raise to stop (e.g. on a user interrupt); the stream stays usable.
-        ``validated``: as for :meth:`step`.
+        ``preview(finished)`` is called before it with the output frames finished on the host so far (when
+        there are any), and once more with all N at the end: a caller can show the newest one while the
+        video runs. ``validated``: as for :meth:`step`.
         """
         f = self.config.frames_per_step
         if not validated:
@@ -426,11 +431,19 @@ class Stream:
                 host.drain(self.buffers.frames_out, dest)
             else:
                 self._output(ran, dest, synchronize=False)
+            if preview is not None:
+                # an overlapped drain on CUDA finishes a group's copy while the next group runs
+                # (docs/DESIGN.md section 4)
+                ready = target * f if overlapped and host.pinned else (target + 1) * f
+                if ready:
+                    preview(result[:ready])
             if progress is not None:
                 progress((target + 1) * f, total)
         host.flush()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+        if preview is not None:
+            preview(result)
         return result
 
     @torch.inference_mode()

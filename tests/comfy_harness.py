@@ -223,6 +223,24 @@ def image_bytes_to_array(data: bytes) -> np.ndarray:
         return np.asarray(im, dtype=np.float32) / 255.0
 
 
+#: ComfyUI's binary websocket events (protocol.BinaryEventTypes)
+PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA = 1, 4
+
+
+def decode_preview(message: bytes) -> tuple[dict | None, bytes] | None:
+    """A binary websocket message -> ``(metadata, image bytes)`` for a preview (``metadata`` None for the old
+    format, which carries no node id), or None for another binary event (e.g. progress text)."""
+    import struct
+
+    (event,) = struct.unpack(">I", message[:4])
+    if event == PREVIEW_IMAGE:
+        return None, message[8:]  # after the image type (1 JPEG, 2 PNG)
+    if event == PREVIEW_IMAGE_WITH_METADATA:
+        (length,) = struct.unpack(">I", message[4:8])
+        return json.loads(message[8:8 + length].decode("utf-8")), message[8 + length:]
+    return None
+
+
 def load_image_array(path: str | os.PathLike) -> np.ndarray:
     return image_bytes_to_array(Path(path).read_bytes())
 
@@ -251,24 +269,35 @@ class WSCollector:
     """Collects websocket messages of one ``clientId`` in a background thread.
 
     ``events`` is a list of ``(type, data)`` for the JSON messages, ``binary`` the raw
-    binary frames (previews).  Queue prompts with ``client_id=collector.client_id`` to
+    binary frames (previews), ``timeline`` both in the order they came (a binary frame as
+    ``("<binary>", bytes)``).  Queue prompts with ``client_id=collector.client_id`` to
     get ``executing`` / ``executed`` / ``progress`` / custom ``send_sync`` events.
+
+    ``feature_flags``: sent as the first message, as the frontend does (e.g.
+    ``{"supports_preview_metadata": True}``: previews then come as binary events of type 4,
+    with the node's id); the constructor returns once the server answered.
     """
 
-    def __init__(self, host: str, port: int, client_id: str | None = None, connect_timeout: float = 10.0):
+    def __init__(self, host: str, port: int, client_id: str | None = None, connect_timeout: float = 10.0,
+                 feature_flags: Mapping[str, Any] | None = None):
         import websocket  # websocket-client
 
         self.client_id = client_id or uuid.uuid4().hex
         self.events: list[tuple[str, Any]] = []
         self.binary: list[bytes] = []
+        self.timeline: list[tuple[str, Any]] = []
         self._cond = threading.Condition()
         self._closed = False
         self.error: BaseException | None = None
         self._ws = websocket.WebSocket()
         self._ws.connect(f"ws://{host}:{port}/ws?clientId={self.client_id}", timeout=connect_timeout)
         self._ws.settimeout(0.5)
+        if feature_flags is not None:
+            self._ws.send(json.dumps({"type": "feature_flags", "data": dict(feature_flags)}))
         self._thread = threading.Thread(target=self._loop, name=f"ws-{self.client_id[:8]}", daemon=True)
         self._thread.start()
+        if feature_flags is not None:
+            self.wait_for("feature_flags", timeout=connect_timeout)
 
     def _loop(self) -> None:
         import websocket
@@ -289,8 +318,10 @@ class WSCollector:
                         self.events.append((msg.get("type"), msg.get("data")))
                     except ValueError:
                         self.events.append(("<non-json>", data))
+                    self.timeline.append(self.events[-1])
                 elif opcode == websocket.ABNF.OPCODE_BINARY:
                     self.binary.append(bytes(data))
+                    self.timeline.append(("<binary>", self.binary[-1]))
                 self._cond.notify_all()
         with self._cond:
             self._closed = True
@@ -335,6 +366,7 @@ class WSCollector:
         with self._cond:
             self.events.clear()
             self.binary.clear()
+            self.timeline.clear()
 
     def close(self) -> None:
         self._closed = True
@@ -765,9 +797,10 @@ class ComfyServer:
         time.sleep(settle)
 
     # ---- websocket
-    def websocket(self, client_id: str | None = None) -> WSCollector:
-        """Open a websocket for ``client_id`` (new id if None) collecting events in a thread."""
-        return WSCollector(self.host, self.port, client_id)
+    def websocket(self, client_id: str | None = None, feature_flags: Mapping[str, Any] | None = None) -> WSCollector:
+        """Open a websocket for ``client_id`` (new id if None) collecting events in a thread (``feature_flags``:
+        see :class:`WSCollector`)."""
+        return WSCollector(self.host, self.port, client_id, feature_flags=feature_flags)
 
     # ---- images
     def view_image(self, filename: str, subfolder: str = "", type: str = "output", as_array: bool = True):
@@ -810,5 +843,5 @@ class ComfyServer:
 __all__ = [
     "ComfyServer", "Graph", "NodeRef", "WSCollector", "ComfyError", "ServerStartError", "PromptRejected",
     "ExecutionFailed", "ExecutionInterrupted", "MODEL_FOLDERS", "comfyui_dir", "server_python", "free_port",
-    "image_bytes_to_array", "load_image_array", "array_to_png_bytes", "as_prompt",
+    "image_bytes_to_array", "load_image_array", "array_to_png_bytes", "as_prompt", "decode_preview",
 ]

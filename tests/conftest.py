@@ -188,8 +188,12 @@ def comfy_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     # STREAMRT_SERVER_GPU=1: the server computes on ComfyUI's GPU (the GPU machine's e2e runs);
     # STREAMRT_SERVER_ARGS: more server flags (e.g. --front-end-root where no frontend package is installed).
     extra = CACHE_MODES[mode] + tuple(shlex.split(os.environ.get("STREAMRT_SERVER_ARGS", "")))
+    cpu = os.environ.get("STREAMRT_SERVER_GPU") != "1"
+    # A CPU server computes the tiny models on one torch thread, like this process (_torch_on_one_cpu_thread):
+    # beside Chromium on a busy 2-core machine, two spinning OpenMP threads made a 15 ms step take 400 ms.
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if cpu else {}
     server = ComfyServer(REPO_ROOT, work, extra_args=extra, pack_name=PACK_NAME, models_source=streamrt_models_root,
-                         cpu=os.environ.get("STREAMRT_SERVER_GPU") != "1")
+                         cpu=cpu, env=env)
     server.cache_mode = mode  # for tests that depend on caching
     server.start(timeout=float(os.environ.get("STREAMRT_SERVER_START_TIMEOUT", "180")))
     try:

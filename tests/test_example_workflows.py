@@ -25,7 +25,8 @@ to API prompts by :func:`workflows.to_api_prompt` with the tiny random models an
 * Batch video (StreamRT).json with a synthetic mp4 (PyAV): one SaveImage output per input frame, and the saved
   video has the input's frame count and frame rate (fps is linked from GetVideoComponents);
 * Realtime webcam (StreamRT).json with an uploaded PNG as WebcamCapture's image (an API prompt has no camera):
-  queued twice, the stream advanced (frame 1, then 2) and the two outputs differ.
+  queued twice, the stream advanced (frame 1, then 2), Stream Preview sent each frame over the websocket
+  (with its node id, as to the frontend; nothing saved) and the two frames differ.
 
 Runs under ONE cache mode (``default``, or the first of $STREAMRT_CACHE_MODES): what is checked here is
 the example files and that they run; how the sampler behaves under --cache-none / --cache-lru is covered
@@ -54,7 +55,7 @@ import numpy as np
 import pytest
 from browser.build_example_workflow import EXAMPLES as BUILT_EXAMPLES
 from browser.page import ComfyPage, browser_missing_reason, prepare_user_settings
-from comfy_harness import ComfyServer
+from comfy_harness import ComfyServer, decode_preview, image_bytes_to_array
 from e2e_helpers import MODEL, TAESD
 from model_files import SD15_LAYOUT_CKPT, write_sd15_layout_checkpoint
 from stream_helpers import first_cache_mode
@@ -316,19 +317,23 @@ def test_realtime_example_runs_and_streams(server: ComfyServer, info: dict) -> N
     substitute(prompt, "StreamRTLoadPipeline", model=MODEL, taesd=TAESD)
     (sampler_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSampler"]
     assert "settings" not in prompt[sampler_id]["inputs"]  # runs as shipped: the defaults, acceleration auto
-    (preview_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "PreviewImage"]
+    (view_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTPreview"]
     assert prompt[sampler_id]["inputs"]["reset"] is False
     first = json.loads(json.dumps(prompt))
     first[sampler_id]["inputs"]["reset"] = True  # a fresh stream, whatever ran on this server before
 
-    results = []
-    with server.websocket() as ws:
+    results, events = [], []
+    with server.websocket(feature_flags={"supports_preview_metadata": True}) as ws:
         for graph in (first, prompt):
-            outputs = server.run(graph, timeout=120, client_id=ws.client_id)
-            (frame,) = server.output_images(outputs, preview_id)
+            ws.clear()
+            pid, entry = server.run_entry(graph, timeout=120, client_id=ws.client_id)
+            assert not entry["outputs"].get(view_id), entry["outputs"]  # the view saves nothing
+            ws.wait_prompt_done(pid)  # every message of the prompt is in
+            shown = [decode_preview(m) for m in ws.binary]
+            (frame,) = [image_bytes_to_array(data) for meta, data in filter(None, shown)
+                        if (meta or {}).get("node_id") == view_id]
             results.append(frame)
-        ws.wait_for(lambda t, d: t == "streamrt.status" and d.get("stream_frames") == 2, timeout=10)
-        events = [e for e in ws.of_type("streamrt.status") if str(e.get("node")) == sampler_id]
+            events.extend(e for e in ws.of_type("streamrt.status") if str(e.get("node")) == sampler_id)
     assert [(e["state"], e["stream_frames"]) for e in events] == [("reset", 1), ("streaming", 2)], events
     assert {(e["backend"], e["acceleration"]) for e in events} == {("auto -> eager", "eager")}  # chosen, and said
     assert results[0].shape == results[1].shape == (SIZE, SIZE, 3)

@@ -283,6 +283,18 @@ def test_zero_allocations_in_process_video_with_changes(fp16_models):
     assert result.shape == video.shape and torch.isfinite(result).all()
 
 
+def test_process_video_previews_only_finished_frames(fp16_models):
+    """On CUDA a group's copy to the host finishes while the next group runs: preview() sees only frames
+    already written, which equal the result's, and all of them at the end."""
+    stream = new_stream(fp16_models, make_config("self", 2), "cuda_graph")
+    video = make_frames(12, seed=9)
+    seen = []
+    result = stream.process_video(video, preview=lambda finished: seen.append(finished.clone()))
+    assert [len(s) for s in seen] == [*range(1, 12), 12]   # one group behind while running
+    for finished in seen:
+        assert torch.equal(finished, result[:len(finished)])
+
+
 # ---------------------------------------------------------------------------------------------- (4) reset after capture
 @pytest.mark.parametrize("dtype_name", ["fp16", "fp32"])
 @pytest.mark.parametrize("cfg_type", ["self", "initialize", "full"])

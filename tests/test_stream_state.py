@@ -67,6 +67,23 @@ def test_process_video_is_aligned(tiny_models, n, frames_per_step):
     assert calls == [((k + 1) * frames_per_step, video.shape[0]) for k in range(4)]
 
 
+def test_process_video_previews_finished_frames(tiny_models):
+    """preview(finished) gets the output frames finished so far, in order, before each progress call (what a
+    host shows while a video runs), and all of them at the end; they are the result's frames."""
+    config = make_config(cfg_type="self", t_index_list=(20, 35), frames_per_step=2)
+    video = make_frames(8, seed=24)
+    stream = Stream(tiny_models, config, prompt="a cat")
+    log = []
+    result = stream.process_video(video, progress=lambda done, total: log.append(("progress", done)),
+                                  preview=lambda finished: log.append(("preview", finished.clone())))
+    previews = [item for kind, item in log if kind == "preview"]
+    # on the CPU a group is finished when its progress is reported: 2, 4, 6, 8 frames, then all 8 again
+    assert [len(p) for p in previews] == [2, 4, 6, 8, 8]
+    assert [kind for kind, _ in log] == ["preview", "progress"] * 4 + ["preview"]
+    for finished in previews:
+        assert torch.equal(finished, result[:len(finished)])
+
+
 @pytest.mark.parametrize(("cfg_type", "t_index"), [("initialize", (10, 25, 40)), ("self", (20,))])
 def test_process_video_continues_the_stream(tiny_models, cfg_type, t_index):
     """A second video carries on from the state the first one left (no reset in between).

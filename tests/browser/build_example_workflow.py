@@ -11,7 +11,7 @@ saved file no longer matches the node definitions.
     .venv/bin/python tests/browser/build_example_workflow.py --url http://127.0.0.1:8188
 
 Examples (``--workflow``): ``realtime`` ("Realtime webcam (StreamRT).json": WebcamCapture -> Realtime Sampler
--> PreviewImage), ``batch_video`` ("Batch video (StreamRT).json": LoadVideo -> GetVideoComponents -> Realtime
+-> Stream Preview), ``batch_video`` ("Batch video (StreamRT).json": LoadVideo -> GetVideoComponents -> Realtime
 Sampler (with Stream Settings; pipeline and prompts from Load Checkpoint -> Stream Pipeline from Model and CLIP
 Text Encode) -> SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` ("TensorRT engines
 (StreamRT).json": Load Stream Pipeline -> Build Engines -> Realtime Sampler, one Stream Settings node into both
@@ -52,9 +52,15 @@ NOTE = """Realtime webcam -> StreamRT
 models/checkpoints (one file), and optionally TAESD in models/vae_approx (ComfyUI's taesd_encoder / \
 taesd_decoder files, listed as taesd). Pick them in "Load Stream Pipeline".
 2. Allow the camera when the browser asks (open ComfyUI on localhost, or over https).
-3. Press "▶ Stream" on the Realtime Sampler: the workflow is queued again each time it finishes, until \
-"■ Stop", Cancel, or an error. The sampler shows fps, ms per frame, the frames of the stream, what runs it \
-and the state (cold / warming / streaming / reset).
+3. Press "▶ Stream" on the Realtime Sampler: it switches on the instant queue ("Run (Instant)"), so the \
+workflow is queued again each time the queue is empty, until "■ Stop", Cancel, or an error. Stream Preview \
+shows each new frame, sent over the websocket: nothing is written to disk (to keep frames, connect a Save \
+Image node to the sampler as well). The sampler shows the loop's real rate, its own fps and ms per frame, \
+the frames of the stream, what runs it and the state (cold / warming / streaming / reset). Only the newest \
+entries of the loop stay in the queue history.
+
+Each frame is captured in the browser and uploaded to ComfyUI's temp folder (one small PNG per frame; \
+ComfyUI empties that folder when it starts).
 
 steps (denoising steps in flight) and strength (how much each frame changes) set the look; a CONDITIONING \
 (CLIP Text Encode) can replace the prompt texts through positive / negative. Without settings the sampler \
@@ -70,6 +76,7 @@ VALUES = {
     "StreamRTLoadPipeline": {"model": "sd-turbo", "taesd": "taesd", "dtype": "auto", "device": "auto"},
     "StreamRTSampler": {"prompt": "a watercolor portrait, soft light, vivid colors",
                         "negative_prompt": "blurry, low quality, distorted"},
+    "StreamRTPreview": {"max_size": 0},
 }
 
 #: shared start of every build script: arguments, an empty graph, and add(type, pos, size) which sets
@@ -105,13 +112,13 @@ BUILD_JS = _ADD_JS + """
 const cam = add("WebcamCapture", [40, 60], [330, 440]);
 const load = add("StreamRTLoadPipeline", [40, 560], [330, 130]);
 const sampler = add("StreamRTSampler", [410, 60], [400, 0]);
-const preview = add("PreviewImage", [850, 60], [520, 560]);
-const text = add("Note", [40, 780], [330, 400]);
+const view = add("StreamRTPreview", [850, 60], [520, 480]);
+const text = add("Note", [40, 780], [330, 470]);
 text.widgets[0].value = note;
 text.title = "How to use";
 cam.connect(0, sampler, "image");
 load.connect(0, sampler, "pipeline");
-sampler.connect(0, preview, "images");
+sampler.connect(0, view, "images");
 """ + _SAVE_JS
 
 # ---------------------------------------------------------------------------------------------------

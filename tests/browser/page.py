@@ -226,6 +226,20 @@ class ComfyPage:
             actions.pointer_action.move_to_location(round(then_move_to[0]), round(then_move_to[1]))
         actions.perform()
 
+    def click_element(self, script: str, *args: Any, then_move_to: tuple[float, float] | None = None) -> None:
+        """A real click (WebDriver element click: it fails when something covers the element) on the element a
+        script returns (``return document.querySelector(...)``); ``then_move_to`` as for :meth:`click_at`."""
+        element = self.js(script, *args)
+        if element is None:
+            raise RuntimeError(f"no element to click: {script!r}")
+        element.click()
+        if then_move_to is not None:
+            from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+            actions = ActionBuilder(self.driver)
+            actions.pointer_action.move_to_location(round(then_move_to[0]), round(then_move_to[1]))
+            actions.perform()
+
     def redraw(self) -> None:
         """Force a full canvas redraw and wait two animation frames."""
         self.js_async("""
