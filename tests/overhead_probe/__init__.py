@@ -1,0 +1,331 @@
+"""A measurement-only ComfyUI pack for ``scripts/node_overhead.py`` and ``tests/test_overhead_e2e.py``.
+
+Mounted beside StreamRT in the real ComfyUI server (never shipped with the pack). It gives:
+
+* ``OverheadPassthrough``: the cheapest node ComfyUI can run every time (classic API, one IMAGE in, the same
+  IMAGE out, ``IS_CHANGED`` NaN), so the trivial graph ``LoadImage -> OverheadPassthrough -> PreviewImage``
+  executes as many nodes per prompt as the realtime graph ``LoadImage -> Load Stream Pipeline -> Stream
+  Sampler -> PreviewImage`` (two: the always-running node and the sink; the loaders stay cached);
+  ``OverheadPassthroughV3``: the same through ComfyUI's V3 node API (what every V3 node pays).
+* Timers and counters put into the server process on request (``POST /streamrt_probe/install``), read back with
+  ``GET /streamrt_probe/stats`` and cleared with ``POST /streamrt_probe/reset``:
+
+  - ``step``: the StreamRT stream's own step (``Stream.step``), the part of an execution that is not glue: its
+    wall time, and as ``step_cpu`` the CPU time of the thread that ran it (all of it with one torch thread);
+  - ``timers``: wall time of ComfyUI's prompt validation (``execution.validate_prompt``), the prompt's whole
+    execution (``PromptExecutor.execute``), each node's execution in ComfyUI (``execution.execute``, by class),
+    ComfyUI's cache keys (``add_keys``), every ``define_schema`` call (by node class), and the parts of the
+    sampler's ``execute`` body (pipeline lookup, configs, engine source, the session call, status, memory);
+  - ``counts``: calls of ``os.stat`` / ``os.lstat`` / ``os.scandir`` / ``os.listdir`` and of the pack's
+    load-time functions (``weights_nbytes``, ``cache_key``, ``file_fingerprint``, ``Module.parameters``) made
+    from the pack's own code, by call site (the innermost frame inside the pack);
+  - ``cprofile``: cProfile around validation and execution (attribution only: it slows what it profiles).
+
+Every wrapper adds about a microsecond per wrapped call; the overhead figures use only ``step`` (one wrapper
+per execution), the breakdown is measured in a separate phase.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import functools
+import inspect
+import io
+import logging
+import os
+import pstats
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+
+import execution
+from aiohttp import web
+from comfy_execution import caching
+from server import PromptServer
+
+logger = logging.getLogger(__name__)
+
+
+class OverheadPassthrough:
+    """IMAGE in, the same IMAGE out; executes on every prompt."""
+
+    CATEGORY = "overhead probe"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's name)
+        return {"required": {"image": ("IMAGE",)}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):  # noqa: N802
+        return float("nan")
+
+    def run(self, image):
+        return (image,)
+
+
+def _v3_passthrough():
+    from comfy_api.latest import io as v3
+
+    class OverheadPassthroughV3(v3.ComfyNode):
+        @classmethod
+        def define_schema(cls) -> v3.Schema:
+            return v3.Schema(node_id="OverheadPassthroughV3", category="overhead probe",
+                             inputs=[v3.Image.Input("image")], outputs=[v3.Image.Output()], not_idempotent=True)
+
+        @classmethod
+        def fingerprint_inputs(cls, **kwargs) -> float:
+            return float("nan")
+
+        @classmethod
+        def execute(cls, image) -> v3.NodeOutput:
+            return v3.NodeOutput(image)
+
+    return OverheadPassthroughV3
+
+
+NODE_CLASS_MAPPINGS = {"OverheadPassthrough": OverheadPassthrough, "OverheadPassthroughV3": _v3_passthrough()}
+
+
+# ---- recording -------------------------------------------------------------------------------------------
+class _Record:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.timers: dict[str, list[float]] = defaultdict(list)
+        self.counts: dict[str, Counter] = defaultdict(Counter)
+        self.profiles: dict[str, cProfile.Profile] = {}
+        self.installed: set[str] = set()
+        self.pack_root: str | None = None
+
+    def reset(self) -> None:
+        with self.lock:
+            self.timers.clear()
+            self.counts.clear()
+            for name in self.profiles:
+                self.profiles[name] = cProfile.Profile()
+
+
+RECORD = _Record()
+
+
+def _timed(label, fn):
+    """``fn`` wrapped to add its wall time to ``RECORD.timers[label]`` (``label`` may be a function of the args)."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                RECORD.timers[label(*args, **kwargs) if callable(label) else label].append(time.perf_counter() - start)
+        return async_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            RECORD.timers[label(*args, **kwargs) if callable(label) else label].append(time.perf_counter() - start)
+    return wrapper
+
+
+def _patch(owner, name: str, make) -> None:
+    """Replace ``owner.name`` by ``make(original)``, keeping classmethods / staticmethods what they were."""
+    raw = owner.__dict__[name] if isinstance(owner, type) and name in owner.__dict__ else getattr(owner, name)
+    if isinstance(raw, classmethod):
+        setattr(owner, name, classmethod(make(raw.__func__)))
+    elif isinstance(raw, staticmethod):
+        setattr(owner, name, staticmethod(make(raw.__func__)))
+    else:
+        setattr(owner, name, make(raw))
+
+
+def _pack_name(pack: str) -> str:
+    """The pack's module name: ComfyUI names a custom-node folder's module after its path."""
+    for name in list(sys.modules):
+        if name == pack or name.endswith("/" + pack):
+            return name
+    raise KeyError(f"no loaded custom-node pack {pack!r}")
+
+
+def _pack_modules(pack: str) -> dict[str, object]:
+    """The pack's loaded modules by their name inside the pack (``nodes.sampler``, ``streamrt.stream``...)."""
+    prefix = _pack_name(pack) + "."
+    return {name[len(prefix):]: module for name, module in list(sys.modules.items())
+            if name.startswith(prefix) and module is not None}
+
+
+def _step_timed(fn):
+    """The step's wall time (``step``) and the CPU time of the thread that ran it (``step_cpu``)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        cpu, start = time.thread_time(), time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            RECORD.timers["step"].append(time.perf_counter() - start)
+            RECORD.timers["step_cpu"].append(time.thread_time() - cpu)
+    return wrapper
+
+
+def install_step(pack: str) -> None:
+    _patch(_pack_modules(pack)["streamrt.stream"].Stream, "step", _step_timed)
+
+
+def install_timers(pack: str) -> None:
+    mods = _pack_modules(pack)
+    _patch(execution, "validate_prompt", lambda fn: _timed("comfy.validate_prompt", fn))
+    _patch(execution.PromptExecutor, "execute", lambda fn: _timed("comfy.execute_prompt", fn))
+    _patch(execution, "execute", lambda fn: _timed(
+        lambda server, dynprompt, caches, current_item, *a, **k:
+            "comfy.node:" + dynprompt.get_node(current_item)["class_type"], fn))
+    _patch(caching.CacheKeySetInputSignature, "add_keys", lambda fn: _timed("comfy.cache_keys", fn))
+    _patch(execution.IsChangedCache, "get", lambda fn: _timed(
+        lambda self, node_id: "comfy.is_changed:" + self.dynprompt.get_node(node_id)["class_type"], fn))
+    _patch(execution, "get_input_data", lambda fn: _timed(
+        lambda inputs, class_def, *a, **k: "comfy.get_input_data:" + class_def.__name__, fn))
+    from comfy_api.latest import _io as v3_io
+    _patch(v3_io.Schema, "get_v1_info", lambda fn: _timed("comfy.v3.get_v1_info", fn))
+    _patch(v3_io.Schema, "finalize", lambda fn: _timed("comfy.v3.finalize", fn))
+    _patch(v3_io.Schema, "validate", lambda fn: _timed("comfy.v3.validate", fn))
+    _patch(PromptServer, "send_json", lambda fn: _timed(
+        lambda self, event, data, sid=None: "comfy.send_json:" + str(event), fn))
+    import nodes as comfy_nodes
+    for node_id, cls in comfy_nodes.NODE_CLASS_MAPPINGS.items():
+        if "define_schema" in getattr(cls, "__dict__", {}):
+            _patch(cls, "define_schema", lambda fn, node_id=node_id: _timed(f"define_schema:{node_id}", fn))
+    sampler, runtime = mods["nodes.sampler"], mods["nodes.runtime"]
+    _patch(sampler.StreamSampler, "execute", lambda fn: _timed("sampler.execute", fn))
+    _patch(mods["nodes.loaders"].LoadStreamPipeline, "execute", lambda fn: _timed("loader.execute", fn))
+    for name in ("StreamConfig", "StreamRequest", "KVCacheConfig", "SimilarityFilterConfig", "engine_source",
+                 "report_memory", "parse_t_index_list", "workflow_id"):
+        if hasattr(sampler, name):
+            _patch(sampler, name, lambda fn, name=name: _timed(f"sampler.{name}", fn))
+    _patch(runtime.PipelineHandle, "models", lambda fn: _timed("sampler.PipelineHandle.models", fn))
+    _patch(sampler.api, "send_status", lambda fn: _timed("sampler.send_status", fn))
+    _patch(sampler.api, "check_interrupted", lambda fn: _timed("sampler.check_interrupted", fn))
+    sessions = mods["streamrt.sessions"].StreamSessions
+    for name in ("run", "stream", "frames_processed"):
+        _patch(sessions, name, lambda fn, name=name: _timed(f"sessions.{name}", fn))
+    _patch(mods["streamrt.sessions"], "check_frames", lambda fn: _timed("sessions.check_frames", fn))
+
+
+_COUNTED_OS = ("stat", "lstat", "scandir", "listdir")
+
+
+def _pack_site(skip: int = 2) -> str | None:
+    """``file:line function`` of the innermost frame inside the pack on the current stack, or None."""
+    root = RECORD.pack_root
+    frame = sys._getframe(skip)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(root):
+            return f"{os.path.relpath(filename, root)}:{frame.f_lineno} {frame.f_code.co_name}"
+        frame = frame.f_back
+    return None
+
+
+def _counted(label: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        site = _pack_site()
+        if site is not None:
+            RECORD.counts[label][site] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def install_counts(pack: str) -> None:
+    RECORD.pack_root = os.path.dirname(os.path.abspath(sys.modules[_pack_name(pack)].__file__)) + os.sep
+    mods = _pack_modules(pack)
+    for name in _COUNTED_OS:
+        _patch(os, name, lambda fn, name=name: _counted(f"os.{name}", fn))
+    _patch(mods["streamrt.models"].StreamModels, "weights_nbytes", lambda fn: _counted("weights_nbytes", fn))
+    _patch(mods["streamrt.loading"].PipelineSpec, "cache_key", lambda fn: _counted("cache_key", fn))
+    _patch(mods["streamrt.loading"], "file_fingerprint", lambda fn: _counted("file_fingerprint", fn))
+    import torch
+    _patch(torch.nn.Module, "parameters", lambda fn: _counted("Module.parameters", fn))
+
+
+def _profiled(name: str, fn):
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(*args, **kwargs):
+            profile = RECORD.profiles[name]
+            profile.enable()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                profile.disable()
+        return async_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        profile = RECORD.profiles[name]
+        profile.enable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            profile.disable()
+    return wrapper
+
+
+def install_cprofile(pack: str) -> None:
+    for name in ("validate", "execute"):
+        RECORD.profiles[name] = cProfile.Profile()
+    _patch(execution, "validate_prompt", lambda fn: _profiled("validate", fn))
+    _patch(execution.PromptExecutor, "execute", lambda fn: _profiled("execute", fn))
+
+
+INSTALLERS = {"step": install_step, "timers": install_timers, "counts": install_counts, "cprofile": install_cprofile}
+
+
+def _profile_text(profile: cProfile.Profile, lines: int) -> str:
+    out = io.StringIO()
+    try:
+        stats = pstats.Stats(profile, stream=out)
+    except TypeError:  # nothing recorded
+        return ""
+    stats.sort_stats("tottime").print_stats(lines)
+    stats.sort_stats("cumulative").print_stats(lines)
+    return out.getvalue()
+
+
+# ---- routes ----------------------------------------------------------------------------------------------
+routes = PromptServer.instance.routes
+
+
+@routes.post("/streamrt_probe/install")
+async def _install(request):
+    body = await request.json()
+    pack = body.get("pack", "StreamRT")
+    for what in body.get("what", []):
+        if what not in RECORD.installed:
+            INSTALLERS[what](pack)
+            RECORD.installed.add(what)
+            logger.info("overhead probe: %s installed", what)
+    return web.json_response({"installed": sorted(RECORD.installed)})
+
+
+@routes.post("/streamrt_probe/reset")
+async def _reset(request):
+    RECORD.reset()
+    return web.json_response({})
+
+
+@routes.get("/streamrt_probe/stats")
+async def _stats(request):
+    lines = int(request.query.get("profile_lines", "40"))
+    dump = request.query.get("dump")  # a folder: also write each cProfile there as <name>.prof (for pstats)
+    if dump:
+        for name, profile in RECORD.profiles.items():
+            profile.dump_stats(os.path.join(dump, f"{name}.prof"))
+    with RECORD.lock:
+        body = {"timers": {k: list(v) for k, v in RECORD.timers.items()},
+                "counts": {k: dict(v) for k, v in RECORD.counts.items()},
+                "cprofile": {k: _profile_text(p, lines) for k, p in RECORD.profiles.items()}}
+    return web.json_response(body)
+
