@@ -68,6 +68,7 @@ def print_report(summary: dict) -> None:
     print(f"  {'':<60} {'median ms':>10} {'p10':>8} {'p90':>8}")
     labels = {"trivial": "(a) trivial: LoadImage -> passthrough -> PreviewImage",
               "trivial_v3": "    the same with a V3 passthrough (reference)",
+              "shaped": "    LoadImage -> Load Pipeline -> sampler's shape -> Preview",
               "realtime": "(b) realtime: LoadImage -> Load Pipeline -> Sampler -> Preview"}
     for name, row in m["graphs"].items():
         print(_row(labels.get(name, name), row))
@@ -79,30 +80,38 @@ def print_report(summary: dict) -> None:
           f"(target <= {TARGET_MS} ms: {verdict})")
     print(f"  per round: median {rounds['median']:.3f} ms, min {rounds['min']:.3f}, max {rounds['max']:.3f}; "
           f"from three separate medians: {m['overhead_of_medians_ms']:.3f} ms")
+    if m.get("shape_ms") is not None:
+        print(f"    of which ComfyUI's handling of the graph's shape (sampler's shape - (a)): {m['shape_ms']:.3f} ms, "
+              f"the sampler's execute around its step ((b) - step - sampler's shape): {m['execute_glue_ms']:.3f} ms")
     cpu = m["overhead_server_cpu_per_round_ms"]
-    print(f"  in server CPU time per execution (all threads; the machine's other load does not inflate it): "
-          f"{cpu['median']:.3f} ms (rounds: min {cpu['min']:.3f}, max {cpu['max']:.3f})")
-    print("  server CPU / run-queue wait per execution, ms: " + ", ".join(
-        f"{name} {row['server_cpu_ms']:.3f} / {row['server_wait_ms']:.3f}" for name, row in m["graphs"].items())
-        + f", step (thread CPU) {m['step']['cpu_median_ms']:.3f}")
+    print(f"  the same in server CPU time (all threads; other load on the machine hardly inflates it): "
+          f"{m['overhead_server_cpu_ms']:.3f} ms (per round: median {cpu['median']:.3f}, min {cpu['min']:.3f}, "
+          f"max {cpu['max']:.3f})")
+    print("  server CPU per execution, median ms: " + ", ".join(
+        f"{name} {row['server_cpu_median_ms']:.3f}" for name, row in m["graphs"].items())
+        + f", step (its thread) {m['step']['cpu_median_ms']:.3f}, (b) minus its step "
+          f"{m['realtime_minus_step']['server_cpu_median_ms']:.3f}")
+    if m.get("shape_server_cpu_ms") is not None:
+        print(f"    in CPU time: the graph's shape {m['shape_server_cpu_ms']:.3f} ms, the sampler's execute around its "
+              f"step {m['execute_glue_server_cpu_ms']:.3f} ms")
     print(f"  (the sampler's own 'seconds' in streamrt.status: median {m['sampler_status_seconds_median_ms']:.3f} ms)")
     if summary.get("breakdown"):
         b = summary["breakdown"]
         print(f"\nBreakdown: medians over {b['executions']} executions per graph of each part's ms per execution "
               "(timers inside the server):")
-        print(f"  {'part':<60} {'trivial':>10} {'realtime':>10} {'calls':>6}")
-        for timer in sorted(set(b["trivial"]) | set(b["realtime"])):
-            t, r = b["trivial"].get(timer), b["realtime"].get(timer)
-            calls = (r or t)["calls"]
-            print(f"  {timer:<60} {t['median_ms'] if t else float('nan'):>10.3f} "
-                  f"{r['median_ms'] if r else float('nan'):>10.3f} {'' if calls is None else calls:>6}")
+        print(f"  {'part':<52} {'trivial':>9} {'shaped':>9} {'realtime':>9} {'calls':>6}")
+        for timer in sorted(set(b["trivial"]) | set(b["shaped"]) | set(b["realtime"])):
+            rows = [b[g].get(timer) for g in ("trivial", "shaped", "realtime")]
+            calls = next(r for r in reversed(rows) if r)["calls"]
+            cells = " ".join(f"{r['median_ms'] if r else float('nan'):>9.3f}" for r in rows)
+            print(f"  {timer:<52} {cells} {'' if calls is None else calls:>6}")
     if summary.get("pack_calls") is not None:
         print("\nCalls from the pack's own code per realtime execution, by call site:")
         if not summary["pack_calls"]:
             print("  none")
         for label, sites in summary["pack_calls"].items():
             for site, n in sites.items():
-                print(f"  {label:<20} {n:6.2f}  {site}")
+                print(f"  {label:<18} {n:6.2f}  {site}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch / OpenMP threads of the server on a CPU (OMP_NUM_THREADS, default 1: the step's "
                              "idle OpenMP workers then spin against nothing, and its CPU time is all in one thread; "
                              "0: torch's own choice)")
+    parser.add_argument("--pack", default=str(REPO),
+                        help="the StreamRT checkout to mount (default: this one; e.g. an older commit exported with "
+                             "git archive, to compare)")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the result here as JSON")
     parser.add_argument("--server-arg", action="append", default=[],
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.server_threads and not cuda:
         env = {"OMP_NUM_THREADS": str(args.server_threads), "MKL_NUM_THREADS": str(args.server_threads)}
         summary["server_threads"] = args.server_threads
-    with ComfyServer(REPO, work / "server", pack_name="StreamRT", cpu=not cuda, models_source=models, env=env,
+    with ComfyServer(args.pack, work / "server", pack_name="StreamRT", cpu=not cuda, models_source=models, env=env,
                      extra_packs={overhead.PROBE_PACK: overhead.PROBE_DIR}, extra_args=list(args.server_arg),
                      database_url=f"sqlite:///{work / 'server' / 'comfy.db'}") as server:
         try:
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 overhead.probe_install(server, "timers")
                 summary["breakdown"] = {"executions": args.breakdown, **{
                     name: overhead.breakdown(overhead.per_execution(server, graphs[name], args.breakdown))
-                    for name in ("trivial", "realtime")}}
+                    for name in ("trivial", "shaped", "realtime")}}
             if args.counts:
                 overhead.probe_install(server, "counts")
                 records = overhead.per_execution(server, graphs["realtime"], args.counts)

@@ -12,6 +12,9 @@ every graph:
 * ``trivial``: LoadImage -> OverheadPassthrough (classic API, IS_CHANGED NaN) -> PreviewImage. ComfyUI's
   ceiling for a graph that runs one node and the sink per execution;
 * ``trivial_v3``: the same with a V3 passthrough (what any V3 node costs ComfyUI; for reference);
+* ``shaped``: LoadImage -> Load Stream Pipeline -> a node with Stream Sampler's schema and a passthrough body ->
+  PreviewImage: what ComfyUI spends on the realtime graph's shape (validating, hashing and passing the sampler's
+  inputs, the loader's validation and cache lookup), without the sampler's own ``execute``;
 * ``realtime``: LoadImage -> Load Stream Pipeline -> Stream Sampler -> PreviewImage (the webcam graph).
 
 LoadImage and the loader stay cached; the always-running node and PreviewImage execute every time, in every
@@ -25,6 +28,7 @@ PreviewImage's files and the history are cleared between blocks (ComfyUI lists t
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import uuid
@@ -39,7 +43,7 @@ from e2e_helpers import SAMPLER_DEFAULTS
 PROBE_DIR = Path(__file__).resolve().parent / "overhead_probe"
 PROBE_PACK = "streamrt_probe"
 SINK = "PreviewImage"
-GRAPHS = ("trivial", "trivial_v3", "realtime")
+GRAPHS = ("trivial", "trivial_v3", "shaped", "realtime")
 
 
 def sampler_inputs(acceleration: str = "eager", **overrides) -> dict:
@@ -53,6 +57,9 @@ def build_graphs(prefix: str, image: str, model: str, taesd: str, acceleration: 
     """API-format prompts of the three graphs (node ids prefixed, so the sampler's stream is this run's own)."""
     load = {"class_type": "LoadImage", "inputs": {"image": image}}
     sink = {"class_type": SINK, "inputs": {"images": [f"{prefix}x", 0]}}
+    loader = {"class_type": "StreamRTLoadPipeline",
+              "inputs": {"model": model, "taesd": taesd, "dtype": "auto", "device": "auto"}}
+    sampler_like = {"pipeline": [f"{prefix}load", 0], "image": [f"{prefix}img", 0], **sampler_inputs(acceleration)}
     graphs = {
         "trivial": {f"{prefix}img": load, f"{prefix}x": {"class_type": "OverheadPassthrough",
                                                            "inputs": {"image": [f"{prefix}img", 0]}},
@@ -60,14 +67,12 @@ def build_graphs(prefix: str, image: str, model: str, taesd: str, acceleration: 
         "trivial_v3": {f"{prefix}img": load, f"{prefix}x": {"class_type": "OverheadPassthroughV3",
                                                               "inputs": {"image": [f"{prefix}img", 0]}},
                        f"{prefix}sink": sink},
-        "realtime": {
-            f"{prefix}img": load,
-            f"{prefix}load": {"class_type": "StreamRTLoadPipeline",
-                              "inputs": {"model": model, "taesd": taesd, "dtype": "auto", "device": "auto"}},
-            f"{prefix}x": {"class_type": "StreamRTSampler",
-                           "inputs": {"pipeline": [f"{prefix}load", 0], "image": [f"{prefix}img", 0],
-                                      **sampler_inputs(acceleration)}},
-            f"{prefix}sink": sink},
+        "shaped": {f"{prefix}img": load, f"{prefix}load": loader,
+                   f"{prefix}x": {"class_type": "OverheadShapedSampler", "inputs": sampler_like},
+                   f"{prefix}sink": sink},
+        "realtime": {f"{prefix}img": load, f"{prefix}load": loader,
+                     f"{prefix}x": {"class_type": "StreamRTSampler", "inputs": sampler_like},
+                     f"{prefix}sink": sink},
     }
     return {name: {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in g.items()}
             for name, g in graphs.items()}
@@ -132,29 +137,31 @@ def _ms(values: list[float], q: float | None = None) -> float | None:
     return 1000.0 * float(np.quantile(np.asarray(values), q))
 
 
-def server_cpu_seconds(pid: int) -> tuple[float, float]:
-    """(CPU seconds run, seconds spent waiting for a CPU) of every thread of a process so far (Linux
-    ``/proc/<pid>/task/*/schedstat``, nanosecond counters)."""
-    run = wait = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+def server_cpu_seconds(pid: int) -> float:
+    """CPU seconds every live thread of a process has run so far (Linux ``/proc/<pid>/task/*/schedstat``, a
+    nanosecond counter; the process-wide counter in ``/proc/<pid>/stat`` only counts 10 ms ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            fields = (task / "schedstat").read_text().split()
-        except OSError:  # the thread ended meanwhile
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split(None, 1)[0])
+        except (OSError, ValueError):  # the thread ended meanwhile
             continue
-        run, wait = run + int(fields[0]), wait + int(fields[1])
-    return run / 1e9, wait / 1e9
+    return total / 1e9
 
 
 @dataclass
 class OverheadResult:
-    """What :func:`measure` saw.
+    """What :func:`measure` saw, one entry per execution.
 
-    ``walls``: per-execution wall seconds by graph; ``steps`` / ``step_cpus``: for each realtime execution (same
-    order) its stream step's wall and thread CPU seconds; ``status_seconds``: the sampler's own ``seconds``;
-    ``rounds``: per round and graph the medians (ms) and the server's CPU and run-queue wait per execution (ms).
+    ``walls`` / ``cpus``: by graph, each execution's wall time on the client and the server's CPU time (all
+    threads, read between executions); ``steps`` / ``step_cpus``: for each realtime execution (same order) its
+    stream step's wall time and the CPU time of the thread that ran it; ``status_seconds``: the sampler's own
+    ``seconds``; ``rounds``: per round the medians (ms).
     """
 
     walls: dict[str, list[float]] = field(default_factory=dict)
+    cpus: dict[str, list[float]] = field(default_factory=dict)
     steps: list[float] = field(default_factory=list)
     step_cpus: list[float] = field(default_factory=list)
     status_seconds: list[float] = field(default_factory=list)
@@ -173,6 +180,11 @@ class OverheadResult:
         return [w - s for w, s in zip(self.walls.get("realtime", []), self.steps, strict=True)]
 
     @property
+    def cpu_beside_step(self) -> list[float]:
+        """Each realtime execution's server CPU time minus its own stream step's."""
+        return [c - s for c, s in zip(self.cpus.get("realtime", []), self.step_cpus, strict=True)]
+
+    @property
     def overhead_ms(self) -> float | None:
         """median(realtime wall - its step) - median(trivial wall), in ms: the step's own noise cancels within
         each execution."""
@@ -181,57 +193,77 @@ class OverheadResult:
         return _ms(self.beside_step) - self.median_ms("trivial")
 
     @property
+    def overhead_cpu_ms(self) -> float | None:
+        """The same in server CPU time: median(realtime CPU - its step's CPU) - median(trivial CPU), in ms."""
+        if not self.step_cpus or not self.cpus.get("trivial"):
+            return None
+        return _ms(self.cpu_beside_step) - _ms(self.cpus["trivial"])
+
+    @property
+    def shape_ms(self) -> float | None:
+        """median(shaped) - median(trivial): what ComfyUI spends on the realtime graph's shape (wall, ms)."""
+        if not self.walls.get("shaped") or not self.walls.get("trivial"):
+            return None
+        return self.median_ms("shaped") - self.median_ms("trivial")
+
+    @property
+    def execute_glue_ms(self) -> float | None:
+        """median(realtime - its step) - median(shaped): what the sampler's ``execute`` adds around the step."""
+        if not self.steps or not self.walls.get("shaped"):
+            return None
+        return _ms(self.beside_step) - self.median_ms("shaped")
+
+    @property
     def overhead_of_medians_ms(self) -> float | None:
         """median(realtime) - median(trivial) - median(step): the same from three separate medians (noisier)."""
         parts = (self.median_ms("realtime"), self.median_ms("trivial"), self.step_ms)
         return None if None in parts else parts[0] - parts[1] - parts[2]
 
-    def _round_values(self, key: str) -> list[float]:
-        return [r[key] for r in self.rounds if r.get(key) is not None]
-
     def summary(self) -> dict:
-        graphs = {}
-        for name, v in self.walls.items():
-            if v:
-                graphs[name] = {"executions": len(v), "median_ms": _ms(v), "p10_ms": _ms(v, 0.1),
-                                "p90_ms": _ms(v, 0.9), "mean_ms": 1000.0 * statistics.fmean(v),
-                                "server_cpu_ms": _median(self._round_values(f"{name}_cpu")),
-                                "server_wait_ms": _median(self._round_values(f"{name}_wait"))}
+        graphs = {name: {"executions": len(v), "median_ms": _ms(v), "p10_ms": _ms(v, 0.1), "p90_ms": _ms(v, 0.9),
+                         "mean_ms": 1000.0 * statistics.fmean(v), "server_cpu_median_ms": _ms(self.cpus[name])}
+                  for name, v in self.walls.items() if v}
         return {
             "graphs": graphs,
             "step": {"executions": len(self.steps), "median_ms": self.step_ms, "p10_ms": _ms(self.steps, 0.1),
                      "p90_ms": _ms(self.steps, 0.9), "cpu_median_ms": _ms(self.step_cpus)},
             "realtime_minus_step": {"median_ms": _ms(self.beside_step), "p10_ms": _ms(self.beside_step, 0.1),
-                                    "p90_ms": _ms(self.beside_step, 0.9)},
+                                    "p90_ms": _ms(self.beside_step, 0.9),
+                                    "server_cpu_median_ms": _ms(self.cpu_beside_step)},
             "sampler_status_seconds_median_ms": _ms(self.status_seconds),
             "overhead_ms": self.overhead_ms,
+            "shape_ms": self.shape_ms,
+            "execute_glue_ms": self.execute_glue_ms,
             "overhead_of_medians_ms": self.overhead_of_medians_ms,
-            "overhead_per_round_ms": _spread(self._round_values("overhead")),
-            "overhead_server_cpu_ms": _median(self._round_values("overhead_cpu")),
-            "overhead_server_cpu_per_round_ms": _spread(self._round_values("overhead_cpu")),
-            "rounds": self.rounds,
+            "overhead_per_round_ms": _spread([r["overhead"] for r in self.rounds if "overhead" in r]),
+            "overhead_server_cpu_ms": self.overhead_cpu_ms,
+            "overhead_server_cpu_per_round_ms": _spread([r["overhead_cpu"] for r in self.rounds
+                                                         if "overhead_cpu" in r]),
+            "shape_server_cpu_ms": _ms(self.cpus.get("shaped", [])) - _ms(self.cpus["trivial"])
+            if self.cpus.get("shaped") and self.cpus.get("trivial") else None,
+            "execute_glue_server_cpu_ms": _ms(self.cpu_beside_step) - _ms(self.cpus["shaped"])
+            if self.cpus.get("shaped") and self.step_cpus else None,
+            "by_round": self.rounds,
         }
 
 
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def _spread(values: list[float]) -> dict:
-    return {"median": _median(values), "min": min(values, default=None), "max": max(values, default=None)}
+    return {"median": statistics.median(values) if values else None, "min": min(values, default=None),
+            "max": max(values, default=None)}
 
 
 def measure(server: ComfyServer, graphs: dict[str, dict], *, rounds: int, per_round: int, warmup: int = 20,
             log: Callable[[str], None] | None = None) -> OverheadResult:
     """Alternating rounds of ``per_round`` executions of every graph (after ``warmup`` of each, not counted).
 
-    Besides the wall times, each block of executions records the server's CPU time per execution (all its
-    threads), which other processes on the machine do not inflate the way they inflate wall time; with the
-    server's torch on one thread the step's CPU time is all in the thread that ran it, so
-    ``overhead_cpu = (cpu(realtime) - cpu(step)) - cpu(trivial)`` per execution is the same difference in
-    CPU time. The probe's ``step`` timer must be installed (:func:`probe_install`).
+    Besides each execution's wall time, the server's CPU time over the execution is read (between executions,
+    outside the timed window). Other processes on the machine inflate wall time (a thread waits for a CPU)
+    much more than CPU time, so ``overhead_cpu = median(CPU(realtime) - CPU(step)) - median(CPU(trivial))``
+    says what the glue costs on a busy machine too. It is exact with the server's torch on one thread (the
+    step's CPU time then is all in the thread that ran it). The probe's ``step`` timer must be installed
+    (:func:`probe_install`).
     """
-    result = OverheadResult(walls={name: [] for name in graphs})
+    result = OverheadResult(walls={name: [] for name in graphs}, cpus={name: [] for name in graphs})
     names = list(graphs)
     pid = server.proc.pid
     with server.websocket() as ws:
@@ -241,20 +273,19 @@ def measure(server: ComfyServer, graphs: dict[str, dict], *, rounds: int, per_ro
         tidy(server)
         for r in range(rounds):
             row: dict[str, float] = {}
-            beside: list[float] = []
             for name in names if r % 2 == 0 else reversed(names):
                 probe_reset(server)
-                walls = []
-                cpu0, wait0 = server_cpu_seconds(pid)
+                walls, cpus = [], []
+                cpu = server_cpu_seconds(pid)
                 for _ in range(per_round):
                     seconds, status = run_once(server, ws, graphs[name])
+                    before, cpu = cpu, server_cpu_seconds(pid)
                     walls.append(seconds)
+                    cpus.append(cpu - before)
                     result.status_seconds.extend(s["seconds"] for s in status)
-                cpu1, wait1 = server_cpu_seconds(pid)
                 result.walls[name].extend(walls)
-                row[name] = _ms(walls)
-                row[f"{name}_cpu"] = 1000.0 * (cpu1 - cpu0) / per_round
-                row[f"{name}_wait"] = 1000.0 * (wait1 - wait0) / per_round
+                result.cpus[name].extend(cpus)
+                row[name], row[f"{name}_cpu"] = _ms(walls), _ms(cpus)
                 if name == "realtime":
                     timers = probe_stats(server)["timers"]
                     steps, step_cpus = timers.get("step", []), timers.get("step_cpu", [])
@@ -262,13 +293,18 @@ def measure(server: ComfyServer, graphs: dict[str, dict], *, rounds: int, per_ro
                         raise AssertionError(f"{len(steps)} stream steps timed for {per_round} executions")
                     result.steps.extend(steps)
                     result.step_cpus.extend(step_cpus)
-                    row["step"] = _ms(steps)
-                    row["step_cpu"] = 1000.0 * sum(step_cpus) / per_round
-                    beside = [w - s for w, s in zip(walls, steps, strict=True)]
+                    row["step"], row["step_cpu"] = _ms(steps), _ms(step_cpus)
+                    row["beside_step"] = _ms([w - s for w, s in zip(walls, steps, strict=True)])
+                    row["beside_step_cpu"] = _ms([c - s for c, s in zip(cpus, step_cpus, strict=True)])
                 tidy(server)
-            if beside and "trivial" in row:
-                row["overhead"] = _ms(beside) - row["trivial"]
-                row["overhead_cpu"] = row["realtime_cpu"] - row["step_cpu"] - row["trivial_cpu"]
+            if "beside_step" in row and "trivial" in row:
+                row["overhead"] = row["beside_step"] - row["trivial"]
+                row["overhead_cpu"] = row["beside_step_cpu"] - row["trivial_cpu"]
+                if "shaped" in row:
+                    row["shape"] = row["shaped"] - row["trivial"]
+                    row["shape_cpu"] = row["shaped_cpu"] - row["trivial_cpu"]
+                    row["glue"] = row["beside_step"] - row["shaped"]
+                    row["glue_cpu"] = row["beside_step_cpu"] - row["shaped_cpu"]
             result.rounds.append(row)
             if log is not None:
                 log(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()) + " (ms)")

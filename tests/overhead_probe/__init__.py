@@ -6,7 +6,10 @@ Mounted beside StreamRT in the real ComfyUI server (never shipped with the pack)
   IMAGE out, ``IS_CHANGED`` NaN), so the trivial graph ``LoadImage -> OverheadPassthrough -> PreviewImage``
   executes as many nodes per prompt as the realtime graph ``LoadImage -> Load Stream Pipeline -> Stream
   Sampler -> PreviewImage`` (two: the always-running node and the sink; the loaders stay cached);
-  ``OverheadPassthroughV3``: the same through ComfyUI's V3 node API (what every V3 node pays).
+  ``OverheadPassthroughV3``: the same through ComfyUI's V3 node API (what every V3 node pays);
+  ``OverheadShapedSampler``: Stream Sampler's schema with a passthrough body, so that a graph shaped like the
+  realtime one (the real loader, a node with the sampler's inputs) shows what ComfyUI itself spends on that
+  shape, apart from what the sampler's ``execute`` does.
 * Timers and counters put into the server process on request (``POST /streamrt_probe/install``), read back with
   ``GET /streamrt_probe/stats`` and cleared with ``POST /streamrt_probe/reset``:
 
@@ -16,9 +19,10 @@ Mounted beside StreamRT in the real ComfyUI server (never shipped with the pack)
     execution (``PromptExecutor.execute``), each node's execution in ComfyUI (``execution.execute``, by class),
     ComfyUI's cache keys (``add_keys``), every ``define_schema`` call (by node class), and the parts of the
     sampler's ``execute`` body (pipeline lookup, configs, engine source, the session call, status, memory);
-  - ``counts``: calls of ``os.stat`` / ``os.lstat`` / ``os.scandir`` / ``os.listdir`` and of the pack's
-    load-time functions (``weights_nbytes``, ``cache_key``, ``file_fingerprint``, ``Module.parameters``) made
-    from the pack's own code, by call site (the innermost frame inside the pack);
+  - ``counts``: calls of ``os.stat`` / ``os.lstat`` / ``os.scandir`` / ``os.listdir``, of the pack's load-time
+    functions (``weights_nbytes``, ``cache_key``, ``file_fingerprint``, ``Module.parameters``) and of
+    ``io.Schema`` constructions made from the pack's own code, by call site (the pack's entry point and the
+    innermost frame inside the pack), and the pack's log records at INFO and above;
   - ``cprofile``: cProfile around validation and execution (attribution only: it slows what it profiles).
 
 Every wrapper adds about a microsecond per wrapped call; the overhead figures use only ``step`` (one wrapper
@@ -66,7 +70,9 @@ class OverheadPassthrough:
         return (image,)
 
 
-def _v3_passthrough():
+def _v3_nodes():
+    import dataclasses
+
     from comfy_api.latest import io as v3
 
     class OverheadPassthroughV3(v3.ComfyNode):
@@ -83,10 +89,33 @@ def _v3_passthrough():
         def execute(cls, image) -> v3.NodeOutput:
             return v3.NodeOutput(image)
 
-    return OverheadPassthroughV3
+    class OverheadShapedSampler(v3.ComfyNode):
+        """Stream Sampler's schema (every input, hidden input and option) with a passthrough body."""
+
+        schema: list = []
+
+        @classmethod
+        def define_schema(cls) -> v3.Schema:
+            if not cls.schema:  # built once, like the sampler's (the pack is loaded when ComfyUI first asks)
+                sampler = _pack_modules("StreamRT")["nodes.sampler"].StreamSampler.define_schema()
+                cls.schema.append(dataclasses.replace(sampler, node_id="OverheadShapedSampler",
+                                                      display_name="Stream Sampler's shape (overhead probe)"))
+            return cls.schema[0]
+
+        @classmethod
+        def fingerprint_inputs(cls, **kwargs) -> float:
+            return float("nan")
+
+        @classmethod
+        def execute(cls, image=None, **kwargs) -> v3.NodeOutput:
+            return v3.NodeOutput(image)
+
+    return OverheadPassthroughV3, OverheadShapedSampler
 
 
-NODE_CLASS_MAPPINGS = {"OverheadPassthrough": OverheadPassthrough, "OverheadPassthroughV3": _v3_passthrough()}
+_V3, _SHAPED = _v3_nodes()
+NODE_CLASS_MAPPINGS = {"OverheadPassthrough": OverheadPassthrough, "OverheadPassthroughV3": _V3,
+                       "OverheadShapedSampler": _SHAPED}
 
 
 # ---- recording -------------------------------------------------------------------------------------------
@@ -217,15 +246,22 @@ _COUNTED_OS = ("stat", "lstat", "scandir", "listdir")
 
 
 def _pack_site(skip: int = 2) -> str | None:
-    """``file:line function`` of the innermost frame inside the pack on the current stack, or None."""
+    """Where the pack's code made the current call: ``<entry> -> <file>:<line> <function>``, with the outermost
+    frame inside the pack on the stack (the entry ComfyUI called: ``nodes/sampler.py execute``...) and the
+    innermost one; None when no pack code is on the stack."""
     root = RECORD.pack_root
+    inner = outer = None
     frame = sys._getframe(skip)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if filename.startswith(root):
-            return f"{os.path.relpath(filename, root)}:{frame.f_lineno} {frame.f_code.co_name}"
+        if frame.f_code.co_filename.startswith(root):
+            outer = frame
+            if inner is None:
+                inner = frame
         frame = frame.f_back
-    return None
+    if inner is None:
+        return None
+    return (f"{os.path.relpath(outer.f_code.co_filename, root)} {outer.f_code.co_name} -> "
+            f"{os.path.relpath(inner.f_code.co_filename, root)}:{inner.f_lineno} {inner.f_code.co_name}")
 
 
 def _counted(label: str, fn):
@@ -238,16 +274,29 @@ def _counted(label: str, fn):
     return wrapper
 
 
+class _LogCounter(logging.Handler):
+    """Counts the pack's log records at INFO and above (per-frame logging belongs at DEBUG)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        where = ".".join(record.name.rsplit(".", 2)[-2:])
+        RECORD.counts["log"][f"{record.levelname} {where}: {record.msg}"] += 1
+
+
 def install_counts(pack: str) -> None:
-    RECORD.pack_root = os.path.dirname(os.path.abspath(sys.modules[_pack_name(pack)].__file__)) + os.sep
+    name = _pack_name(pack)
+    RECORD.pack_root = os.path.dirname(os.path.abspath(sys.modules[name].__file__)) + os.sep
     mods = _pack_modules(pack)
-    for name in _COUNTED_OS:
-        _patch(os, name, lambda fn, name=name: _counted(f"os.{name}", fn))
+    for call in _COUNTED_OS:
+        _patch(os, call, lambda fn, call=call: _counted(f"os.{call}", fn))
     _patch(mods["streamrt.models"].StreamModels, "weights_nbytes", lambda fn: _counted("weights_nbytes", fn))
     _patch(mods["streamrt.loading"].PipelineSpec, "cache_key", lambda fn: _counted("cache_key", fn))
     _patch(mods["streamrt.loading"], "file_fingerprint", lambda fn: _counted("file_fingerprint", fn))
     import torch
     _patch(torch.nn.Module, "parameters", lambda fn: _counted("Module.parameters", fn))
+    from comfy_api.latest import _io as v3_io
+    _patch(v3_io.Schema, "__init__", lambda fn: _counted("Schema built", fn))
+    handler = _LogCounter(level=logging.INFO)
+    logging.getLogger(name).addHandler(handler)
 
 
 def _profiled(name: str, fn):
