@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from .api import ComfyExtension, io
+from .api import ComfyExtension, io, schema_built_once
 from .engines import BuildEngines, LoadEngines
 from .loaders import LoadStreamPipeline, StreamLora
 from .sampler import StreamSampler
 
 NODES: list[type[io.ComfyNode]] = [LoadStreamPipeline, StreamLora, StreamSampler, BuildEngines, LoadEngines]
+
+# Schemas that depend on nothing but the code are built once (ComfyUI asks for them several times per execution);
+# the loaders' schemas list model folders and are rebuilt when a listing changes (nodes/loaders.py).
+for _node in (StreamSampler, BuildEngines, LoadEngines):
+    schema_built_once(_node)
 
 
 class StreamRTExtension(ComfyExtension):
