@@ -327,7 +327,9 @@ def per_execution(server: ComfyServer, prompt: dict, executions: int) -> list[di
 #: derived per-execution quantities of the breakdown: name -> (timer, timer subtracted from it)
 DERIVED = {
     "sampler.execute - step": ("sampler.execute", "step"),
+    "sampler.execute_cpu - step_cpu": ("sampler.execute_cpu", "step_cpu"),
     "sessions.run - step": ("sessions.run", "step"),
+    "sessions.run_cpu - step_cpu": ("sessions.run_cpu", "step_cpu"),
     "comfy.node:StreamRTSampler - step": ("comfy.node:StreamRTSampler", "step"),
     "comfy.execute_prompt - step": ("comfy.execute_prompt", "step"),
 }

@@ -18,7 +18,8 @@ Mounted beside StreamRT in the real ComfyUI server (never shipped with the pack)
   - ``timers``: wall time of ComfyUI's prompt validation (``execution.validate_prompt``), the prompt's whole
     execution (``PromptExecutor.execute``), each node's execution in ComfyUI (``execution.execute``, by class),
     ComfyUI's cache keys (``add_keys``), every ``define_schema`` call (by node class), and the parts of the
-    sampler's ``execute`` body (pipeline lookup, configs, engine source, the session call, status, memory);
+    sampler's ``execute`` body (pipeline lookup, configs, engine source, the session call, status, memory),
+    those also in the CPU time of the thread that ran them (``<name>_cpu``: waiting for the GIL is not CPU);
   - ``counts``: calls of ``os.stat`` / ``os.lstat`` / ``os.scandir`` / ``os.listdir``, of the pack's load-time
     functions (``weights_nbytes``, ``cache_key``, ``file_fingerprint``, ``Module.parameters``) and of
     ``io.Schema`` constructions made from the pack's own code, by call site (the pack's entry point and the
@@ -187,21 +188,21 @@ def _pack_modules(pack: str) -> dict[str, object]:
             if name.startswith(prefix) and module is not None}
 
 
-def _step_timed(fn):
-    """The step's wall time (``step``) and the CPU time of the thread that ran it (``step_cpu``)."""
+def _wall_and_cpu(label: str, fn):
+    """``fn`` timed in wall time (``label``) and in CPU time of the thread that ran it (``label_cpu``)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         cpu, start = time.thread_time(), time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            RECORD.timers["step"].append(time.perf_counter() - start)
-            RECORD.timers["step_cpu"].append(time.thread_time() - cpu)
+            RECORD.timers[label].append(time.perf_counter() - start)
+            RECORD.timers[f"{label}_cpu"].append(time.thread_time() - cpu)
     return wrapper
 
 
 def install_step(pack: str) -> None:
-    _patch(_pack_modules(pack)["streamrt.stream"].Stream, "step", _step_timed)
+    _patch(_pack_modules(pack)["streamrt.stream"].Stream, "step", lambda fn: _wall_and_cpu("step", fn))
 
 
 def install_timers(pack: str) -> None:
@@ -227,19 +228,22 @@ def install_timers(pack: str) -> None:
         if "define_schema" in getattr(cls, "__dict__", {}):
             _patch(cls, "define_schema", lambda fn, node_id=node_id: _timed(f"define_schema:{node_id}", fn))
     sampler, runtime = mods["nodes.sampler"], mods["nodes.runtime"]
-    _patch(sampler.StreamSampler, "execute", lambda fn: _timed("sampler.execute", fn))
+    _patch(sampler.StreamSampler, "execute", lambda fn: _wall_and_cpu("sampler.execute", fn))
     _patch(mods["nodes.loaders"].LoadStreamPipeline, "execute", lambda fn: _timed("loader.execute", fn))
     for name in ("StreamConfig", "StreamRequest", "KVCacheConfig", "SimilarityFilterConfig", "engine_source",
                  "report_memory", "parse_t_index_list", "workflow_id"):
         if hasattr(sampler, name):
-            _patch(sampler, name, lambda fn, name=name: _timed(f"sampler.{name}", fn))
-    _patch(runtime.PipelineHandle, "models", lambda fn: _timed("sampler.PipelineHandle.models", fn))
-    _patch(sampler.api, "send_status", lambda fn: _timed("sampler.send_status", fn))
-    _patch(sampler.api, "check_interrupted", lambda fn: _timed("sampler.check_interrupted", fn))
+            _patch(sampler, name, lambda fn, name=name: _wall_and_cpu(f"sampler.{name}", fn))
+    _patch(runtime.PipelineHandle, "models", lambda fn: _wall_and_cpu("sampler.PipelineHandle.models", fn))
+    _patch(sampler.api, "send_status", lambda fn: _wall_and_cpu("sampler.send_status", fn))
+    _patch(sampler.api, "check_interrupted", lambda fn: _wall_and_cpu("sampler.check_interrupted", fn))
     sessions = mods["streamrt.sessions"].StreamSessions
     for name in ("run", "stream", "frames_processed"):
-        _patch(sessions, name, lambda fn, name=name: _timed(f"sessions.{name}", fn))
-    _patch(mods["streamrt.sessions"], "check_frames", lambda fn: _timed("sessions.check_frames", fn))
+        _patch(sessions, name, lambda fn, name=name: _wall_and_cpu(f"sessions.{name}", fn))
+    _patch(mods["streamrt.sessions"], "check_frames", lambda fn: _wall_and_cpu("sessions.check_frames", fn))
+    stream = mods["streamrt.stream"].Stream
+    for name in ("set_prompt", "set_seed", "set_guidance"):
+        _patch(stream, name, lambda fn, name=name: _wall_and_cpu(f"stream.{name}", fn))
 
 
 _COUNTED_OS = ("stat", "lstat", "scandir", "listdir")
