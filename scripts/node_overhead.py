@@ -30,6 +30,7 @@ import logging
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,12 +58,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def python_gauge_ms() -> float:
+    """Median ms of a fixed pure-Python loop in this process: how fast the machine runs Python right now (a shared
+    or virtual machine's speed drifts; compare runs only with similar gauges)."""
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        sum(range(1_000_000))
+        times.append(time.perf_counter() - start)
+    return 1000.0 * sorted(times)[3]
+
+
 def _row(label: str, row: dict) -> str:
     return f"  {label:<60} {row['median_ms']:>10.3f} {row['p10_ms']:>8.3f} {row['p90_ms']:>8.3f}"
 
 
 def print_report(summary: dict) -> None:
     m = summary["measurement"]
+    print(f"\nMachine gauge (a fixed Python loop): {summary['python_gauge_ms_before']:.1f} ms before, "
+          f"{summary['python_gauge_ms_after']:.1f} ms after")
     print(f"\nPer-execution wall time, {m['rounds']} alternating rounds x {m['per_round']} executions per graph "
           f"({summary['device']}, {summary['acceleration']}, {summary['size']}x{summary['size']}):")
     print(f"  {'':<60} {'median ms':>10} {'p10':>8} {'p90':>8}")
@@ -156,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
         "acceleration": acceleration, "size": args.size, "model": "tiny random-weight SD-shaped pipeline + TAESD",
         "sampler_inputs": overhead.sampler_inputs(acceleration), "target_ms": TARGET_MS,
+        "python_gauge_ms_before": python_gauge_ms(),
         "command": "python scripts/node_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     env = {}
@@ -195,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if args.server_log:
                 Path(args.server_log).write_text(server.log_tail(100000), encoding="utf-8")
+    summary["python_gauge_ms_after"] = python_gauge_ms()
     print_report(summary)
     for name, text in summary.get("cprofile", {}).items():
         print(f"\ncProfile: {name}, {args.cprofile} realtime executions\n{text}")
