@@ -21,9 +21,15 @@ LoadImage and the loader stay cached; the always-running node and PreviewImage e
 graph. The stream step is timed inside the server around ``Stream.step`` (the probe's ``step`` timer), so
 everything else the sampler does per execution counts as overhead:
 ``overhead = median(realtime wall - its step) - median(trivial wall)`` (each realtime execution minus its own
-step, so the step's noise, large on a CPU, cancels; the difference of the three medians is reported too).
-Rounds alternate the graphs (A B C, C B A, ...) so drift on a shared machine falls on all of them alike;
-PreviewImage's files and the history are cleared between blocks (ComfyUI lists the temp folder at every save).
+step, so the step's noise, large on a CPU, cancels; the difference of the three medians is reported too). It
+splits into ``shaped - trivial`` (what ComfyUI spends on the graph's shape) and ``realtime - step - shaped``
+(what the sampler's ``execute`` adds around its step). The same differences are taken in the server's CPU time
+per execution, which other processes on a shared machine inflate far less than wall time.
+
+Rounds alternate the graphs (A B C D, D C B A, ...) so drift on a shared machine falls on all of them alike.
+ComfyUI's default cache keeps the outputs of the current graph only, so the first execution of a block runs
+LoadImage and the loader again: it is not counted. PreviewImage's files and the history are cleared between
+blocks (ComfyUI lists the temp folder at every save).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def sampler_inputs(acceleration: str = "eager", **overrides) -> dict:
 
 
 def build_graphs(prefix: str, image: str, model: str, taesd: str, acceleration: str) -> dict[str, dict]:
-    """API-format prompts of the three graphs (node ids prefixed, so the sampler's stream is this run's own)."""
+    """API-format prompts of the graphs (node ids prefixed, so the sampler's stream is this run's own)."""
     load = {"class_type": "LoadImage", "inputs": {"image": image}}
     sink = {"class_type": SINK, "inputs": {"images": [f"{prefix}x", 0]}}
     loader = {"class_type": "StreamRTLoadPipeline",
@@ -254,7 +260,8 @@ def _spread(values: list[float]) -> dict:
 
 def measure(server: ComfyServer, graphs: dict[str, dict], *, rounds: int, per_round: int, warmup: int = 20,
             log: Callable[[str], None] | None = None) -> OverheadResult:
-    """Alternating rounds of ``per_round`` executions of every graph (after ``warmup`` of each, not counted).
+    """Alternating rounds of ``per_round`` executions of every graph (after ``warmup`` of each, and one at the
+    start of every block, not counted).
 
     Besides each execution's wall time, the server's CPU time over the execution is read (between executions,
     outside the timed window). Other processes on the machine inflate wall time (a thread waits for a CPU)
@@ -274,6 +281,7 @@ def measure(server: ComfyServer, graphs: dict[str, dict], *, rounds: int, per_ro
         for r in range(rounds):
             row: dict[str, float] = {}
             for name in names if r % 2 == 0 else reversed(names):
+                run_once(server, ws, graphs[name])  # refills ComfyUI's cache for this graph: not counted
                 probe_reset(server)
                 walls, cpus = [], []
                 cpu = server_cpu_seconds(pid)

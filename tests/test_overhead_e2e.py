@@ -16,11 +16,12 @@ The probe is first shown to fire: a fresh loader's first execution computes its 
 
 Timing: the overhead (the realtime graph's time per execution minus its own stream step, minus a trivial
 graph's) is measured in the server's CPU time, which other processes on a shared 2-core CI machine inflate
-far less than wall time, in a few alternating rounds, and the best round is bounded generously: 8 ms, about
-three times what a quiet round measures here (2.5-3 ms). A busy machine inflates some rounds (up to 6 ms was
-seen), a regression shifts every round, so the best round is what is bounded. A tight wall-time bound would
-fail whenever the machine is busy; the structural assertions catch the regressions this issue fixed
-precisely, the bound a gross new one (milliseconds of new work per execution).
+far less than wall time, in a few alternating rounds, and bounded in units of the trivial graph's own CPU time
+per execution in the same round: a slow or busy machine slows both alike (this ratio stayed between 0.6 and
+0.9 here while absolute times drifted by 1.7x), a regression raises only the overhead. The best round must
+stay under 1.5 trivial executions: busy moments inflate some rounds, a regression shifts every round. That
+still lets a large regression through (about 2.5 ms more on a quiet run here); the structural assertions
+above are what catch the regressions this issue fixed. A tight wall-time bound would fail on a busy machine.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ pytestmark = pytest.mark.e2e
 
 logger = logging.getLogger(__name__)
 
-#: server CPU ms per execution the glue may add in the best round (see the module docstring)
-OVERHEAD_CPU_BOUND_MS = 8.0
+#: the overhead in server CPU time may reach this many trivial executions' CPU time, in the best round
+OVERHEAD_BOUND_TRIVIALS = 1.5
 #: os.stat calls per execution the loader's listings may make at validation (16 with the test server's folders)
 LISTING_STATS_BOUND = 32
 LOAD_TIME_CALLS = ("weights_nbytes", "cache_key", "file_fingerprint", "Module.parameters")
@@ -87,9 +88,10 @@ def test_overhead_bound(probe_server: ComfyServer):
     overhead.probe_install(probe_server, "step")
     result = overhead.measure(probe_server, chosen, rounds=4, per_round=25, warmup=5, log=logger.info)
     summary = result.summary()
-    rounds = [r["overhead_cpu"] for r in result.rounds]
-    logger.info("overhead: wall %.3f ms, server CPU %.3f ms (rounds %s; shape %.3f, sampler execute %.3f); %s",
-                result.overhead_ms, result.overhead_cpu_ms, [round(r, 3) for r in rounds],
-                summary["shape_server_cpu_ms"], summary["execute_glue_server_cpu_ms"], summary["graphs"])
+    ratios = [r["overhead_cpu"] / r["trivial_cpu"] for r in result.rounds]
+    logger.info("overhead: wall %.3f ms, server CPU %.3f ms (shape %.3f, sampler execute %.3f), per round in "
+                "trivial executions %s; %s", result.overhead_ms, result.overhead_cpu_ms,
+                summary["shape_server_cpu_ms"], summary["execute_glue_server_cpu_ms"],
+                [round(r, 2) for r in ratios], summary["graphs"])
     assert len(result.steps) == len(result.walls["realtime"]) == 100
-    assert min(rounds) < OVERHEAD_CPU_BOUND_MS, summary
+    assert min(ratios) < OVERHEAD_BOUND_TRIVIALS, (ratios, summary)
