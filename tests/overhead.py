@@ -15,21 +15,25 @@ every graph:
 * ``shaped``: LoadImage -> Load Stream Pipeline -> a node with Stream Sampler's schema and a passthrough body ->
   PreviewImage: what ComfyUI spends on the realtime graph's shape (validating, hashing and passing the sampler's
   inputs, the loader's validation and cache lookup), without the sampler's own ``execute``;
-* ``realtime``: LoadImage -> Load Stream Pipeline -> Stream Sampler -> PreviewImage (the webcam graph).
+* ``realtime``: LoadImage -> Load Stream Pipeline -> Stream Sampler -> PreviewImage (the webcam graph);
+* ``bare``: the same shape with a node whose body only steps the stream the realtime graph's sampler built
+  (same node id): the stream step inside a ComfyUI node, without the sampler's glue around it.
 
 LoadImage and the loader stay cached; the always-running node and PreviewImage execute every time, in every
-graph. The stream step is timed inside the server around ``Stream.step`` (the probe's ``step`` timer), so
-everything else the sampler does per execution counts as overhead:
-``overhead = median(realtime wall - its step) - median(trivial wall)`` (each realtime execution minus its own
-step, so the step's noise, large on a CPU, cancels; the difference of the three medians is reported too). It
-splits into ``shaped - trivial`` (what ComfyUI spends on the graph's shape) and ``realtime - step - shaped``
-(what the sampler's ``execute`` adds around its step). The same differences are taken in the server's CPU time
-per execution, which other processes on a shared machine inflate far less than wall time.
+graph. The stream step is timed inside the server around ``Stream.step`` (the probe's ``step`` timer) and each
+execution's own step is taken out (the step's noise, large on a CPU, cancels), so for the realtime graph
+everything else the sampler does counts as overhead: ``overhead = median(realtime - its step) -
+median(trivial)``. It splits (:data:`PARTS`) into ``shape = shaped - trivial`` (ComfyUI's cost of the graph's
+shape), ``step_in_a_node = bare - step - shaped`` (what running a torch step inside a node costs around it:
+the event loop sending ComfyUI's messages while the step holds and releases the GIL, caches the step left
+cold) and ``sampler_glue = realtime - bare`` (the sampler's own code around its step: configs, session,
+status event, memory report). The same differences are taken in the server's CPU time per execution, which
+other processes on a shared machine inflate far less than wall time.
 
-Rounds alternate the graphs (A B C D, D C B A, ...) so drift on a shared machine falls on all of them alike.
-ComfyUI's default cache keeps the outputs of the current graph only, so the first execution of a block runs
-LoadImage and the loader again: it is not counted. PreviewImage's files and the history are cleared between
-blocks (ComfyUI lists the temp folder at every save).
+Rounds alternate the graphs (A B C D E, E D C B A, ...) so drift on a shared machine falls on all of them
+alike. ComfyUI's default cache keeps the outputs of the current graph only, so the first execution of a block
+runs LoadImage and the loader again: it is not counted. PreviewImage's files and the history are cleared
+between blocks (ComfyUI lists the temp folder at every save).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from e2e_helpers import SAMPLER_DEFAULTS
 PROBE_DIR = Path(__file__).resolve().parent / "overhead_probe"
 PROBE_PACK = "streamrt_probe"
 SINK = "PreviewImage"
-GRAPHS = ("trivial", "trivial_v3", "shaped", "realtime")
+GRAPHS = ("trivial", "trivial_v3", "shaped", "realtime", "bare")  # realtime before bare: bare steps its stream
 
 
 def sampler_inputs(acceleration: str = "eager", **overrides) -> dict:
@@ -79,6 +83,9 @@ def build_graphs(prefix: str, image: str, model: str, taesd: str, acceleration: 
         "realtime": {f"{prefix}img": load, f"{prefix}load": loader,
                      f"{prefix}x": {"class_type": "StreamRTSampler", "inputs": sampler_like},
                      f"{prefix}sink": sink},
+        "bare": {f"{prefix}img": load, f"{prefix}load": loader,
+                 f"{prefix}x": {"class_type": "OverheadBareStep", "inputs": sampler_like},
+                 f"{prefix}sink": sink},
     }
     return {name: {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in g.items()}
             for name, g in graphs.items()}
@@ -143,112 +150,100 @@ def _ms(values: list[float], q: float | None = None) -> float | None:
     return 1000.0 * float(np.quantile(np.asarray(values), q))
 
 
-def server_cpu_seconds(pid: int) -> float:
-    """CPU seconds every live thread of a process has run so far (Linux ``/proc/<pid>/task/*/schedstat``, a
-    nanosecond counter; the process-wide counter in ``/proc/<pid>/stat`` only counts 10 ms ticks)."""
-    total = 0
+def server_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds every live thread of a process has run so far, and those of its main thread (ComfyUI's event
+    loop: HTTP, validation, websocket messages; the prompt worker is another thread). Linux
+    ``/proc/<pid>/task/*/schedstat``, a nanosecond counter (``/proc/<pid>/stat`` only counts 10 ms ticks)."""
+    total = main = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                total += int(f.read().split(None, 1)[0])
+                ns = int(f.read().split(None, 1)[0])
         except (OSError, ValueError):  # the thread ended meanwhile
             continue
-    return total / 1e9
+        total += ns
+        if tid == str(pid):
+            main = ns
+    return total / 1e9, main / 1e9
+
+
+#: how the overhead splits: part -> (graph, graph subtracted from it), each graph's time minus its own step
+PARTS = {
+    "overhead": ("realtime", "trivial"),
+    "shape": ("shaped", "trivial"),
+    "step_in_a_node": ("bare", "shaped"),
+    "sampler_glue": ("realtime", "bare"),
+}
 
 
 @dataclass
 class OverheadResult:
-    """What :func:`measure` saw, one entry per execution.
+    """What :func:`measure` saw, one entry per counted execution.
 
-    ``walls`` / ``cpus``: by graph, each execution's wall time on the client and the server's CPU time (all
-    threads, read between executions); ``steps`` / ``step_cpus``: for each realtime execution (same order) its
-    stream step's wall time and the CPU time of the thread that ran it; ``status_seconds``: the sampler's own
-    ``seconds``; ``rounds``: per round the medians (ms).
+    ``walls`` / ``cpus`` / ``loop_cpus``: by graph, each execution's wall time on the client, the server's CPU
+    time (all threads, read between executions) and its event-loop thread's. ``steps`` / ``step_cpus``: for the
+    graphs that run a stream step, each execution's step (same order): its wall time and the CPU time of the
+    thread that ran it. ``status_seconds``: the sampler's own ``seconds``. ``rounds``: per round the medians.
     """
 
     walls: dict[str, list[float]] = field(default_factory=dict)
     cpus: dict[str, list[float]] = field(default_factory=dict)
-    steps: list[float] = field(default_factory=list)
-    step_cpus: list[float] = field(default_factory=list)
+    loop_cpus: dict[str, list[float]] = field(default_factory=dict)
+    steps: dict[str, list[float]] = field(default_factory=dict)
+    step_cpus: dict[str, list[float]] = field(default_factory=dict)
     status_seconds: list[float] = field(default_factory=list)
     rounds: list[dict[str, float]] = field(default_factory=list)
 
-    def median_ms(self, graph: str) -> float | None:
-        return _ms(self.walls.get(graph, []))
+    def beside_step(self, graph: str, cpu: bool = False) -> list[float]:
+        """Each execution's wall (or server CPU) time minus its own stream step's, for a graph with a step."""
+        times = (self.cpus if cpu else self.walls).get(graph, [])
+        steps = (self.step_cpus if cpu else self.steps).get(graph)
+        return times if steps is None else [t - s for t, s in zip(times, steps, strict=True)]
 
-    @property
-    def step_ms(self) -> float | None:
-        return _ms(self.steps)
+    def median_ms(self, graph: str, cpu: bool = False) -> float | None:
+        """Median ms per execution of a graph, its stream step taken out."""
+        return _ms(self.beside_step(graph, cpu))
 
-    @property
-    def beside_step(self) -> list[float]:
-        """Each realtime execution's wall time minus its own stream step."""
-        return [w - s for w, s in zip(self.walls.get("realtime", []), self.steps, strict=True)]
-
-    @property
-    def cpu_beside_step(self) -> list[float]:
-        """Each realtime execution's server CPU time minus its own stream step's."""
-        return [c - s for c, s in zip(self.cpus.get("realtime", []), self.step_cpus, strict=True)]
+    def part_ms(self, part: str, cpu: bool = False) -> float | None:
+        """A :data:`PARTS` difference of medians, in ms (None when a graph was not measured)."""
+        a, b = (self.median_ms(graph, cpu) for graph in PARTS[part])
+        return None if a is None or b is None else a - b
 
     @property
     def overhead_ms(self) -> float | None:
-        """median(realtime wall - its step) - median(trivial wall), in ms: the step's own noise cancels within
-        each execution."""
-        if not self.steps or not self.walls.get("trivial"):
-            return None
-        return _ms(self.beside_step) - self.median_ms("trivial")
+        """median(realtime wall - its step) - median(trivial wall), in ms: each execution's own step taken out,
+        so the step's noise, large on a CPU, cancels."""
+        return self.part_ms("overhead")
 
     @property
     def overhead_cpu_ms(self) -> float | None:
-        """The same in server CPU time: median(realtime CPU - its step's CPU) - median(trivial CPU), in ms."""
-        if not self.step_cpus or not self.cpus.get("trivial"):
-            return None
-        return _ms(self.cpu_beside_step) - _ms(self.cpus["trivial"])
-
-    @property
-    def shape_ms(self) -> float | None:
-        """median(shaped) - median(trivial): what ComfyUI spends on the realtime graph's shape (wall, ms)."""
-        if not self.walls.get("shaped") or not self.walls.get("trivial"):
-            return None
-        return self.median_ms("shaped") - self.median_ms("trivial")
-
-    @property
-    def execute_glue_ms(self) -> float | None:
-        """median(realtime - its step) - median(shaped): what the sampler's ``execute`` adds around the step."""
-        if not self.steps or not self.walls.get("shaped"):
-            return None
-        return _ms(self.beside_step) - self.median_ms("shaped")
-
-    @property
-    def overhead_of_medians_ms(self) -> float | None:
-        """median(realtime) - median(trivial) - median(step): the same from three separate medians (noisier)."""
-        parts = (self.median_ms("realtime"), self.median_ms("trivial"), self.step_ms)
-        return None if None in parts else parts[0] - parts[1] - parts[2]
+        """The same in server CPU time."""
+        return self.part_ms("overhead", cpu=True)
 
     def summary(self) -> dict:
-        graphs = {name: {"executions": len(v), "median_ms": _ms(v), "p10_ms": _ms(v, 0.1), "p90_ms": _ms(v, 0.9),
-                         "mean_ms": 1000.0 * statistics.fmean(v), "server_cpu_median_ms": _ms(self.cpus[name])}
-                  for name, v in self.walls.items() if v}
+        graphs = {}
+        for name, walls in self.walls.items():
+            if not walls:
+                continue
+            row = {"executions": len(walls), "median_ms": _ms(walls), "p10_ms": _ms(walls, 0.1),
+                   "p90_ms": _ms(walls, 0.9), "server_cpu_median_ms": _ms(self.cpus[name]),
+                   "event_loop_cpu_median_ms": _ms(self.loop_cpus[name])}
+            if name in self.steps:
+                row.update(step_median_ms=_ms(self.steps[name]), step_p10_ms=_ms(self.steps[name], 0.1),
+                           step_p90_ms=_ms(self.steps[name], 0.9), step_cpu_median_ms=_ms(self.step_cpus[name]),
+                           minus_step_median_ms=self.median_ms(name),
+                           minus_step_server_cpu_median_ms=self.median_ms(name, cpu=True))
+            graphs[name] = row
         return {
             "graphs": graphs,
-            "step": {"executions": len(self.steps), "median_ms": self.step_ms, "p10_ms": _ms(self.steps, 0.1),
-                     "p90_ms": _ms(self.steps, 0.9), "cpu_median_ms": _ms(self.step_cpus)},
-            "realtime_minus_step": {"median_ms": _ms(self.beside_step), "p10_ms": _ms(self.beside_step, 0.1),
-                                    "p90_ms": _ms(self.beside_step, 0.9),
-                                    "server_cpu_median_ms": _ms(self.cpu_beside_step)},
-            "sampler_status_seconds_median_ms": _ms(self.status_seconds),
+            "parts_ms": {part: self.part_ms(part) for part in PARTS},
+            "parts_server_cpu_ms": {part: self.part_ms(part, cpu=True) for part in PARTS},
             "overhead_ms": self.overhead_ms,
-            "shape_ms": self.shape_ms,
-            "execute_glue_ms": self.execute_glue_ms,
-            "overhead_of_medians_ms": self.overhead_of_medians_ms,
-            "overhead_per_round_ms": _spread([r["overhead"] for r in self.rounds if "overhead" in r]),
             "overhead_server_cpu_ms": self.overhead_cpu_ms,
+            "overhead_per_round_ms": _spread([r["overhead"] for r in self.rounds if "overhead" in r]),
             "overhead_server_cpu_per_round_ms": _spread([r["overhead_cpu"] for r in self.rounds
                                                          if "overhead_cpu" in r]),
-            "shape_server_cpu_ms": _ms(self.cpus.get("shaped", [])) - _ms(self.cpus["trivial"])
-            if self.cpus.get("shaped") and self.cpus.get("trivial") else None,
-            "execute_glue_server_cpu_ms": _ms(self.cpu_beside_step) - _ms(self.cpus["shaped"])
-            if self.cpus.get("shaped") and self.step_cpus else None,
+            "sampler_status_seconds_median_ms": _ms(self.status_seconds),
             "by_round": self.rounds,
         }
 
@@ -261,16 +256,16 @@ def _spread(values: list[float]) -> dict:
 def measure(server: ComfyServer, graphs: dict[str, dict], *, rounds: int, per_round: int, warmup: int = 20,
             log: Callable[[str], None] | None = None) -> OverheadResult:
     """Alternating rounds of ``per_round`` executions of every graph (after ``warmup`` of each, and one at the
-    start of every block, not counted).
+    start of every block, not counted). The probe's ``step`` timer must be installed (:func:`probe_install`);
+    a graph whose executions time a stream step has each execution's own step taken out.
 
     Besides each execution's wall time, the server's CPU time over the execution is read (between executions,
     outside the timed window). Other processes on the machine inflate wall time (a thread waits for a CPU)
-    much more than CPU time, so ``overhead_cpu = median(CPU(realtime) - CPU(step)) - median(CPU(trivial))``
-    says what the glue costs on a busy machine too. It is exact with the server's torch on one thread (the
-    step's CPU time then is all in the thread that ran it). The probe's ``step`` timer must be installed
-    (:func:`probe_install`).
+    much more than CPU time, so the same differences in CPU time say what the glue costs on a busy machine
+    too. They are exact with the server's torch on one thread (the step's CPU time then is all in the thread
+    that ran it).
     """
-    result = OverheadResult(walls={name: [] for name in graphs}, cpus={name: [] for name in graphs})
+    result = OverheadResult(**{what: {name: [] for name in graphs} for what in ("walls", "cpus", "loop_cpus")})
     names = list(graphs)
     pid = server.proc.pid
     with server.websocket() as ws:
@@ -283,39 +278,32 @@ def measure(server: ComfyServer, graphs: dict[str, dict], *, rounds: int, per_ro
             for name in names if r % 2 == 0 else reversed(names):
                 run_once(server, ws, graphs[name])  # refills ComfyUI's cache for this graph: not counted
                 probe_reset(server)
-                walls, cpus = [], []
-                cpu = server_cpu_seconds(pid)
+                cpu, loop_cpu = server_cpu_seconds(pid)
                 for _ in range(per_round):
                     seconds, status = run_once(server, ws, graphs[name])
-                    before, cpu = cpu, server_cpu_seconds(pid)
-                    walls.append(seconds)
-                    cpus.append(cpu - before)
+                    before, loop_before = cpu, loop_cpu
+                    cpu, loop_cpu = server_cpu_seconds(pid)
+                    result.walls[name].append(seconds)
+                    result.cpus[name].append(cpu - before)
+                    result.loop_cpus[name].append(loop_cpu - loop_before)
                     result.status_seconds.extend(s["seconds"] for s in status)
-                result.walls[name].extend(walls)
-                result.cpus[name].extend(cpus)
-                row[name], row[f"{name}_cpu"] = _ms(walls), _ms(cpus)
-                if name == "realtime":
-                    timers = probe_stats(server)["timers"]
-                    steps, step_cpus = timers.get("step", []), timers.get("step_cpu", [])
-                    if len(steps) != per_round:
-                        raise AssertionError(f"{len(steps)} stream steps timed for {per_round} executions")
-                    result.steps.extend(steps)
-                    result.step_cpus.extend(step_cpus)
-                    row["step"], row["step_cpu"] = _ms(steps), _ms(step_cpus)
-                    row["beside_step"] = _ms([w - s for w, s in zip(walls, steps, strict=True)])
-                    row["beside_step_cpu"] = _ms([c - s for c, s in zip(cpus, step_cpus, strict=True)])
+                timers = probe_stats(server)["timers"]
+                if timers.get("step"):
+                    if len(timers["step"]) != per_round:
+                        raise AssertionError(f"{name}: {len(timers['step'])} stream steps for {per_round} executions")
+                    result.steps.setdefault(name, []).extend(timers["step"])
+                    result.step_cpus.setdefault(name, []).extend(timers["step_cpu"])
+                block = slice(len(result.walls[name]) - per_round, None)
+                row[name] = _ms(result.beside_step(name)[block])
+                row[f"{name}_cpu"] = _ms(result.beside_step(name, cpu=True)[block])
                 tidy(server)
-            if "beside_step" in row and "trivial" in row:
-                row["overhead"] = row["beside_step"] - row["trivial"]
-                row["overhead_cpu"] = row["beside_step_cpu"] - row["trivial_cpu"]
-                if "shaped" in row:
-                    row["shape"] = row["shaped"] - row["trivial"]
-                    row["shape_cpu"] = row["shaped_cpu"] - row["trivial_cpu"]
-                    row["glue"] = row["beside_step"] - row["shaped"]
-                    row["glue_cpu"] = row["beside_step_cpu"] - row["shaped_cpu"]
+            for part, (a, b) in PARTS.items():
+                if a in row and b in row:
+                    row[part], row[f"{part}_cpu"] = row[a] - row[b], row[f"{a}_cpu"] - row[f"{b}_cpu"]
             result.rounds.append(row)
             if log is not None:
-                log(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()) + " (ms)")
+                log(f"round {r + 1}/{rounds} (ms, steps taken out): "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
     return result
 
 

@@ -17,11 +17,11 @@ The probe is first shown to fire: a fresh loader's first execution computes its 
 Timing: the overhead (the realtime graph's time per execution minus its own stream step, minus a trivial
 graph's) is measured in the server's CPU time, which other processes on a shared 2-core CI machine inflate
 far less than wall time, in a few alternating rounds, and bounded in units of the trivial graph's own CPU time
-per execution in the same round: a slow or busy machine slows both alike (this ratio stayed between 0.6 and
-0.9 here while absolute times drifted by 1.7x), a regression raises only the overhead. The best round must
-stay under 1.5 trivial executions: busy moments inflate some rounds, a regression shifts every round. That
-still lets a large regression through (about 2.5 ms more on a quiet run here); the structural assertions
-above are what catch the regressions this issue fixed. A tight wall-time bound would fail on a busy machine.
+per execution in the same round, since a slow or busy machine slows both (over a day of runs here the ratio
+went from 0.6 to 1.4 while absolute times drifted by 1.7x). The best round must stay under 2 trivial
+executions: busy moments inflate some rounds, a regression shifts every round. That bound only catches a
+gross regression (several ms of new work per execution); the structural assertions above are what catch the
+regressions this issue fixed. A tight wall-time bound would fail whenever the machine is busy.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.e2e
 logger = logging.getLogger(__name__)
 
 #: the overhead in server CPU time may reach this many trivial executions' CPU time, in the best round
-OVERHEAD_BOUND_TRIVIALS = 1.5
+OVERHEAD_BOUND_TRIVIALS = 2.0
 #: os.stat calls per execution the loader's listings may make at validation (16 with the test server's folders)
 LISTING_STATS_BOUND = 32
 LOAD_TIME_CALLS = ("weights_nbytes", "cache_key", "file_fingerprint", "Module.parameters")
@@ -89,9 +89,8 @@ def test_overhead_bound(probe_server: ComfyServer):
     result = overhead.measure(probe_server, chosen, rounds=4, per_round=25, warmup=5, log=logger.info)
     summary = result.summary()
     ratios = [r["overhead_cpu"] / r["trivial_cpu"] for r in result.rounds]
-    logger.info("overhead: wall %.3f ms, server CPU %.3f ms (shape %.3f, sampler execute %.3f), per round in "
-                "trivial executions %s; %s", result.overhead_ms, result.overhead_cpu_ms,
-                summary["shape_server_cpu_ms"], summary["execute_glue_server_cpu_ms"],
+    logger.info("overhead: wall %.3f ms, server CPU %.3f ms (parts %s), per round in trivial executions %s; %s",
+                result.overhead_ms, result.overhead_cpu_ms, summary["parts_server_cpu_ms"],
                 [round(r, 2) for r in ratios], summary["graphs"])
-    assert len(result.steps) == len(result.walls["realtime"]) == 100
+    assert len(result.steps["realtime"]) == len(result.walls["realtime"]) == 100
     assert min(ratios) < OVERHEAD_BOUND_TRIVIALS, (ratios, summary)

@@ -9,7 +9,8 @@ Mounted beside StreamRT in the real ComfyUI server (never shipped with the pack)
   ``OverheadPassthroughV3``: the same through ComfyUI's V3 node API (what every V3 node pays);
   ``OverheadShapedSampler``: Stream Sampler's schema with a passthrough body, so that a graph shaped like the
   realtime one (the real loader, a node with the sampler's inputs) shows what ComfyUI itself spends on that
-  shape, apart from what the sampler's ``execute`` does.
+  shape, apart from what the sampler's ``execute`` does; ``OverheadBareStep``: the same schema, its body only
+  steps the stream the real sampler of the same node id built (the step in a node, without the sampler's glue).
 * Timers and counters put into the server process on request (``POST /streamrt_probe/install``), read back with
   ``GET /streamrt_probe/stats`` and cleared with ``POST /streamrt_probe/reset``:
 
@@ -111,12 +112,39 @@ def _v3_nodes():
         def execute(cls, image=None, **kwargs) -> v3.NodeOutput:
             return v3.NodeOutput(image)
 
-    return OverheadPassthroughV3, OverheadShapedSampler
+    class OverheadBareStep(OverheadShapedSampler):
+        """Stream Sampler's schema; the body checks the frame and steps the stream that the real sampler with
+        the same node id built (a realtime graph must have run first), as the sampler's session does, and nothing
+        else: the stream step inside a node, without the sampler's glue."""
+
+        schema: list = []
+
+        @classmethod
+        def define_schema(cls) -> v3.Schema:
+            if not cls.schema:
+                cls.schema.append(dataclasses.replace(OverheadShapedSampler.define_schema(),
+                                                      node_id="OverheadBareStep",
+                                                      display_name="Stream step only (overhead probe)"))
+            return cls.schema[0]
+
+        sessions: list = []
+
+        @classmethod
+        def execute(cls, image=None, **kwargs) -> v3.NodeOutput:
+            if not cls.sessions:  # looked up once (scanning sys.modules costs milliseconds)
+                cls.sessions.append(_pack_modules("StreamRT")["nodes.runtime"].SESSIONS)
+            stream = cls.sessions[0]._streams.get((None, cls.hidden.unique_id))  # the measurement reads the registry
+            if stream is None:
+                raise RuntimeError("OverheadBareStep steps the stream of the Stream Sampler with its node id: "
+                                   "run the realtime graph first")
+            return v3.NodeOutput(stream.step(stream.check_frames(image, stream.config.frames_per_step), validated=True))
+
+    return OverheadPassthroughV3, OverheadShapedSampler, OverheadBareStep
 
 
-_V3, _SHAPED = _v3_nodes()
+_V3, _SHAPED, _BARE = _v3_nodes()
 NODE_CLASS_MAPPINGS = {"OverheadPassthrough": OverheadPassthrough, "OverheadPassthroughV3": _V3,
-                       "OverheadShapedSampler": _SHAPED}
+                       "OverheadShapedSampler": _SHAPED, "OverheadBareStep": _BARE}
 
 
 # ---- recording -------------------------------------------------------------------------------------------
