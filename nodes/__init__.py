@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .api import ComfyExtension, io
+from .api import ComfyExtension, io, schema_built_once
 from .engines import BuildEngines, LoadEngines
 from .loaders import LoadStreamPipeline, StreamLora, StreamPipelineFromModel
 from .preview import StreamPreview
@@ -12,6 +12,11 @@ from .settings import StreamCachedAttention, StreamSettingsNode, StreamSimilarit
 NODES: list[type[io.ComfyNode]] = [StreamPipelineFromModel, LoadStreamPipeline, StreamLora, StreamSampler,
                                    StreamPreview, StreamSettingsNode, StreamSimilarityFilter, StreamCachedAttention,
                                    BuildEngines, LoadEngines]
+
+# Schemas that depend on nothing but the code are built once (ComfyUI asks for them several times per execution);
+# the loaders' schemas list model folders and are rebuilt when a listing changes (nodes/loaders.py).
+for _node in (StreamSampler, BuildEngines, LoadEngines):
+    schema_built_once(_node)
 
 
 class StreamRTExtension(ComfyExtension):

@@ -6,6 +6,7 @@ that moves something is a change in one file.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -32,6 +33,29 @@ CATEGORY = "StreamRT"
 PIPELINE = io.Custom("STREAMRT_PIPELINE")
 #: the sampler's stream settings (streamrt.StreamSettings), made and chained by the settings nodes
 SETTINGS = io.Custom("STREAMRT_SETTINGS")
+
+
+def schema_built_once(node: type[io.ComfyNode]) -> type[io.ComfyNode]:
+    """Make a node's ``define_schema`` build its schema once per process and hand that one back after.
+
+    ComfyUI asks a V3 node for its schema whenever it needs the node's inputs: at every prompt's validation,
+    for each linked input while it orders the graph, for the cache key and for the execution itself (five
+    calls per realtime execution for the sampler). For a node whose schema depends on nothing but the code
+    (no folder listing), every call builds the same thing. ComfyUI only reads a schema, except ``finalize``,
+    which is idempotent, so the same object can be handed back. (A schema that offers folder listings is
+    built again when a listing changes: see ``nodes/loaders.py``.)
+    """
+    define = node.define_schema.__func__
+    built: list[io.Schema] = []
+
+    @functools.wraps(define)
+    def define_schema(cls) -> io.Schema:
+        if not built:
+            built.append(define(cls))
+        return built[0]
+
+    node.define_schema = classmethod(define_schema)
+    return node
 
 
 def torch_device() -> torch.device:

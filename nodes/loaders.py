@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -45,46 +46,54 @@ def resolve_taesd(name: str) -> str | tuple[str, str] | None:
                              f"{name}_encoder/{name}_decoder files nor an AutoencoderTiny folder)") from None
 
 
+@functools.lru_cache(maxsize=1)
+def _pipeline_schema(models: tuple[str, ...], taesds: tuple[str, ...]) -> io.Schema:
+    """Load Stream Pipeline's schema offering these models and TAESDs."""
+    return io.Schema(
+        node_id="StreamRTLoadPipeline",
+        display_name="Load Stream Pipeline (StreamRT)",
+        category=api.CATEGORY,
+        description="Loads a Stable Diffusion 1.x/2.x model for realtime streaming, from a diffusers folder or "
+                    "a single-file checkpoint, with optional TAESD and LoRAs, without network access. The "
+                    "loaded models are cached (queuing again does not reload them) and ComfyUI's 'Free model "
+                    "and node cache' releases them.",
+        inputs=[
+            io.Combo.Input("model", options=list(models),
+                           tooltip="Diffusers folders from models/diffusers (listed by folder name) and "
+                                   "single-file SD1.x/SD2.x checkpoints from models/checkpoints (listed with "
+                                   "their .safetensors/.ckpt extension). SDXL is not supported yet."),
+            io.Combo.Input("taesd", options=list(taesds), default=NO_TAESD,
+                           tooltip="Tiny autoencoder from models/vae_approx: 'taesd' is ComfyUI's "
+                                   "taesd_encoder/taesd_decoder pair, other entries are diffusers "
+                                   "AutoencoderTiny folders. Much faster encode and decode than the full VAE, "
+                                   "at a small cost in quality."),
+            io.Combo.Input("dtype", options=["auto", "fp16", "bf16", "fp32"], default="auto",
+                           tooltip="Weight precision. auto = fp16 on a GPU, fp32 on the CPU."),
+            io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto",
+                           tooltip="auto = the device ComfyUI computes on."),
+            io.Combo.Input("prediction_type", options=list(PREDICTION_TYPES), default="auto", optional=True,
+                           tooltip="What the model predicts. auto: a diffusers folder's scheduler config; for "
+                                   "checkpoints epsilon for SD1.x and for SD2.x 512 models such as sd-turbo "
+                                   "(file name containing 'turbo'), v_prediction for SD2.x 768 models. Set it "
+                                   "when a checkpoint gives washed-out or noisy frames."),
+            api.LORAS.Input("loras", optional=True,
+                            tooltip="LoRAs to fuse into the weights at load time (from StreamRT LoRA nodes), "
+                                    "e.g. LCM-LoRA for a model that is not LCM-distilled."),
+        ],
+        outputs=[api.PIPELINE.Output(display_name="pipeline", tooltip="The streaming pipeline.")],
+        hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
+    )
+
+
 class LoadStreamPipeline(io.ComfyNode):
     """Load UNet, VAE or TAESD, CLIP text encoder and tokenizer for streaming, offline."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="StreamRTLoadPipeline",
-            display_name="Load Stream Pipeline (StreamRT)",
-            category=api.CATEGORY,
-            description="Loads a Stable Diffusion 1.x/2.x model for realtime streaming, from a diffusers folder or "
-                        "a single-file checkpoint, with optional TAESD and LoRAs, without network access. The "
-                        "loaded models are cached (queuing again does not reload them) and ComfyUI's 'Free model "
-                        "and node cache' releases them.",
-            inputs=[
-                io.Combo.Input("model", options=api.diffusers_folders() + api.checkpoint_files(),
-                               tooltip="Diffusers folders from models/diffusers (listed by folder name) and "
-                                       "single-file SD1.x/SD2.x checkpoints from models/checkpoints (listed with "
-                                       "their .safetensors/.ckpt extension). SDXL is not supported yet."),
-                io.Combo.Input("taesd", options=[NO_TAESD] + api.comfy_taesd_names() + api.taesd_folders(),
-                               default=NO_TAESD,
-                               tooltip="Tiny autoencoder from models/vae_approx: 'taesd' is ComfyUI's "
-                                       "taesd_encoder/taesd_decoder pair, other entries are diffusers "
-                                       "AutoencoderTiny folders. Much faster encode and decode than the full VAE, "
-                                       "at a small cost in quality."),
-                io.Combo.Input("dtype", options=["auto", "fp16", "bf16", "fp32"], default="auto",
-                               tooltip="Weight precision. auto = fp16 on a GPU, fp32 on the CPU."),
-                io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto",
-                               tooltip="auto = the device ComfyUI computes on."),
-                io.Combo.Input("prediction_type", options=list(PREDICTION_TYPES), default="auto", optional=True,
-                               tooltip="What the model predicts. auto: a diffusers folder's scheduler config; for "
-                                       "checkpoints epsilon for SD1.x and for SD2.x 512 models such as sd-turbo "
-                                       "(file name containing 'turbo'), v_prediction for SD2.x 768 models. Set it "
-                                       "when a checkpoint gives washed-out or noisy frames."),
-                api.LORAS.Input("loras", optional=True,
-                                tooltip="LoRAs to fuse into the weights at load time (from StreamRT LoRA nodes), "
-                                        "e.g. LCM-LoRA for a model that is not LCM-distilled."),
-            ],
-            outputs=[api.PIPELINE.Output(display_name="pipeline", tooltip="The streaming pipeline.")],
-            hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
-        )
+        # ComfyUI asks for the schema at every validation: the listings are cached lookups (a few stat calls, as
+        # ComfyUI's own model lists), and the schema is built again only when a listing changed.
+        return _pipeline_schema(tuple(api.diffusers_folders() + api.checkpoint_files()),
+                                tuple([NO_TAESD] + api.comfy_taesd_names() + api.taesd_folders()))
 
     @classmethod
     def execute(cls, model: str, taesd: str, dtype: str, device: str, prediction_type: str = "auto",

@@ -8,8 +8,9 @@ models, following the links a user placed inside them (a models folder on anothe
 name can therefore only reach what the folders' owner put there.
 
 :class:`FolderIndex` caches a listing and refreshes it when a folder it walked changes (its modification
-time), the way ComfyUI refreshes its model lists, so listing for a node's schema costs a few ``stat``
-calls, not a walk of the user's whole model collection.
+time) or a registered folder that was missing appears, the way ComfyUI refreshes its model lists
+(``folder_paths.get_filename_list``), so listing for a node's schema, which ComfyUI asks for at every
+validation, costs a few ``stat`` calls, not a walk of the user's whole model collection.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class FolderIndex:
         self._lock = threading.Lock()
         self._bases: tuple[str, ...] | None = None
         self._stamps: dict[str, int] = {}
+        self._absent: tuple[str, ...] = ()  # bases that were not folders when listed
         self._paths: dict[str, str] = {}
 
     def names(self, bases: Sequence[str]) -> list[str]:
@@ -87,12 +89,16 @@ class FolderIndex:
         for base in bases:
             self._walk(base, stamps, paths)
         self._bases, self._stamps, self._paths = bases, stamps, paths
+        self._absent = tuple(base for base in bases if base not in stamps)
 
     def _unchanged(self) -> bool:
+        """No walked folder changed and no base folder appeared (the checks ComfyUI's own model lists make)."""
         try:
-            return all(os.stat(folder).st_mtime_ns == stamp for folder, stamp in self._stamps.items())
+            if not all(os.stat(folder).st_mtime_ns == stamp for folder, stamp in self._stamps.items()):
+                return False
         except OSError:
             return False
+        return not any(os.path.isdir(base) for base in self._absent)
 
     def _walk(self, base: str, stamps: dict[str, int], paths: dict[str, str]) -> None:
         seen: set[str] = set()

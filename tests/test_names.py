@@ -87,3 +87,20 @@ def test_listing_is_cached_until_a_folder_changes(tmp_path, monkeypatch):
     os.utime(base, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert index.names([str(base)]) == ["a", "b"]
     assert index.resolve([str(base)], "c") == str(base / "c") and index.names([str(base)]) == ["a", "b", "c"]
+
+
+def test_a_registered_folder_that_appears_later_is_listed(tmp_path, monkeypatch):
+    """As ComfyUI's own lists notice a model folder created after they were listed (folder_paths checks that
+    every registered folder that exists was walked): the next listing walks it, and only then."""
+    present, later = tmp_path / "models" / "diffusers", tmp_path / "elsewhere" / "diffusers"
+    make_model(present / "a")
+    walks = []
+    real_walk = os.walk
+    monkeypatch.setattr(names.os, "walk", lambda *a, **k: walks.append(a[0]) or real_walk(*a, **k))
+    index = FolderIndex(MARKER)
+    bases = [str(present), str(later)]
+    assert index.names(bases) == ["a"] and len(walks) == 2
+    assert index.names(bases) == ["a"] and len(walks) == 2  # the missing folder is checked, not walked
+    make_model(later / "b")
+    assert index.names(bases) == ["a", "b"] and len(walks) == 4
+    assert index.names(bases) == ["a", "b"] and len(walks) == 4
