@@ -15,7 +15,8 @@ NODES: list[type[io.ComfyNode]] = [StreamPipelineFromModel, LoadStreamPipeline, 
 
 # Schemas that depend on nothing but the code are built once (ComfyUI asks for them several times per execution);
 # the loaders' schemas list model folders and are rebuilt when a listing changes (nodes/loaders.py).
-for _node in (StreamSampler, BuildEngines, LoadEngines):
+for _node in (StreamPipelineFromModel, StreamSampler, StreamPreview, StreamSettingsNode, StreamSimilarityFilter,
+              StreamCachedAttention, BuildEngines, LoadEngines):
     schema_built_once(_node)
 
 
