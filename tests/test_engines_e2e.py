@@ -274,6 +274,44 @@ def test_the_sampler_says_on_its_node_what_runs_on_engines_and_why_not(server: C
     assert plain.id not in texts, texts
 
 
+SHOW_ENGINE_TEXT_JS = """
+const [model, taesd] = arguments;
+app.graph.clear();
+const add = (type, values) => {
+    const node = LiteGraph.createNode(type);
+    app.graph.add(node);
+    for (const [name, value] of Object.entries(values ?? {})) node.widgets.find(w => w.name === name).value = value;
+    return node;
+};
+const load = add("StreamRTLoadPipeline", {model, taesd});
+const engines = add("StreamRTLoadEngines");
+const sampler = add("StreamRTSampler", {reset: true});
+const view = add("StreamRTPreview");
+load.connect(0, engines, "pipeline");
+engines.connect(0, sampler, "pipeline");
+sampler.connect(0, view, "images");
+await app.queuePrompt(0);
+const shown = () => sampler.widgets?.find(w => w.name === "$$node-text-preview")?.value;
+for (let i = 0; i < 600 && !shown(); i++) await new Promise(r => setTimeout(r, 100));
+return shown() ?? null;
+"""
+
+
+def test_the_engine_text_shows_on_the_sampler_in_the_browser(server: ComfyServer) -> None:
+    """In the frontend (headless Chromium), queued from the page: the sampler fed by Load Engines shows, on the node
+    itself, which parts fell back to torch and why."""
+    reason = browser_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    prepare_user_settings(server.user_dir)
+    with ComfyPage.open(server.base_url) as page:
+        text = page.js_async(SHOW_ENGINE_TEXT_JS, MODEL, TAESD)
+    assert text is not None, "no text appeared on the sampler node"
+    lines = text.splitlines()
+    assert "unet: torch  vae_encoder: torch  vae_decoder: torch" in lines, text
+    assert any(line.startswith("- tensorrt-rtx:") and "CUDA GPU" in line for line in lines), text
+
+
 def test_engines_go_to_comfyuis_models_folder_by_default(comfy_server: ComfyServer, tmp_path: Path) -> None:
     """Without a streamrt_engines entry in extra_model_paths.yaml (a plain ComfyUI), new engines go to
     models/streamrt_engines in ComfyUI's models folder, which a reinstall of the pack keeps; the pack's old
