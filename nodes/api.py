@@ -7,6 +7,7 @@ that moves something is a change in one file.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -346,12 +347,44 @@ def unload_from_gpu(*patchers) -> None:
     model_management.soft_empty_cache()
 
 
+def _tensors_in(value) -> list[torch.Tensor]:
+    """The tensors inside a patch entry (tuples, lists, LoRA adapters' ``weights``)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors_in(item)]
+    weights = getattr(value, "weights", None)
+    return _tensors_in(weights) if weights is not None else []
+
+
+def _fingerprint(patcher, prefix: str = "") -> str:
+    """What a patcher's weights and weight patches are, from their names, shapes and a sample of their values
+    (a few elements of every 16th tensor and of every patch tensor): equal for the same file loaded again
+    (ComfyUI with --cache-none reloads it on every execution), different for other weights or patches."""
+    digest = hashlib.sha256()
+
+    def add(name: str, tensor: torch.Tensor, sample: bool) -> None:
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype};".encode())
+        if sample and tensor.numel():
+            digest.update(tensor.detach().reshape(-1)[:32].to("cpu", torch.float32).numpy().tobytes())
+
+    for i, (key, tensor) in enumerate(sorted(patcher.model_state_dict(filter_prefix=prefix).items())):
+        backup = patcher.backup.get(key)
+        add(key, backup.weight if backup is not None else tensor, i % 16 == 0)
+    for key in sorted(k for k in patcher.patches if k.startswith(prefix)):
+        for entry in patcher.patches[key]:
+            digest.update(f"{key}{entry[0]!r}{entry[2]!r}{entry[3]!r};".encode())  # strengths, offset
+            for j, tensor in enumerate(_tensors_in(entry[1])):
+                add(f"{key}.{j}", tensor, True)
+    return digest.hexdigest()
+
+
 def host_weights_key(model, clip, vae) -> tuple:
-    """What identifies the weights of a MODEL / CLIP / VAE with their patches: the ComfyUI objects and the
-    patchers' patch ids (ComfyUI gives every new set of patches a new uuid)."""
-    _, _, layers = _text_tower(clip)
-    return ("comfy", id(model.model), str(model.patches_uuid), id(clip.cond_stage_model),
-            str(clip.patcher.patches_uuid), layers, id(vae.first_stage_model), str(vae.patcher.patches_uuid))
+    """What identifies the weights of a MODEL / CLIP / VAE with their patches: fingerprints of their weights and
+    weight patches (cheap: names, shapes and samples), the text layers and the prediction type."""
+    prefix, _, layers = _text_tower(clip)
+    return ("comfy", _fingerprint(model, "diffusion_model."), _fingerprint(clip.patcher, prefix), layers,
+            _fingerprint(vae.patcher), _prediction_type(model))
 
 
 def host_weights(model, clip, vae, device: torch.device, dtype: torch.dtype) -> LdmWeights:
