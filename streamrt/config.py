@@ -48,6 +48,20 @@ class CfgType(str, enum.Enum):  # noqa: UP042 - as Acceleration
     INITIALIZE = "initialize"
 
 
+def coerce_enums(config) -> None:
+    """Turn a frozen dataclass's ``cfg_type`` and ``acceleration`` strings into their enums, or raise a
+    ValueError naming the unknown value (shared by :class:`StreamConfig` and the node settings)."""
+    try:
+        object.__setattr__(config, "cfg_type", CfgType(config.cfg_type))
+    except ValueError:
+        raise ValueError(f"unknown cfg_type {config.cfg_type!r}: use none, full, self or initialize") from None
+    try:
+        object.__setattr__(config, "acceleration", Acceleration(config.acceleration))
+    except ValueError:
+        raise ValueError(f"unknown acceleration {config.acceleration!r}: use one of "
+                         f"{', '.join(a.value for a in Acceleration)}") from None
+
+
 @dataclass(frozen=True)
 class SimilarityFilterConfig:
     """Skip frames that barely differ from the last processed input.
@@ -112,15 +126,7 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
-        try:
-            object.__setattr__(self, "cfg_type", CfgType(self.cfg_type))
-        except ValueError:
-            raise ValueError(f"unknown cfg_type {self.cfg_type!r}: use none, full, self or initialize") from None
-        try:
-            object.__setattr__(self, "acceleration", Acceleration(self.acceleration))
-        except ValueError:
-            raise ValueError(f"unknown acceleration {self.acceleration!r}: use one of "
-                             f"{', '.join(a.value for a in Acceleration)}") from None
+        coerce_enums(self)
         for name in ("width", "height"):
             value = getattr(self, name)
             if value <= 0 or value % 8:

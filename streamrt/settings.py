@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .config import Acceleration, CfgType, SimilarityFilterConfig, StreamConfig
+from .config import Acceleration, CfgType, SimilarityFilterConfig, StreamConfig, coerce_enums
 from .frames import FrameError, resize_frames
 from .kv_cache import KVCacheConfig
 from .schedule import strength_t_index_list
@@ -62,15 +62,7 @@ class StreamSettings:
     def __post_init__(self) -> None:
         # Checked here too (not only when the stream config is made), so the settings node with the bad
         # value is the one that reports it.
-        try:
-            object.__setattr__(self, "cfg_type", CfgType(self.cfg_type))
-        except ValueError:
-            raise ValueError(f"unknown cfg_type {self.cfg_type!r}: use none, full, self or initialize") from None
-        try:
-            object.__setattr__(self, "acceleration", Acceleration(self.acceleration))
-        except ValueError:
-            raise ValueError(f"unknown acceleration {self.acceleration!r}: use one of "
-                             f"{', '.join(a.value for a in Acceleration)}") from None
+        coerce_enums(self)
         if not isinstance(self.delta, (int, float)) or not math.isfinite(self.delta) or self.delta < 0:
             raise ValueError(f"delta must be a finite number >= 0, got {self.delta!r}")
         for name in ("width", "height"):
