@@ -24,11 +24,14 @@ tests/browser/make_thumbnails.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 TESTS = Path(__file__).resolve().parent.parent
 REPO = TESTS.parent
@@ -314,6 +317,23 @@ def build_all(base_url: str, names: list[str]) -> dict[str, dict]:
         return {name: build_on_page(page, name) for name in names}
 
 
+@contextlib.contextmanager
+def tiny_model_server(prefix: str, **settings: Any) -> Iterator[str]:
+    """A ComfyUI server with StreamRT and a tiny random model in a temporary folder, its user settings prepared
+    (``settings`` as :func:`prepare_user_settings` takes them); yields its URL."""
+    from comfy_harness import ComfyServer
+
+    from streamrt.random_models import write_random_pipeline
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        models = Path(tmp) / "models"
+        write_random_pipeline(models / "diffusers" / "tiny-sd", "tiny",
+                              taesd_folder=models / "vae_approx" / "tiny-taesd")
+        with ComfyServer(REPO, Path(tmp) / "work", pack_name="StreamRT", models_source=models) as server:
+            prepare_user_settings(server.user_dir, **settings)
+            yield server.base_url
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running ComfyUI with StreamRT (default: start one with tiny models)")
@@ -327,17 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         workflows = build_all(args.url, names)
     else:
-        from comfy_harness import ComfyServer
-
-        from streamrt.random_models import write_random_pipeline
-
-        with tempfile.TemporaryDirectory(prefix="streamrt-example-") as tmp:
-            models = Path(tmp) / "models"
-            write_random_pipeline(models / "diffusers" / "tiny-sd", "tiny",
-                                  taesd_folder=models / "vae_approx" / "tiny-taesd")
-            with ComfyServer(REPO, Path(tmp) / "work", pack_name="StreamRT", models_source=models) as server:
-                prepare_user_settings(server.user_dir)
-                workflows = build_all(server.base_url, names)
+        with tiny_model_server("streamrt-example-") as url:
+            workflows = build_all(url, names)
     for name, workflow in workflows.items():
         output = args.output or EXAMPLES[name].output
         output.parent.mkdir(parents=True, exist_ok=True)

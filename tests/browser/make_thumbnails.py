@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
@@ -26,7 +25,7 @@ for p in (str(REPO), str(TESTS)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from browser.page import ComfyPage, prepare_user_settings  # noqa: E402
+from browser.page import ComfyPage  # noqa: E402
 
 EXAMPLES_DIR = REPO / "example_workflows"
 #: the thumbnail's file type and size: the frontend asks for ``<name>.jpg``; its cards are square
@@ -95,17 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         shots = make_all(args.url, files)
     else:
-        from comfy_harness import ComfyServer
+        from browser.build_example_workflow import tiny_model_server
 
-        from streamrt.random_models import write_random_pipeline
-
-        with tempfile.TemporaryDirectory(prefix="streamrt-thumbnails-") as tmp:
-            models = Path(tmp) / "models"
-            write_random_pipeline(models / "diffusers" / "tiny-sd", "tiny",
-                                  taesd_folder=models / "vae_approx" / "tiny-taesd")
-            with ComfyServer(REPO, Path(tmp) / "work", pack_name="StreamRT", models_source=models) as server:
-                prepare_user_settings(server.user_dir, **SETTINGS)
-                shots = make_all(server.base_url, files)
+        with tiny_model_server("streamrt-thumbnails-", **SETTINGS) as url:
+            shots = make_all(url, files)
     for path, data in shots.items():
         target = path.with_suffix(SUFFIX)
         target.write_bytes(data)
