@@ -139,6 +139,18 @@ def e2e_tiny_models(streamrt_models_root: Path) -> Path:
     return write_e2e_models(streamrt_models_root)
 
 
+@pytest.fixture(scope="session")
+def core_models(e2e_tiny_models: Path):
+    """The e2e servers' tiny pipeline (``tiny-sd`` + ``tiny-taesd``) loaded in this process by the core's own loader,
+    to compare the server's frames with."""
+    from stream_helpers import E2E_MODEL, E2E_TAESD
+
+    from streamrt import load_diffusers_folder
+
+    return load_diffusers_folder(e2e_tiny_models / "diffusers" / E2E_MODEL, dtype="fp32", device="cpu",
+                                 taesd=e2e_tiny_models / "vae_approx" / E2E_TAESD)
+
+
 # stream_helpers imports torch and streamrt: imported inside the fixtures, so this conftest loads without them
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -15,17 +15,11 @@ import pytest
 from comfy_harness import ComfyServer, ExecutionFailed, Graph
 from e2e_helpers import MODEL, PNG_ATOL, SAMPLER_DEFAULTS, TAESD, add_sampler, as_tensor, core_config, uid
 
-from streamrt import Stream, StreamSettings, load_diffusers_folder
+from streamrt import Stream, StreamSettings
 
 pytestmark = pytest.mark.e2e
 
 ODD = 100  # not a multiple of 8
-
-
-@pytest.fixture(scope="module")
-def core_models(e2e_tiny_models: Path):
-    return load_diffusers_folder(e2e_tiny_models / "diffusers" / MODEL, dtype="fp32", device="cpu",
-                                 taesd=e2e_tiny_models / "vae_approx" / TAESD)
 
 
 @pytest.fixture

@@ -57,13 +57,6 @@ def e2e_tiny_models(e2e_tiny_models: Path) -> Path:
     return streamrt_models_root
 
 
-@pytest.fixture(scope="session")
-def core_models(e2e_tiny_models: Path):
-    """The same weights loaded in this process through the core's own loader."""
-    return load_diffusers_folder(e2e_tiny_models / "diffusers" / MODEL, dtype="fp32", device="cpu",
-                                 taesd=e2e_tiny_models / "vae_approx" / TAESD)
-
-
 @pytest.fixture
 def server(comfy_server: ComfyServer, e2e_tiny_models: Path) -> ComfyServer:
     return comfy_server

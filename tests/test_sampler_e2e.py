@@ -37,7 +37,7 @@ from e2e_helpers import (
     upload,
 )
 
-from streamrt import Stream, load_diffusers_folder
+from streamrt import Stream
 
 pytestmark = pytest.mark.e2e
 
@@ -45,13 +45,6 @@ pytestmark = pytest.mark.e2e
 #: location 0, distance 100): a word is found when it starts within the first 30 characters of either
 SEARCH_REACH = 30
 SEARCH_WORDS = ("StreamDiffusion", "realtime", "webcam", "TensorRT")
-
-
-@pytest.fixture(scope="module")
-def core_models(e2e_tiny_models: Path):
-    """The server's tiny pipeline loaded in this process by the core."""
-    return load_diffusers_folder(e2e_tiny_models / "diffusers" / MODEL, dtype="fp32", device="cpu",
-                                 taesd=e2e_tiny_models / "vae_approx" / TAESD)
 
 
 @pytest.fixture
