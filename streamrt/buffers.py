@@ -43,6 +43,8 @@ class StreamBuffers:
     frames_out: torch.Tensor     # [F, H, W, 3] f32 in [0, 1]
     guidance: torch.Tensor       # 0-dim f32, live scalar (no recapture to change)
     delta: torch.Tensor          # 0-dim f32, live scalar
+    pooled: torch.Tensor | None = None    # [U + B, P] model dtype, SDXL's pooled text embedding per row
+    time_ids: torch.Tensor | None = None  # [U + B, 6] model dtype, SDXL's size conditions per row (constant)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Name -> tensor, for checks that storage never moves."""
@@ -50,8 +52,12 @@ class StreamBuffers:
 
 
 def allocate_buffers(config: StreamConfig, schedule: StreamSchedule, *, latent_channels: int, vae_scale_factor: int,
-                     text_length: int, embed_dim: int, device: torch.device, dtype: torch.dtype) -> StreamBuffers:
-    """Zeroed buffers for ``config`` (the timesteps filled in, uncond rows first)."""
+                     text_length: int, embed_dim: int, device: torch.device, dtype: torch.dtype,
+                     pooled_dim: int = 0, time_ids: tuple[int, ...] = ()) -> StreamBuffers:
+    """Zeroed buffers for ``config`` (the timesteps and size conditions filled in, uncond rows first).
+
+    ``pooled_dim`` and ``time_ids`` are the UNet's added conditions (SDXL, docs/DESIGN.md section 9): a pooled
+    embedding per row, written with the prompt, and the same size conditions in every row."""
     f, b, u = config.frames_per_step, config.batch_rows, config.uncond_rows
     c, h, w = latent_channels, config.height // vae_scale_factor, config.width // vae_scale_factor
 
@@ -77,4 +83,6 @@ def allocate_buffers(config: StreamConfig, schedule: StreamSchedule, *, latent_c
         frames_out=torch.zeros(f, config.height, config.width, 3, device=device, dtype=torch.float32),
         guidance=torch.tensor(float(config.guidance_scale), device=device),
         delta=torch.tensor(float(config.delta), device=device),
+        pooled=torch.zeros(u + b, pooled_dim, device=device, dtype=dtype) if pooled_dim else None,
+        time_ids=(torch.tensor([time_ids], dtype=dtype).repeat(u + b, 1).to(device) if time_ids else None),
     )

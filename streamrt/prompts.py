@@ -2,9 +2,10 @@
 prompt / noise blending.
 
 A prompt is text, an embeddings tensor ``[1, L, D]`` (e.g. what a host's own text encoder made: ComfyUI's
-CONDITIONING), or a weighted list ``[(text or tensor, weight), ...]`` that is blended. Text becomes
-``[1, 77, D]`` through the pipeline's CLIP; a tensor is used as it is, with ``L`` any multiple of 77 (a long
-prompt). Parts of different lengths are repeated to their least common multiple, as ComfyUI does: repeating
+CONDITIONING), a :class:`TextEmbedding` (embeddings plus the pooled embedding SDXL's UNet also takes), or a
+weighted list ``[(text or embeddings, weight), ...]`` that is blended. Text becomes ``[1, 77, D]`` through the
+pipeline's text encoder(s) (how, the model family says: :mod:`streamrt.families`); embeddings are used as they
+are, with ``L`` any multiple of 77 (a long prompt). Parts of different lengths are repeated to their least common multiple, as ComfyUI does: repeating
 the keys and values of cross-attention leaves its result unchanged.
 
 Text encoders stay on the models' device for the life of the pipeline: an unchanged prompt is
@@ -17,6 +18,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,11 +26,27 @@ from .cuda_graphs import capture_graph
 
 logger = logging.getLogger(__name__)
 
-#: one prompt: text, or embeddings ``[1, L, D]``
-PromptPart = str | torch.Tensor
+
+@dataclass(frozen=True, eq=False)
+class TextEmbedding:
+    """A prompt's embeddings: ``tokens [1, L, D]`` (the UNet's text context) and, for families whose UNet takes
+    one (SDXL), ``pooled [1, P]`` (the last text encoder's projected embedding); taken as immutable."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> TextEmbedding:
+        pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
+        return TextEmbedding(self.tokens.to(device=device, dtype=dtype), pooled)
+
+
+#: one prompt: text, embeddings ``[1, L, D]``, or embeddings with their pooled embedding
+PromptPart = str | torch.Tensor | TextEmbedding
 Weighted = Sequence[tuple[PromptPart, float]]
 #: what a stream takes as its prompt
 Prompt = PromptPart | Weighted
+#: the types of a prompt that is one part (not a weighted list)
+SINGLE = (str, torch.Tensor, TextEmbedding)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
@@ -121,24 +139,47 @@ def check_embeddings(embeds: torch.Tensor, what: str = "prompt", *, embed_dim: i
     return embeds
 
 
+def check_pooled(pooled: torch.Tensor | None, what: str = "prompt", *, pooled_dim: int = 0) -> None:
+    """Raise ValueError unless ``pooled`` is what a pipeline whose UNet takes a ``pooled_dim``-wide pooled text
+    embedding needs: a finite floating tensor ``[1, pooled_dim]`` (anything goes when ``pooled_dim`` is 0)."""
+    if not pooled_dim:
+        return
+    if pooled is None:
+        raise ValueError(f"the {what} embeddings come without a pooled embedding, which this pipeline's UNet (SDXL) "
+                         f"also takes: give the CONDITIONING of this model's CLIP (with pooled_output) or text")
+    if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or tuple(pooled.shape) != (1, pooled_dim):
+        shape = list(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+        raise ValueError(f"the {what}'s pooled embedding must have the shape [1, {pooled_dim}], got {shape}: it comes "
+                         "from another model's text encoder")
+    if not pooled.is_floating_point() or not bool(torch.isfinite(pooled).all()):
+        raise ValueError(f"the {what}'s pooled embedding must be finite floating-point values")
+
+
 def check_part(part: PromptPart, what: str = "prompt", *, embed_dim: int | None = None,
-               text_length: int | None = None) -> PromptPart:
-    """A text (:func:`check_text`) or embeddings (:func:`check_embeddings`) prompt, checked."""
+               text_length: int | None = None, pooled_dim: int = 0) -> PromptPart:
+    """A text (:func:`check_text`) or embeddings (:func:`check_embeddings`, :func:`check_pooled`) prompt, checked."""
     if isinstance(part, str):
         return check_text(part, what)
-    return check_embeddings(part, what, embed_dim=embed_dim, text_length=text_length)
+    if isinstance(part, TextEmbedding):
+        check_embeddings(part.tokens, what, embed_dim=embed_dim, text_length=text_length)
+        check_pooled(part.pooled, what, pooled_dim=pooled_dim)
+        return part
+    check_embeddings(part, what, embed_dim=embed_dim, text_length=text_length)
+    check_pooled(None, what, pooled_dim=pooled_dim)
+    return part
 
 
 def as_weighted(prompt: Prompt, what: str = "prompt", *, embed_dim: int | None = None,
-                text_length: int | None = None) -> list[tuple[PromptPart, float]]:
+                text_length: int | None = None, pooled_dim: int = 0) -> list[tuple[PromptPart, float]]:
     """Normalise a prompt given as text, embeddings or ``[(text or embeddings, weight), ...]``, checking every
     part (see :func:`check_part`) and weight."""
-    if isinstance(prompt, (str, torch.Tensor)):
-        return [(check_part(prompt, what, embed_dim=embed_dim, text_length=text_length), 1.0)]
+    dims = dict(embed_dim=embed_dim, text_length=text_length, pooled_dim=pooled_dim)
+    if isinstance(prompt, SINGLE):
+        return [(check_part(prompt, what, **dims), 1.0)]
     if not isinstance(prompt, Sequence) or not all(isinstance(i, Sequence) and len(i) == 2 for i in prompt):
         raise ValueError(f"the {what} must be text, embeddings or a list of (prompt, weight) pairs, "
                          f"got {type(prompt).__name__}")
-    items = [(check_part(t, what, embed_dim=embed_dim, text_length=text_length), float(w)) for t, w in prompt]
+    items = [(check_part(t, what, **dims), float(w)) for t, w in prompt]
     if not items:
         raise ValueError(f"an empty list of {what}s was given")
     if not all(math.isfinite(w) for _, w in items):
@@ -153,23 +194,36 @@ def token_length(prompt: Prompt, text_length: int) -> int:
         return text_length
     if isinstance(prompt, torch.Tensor):
         return int(prompt.shape[1])
+    if isinstance(prompt, TextEmbedding):
+        return int(prompt.tokens.shape[1])
     return math.lcm(*(token_length(part, text_length) for part, _ in prompt))
 
 
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is b:
+        return True
+    if a is None or b is None:
+        return False
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+
+
 def same_part(a: PromptPart, b: PromptPart) -> bool:
-    """Whether two prompt parts are the same prompt: equal texts, or the same tensor object or an equal one
+    """Whether two prompt parts are the same prompt: equal texts, or the same tensor objects or equal ones
     (``torch.equal``; cheap for a CPU tensor of a few hundred thousand values)."""
     if a is b:
         return True
     if isinstance(a, str) or isinstance(b, str):
         return isinstance(a, str) and isinstance(b, str) and a == b
-    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, TextEmbedding) or isinstance(b, TextEmbedding):
+        return (isinstance(a, TextEmbedding) and isinstance(b, TextEmbedding) and _same_tensor(a.tokens, b.tokens)
+                and _same_tensor(a.pooled, b.pooled))
+    return _same_tensor(a, b)
 
 
 def same_prompt(a: Prompt, b: Prompt) -> bool:
     """:func:`same_part` for prompts, weighted lists element by element (weights equal too)."""
-    if isinstance(a, (str, torch.Tensor)) or isinstance(b, (str, torch.Tensor)):
-        return isinstance(a, (str, torch.Tensor)) and isinstance(b, (str, torch.Tensor)) and same_part(a, b)
+    if isinstance(a, SINGLE) or isinstance(b, SINGLE):
+        return isinstance(a, SINGLE) and isinstance(b, SINGLE) and same_part(a, b)
     try:
         return len(a) == len(b) and all(same_part(pa, pb) and wa == wb for (pa, wa), (pb, wb) in zip(a, b))
     except (TypeError, ValueError):  # not a well-formed weighted list: not the same (checking it names the problem)
@@ -188,85 +242,132 @@ def repeat_tokens(embeds: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 class PromptEncoder:
-    """CLIP text encoding with an LRU cache keyed by prompt text.
+    """Text encoding with an LRU cache keyed by prompt text, for one text encoder (SD1.x / SD2.x) or two (SDXL).
 
     Args:
         tokenizer: a ``transformers.CLIPTokenizer``.
         text_encoder: a ``transformers.CLIPTextModel`` (kept where it is: on the pipeline's device).
+        tokenizer_2, text_encoder_2: the second tokenizer and text encoder (SDXL's OpenCLIP-bigG, a
+            ``CLIPTextModelWithProjection`` whose projected ``text_embeds`` is the pooled embedding).
+        hidden_state (`str`): ``"last"`` (the output after the final layer norm) or ``"penultimate"`` (the hidden
+            state before the last layer, of every encoder, concatenated): see :class:`streamrt.families.ModelFamily`.
+        zero_empty_negative (`bool`): an empty negative prompt is zeros (SDXL), not an encoded "".
         cache_size (`int`, defaults to `32`): prompts kept.
     """
 
-    def __init__(self, tokenizer, text_encoder, *, cache_size: int = 32) -> None:
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+    def __init__(self, tokenizer, text_encoder, *, tokenizer_2=None, text_encoder_2=None, hidden_state: str = "last",
+                 zero_empty_negative: bool = False, cache_size: int = 32) -> None:
+        if hidden_state not in ("last", "penultimate"):
+            raise ValueError(f"unknown hidden_state {hidden_state!r}: use 'last' or 'penultimate'")
+        self.tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
+        self.text_encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+        if len(self.tokenizers) != len(self.text_encoders):
+            raise ValueError("each text encoder needs its tokenizer")
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.hidden_state = hidden_state
+        self.zero_empty_negative = zero_empty_negative
+        self.pooled = text_encoder_2 is not None  # the last encoder's projection is a UNet input
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[str, TextEmbedding] = OrderedDict()
         self.encoder_calls = 0
-        # On CUDA the encoder runs as a captured graph over static [1, L] ids: a new prompt then costs
+        # On CUDA the encoders run as a captured graph over static [1, L] ids: a new prompt then costs
         # about a millisecond instead of tens of kernel launches (None: not captured yet; False: eager).
         self._graph: torch.cuda.CUDAGraph | None | bool = None
-        self._ids_static: torch.Tensor | None = None
-        self._out_static: torch.Tensor | None = None
+        self._ids_static: list[torch.Tensor] | None = None
+        self._out_static: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.text_encoder.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.text_encoder.parameters()).dtype
+
     @torch.inference_mode()
-    def encode(self, text: str) -> torch.Tensor:
-        """Embeddings ``[1, L, D]`` of ``text``, from the cache when it was seen recently."""
+    def encode(self, text: str) -> TextEmbedding:
+        """Embeddings of ``text`` (``tokens [1, L, D]``, and ``pooled`` for two encoders), from the cache when it
+        was seen recently."""
         hit = self._cache.get(text)
         if hit is not None:
             self._cache.move_to_end(text)
             return hit
         check_text(text)
-        ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = [tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids for tok in self.tokenizers]
         self.encoder_calls += 1
-        embeds = self._run_encoder(ids)
+        embeds = TextEmbedding(*self._run_encoders(ids))
         self._cache[text] = embeds
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return embeds
 
-    def _run_encoder(self, ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoders on token ids already on the device: ``(tokens, pooled or None)``."""
+        if self.hidden_state == "last" and not self.pooled:
+            return self.text_encoder(ids[0], return_dict=False)[0], None
+        hidden, pooled = [], None
+        for encoder, encoder_ids in zip(self.text_encoders, ids):
+            out = encoder(encoder_ids, output_hidden_states=True, return_dict=True)
+            hidden.append(out.hidden_states[-2] if self.hidden_state == "penultimate" else out.last_hidden_state)
+            pooled = getattr(out, "text_embeds", None)
+        tokens = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
+        return tokens, (pooled if self.pooled else None)
+
+    def _run_encoders(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         device = self.device
         if device.type != "cuda" or self._graph is False:
-            return self.text_encoder(ids.to(device), return_dict=False)[0]
+            return self._forward([i.to(device) for i in ids])
         if self._graph is None:
             self._capture(ids)
             if self._graph is False:
-                return self.text_encoder(ids.to(device), return_dict=False)[0]
-        self._ids_static.copy_(ids, non_blocking=True)
+                return self._forward([i.to(device) for i in ids])
+        for static, given in zip(self._ids_static, ids):
+            static.copy_(given, non_blocking=True)
         self._graph.replay()
-        return self._out_static.clone()  # the cache entry
+        tokens, pooled = self._out_static
+        return tokens.clone(), (None if pooled is None else pooled.clone())  # the cache entry
 
-    def _capture(self, ids: torch.Tensor) -> None:
+    def _capture(self, ids: list[torch.Tensor]) -> None:
         try:
-            self._ids_static = ids.to(self.device).clone()
-            self._graph, self._out_static = capture_graph(
-                lambda: self.text_encoder(self._ids_static, return_dict=False)[0], self.device, warmup=2)
+            self._ids_static = [i.to(self.device).clone() for i in ids]
+            self._graph, self._out_static = capture_graph(lambda: self._forward(self._ids_static), self.device,
+                                                          warmup=2)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be captured still works eagerly
             logger.warning("text encoder could not be captured in a CUDA graph (%s); encoding eagerly", exc)
             self._graph, self._ids_static, self._out_static = False, None, None
 
-    def embeddings(self, part: PromptPart) -> torch.Tensor:
-        """Embeddings ``[1, L, D]`` of a text (:meth:`encode`) or of given embeddings, on the encoder's device and
-        in its dtype."""
-        if isinstance(part, str):
-            return self.encode(part)
-        param = next(self.text_encoder.parameters())
-        return part.to(device=param.device, dtype=param.dtype)
+    def embeddings(self, part: PromptPart, *, negative: bool = False) -> TextEmbedding:
+        """Embeddings of a text (:meth:`encode`) or of given embeddings, on the encoder's device and in its dtype.
 
-    def encode_blend(self, prompt: Prompt, method: str = "linear") -> torch.Tensor:
+        ``negative``: the part is a negative prompt, and an empty one is zeros when the family says so."""
+        if isinstance(part, str):
+            if negative and self.zero_empty_negative and part == "":
+                return self._zeros()
+            return self.encode(part)
+        if isinstance(part, TextEmbedding):
+            return part.to(self.device, self.dtype)
+        return TextEmbedding(part.to(device=self.device, dtype=self.dtype))
+
+    def _zeros(self) -> TextEmbedding:
+        like = self.encode("")  # shapes only (and cached)
+        return TextEmbedding(torch.zeros_like(like.tokens), None if like.pooled is None else torch.zeros_like(like.pooled))
+
+    def encode_blend(self, prompt: Prompt, method: str = "linear") -> TextEmbedding:
         """Embeddings of one prompt or of a weighted blend of prompts (``linear`` or ``slerp``); parts of
-        different token lengths are repeated to their least common multiple first."""
+        different token lengths are repeated to their least common multiple first. Pooled embeddings blend
+        with the same weights."""
         items = as_weighted(prompt)
         if len(items) == 1:
             return self.embeddings(items[0][0])
         parts = [self.embeddings(t) for t, _ in items]
-        tokens = math.lcm(*(p.shape[1] for p in parts))
-        return blend([repeat_tokens(p, tokens) for p in parts], [w for _, w in items], method)
+        weights = [w for _, w in items]
+        tokens = math.lcm(*(p.tokens.shape[1] for p in parts))
+        blended = blend([repeat_tokens(p.tokens, tokens) for p in parts], weights, method)
+        pooled = None
+        if all(p.pooled is not None for p in parts):
+            pooled = blend([p.pooled for p in parts], weights, method)
+        return TextEmbedding(blended, pooled)
 
     def clear(self) -> None:
         """Forget every cached prompt (and the captured encoder, e.g. after the models moved)."""

@@ -21,6 +21,13 @@ Presets (see :data:`PRESETS`):
     The real Stable Diffusion 2.1 architecture (~866M-parameter UNet, OpenCLIP-H text
     encoder as a ``CLIPTextModel``); ``sd21`` is 768px v-prediction, ``sd-turbo``
     512px epsilon prediction.
+``"tiny-xl"``
+    SDXL-shaped and tiny: a UNet with text/time added conditions and two transformer
+    layers per block at its attention level, two text encoders (the second a
+    ``CLIPTextModelWithProjection``), a VAE scaled by 0.13025.
+``"sdxl-turbo"``
+    The real SDXL architecture (~2.6B-parameter UNet, CLIP-L + OpenCLIP-bigG text
+    encoders, SDXL VAE), 512 px, epsilon prediction, for benchmarks.
 
 Full-size presets use ``AutoencoderTiny()`` with diffusers defaults (the real TAESD
 architecture). All presets share the small byte-level BPE tokenizer written by
@@ -52,7 +59,7 @@ __all__ = [
     "write_random_pipeline",
 ]
 
-PRESETS = ("tiny", "tiny-v", "sd15", "sd21", "sd-turbo")
+PRESETS = ("tiny", "tiny-v", "sd15", "sd21", "sd-turbo", "tiny-xl", "sdxl-turbo")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -146,7 +153,7 @@ def _clip_vocab() -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
-def write_clip_tokenizer(folder: str | os.PathLike) -> pathlib.Path:
+def write_clip_tokenizer(folder: str | os.PathLike, pad_token: str = EOS_TOKEN) -> pathlib.Path:
     """Write a small byte-level BPE CLIP tokenizer that loads offline.
 
     Writes ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` and
@@ -162,6 +169,7 @@ def write_clip_tokenizer(folder: str | os.PathLike) -> pathlib.Path:
 
     Args:
         folder: Destination directory.
+        pad_token: the padding token (``"!"`` for OpenCLIP's, e.g. SDXL's second tokenizer).
 
     Returns:
         The folder as a :class:`pathlib.Path`.
@@ -176,7 +184,7 @@ def write_clip_tokenizer(folder: str | os.PathLike) -> pathlib.Path:
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
         "unk_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
+        "pad_token": pad_token,
     }
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
     config = {
@@ -249,6 +257,51 @@ def _full_unet(sd2: bool, sample_size: int, upcast_attention: bool = False) -> d
     return config
 
 
+def _tiny_xl_unet() -> dict[str, Any]:
+    return {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2),
+        "cross_attention_dim": 64,  # the two tiny text encoders' 32 + 32
+        "attention_head_dim": (2, 4),
+        "norm_num_groups": 32,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 6 * 8 + 32,  # time ids + pooled (text_encoder_2's projection)
+    }
+
+
+def _sdxl_unet(sample_size: int) -> dict[str, Any]:
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (320, 640, 1280),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2, 10),
+        "attention_head_dim": (5, 10, 20),
+        "cross_attention_dim": 2048,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "downsample_padding": 1,
+    }
+
+
 _TINY_VAE: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
@@ -314,6 +367,15 @@ _OPENCLIP_H_TEXT: dict[str, Any] = {  # OpenCLIP ViT-H/14 text tower minus its l
     "hidden_act": "gelu",
 }
 
+_OPENCLIP_BIGG_TEXT: dict[str, Any] = {  # OpenCLIP ViT-bigG/14 text tower with its projection (SDXL's second)
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+
 _SCHEDULER: dict[str, Any] = {  # Stable Diffusion defaults
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -332,7 +394,12 @@ _PRESET_TABLE: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], d
     "sd15": (_full_unet(False, 64), _full_vae(512), _CLIP_L_TEXT, None, "epsilon"),
     "sd21": (_full_unet(True, 96, upcast_attention=True), _full_vae(768), _OPENCLIP_H_TEXT, None, "v_prediction"),
     "sd-turbo": (_full_unet(True, 64), _full_vae(512), _OPENCLIP_H_TEXT, None, "epsilon"),
+    "tiny-xl": (_tiny_xl_unet(), {**_TINY_VAE, "scaling_factor": 0.13025}, _TINY_TEXT, _TINY_TAESD, "epsilon"),
+    "sdxl-turbo": (_sdxl_unet(64), {**_full_vae(512), "scaling_factor": 0.13025, "force_upcast": True},
+                   _CLIP_L_TEXT, None, "epsilon"),
 }
+#: presets with a second text encoder (SDXL) -> its config
+_SECOND_TEXT: dict[str, dict[str, Any]] = {"tiny-xl": _TINY_TEXT, "sdxl-turbo": _OPENCLIP_BIGG_TEXT}
 
 
 def component_configs(preset: str = "tiny") -> dict[str, dict[str, Any]]:
@@ -340,8 +407,9 @@ def component_configs(preset: str = "tiny") -> dict[str, dict[str, Any]]:
 
     Keys: ``"unet"`` (``UNet2DConditionModel``), ``"vae"`` (``AutoencoderKL``),
     ``"text_encoder"`` (``CLIPTextConfig``), ``"taesd"`` (``AutoencoderTiny``; empty
-    for the diffusers defaults) and ``"scheduler"`` (``LCMScheduler``). The dicts are
-    fresh copies the caller may modify.
+    for the diffusers defaults), ``"scheduler"`` (``LCMScheduler``) and, for SDXL presets,
+    ``"text_encoder_2"`` (``CLIPTextConfig`` of a ``CLIPTextModelWithProjection``). The
+    dicts are fresh copies the caller may modify.
 
     Raises:
         ValueError: ``preset`` is not one of :data:`PRESETS`.
@@ -352,24 +420,28 @@ def component_configs(preset: str = "tiny") -> dict[str, dict[str, Any]]:
     ids = _tokenizer_ids()
     # Full-size presets keep CLIP's vocabulary size as an upper bound; tiny ones use the tokenizer's.
     vocab_size = ids["vocab_size"] if preset.startswith("tiny") else 49408
-    text_config = {
-        **text,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": MODEL_MAX_LENGTH,
-        "layer_norm_eps": 1e-5,
-        "bos_token_id": ids["bos"],
-        "eos_token_id": ids["eos"],
-        "pad_token_id": ids["eos"],
-    }
-    return copy.deepcopy(
-        {
-            "unet": unet,
-            "vae": vae,
-            "text_encoder": text_config,
-            "taesd": taesd or {},
-            "scheduler": {**_SCHEDULER, "prediction_type": prediction_type},
+
+    def text_config(text: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **text,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": MODEL_MAX_LENGTH,
+            "layer_norm_eps": 1e-5,
+            "bos_token_id": ids["bos"],
+            "eos_token_id": ids["eos"],
+            "pad_token_id": ids["eos"],
         }
-    )
+
+    configs = {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_config(text),
+        "taesd": taesd or {},
+        "scheduler": {**_SCHEDULER, "prediction_type": prediction_type},
+    }
+    if preset in _SECOND_TEXT:
+        configs["text_encoder_2"] = text_config(_SECOND_TEXT[preset])
+    return copy.deepcopy(configs)
 
 
 # ---------------------------------------------------------------------------
@@ -391,11 +463,11 @@ def _build(factory, seed: int, dtype: torch.dtype, device: str | torch.device) -
     return model
 
 
-def _load_tokenizer():
+def _load_tokenizer(**kwargs: Any):
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory(prefix="streamrt-tok-") as tmp:
-        return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp), local_files_only=True)
+        return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp), local_files_only=True, **kwargs)
 
 
 def build_random_components(
@@ -424,13 +496,15 @@ def build_random_components(
     Returns:
         ``{"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder":
         CLIPTextModel, "tokenizer": CLIPTokenizer, "scheduler": LCMScheduler,
-        "taesd": AutoencoderTiny or None}``.
+        "taesd": AutoencoderTiny or None}``; SDXL presets add ``"text_encoder_2"``
+        (``CLIPTextModelWithProjection``) and ``"tokenizer_2"`` (padding with ``"!"``, as
+        OpenCLIP's does).
 
     Raises:
         ValueError: ``preset`` is not one of :data:`PRESETS`.
     """
     from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     configs = component_configs(preset)
     logger.debug("building random %r components (seed=%d, dtype=%s, device=%s)", preset, seed, dtype, device)
@@ -446,6 +520,11 @@ def build_random_components(
             _build(lambda: AutoencoderTiny(**configs["taesd"]), seed, dtype, device) if taesd else None
         ),
     }
+    if "text_encoder_2" in configs:
+        components["text_encoder_2"] = _build(
+            lambda: CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])), seed + 1, dtype, device
+        )
+        components["tokenizer_2"] = _load_tokenizer(pad_token="!")
     return components
 
 
@@ -475,27 +554,27 @@ def write_random_pipeline(
     Returns:
         ``folder`` as a :class:`pathlib.Path`.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     parts = build_random_components(preset, seed=seed, taesd=taesd_folder is not None)
-    pipe = StableDiffusionPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"],
-        unet=parts["unet"],
-        scheduler=parts["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    common = {name: parts[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    if "text_encoder_2" in parts:
+        pipe = StableDiffusionXLPipeline(**common, text_encoder_2=parts["text_encoder_2"],
+                                         tokenizer_2=parts["tokenizer_2"])
+    else:
+        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.save_config(folder)  # model_index.json, exactly as diffusers writes it
-    for name in ("unet", "vae", "text_encoder"):
+    modules = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if "text_encoder_2" in parts else ())
+    for name in modules:
         parts[name].save_pretrained(folder / name, safe_serialization=True)
     parts["scheduler"].save_pretrained(folder / "scheduler")
     # The plain vocab/merges files load with both slow and tokenizers-backed CLIPTokenizer.
     write_clip_tokenizer(folder / "tokenizer")
+    if "tokenizer_2" in parts:
+        write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")
     if taesd_folder is not None:
         parts["taesd"].save_pretrained(pathlib.Path(taesd_folder), safe_serialization=True)
         logger.info("wrote random %r TAESD to %s", preset, taesd_folder)

@@ -27,8 +27,18 @@ from .frames import FiniteCheck, check_frames
 from .kv_cache import KVCache, install_kv_processors
 from .kv_export import kv_cache_io_spec
 from .models import StreamModels
-from .prompts import Prompt, PromptPart, as_weighted, blended_noise, check_part, same_part, same_prompt, token_length
-from .runtime import EngineSource, Runtime, UNetExtras, prepare
+from .prompts import (
+                      Prompt,
+                      PromptPart,
+                      TextEmbedding,
+                      as_weighted,
+                      blended_noise,
+                      check_part,
+                      same_part,
+                      same_prompt,
+                      token_length,
+)
+from .runtime import AddedConditions, EngineSource, Runtime, UNetExtras, prepare
 from .schedule import StreamSchedule, build_schedule
 from .similarity import SimilarityFilter
 
@@ -52,7 +62,7 @@ def prompt_length(models: StreamModels, config: StreamConfig, prompt: Prompt, ne
 def check_prompts(models: StreamModels, prompt: Prompt, negative_prompt: PromptPart) -> None:
     """Raise ValueError naming what cannot be a prompt of these models: texts, embeddings' shapes and widths,
     weights (see :mod:`streamrt.prompts`)."""
-    dims = dict(embed_dim=models.embed_dim, text_length=models.text_length)
+    dims = dict(embed_dim=models.embed_dim, text_length=models.text_length, pooled_dim=models.pooled_dim)
     as_weighted(prompt, **dims)
     check_part(negative_prompt, "negative prompt", **dims)
 
@@ -83,6 +93,12 @@ def _fill_rows(dest: torch.Tensor, embeds: torch.Tensor) -> None:
     length = embeds.shape[1]
     dest.view(rows, tokens // length, length, width).copy_(embeds.view(1, 1, length, width).expand(
         rows, tokens // length, length, width))
+
+
+def _fill_pooled(dest: torch.Tensor | None, embedding: TextEmbedding) -> None:
+    """Write a pooled embedding ``[1, P]`` into every row of ``dest [rows, P]`` (when the UNet takes one)."""
+    if dest is not None:
+        dest.copy_(embedding.pooled.expand_as(dest))
 
 
 def aligned_calls(groups: int, latency: int) -> Iterator[tuple[int, int]]:
@@ -137,7 +153,8 @@ class Stream:
         self._a0_scaled = self.schedule.a[: config.frames_per_step] * models.vae_scaling_factor
         self.buffers: StreamBuffers = allocate_buffers(
             config, self.schedule, latent_channels=models.latent_channels, vae_scale_factor=scale,
-            text_length=config.prompt_length, embed_dim=models.embed_dim, device=self.device, dtype=self.dtype)
+            text_length=config.prompt_length, embed_dim=models.embed_dim, device=self.device, dtype=self.dtype,
+            pooled_dim=models.pooled_dim, time_ids=models.family.time_ids_for(config.height, config.width))
         self.similarity = SimilarityFilter(config.similarity_filter, tuple(self.buffers.image_in.shape),
                                            seed=config.seed, device=self.device, dtype=self.dtype)
         self.kv: KVCache | None = None
@@ -147,7 +164,9 @@ class Stream:
             spec = kv_cache_io_spec(models.unet, config.unet_rows, config.height, config.width,
                                     config.kv_cache.max_frames, vae_scale_factor=scale)
             self.kv.allocate([(layer.tokens, layer.channels) for layer in spec.layers], config.unet_rows, self.dtype)
-        self.unet_extras = UNetExtras(kv_cache=self.kv)
+        added = (None if self.buffers.pooled is None else
+                 AddedConditions(text_embeds=self.buffers.pooled, time_ids=self.buffers.time_ids))
+        self.unet_extras = UNetExtras(kv_cache=self.kv, added_cond=added)
         # What a graph capture's warm-up must leave as it found it: the carried latents and stock noise. The
         # attention rings need no copy: the warm-up writes its K/V into the scratch slot (KVCache.writes_held).
         self._state: tuple[torch.Tensor, ...] = (self.buffers.unet_in, self.buffers.stock)
@@ -221,7 +240,7 @@ class Stream:
         if cond_same and (uncond_same or not self.config.uncond_rows):
             if not uncond_same:  # not used by this cfg type: kept for later, nothing to write
                 self._negative = check_part(negative, "negative prompt", embed_dim=self.models.embed_dim,
-                                            text_length=self.models.text_length)
+                                            text_length=self.models.text_length, pooled_dim=self.models.pooled_dim)
             return
         check_prompts(self.models, prompt, negative)
         check_fits(self.models, self.config, prompt, negative)
@@ -233,10 +252,12 @@ class Stream:
         along the tokens to fill it (in place: no new tensor for the buffer)."""
         enc, buf, u = self.models.prompt_encoder, self.buffers, self.config.uncond_rows
         cond = enc.encode_blend(prompt, method)
-        uncond = enc.embeddings(negative) if u else None
-        _fill_rows(buf.embeds[u:], cond)
+        uncond = enc.embeddings(negative, negative=True) if u else None
+        _fill_rows(buf.embeds[u:], cond.tokens)
+        _fill_pooled(None if buf.pooled is None else buf.pooled[u:], cond)
         if uncond is not None:
-            _fill_rows(buf.embeds[:u], uncond)
+            _fill_rows(buf.embeds[:u], uncond.tokens)
+            _fill_pooled(None if buf.pooled is None else buf.pooled[:u], uncond)
         self.embedding_writes += 1
 
     def set_cache_window(self, window: int, interval: int | None = None) -> None:

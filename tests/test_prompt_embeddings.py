@@ -25,7 +25,7 @@ PROMPT, OTHER = "a red fox in the snow", "a lighthouse at dusk"
 
 def embeds(models, text: str) -> torch.Tensor:
     """The pipeline's own embeddings of ``text`` as a host would hand them over: a CPU tensor [1, 77, D]."""
-    return models.prompt_encoder.encode(text).detach().cpu().clone()
+    return models.prompt_encoder.encode(text).tokens.detach().cpu().clone()
 
 
 def long_embeds(models, *texts: str) -> torch.Tensor:

@@ -36,7 +36,7 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def test_presets_constant() -> None:
-    assert rm.PRESETS == ("tiny", "tiny-v", "sd15", "sd21", "sd-turbo")
+    assert rm.PRESETS == ("tiny", "tiny-v", "sd15", "sd21", "sd-turbo", "tiny-xl", "sdxl-turbo")
     with pytest.raises(ValueError):
         rm.component_configs("sdxl")
 
@@ -238,3 +238,18 @@ def test_full_size_unet_param_count_on_meta(preset: str, low: float, high: float
     expected = {"sd15": ("epsilon", 64), "sd21": ("v_prediction", 96), "sd-turbo": ("epsilon", 64)}[preset]
     assert (parts["scheduler"].config.prediction_type, parts["unet"].config.sample_size) == expected
     assert max(parts["tokenizer"].get_vocab().values()) < parts["text_encoder"].config.vocab_size
+
+
+def test_sdxl_turbo_preset_has_the_sdxl_architecture_on_meta() -> None:
+    """The benchmark's SDXL preset is SDXL-sized: 2.57 B UNet parameters, CLIP-L + OpenCLIP-bigG (with its
+    projection, whose output is the pooled embedding), text/time added conditions."""
+    parts = rm.build_random_components("sdxl-turbo", device="meta", taesd=True)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert 2.55e9 < count(parts["unet"]) < 2.58e9
+    assert 120e6 < count(parts["text_encoder"]) < 125e6          # CLIP ViT-L/14 text
+    assert 690e6 < count(parts["text_encoder_2"]) < 700e6        # OpenCLIP-bigG text + projection: 694.66M
+    unet = parts["unet"].config
+    assert (unet.cross_attention_dim, unet.addition_embed_type) == (2048, "text_time")
+    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + 1280
+    assert parts["vae"].config.scaling_factor == 0.13025
+    assert parts["tokenizer_2"].pad_token == "!"

@@ -212,8 +212,8 @@ def test_a_conditioning_of_the_pipelines_own_embeddings_gives_the_text_route(ser
                                                                              conditioning_node) -> None:
     encode = core_models.prompt_encoder.encode
     prompt, negative = "a watercolor lighthouse", "dark, blurry"
-    positive_name = saved_conditioning(server, encode(prompt).cpu())
-    negative_name = saved_conditioning(server, encode(negative).cpu())
+    positive_name = saved_conditioning(server, encode(prompt).tokens.cpu())
+    negative_name = saved_conditioning(server, encode(negative).tokens.cpu())
     prefix, clip = uid(), frames(3, seed=45)
     names = upload(server, clip, prefix)
 
@@ -245,7 +245,7 @@ def test_a_conditioning_of_the_pipelines_own_embeddings_gives_the_text_route(ser
 
 
 def test_a_longer_conditioning_rebuilds_the_stream(server: ComfyServer, core_models, conditioning_node) -> None:
-    embeds = core_models.prompt_encoder.encode("a watercolor lighthouse").cpu()
+    embeds = core_models.prompt_encoder.encode("a watercolor lighthouse").tokens.cpu()
     name = saved_conditioning(server, embeds)
     prefix, clip = uid(), frames(2, seed=46)
     images = upload(server, clip, prefix)

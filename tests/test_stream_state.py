@@ -221,7 +221,7 @@ def test_prompt_blending(tiny_models, method):
     assert_all_equal(run_steps(blended, inputs), run_steps(plain, inputs))
 
     enc = tiny_models.prompt_encoder
-    e_cat, e_dog = enc.encode("a cat").float(), enc.encode("a red dog").float()
+    e_cat, e_dog = enc.encode("a cat").tokens.float(), enc.encode("a red dog").tokens.float()
     blended.set_prompt([("a cat", 1.0), ("a red dog", 3.0)], method=method)
     if method == "linear":
         expected = 0.25 * e_cat + 0.75 * e_dog

@@ -13,6 +13,7 @@ from .compiled import CompileOptions, compile_problem, compiled_calls, use_compi
 from .host_io import HostIO
 from .runtime import (
                       NO_EXTRAS,
+                      AddedConditions,
                       AccelerationUnavailable,
                       AttachResult,
                       EngineCallError,
@@ -25,7 +26,7 @@ from .runtime import (
 )
 
 __all__ = [
-    "Acceleration", "AccelerationUnavailable", "AttachResult", "CompileOptions", "EngineCallError", "EngineSource",
+    "Acceleration", "AccelerationUnavailable", "AddedConditions", "AttachResult", "CompileOptions", "EngineCallError", "EngineSource",
     "EngineUNet", "HostIO", "NO_EXTRAS", "Runtime", "TorchUNet", "UNetExtras", "capture_graph", "compile_problem",
     "compiled_calls", "graph_replay_ms", "prepare", "use_compile_cache",
 ]

@@ -44,6 +44,21 @@ class EngineCallError(RuntimeError):
     """An engine was given an input it has no binding for (it never falls back to torch in silence)."""
 
 
+@dataclass(frozen=True, eq=False)
+class AddedConditions:
+    """SDXL's added conditions of a UNet call, one row per UNet batch row (docs/DESIGN.md section 9).
+
+    Args:
+        text_embeds (`torch.Tensor`): ``[rows, P]`` pooled text embeddings (negative rows first).
+        time_ids (`torch.Tensor`): ``[rows, 6]`` original size, crop top-left, target size.
+
+    Both are a stream's pre-allocated buffers: a prompt change writes into them, the call reads them.
+    """
+
+    text_embeds: torch.Tensor
+    time_ids: torch.Tensor
+
+
 @dataclass(frozen=True)
 class UNetExtras:
     """The typed extra inputs of one UNet call, beyond the sample, the timesteps and the text embeddings.
@@ -51,23 +66,29 @@ class UNetExtras:
     Args:
         kv_cache (`KVCache`, optional): cached attention over earlier frames (the torch path reads it
             through the caching attention processors).
+        added_cond (`AddedConditions`, optional): SDXL's pooled embeddings and size conditions.
 
-    SDXL's added conditions and ControlNet residuals join here as fields of their own.
+    ControlNet residuals join here as a field of their own.
     """
 
     kv_cache: KVCache | None = None
+    added_cond: AddedConditions | None = None
 
     @functools.cached_property
     def given(self) -> frozenset[str]:
         """Names of the extras that are set (computed once: the extras of a stream never change)."""
-        return frozenset(name for name in ("kv_cache",) if getattr(self, name) is not None)
+        return frozenset(name for name in ("kv_cache", "added_cond") if getattr(self, name) is not None)
 
     @functools.cached_property
     def torch_kwargs(self) -> dict[str, Any]:
         """The diffusers UNet keyword arguments that carry these extras (computed once, not per frame)."""
-        if self.kv_cache is None:
-            return {}
-        return {"cross_attention_kwargs": {"kv_cache": self.kv_cache}}
+        kwargs: dict[str, Any] = {}
+        if self.kv_cache is not None:
+            kwargs["cross_attention_kwargs"] = {"kv_cache": self.kv_cache}
+        if self.added_cond is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.added_cond.text_embeds,
+                                           "time_ids": self.added_cond.time_ids}
+        return kwargs
 
 
 NO_EXTRAS = UNetExtras()
@@ -85,7 +106,7 @@ class UNetCall(Protocol):
 class TorchUNet:
     """The UNet on torch: the pipeline's module, or a compiled copy of it."""
 
-    accepts = frozenset({"kv_cache"})
+    accepts = frozenset({"kv_cache", "added_cond"})
 
     def __init__(self, module: Any) -> None:
         self.module = module
