@@ -5,8 +5,8 @@ A prompt is text, an embeddings tensor ``[1, L, D]`` (e.g. what a host's own tex
 CONDITIONING), a :class:`TextEmbedding` (embeddings plus the pooled embedding SDXL's UNet also takes), or a
 weighted list ``[(text or embeddings, weight), ...]`` that is blended. Text becomes ``[1, 77, D]`` through the
 pipeline's text encoder(s) (how, the model family says: :mod:`streamrt.families`); embeddings are used as they
-are, with ``L`` any multiple of 77 (a long prompt). Parts of different lengths are repeated to their least common multiple, as ComfyUI does: repeating
-the keys and values of cross-attention leaves its result unchanged.
+are, with ``L`` any multiple of 77 (a long prompt). Parts of different lengths are repeated to their least common
+multiple, as ComfyUI does: repeating the keys and values of cross-attention leaves its result unchanged.
 
 Text encoders stay on the models' device for the life of the pipeline: an unchanged prompt is
 served from the cache and never reaches the encoder again.
@@ -351,7 +351,8 @@ class PromptEncoder:
 
     def _zeros(self) -> TextEmbedding:
         like = self.encode("")  # shapes only (and cached)
-        return TextEmbedding(torch.zeros_like(like.tokens), None if like.pooled is None else torch.zeros_like(like.pooled))
+        pooled = None if like.pooled is None else torch.zeros_like(like.pooled)
+        return TextEmbedding(torch.zeros_like(like.tokens), pooled)
 
     def encode_blend(self, prompt: Prompt, method: str = "linear") -> TextEmbedding:
         """Embeddings of one prompt or of a weighted blend of prompts (``linear`` or ``slerp``); parts of

@@ -28,15 +28,16 @@ from .kv_cache import KVCache, install_kv_processors
 from .kv_export import kv_cache_io_spec
 from .models import StreamModels
 from .prompts import (
-                      Prompt,
-                      PromptPart,
-                      TextEmbedding,
-                      as_weighted,
-                      blended_noise,
-                      check_part,
-                      same_part,
-                      same_prompt,
-                      token_length,
+    SINGLE,
+    Prompt,
+    PromptPart,
+    TextEmbedding,
+    as_weighted,
+    blended_noise,
+    check_part,
+    same_part,
+    same_prompt,
+    token_length,
 )
 from .runtime import AddedConditions, EngineSource, Runtime, UNetExtras, prepare
 from .schedule import StreamSchedule, build_schedule
@@ -84,7 +85,7 @@ def check_fits(models: StreamModels, config: StreamConfig, prompt: Prompt, negat
 def _own_copy(prompt: Prompt) -> Prompt:
     """A weighted list copied, so the caller changing its list later is seen as a change (texts and tensors
     are kept as they are: immutable)."""
-    return prompt if isinstance(prompt, (str, torch.Tensor)) else [tuple(p) for p in prompt]
+    return prompt if isinstance(prompt, SINGLE) else [tuple(p) for p in prompt]
 
 
 def _fill_rows(dest: torch.Tensor, embeds: torch.Tensor) -> None:

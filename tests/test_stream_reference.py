@@ -5,6 +5,11 @@ fresh diffusers ``LCMScheduler``, every call builds its batch with ``torch.cat``
 share nothing with the stream, and the models (UNet, VAE, text encoder, tokenizer) are called directly.
 The tests feed both the same random frames, call after call, and compare the decoded frames and the
 latent state (output latents, carried latent buffer, RCFG stock noise).
+
+For SDXL-shaped models (a second text encoder) the reference follows diffusers' SDXL conventions, written
+out here: the penultimate hidden states of both encoders concatenated, the second encoder's projected
+``text_embeds`` as the pooled embedding, an empty negative prompt as zeros, and ``time_ids`` =
+(height, width, 0, 0, height, width) on every row (tests/test_stream_sdxl.py).
 """
 
 from __future__ import annotations
@@ -60,20 +65,45 @@ class ReferenceStream:
         self.x_buf = torch.zeros((n - 1) * F, 4, h, w)
 
         self.tokenizer, self.text_encoder = models.tokenizer, models.text_encoder
+        self.sdxl = models.text_encoder_2 is not None
+        if self.sdxl:
+            self.tokenizer_2, self.text_encoder_2 = models.tokenizer_2, models.text_encoder_2
+            self.time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
         self.set_prompt(prompt, negative_prompt)
 
     @torch.inference_mode()
     def embed(self, text):
-        ids = self.tokenizer(text, padding="max_length", max_length=77, truncation=True,
-                             return_tensors="pt").input_ids
-        return self.text_encoder(ids)[0]          # [1, 77, D]
+        """``(tokens [1, 77, D], pooled [1, P] or None)``."""
+        if not self.sdxl:
+            ids = self.tokenizer(text, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+            return self.text_encoder(ids)[0], None          # [1, 77, D]
+        hidden = []
+        for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tok(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            out = enc(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), out.text_embeds
 
     def set_prompt(self, prompt, negative_prompt=""):
-        self.cond = self.embed(prompt)
-        self.uncond = self.embed(negative_prompt)
+        self.cond, self.cond_pooled = self.embed(prompt)
+        self.uncond, self.uncond_pooled = self.embed(negative_prompt)
+        if self.sdxl and negative_prompt == "":
+            self.uncond, self.uncond_pooled = torch.zeros_like(self.uncond), torch.zeros_like(self.uncond_pooled)
 
-    def unet(self, x, t, embeds):
-        return self.unet_model(x, t, encoder_hidden_states=embeds).sample
+    def unet(self, x, t, embeds, pooled=None):
+        if not self.sdxl:
+            return self.unet_model(x, t, encoder_hidden_states=embeds).sample
+        added = {"text_embeds": pooled, "time_ids": self.time_ids.repeat(x.shape[0], 1)}
+        return self.unet_model(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+
+    def rows(self, uncond: int, cond: int):
+        """Embeddings and pooled embeddings of ``uncond`` negative rows then ``cond`` prompt rows."""
+        embeds = torch.cat([self.uncond.repeat(uncond, 1, 1), self.cond.repeat(cond, 1, 1)])
+        pooled = None
+        if self.sdxl:
+            pooled = torch.cat([self.uncond_pooled.repeat(uncond, 1), self.cond_pooled.repeat(cond, 1)])
+        return embeds, pooled
 
     def eps_from(self, pred, rows):
         """eps from the UNet output for batch ``rows`` (v-prediction: eps = a*v + b*x)."""
@@ -105,23 +135,21 @@ class ReferenceStream:
         else:
             X = x_t
         self.X = X
-        cond = self.cond.repeat(B, 1, 1)
+        cond = self.rows(0, B)
         # 4. UNet and guidance
         guided = self.cfg_type != "none" and self.g > 1
         if not guided:
-            eps = self.eps_from(self.unet(X, self.T, cond), slice(0, B))
+            eps = self.eps_from(self.unet(X, self.T, *cond), slice(0, B))
         else:
             if self.cfg_type == "full":
-                out = self.unet(torch.cat([X, X]), torch.cat([self.T, self.T]),
-                                torch.cat([self.uncond.repeat(B, 1, 1), cond]))
+                out = self.unet(torch.cat([X, X]), torch.cat([self.T, self.T]), *self.rows(B, B))
                 eps_u = self.eps_from(out[:B], slice(0, B))
                 eps_c = self.eps_from(out[B:], slice(0, B))
             elif self.cfg_type == "self":
-                eps_c = self.eps_from(self.unet(X, self.T, cond), slice(0, B))
+                eps_c = self.eps_from(self.unet(X, self.T, *cond), slice(0, B))
                 eps_u = self.delta * self.stock
             elif self.cfg_type == "initialize":
-                out = self.unet(torch.cat([X[:F], X]), torch.cat([self.T[:F], self.T]),
-                                torch.cat([self.uncond.repeat(F, 1, 1), cond]))
+                out = self.unet(torch.cat([X[:F], X]), torch.cat([self.T[:F], self.T]), *self.rows(F, B))
                 self.stock = torch.cat([self.eps_from(out[:F], slice(0, F)), self.stock[F:]])
                 eps_c = self.eps_from(out[F:], slice(0, B))
                 eps_u = self.delta * self.stock
@@ -176,14 +204,14 @@ def compare(stream: Stream, ref: ReferenceStream, inputs, *, image_atol=IMAGE_AT
                                    msg=lambda m, k=k: f"call {k}: decoded frames differ\n{m}")
 
 
-def _pair(models, prompt="a photo of a cat", **cfg):
+def _pair(models, prompt="a photo of a cat", negative_prompt=NEGATIVE, **cfg):
     config = make_config(**cfg)
-    stream = Stream(models, config, prompt=prompt, negative_prompt=NEGATIVE)
+    stream = Stream(models, config, prompt=prompt, negative_prompt=negative_prompt)
     ref = ReferenceStream(models, t_index_list=config.t_index_list, num_inference_steps=config.num_inference_steps,
                           frames_per_step=config.frames_per_step, cfg_type=config.cfg_type.value,
                           guidance_scale=config.guidance_scale, delta=config.delta,
                           do_add_noise=config.do_add_noise, seed=config.seed, prompt=prompt,
-                          negative_prompt=NEGATIVE)
+                          negative_prompt=negative_prompt)
     return stream, ref
 
 

@@ -13,8 +13,8 @@ from .compiled import CompileOptions, compile_problem, compiled_calls, use_compi
 from .host_io import HostIO
 from .runtime import (
                       NO_EXTRAS,
-                      AddedConditions,
                       AccelerationUnavailable,
+                      AddedConditions,
                       AttachResult,
                       EngineCallError,
                       EngineSource,
