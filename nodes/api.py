@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..streamrt.loading import LdmWeights, ModelLoadError
 from ..streamrt.names import FolderIndex, plain_relative_name
+from ..streamrt.prompts import TextEmbedding
 from ..streamrt.weights import WEIGHT_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -466,12 +467,13 @@ _UNSUPPORTED_KEYS = {"control": "a ControlNet", "gligen": "GLIGEN", "start_perce
                      "end_percent": "a timestep range"}
 
 
-def conditioning_embeddings(conditioning, what: str) -> torch.Tensor:
-    """The prompt embeddings ``[1, L, D]`` of a ComfyUI CONDITIONING (``[[tensor [B, L, D], {...}], ...]``, what
-    CLIPTextEncode, ConditioningAverage or ConditioningConcat give), or a ValueError naming what the stream
-    cannot take: several entries (Conditioning Combine), a batch, area / mask / strength or other keys that
-    change how an entry applies. ``pooled_output`` is not used by SD1.x / SD2.x and is ignored. The tensor is
-    handed over as it is (not copied): the core takes it as immutable, as ComfyUI does."""
+def conditioning_embeddings(conditioning, what: str) -> TextEmbedding:
+    """The prompt embeddings of a ComfyUI CONDITIONING (``[[tensor [B, L, D], {"pooled_output": ...}], ...]``, what
+    CLIPTextEncode, ConditioningAverage or ConditioningConcat give): the tokens ``[1, L, D]`` and the pooled
+    embedding (SDXL's UNet reads it; SD1.x / SD2.x ignore it), or a ValueError naming what the stream cannot take:
+    several entries (Conditioning Combine), a batch, area / mask / strength or other keys that change how an
+    entry applies. The tensors are handed over as they are (not copied): the core takes them as immutable, as
+    ComfyUI does."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ValueError(f"{what}: expected a CONDITIONING (from CLIP Text Encode), got "
                          f"{type(conditioning).__name__ if conditioning is not None else None}")
@@ -496,4 +498,5 @@ def conditioning_embeddings(conditioning, what: str) -> torch.Tensor:
     if embeds.dim() == 3 and embeds.shape[0] != 1:
         raise ValueError(f"{what}: the CONDITIONING has a batch of {embeds.shape[0]} prompts, a stream takes one: "
                          "blend them with Conditioning Average")
-    return embeds
+    pooled = options.get("pooled_output")
+    return TextEmbedding(embeds, pooled if isinstance(pooled, torch.Tensor) else None)
