@@ -40,10 +40,11 @@ COMPILE_MAX_TOL, COMPILE_MEAN_TOL = 2.5e-2, 2e-3
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def build_models(dtype: torch.dtype, *, taesd: bool = True, seed: int = 0) -> StreamModels:
-    c = build_random_components("tiny", seed=seed, dtype=dtype, device="cuda", taesd=taesd)
+def build_models(dtype: torch.dtype, *, taesd: bool = True, seed: int = 0, preset: str = "tiny") -> StreamModels:
+    c = build_random_components(preset, seed=seed, dtype=dtype, device="cuda", taesd=taesd)
     return StreamModels(unet=c["unet"], vae=c["taesd"] if taesd else c["vae"], text_encoder=c["text_encoder"],
-                        tokenizer=c["tokenizer"], scheduler=c["scheduler"])
+                        tokenizer=c["tokenizer"], scheduler=c["scheduler"], text_encoder_2=c.get("text_encoder_2"),
+                        tokenizer_2=c.get("tokenizer_2"))
 
 
 def make_config(cfg_type: str, n: int, frames_per_step: int = 1, **changes) -> StreamConfig:
@@ -97,6 +98,12 @@ def fp16_models() -> StreamModels:
 @pytest.fixture(scope="module")
 def fp32_models() -> StreamModels:
     return build_models(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def xl_fp16_models() -> StreamModels:
+    """SDXL-shaped (two text encoders, pooled and time_ids added conditions) with TAESD."""
+    return build_models(torch.float16, preset="tiny-xl")
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +265,31 @@ def test_zero_allocations_per_frame_with_prompt_and_seed_changes(fp16_models, cf
     grown = allocations() - allocs0
     assert grown == 0, f"{grown} CUDA allocations over 200 frames ({grown / 200:.2f} per frame)"
     assert models.prompt_encoder.encoder_calls == calls0, "a cached or identical prompt reached the text encoder"
+
+
+@pytest.mark.parametrize("cfg_type", ["self", "full"])
+def test_sdxl_cuda_graph_matches_eager_and_allocates_nothing_per_frame(xl_fp16_models, cfg_type):
+    """SDXL's added conditions are buffers like the embeddings: captured once, a prompt change (pooled rows
+    included) is a copy into them, and steady state allocates nothing."""
+    models = xl_fp16_models
+    cfg = make_config(cfg_type, 2)
+    groups = frame_groups(8, seed=3)
+    expected = run(new_stream(models, cfg, "eager"), groups)
+    stream = new_stream(models, cfg, "cuda_graph")
+    got = run(stream, groups)
+    assert_outputs_close(got, expected, GRAPH_TOL[torch.float16], f"SDXL cuda_graph vs eager ({cfg_type})")
+    stream.set_prompt(PROMPT_2)           # encoded (both encoders) before the window
+    stream.step(groups[0])
+    stream.set_prompt(PROMPT)
+    torch.cuda.synchronize()
+    calls0, allocs0 = models.prompt_encoder.encoder_calls, allocations()
+    for k in range(100):
+        if k == 50:
+            stream.set_prompt(PROMPT_2)   # cached: embeddings and pooled rows copied in
+        stream.step(groups[k % 8])
+    torch.cuda.synchronize()
+    assert allocations() - allocs0 == 0, "the SDXL step allocated"
+    assert models.prompt_encoder.encoder_calls == calls0
 
 
 def test_zero_allocations_in_process_video_with_changes(fp16_models):
