@@ -64,16 +64,16 @@ def _ours(rows: list[dict[str, Any]], scenarios: tuple[str, ...]) -> list[dict[s
 
 
 def evaluate(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """``(target, measured, status)`` for each target whose scenarios the run has rows of (none: no SDXL run).
+    """``(target, measured, status)`` for every target when the run has SDXL rows (none otherwise): a target
+    whose scenario did not run (or failed) is listed as not measured, so a partial run cannot hide one.
 
     ms and speed-up targets take the best of our rows (every acceleration: all are torch backends) and name
     the others; the allocation target takes the worst cuda_graph / compile row (eager allocates by design).
     """
-    ran = {r["scenario"] for r in rows}
+    if not {r["scenario"] for r in rows} & {s for t in TARGETS for s in t.scenarios}:
+        return []
     out: list[tuple[str, str, str]] = []
     for t in TARGETS:
-        if not ran & set(t.scenarios):
-            continue
         ours = _ours(rows, t.scenarios)
         value: float | None = None
         if t.kind == "ms":
