@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-cache", default=None, help="inductor cache folder (default: engine_cache/torch_compile)")
     p.add_argument("--budget-s", type=float, default=500.0,
                    help="seconds for the whole run (default: 500): a row starts only with 20 s (compile: 120 s; "
-                        "SDXL compile: 200 s, at 1024x1024 240 s) of it left, later rows are listed as skipped")
+                        "SDXL compile: 170 s, at 1024x1024 190 s) of it left, later rows are listed as skipped")
     p.add_argument("--breakdown", action="store_true",
                    help="instead of the table: time VAE encode, UNet, VAE decode and the whole step separately "
                         "(with the last of --accelerations)")
