@@ -26,7 +26,8 @@ def breakdown(ctx: BenchContext, args: argparse.Namespace) -> str:
     for key in args.scenarios:
         sc = SCENARIOS[key]
         parts = _time_parts(ctx, acceleration, sc)
-        lines.append(f"| {sc.label}, F={sc.frames_per_step} | " + " | ".join(f"{p:.2f}" for p in parts) + " |")
+        lines.append(f"| {sc.key}: {sc.title_at(args)}, F={sc.frames_per_step} | "
+                     + " | ".join(f"{p:.2f}" for p in parts) + " |")
         logger.info("breakdown %s", lines[-1])
     return "\n".join(lines)
 
@@ -34,7 +35,7 @@ def breakdown(ctx: BenchContext, args: argparse.Namespace) -> str:
 def _time_parts(ctx: BenchContext, acceleration: str, sc: Scenario) -> list[float]:
     """GPU ms of encode, UNet, decode and the whole device step of one scenario's stream."""
     stream = ctx.stream(acceleration, sc, prompt=PROMPT)
-    frames = ctx.frames[:1].expand(sc.frames_per_step, -1, -1, -1)
+    frames = ctx.video(sc).frames[:1].expand(sc.frames_per_step, -1, -1, -1)
     for _ in range(3):
         stream.step(frames)
     run, buf, extras = stream.runtime, stream.buffers, stream.unet_extras

@@ -18,13 +18,16 @@ import torch
 from .breakdown import breakdown
 from .common import (
     ACCELERATIONS,
+    DEFAULT_SCENARIOS,
     REFERENCE_NAME,
     SCENARIOS,
     SKIPPED,
+    XL_REFERENCE_NAME,
     BenchContext,
     Scenario,
     free_memory,
     new_row,
+    reference_name,
     versions,
 )
 from .ours import run_ours
@@ -33,16 +36,22 @@ from .report import fill_speedups, fmt, render_markdown, write_outputs
 
 logger = logging.getLogger("streamrt.bench")
 
-DESCRIPTION = "Side-by-side speed benchmark: StreamRT's accelerations against StreamDiffusion 0.1.1, same run."
+DESCRIPTION = (f"Side-by-side speed benchmark: StreamRT's accelerations against {REFERENCE_NAME} (SD) and "
+               f"{XL_REFERENCE_NAME} (SDXL), same run.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    scenarios = "; ".join(f"{sc.label}, F={sc.frames_per_step}" for sc in SCENARIOS.values())
+    scenarios = "; ".join(f"{sc.label}, F={sc.frames_per_step}" + (f", {sc.scale}x --width/--height" if sc.scale > 1
+                                                                       else "") for sc in SCENARIOS.values())
     p = argparse.ArgumentParser(prog="python -m streamrt.bench", description=DESCRIPTION,
                                 epilog=f"Scenarios: {scenarios}")
     p.add_argument("--device", default="cuda", help="cuda (default) | cuda:N | cpu")
     p.add_argument("--preset", default="sd-turbo",
-                   help="random-weight model preset of streamrt.random_models (default: sd-turbo)")
+                   help="random-weight model preset of streamrt.random_models for the SD scenarios (default: "
+                        "sd-turbo)")
+    p.add_argument("--xl-preset", default="sdxl-turbo",
+                   help="SDXL random-weight preset for the xl scenarios (default: sdxl-turbo, the SDXL UNet config; "
+                        "tiny-xl for a CPU smoke run)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="auto: fp16 on CUDA, fp32 on the CPU")
     p.add_argument("--width", type=int, default=512, help="default: 512")
@@ -50,8 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=300, help="N, frames of the timed video (default: 300)")
     p.add_argument("--accelerations", "--backends", dest="accelerations", default=",".join(ACCELERATIONS),
                    help=f"comma list of {', '.join(ACCELERATIONS)} (default: all)")
-    p.add_argument("--scenarios", default="a,b,a4,bkv", help=f"comma list of {', '.join(SCENARIOS)} (default: all)")
-    p.add_argument("--skip-reference", action="store_true", help=f"do not run {REFERENCE_NAME}")
+    p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                   help=f"comma list of {', '.join(SCENARIOS)} (default: {','.join(DEFAULT_SCENARIOS)}; the xl "
+                        f"scenarios build the SDXL models too)")
+    p.add_argument("--compile-scenarios", default=None,
+                   help="comma list: the scenarios that get a compile row (default: all of --scenarios); the others "
+                        "are listed as skipped. Compiling the SDXL UNet takes about 130 s per shape")
+    p.add_argument("--skip-reference", action="store_true",
+                   help=f"do not run the references ({REFERENCE_NAME}, {XL_REFERENCE_NAME})")
     p.add_argument("--out", default="bench_out", help="folder for bench.md and bench.json (default: bench_out)")
     p.add_argument("--seed", type=int, default=2, help="stream noise seed, both implementations (default: 2)")
     p.add_argument("--model-seed", type=int, default=0, help="seed of the random weights (default: 0)")
@@ -70,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile mode of the compile acceleration (default: default)")
     p.add_argument("--compile-cache", default=None, help="inductor cache folder (default: engine_cache/torch_compile)")
     p.add_argument("--budget-s", type=float, default=500.0,
-                   help="seconds for the whole run (default: 500): a row starts only with 20 s (compile: 120 s) "
-                        "of it left, later rows are listed as skipped")
+                   help="seconds for the whole run (default: 500): a row starts only with 20 s (compile: 120 s; "
+                        "SDXL compile: 170 s, at 1024x1024 190 s) of it left, later rows are listed as skipped")
     p.add_argument("--breakdown", action="store_true",
                    help="instead of the table: time VAE encode, UNet, VAE decode and the whole step separately "
                         "(with the last of --accelerations)")
@@ -79,13 +94,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.accelerations = [a.strip() for a in args.accelerations.split(",") if a.strip()]
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    bad = [a for a in args.accelerations if a not in ACCELERATIONS] + [s for s in args.scenarios if s not in SCENARIOS]
+    args.compile_scenarios = (list(args.scenarios) if args.compile_scenarios is None else
+                              [s.strip() for s in args.compile_scenarios.split(",") if s.strip()])
+    bad = [a for a in args.accelerations if a not in ACCELERATIONS] + [
+        s for s in args.scenarios + args.compile_scenarios if s not in SCENARIOS]
     if bad:
         p.error(f"unknown acceleration(s)/scenario(s): {bad}")
+    if not args.scenarios:
+        p.error("--scenarios is empty")
+    if any(SCENARIOS[s].xl for s in args.scenarios) and not _is_xl_preset(args.xl_preset):
+        p.error(f"--xl-preset {args.xl_preset!r} is not an SDXL preset (one with a second text encoder)")
     if args.frames < 1:
         p.error("--frames must be >= 1")
     return args
 
+
+
+def _is_xl_preset(preset: str) -> bool:
+    from ..random_models import component_configs
+
+    try:
+        return "text_encoder_2" in component_configs(preset)
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "streamrt.bench", *(argv or sys.argv[1:])]),
-        "device": str(device), "device_name": "cpu", "preset": args.preset, "width": args.width,
+        "device": str(device), "device_name": "cpu", "preset": args.preset,
+        "xl_preset": args.xl_preset if any(SCENARIOS[s].xl for s in args.scenarios) else None,
+        "scenarios": args.scenarios, "compile_scenarios": args.compile_scenarios, "width": args.width,
         "height": args.height, "frames": args.frames, "dtype": None, "versions": versions(),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "notes": [],
     }
@@ -140,16 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = ctx.rows
     jobs: list[tuple[str, Scenario]] = []
     if not args.skip_reference:
-        reason = reference_unavailable()
-        if reason:
-            meta["notes"].append(f"reference skipped: {reason}")
-            logger.warning("reference skipped: %s", reason)
-        else:
-            if device.type != "cuda":
+        for xl in sorted({SCENARIOS[s].xl for s in args.scenarios}):
+            scenarios = [SCENARIOS[s] for s in args.scenarios if SCENARIOS[s].xl == xl]
+            name = reference_name(scenarios[0])
+            reason = reference_unavailable(scenarios[0])
+            if reason:
+                meta["notes"].append(f"{name} reference skipped: {reason}")
+                logger.warning("%s reference skipped: %s", name, reason)
+                continue
+            if device.type != "cuda" and not xl:
                 meta["notes"].append(f"{REFERENCE_NAME} on the CPU: its CUDA timing calls are stubbed out "
                                      f"(smoke test of the wrapper only)")
-            jobs += [("reference", SCENARIOS[s]) for s in args.scenarios
-                     if SCENARIOS[s].frames_per_step == 1 and not SCENARIOS[s].kv_window]
+            # StreamDiffusion 0.1.1 has no F > 1 and no cached-attention row; diffusers' SDXL pipeline takes
+            # F frames per call (xl4's reference is the batched call)
+            jobs += [("reference", sc) for sc in scenarios if xl or (sc.frames_per_step == 1 and not sc.kv_window)]
     # canonical order: the reference first, compile last (it puts the shared UNet's weights in channels-last)
     for acceleration in [a for a in ACCELERATIONS if a in args.accelerations]:
         jobs += [(acceleration, SCENARIOS[s]) for s in args.scenarios]
@@ -158,20 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     compile_failed = ""
     for kind, sc in jobs:
         elapsed = time.perf_counter() - started
-        if kind == "compile" and compile_failed:
-            row = new_row("streamrt", kind, sc, args.frames)
-            row["error"] = f"{SKIPPED}: an earlier compile row failed ({compile_failed})"
-            logger.warning("streamrt compile / %s: %s", sc.label, row["error"])
-            rows.append(row)
-            continue
-        need = 120.0 if kind == "compile" else 20.0
-        impl = REFERENCE_NAME if kind == "reference" else f"streamrt {kind}"
-        label = f"{impl} / {sc.label} / F={sc.frames_per_step}"
-        if elapsed + need > args.budget_s:
-            row = new_row(REFERENCE_NAME if kind == "reference" else "streamrt",
-                           "torch (eager)" if kind == "reference" else kind, sc, args.frames)
-            row["error"] = f"{SKIPPED}: time budget ({elapsed:.0f} s used of --budget-s {args.budget_s:.0f})"
-            logger.warning("%s: %s", label, row["error"])
+        impl = reference_name(sc) if kind == "reference" else "streamrt"
+        backend = "torch (eager)" if kind == "reference" else kind
+        label = f"{impl if kind == 'reference' else f'streamrt {kind}'} / {sc.label} / F={sc.frames_per_step}"
+        skip = ""
+        if kind == "compile" and sc.key not in args.compile_scenarios:
+            skip = f"{SKIPPED}: not in --compile-scenarios"
+        elif kind == "compile" and compile_failed:
+            skip = f"{SKIPPED}: an earlier compile row failed ({compile_failed})"
+        elif elapsed + (sc.compile_need_s if kind == "compile" else 20.0) > args.budget_s:
+            skip = f"{SKIPPED}: time budget ({elapsed:.0f} s used of --budget-s {args.budget_s:.0f})"
+        if skip:
+            row = new_row(impl, backend, sc, args.frames, args)
+            row["error"] = skip
+            logger.warning("%s: %s", label, skip)
             rows.append(row)
             continue
         logger.info("row: %s", label)
@@ -180,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             row = run_reference(ctx, sc) if kind == "reference" else run_ours(ctx, kind, sc)
         except Exception as exc:  # noqa: BLE001 - one failing row must not lose the run
             logger.error("%s failed:\n%s", label, traceback.format_exc())
-            row = new_row(REFERENCE_NAME if kind == "reference" else "streamrt",
-                           "torch (eager)" if kind == "reference" else kind, sc, args.frames)
+            row = new_row(impl, backend, sc, args.frames, args)
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if kind == "compile":
                 compile_failed = row["error"][:80]  # compiling is the time hog: do not retry it per row

@@ -29,10 +29,12 @@ def run_ours(ctx: BenchContext, acceleration: str, sc: Scenario) -> dict[str, An
     args, dev = ctx.args, ctx.device
     f = sc.frames_per_step
     n = (args.frames // f) * f
-    row = new_row("streamrt", acceleration, sc, n)
+    row = new_row("streamrt", acceleration, sc, n, args)
     if n == 0:
         raise ValueError(f"--frames {args.frames} is less than frames_per_step={f}")
-    video = (ctx.frames_pinned if args.pin_input else ctx.frames)[:n]
+    vid = ctx.video(sc)
+    frames = vid.frames
+    video = (vid.pinned if args.pin_input else frames)[:n]
     groups = n // f
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -41,14 +43,14 @@ def run_ours(ctx: BenchContext, acceleration: str, sc: Scenario) -> dict[str, An
     t0 = time.perf_counter()
     stream = ctx.stream(acceleration, sc, prompt=PROMPT, negative_prompt=NEGATIVE)
     models = stream.models
-    stream.step(ctx.frames[:f])
+    stream.step(frames[:f])
     sync(dev)
     row["first_call_s"] = time.perf_counter() - t0
     logger.info("  first call %.2f s", row["first_call_s"])
 
     # warm-up video, then the timed video (with a CUDA event after every step)
     warm = max(f, (min(ctx.warmup_frames, n) // f) * f)
-    stream.process_video(ctx.frames[:warm])
+    stream.process_video(frames[:warm])
     marks = StepMarks(dev, groups)
     sync(dev)
     t0 = time.perf_counter()
@@ -69,7 +71,7 @@ def run_ours(ctx: BenchContext, acceleration: str, sc: Scenario) -> dict[str, An
     rt: list[float] = []
     for k in range(ctx.realtime_calls):
         g = k % groups
-        frame = ctx.frames[g * f:(g + 1) * f]
+        frame = frames[g * f:(g + 1) * f]
         t0 = time.perf_counter()
         stream.step(frame)
         rt.append((time.perf_counter() - t0) * 1000.0)
@@ -85,13 +87,13 @@ def run_ours(ctx: BenchContext, acceleration: str, sc: Scenario) -> dict[str, An
     calls0 = enc.encoder_calls
     for _ in range(10):
         stream.set_prompt(PROMPT)
-    stream.step(ctx.frames[:f])
+    stream.step(frames[:f])
     row["encoder_calls_identical"] = enc.encoder_calls - calls0
 
     # allocation window: steady-state process_video with a cached prompt change, an identical prompt and
     # a seed change inside it
     count = max(f, -(-ctx.alloc_frames // f) * f)
-    window = ctx.window_frames(count)
+    window = vid.window(count)
     third = max(1, (count // f) // 3) * f
 
     def changes(done: int, total: int) -> None:
@@ -122,7 +124,7 @@ def run_ours(ctx: BenchContext, acceleration: str, sc: Scenario) -> dict[str, An
             row[f"{key}_ms"], row[f"{key}_ratio"] = spans[k], spans[k] / window_p50
 
     # prompt-change frames (realtime, host round trip): cached prompts, then brand-new prompts
-    frame = ctx.frames[:f]
+    frame = frames[:f]
     cached: list[float] = []
     for k in range(ctx.prompt_trials):
         prompt = PROMPT if k % 2 == 0 else PROMPT_2

@@ -1,9 +1,11 @@
-"""The reference rows: StreamDiffusion 0.1.1 (PyPI, its torch path) over the same models, one frame per call."""
+"""The reference rows, over the same models in the same run: StreamDiffusion 0.1.1 (PyPI, its torch path, one
+frame per call) for the SD scenarios, diffusers' SDXL img2img pipeline (:mod:`.reference_xl`) for the SDXL ones."""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
@@ -15,7 +17,6 @@ from .common import (
     NEGATIVE,
     NUM_INFERENCE_STEPS,
     PROMPT,
-    REFERENCE_NAME,
     BenchContext,
     Scenario,
     allocations,
@@ -23,6 +24,7 @@ from .common import (
     median,
     new_row,
     percentile,
+    reference_name,
     sync,
 )
 
@@ -61,14 +63,16 @@ class Reference:
         from diffusers import StableDiffusionPipeline
         from streamdiffusion import StreamDiffusion
 
-        c = ctx.components
+        c = ctx.components(sc)
         self.ctx, self.sc = ctx, sc
+        height, width = sc.size(ctx.args)
+        self.unet = c["unet"]
         # The KL VAE only gives the pipeline its vae_scale_factor; the stream decodes with the TAESD.
         self.pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
                                             unet=c["unet"], scheduler=c["scheduler"], safety_checker=None,
                                             feature_extractor=None, requires_safety_checker=False)
         self.stream = StreamDiffusion(self.pipe, t_index_list=list(sc.t_index_list), torch_dtype=ctx.dtype,
-                                      width=ctx.args.width, height=ctx.args.height, do_add_noise=True,
+                                      width=width, height=height, do_add_noise=True,
                                       use_denoising_batch=True, frame_buffer_size=1, cfg_type=sc.cfg_type)
         self.stream.vae = c["taesd"]
 
@@ -77,62 +81,111 @@ class Reference:
                             guidance_scale=GUIDANCE, delta=DELTA, generator=torch.Generator(),
                             seed=self.ctx.args.seed)
 
-    def frame(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """One frame: upload ``src`` [1, H, W, 3], run the stream, write IMAGE layout into CPU ``dst``."""
+    def frame(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Size:
+        """One frame: upload ``src`` [1, H, W, 3], run the stream, write IMAGE layout into CPU ``dst``; returns
+        the shape the stream gave."""
         dev = self.ctx.device
         x = src.to(dev, non_blocking=True).permute(0, 3, 1, 2)  # [1, 3, H, W] in [0, 1], as __call__ takes it
         y = self.stream(x)                                      # [1, 3, H, W] in [-1, 1], model dtype
         image = (y / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
         dst.copy_(image)
+        return y.shape
+
+
+@contextlib.contextmanager
+def count_unet_calls(unet: torch.nn.Module) -> Iterator[dict[str, int]]:
+    """Count forward calls of ``unet`` and the batch rows they carry, while the block runs.
+
+    A pre-hook sees every call however the caller passes the sample (positionally in both pipelines). Used
+    around the warm-up calls only: the timed loop runs without it.
+    """
+    counts = {"calls": 0, "rows": 0}
+
+    def hook(module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        counts["calls"] += 1
+        counts["rows"] += int(sample.shape[0])
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield counts
+    finally:
+        handle.remove()
+
+
+def attention_processors(unet: torch.nn.Module) -> str:
+    """The attention processor classes of ``unet``, e.g. ``AttnProcessor2_0`` (diffusers' SDPA default)."""
+    return ", ".join(sorted({type(p).__name__ for p in unet.attn_processors.values()}))
 
 
 def run_reference(ctx: BenchContext, sc: Scenario) -> dict[str, Any]:
-    if sc.frames_per_step != 1:
-        raise ValueError("the reference row runs F = 1 only")
+    """One reference row: first call, warm-up (UNet calls counted), N frames timed call by call, F per call."""
+    f = sc.frames_per_step
+    if not sc.xl and f != 1:
+        raise ValueError(f"the {reference_name(sc)} row runs F = 1 only")
     args, dev = ctx.args, ctx.device
-    n = args.frames
-    row = new_row(REFERENCE_NAME, "torch (eager)", sc, n)
+    n = (args.frames // f) * f
+    if n == 0:
+        raise ValueError(f"--frames {args.frames} is less than frames_per_step={f}")
+    groups = n // f
+    row = new_row(reference_name(sc), "torch (eager)", sc, n, args)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    src = ctx.frames_pinned
+    src = ctx.video(sc).pinned
+    height, width = sc.size(args)
     pin = dev.type == "cuda"
-    result = torch.empty((n, args.height, args.width, 3), dtype=torch.float32, pin_memory=pin)
+    result = torch.empty((n, height, width, 3), dtype=torch.float32, pin_memory=pin)
+    if sc.xl:
+        from .reference_xl import XLReference as make
+    else:
+        make = Reference
     with cuda_timing_shim(dev), torch.inference_mode():
         t0 = time.perf_counter()
-        ref = Reference(ctx, sc)
+        ref = make(ctx, sc)
         ref.prepare()
-        ref.frame(src[:1], result[:1])
+        ref.frame(src[:f], result[:f])
         sync(dev)
         row["first_call_s"] = time.perf_counter() - t0
         logger.info("  first call %.2f s", row["first_call_s"])
-        for k in range(min(ctx.warmup_frames, n)):
-            ref.frame(src[k:k + 1], result[k:k + 1])
+        warm = max(1, min(ctx.warmup_frames, n) // f)
+        with count_unet_calls(ref.unet) as counted:
+            for g in range(warm):
+                shape = ref.frame(src[g * f:(g + 1) * f], result[g * f:(g + 1) * f])
+        row["ref_unet_calls_per_call"] = counted["calls"] / warm
+        row["ref_unet_rows_per_frame"] = counted["rows"] / (warm * f)
+        row["ref_output_shape"] = list(shape)
+        row["ref_attention"] = attention_processors(ref.unet)
         sync(dev)
-        times: list[float] = []
+        calls: list[float] = []
         allocs0 = allocations(dev)
         t_start = time.perf_counter()
-        for k in range(n):
+        for g in range(groups):
             t0 = time.perf_counter()
-            ref.frame(src[k:k + 1], result[k:k + 1])
-            times.append((time.perf_counter() - t0) * 1000.0)
+            ref.frame(src[g * f:(g + 1) * f], result[g * f:(g + 1) * f])
+            calls.append((time.perf_counter() - t0) * 1000.0)
         sync(dev)
         wall = time.perf_counter() - t_start
         allocs1 = allocations(dev)
+        per_frame = [t / f for t in calls]
         row["ms_per_frame"], row["fps"] = wall * 1000.0 / n, n / wall
-        row["p50_ms"], row["p95_ms"] = median(times), percentile(times, 95)
-        row["realtime_p50_ms"], row["realtime_p95_ms"] = row["p50_ms"], row["p95_ms"]
-        row["realtime_overhead_ms"] = row["p50_ms"] - row["ms_per_frame"]
+        row["p50_ms"], row["p95_ms"] = median(per_frame), percentile(per_frame, 95)
+        # one call is what a realtime caller makes: F frames with the host round trip
+        row["realtime_p50_ms"], row["realtime_p95_ms"] = median(calls), percentile(calls, 95)
+        row["realtime_overhead_ms"] = row["realtime_p50_ms"] - row["ms_per_frame"] * f
         row["alloc_window_frames"] = n
         if allocs0 is not None:
             row["allocs_per_frame"] = (allocs1 - allocs0) / n
         row["output_finite"] = bool(torch.isfinite(result).all())
         if dev.type == "cuda":
             row["peak_vram_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        if sc.xl:  # the pipeline draws its own noise per call: its frames cannot match ours
+            del ref
+            return row
 
         # Same work? Fresh state on both sides, the same first frames: compare the outputs.
         count = min(n, len(sc.t_index_list) + 3)
         ref.prepare()
-        ref_out = torch.empty((count, args.height, args.width, 3), dtype=torch.float32)
+        ref_out = torch.empty((count, height, width, 3), dtype=torch.float32)
         for k in range(count):
             ref.frame(src[k:k + 1], ref_out[k:k + 1])
     sync(dev)
@@ -146,14 +199,21 @@ def run_reference(ctx: BenchContext, sc: Scenario) -> dict[str, Any]:
 def eager_outputs(ctx: BenchContext, sc: Scenario, count: int) -> torch.Tensor:
     """Our eager stream, fresh, on the first ``count`` frames (for the cross-check with the reference)."""
     stream = ctx.stream("eager", sc, prompt=PROMPT, negative_prompt=NEGATIVE)
-    return torch.cat([stream.step(ctx.frames[k:k + 1]).clone() for k in range(count)])
+    frames = ctx.video(sc).frames
+    return torch.cat([stream.step(frames[k:k + 1]).clone() for k in range(count)])
 
 
-def reference_unavailable() -> str | None:
+def reference_unavailable(sc: Scenario) -> str | None:
+    """Why ``sc``'s reference cannot run here, or None."""
+    if sc.xl:
+        try:
+            from diffusers import StableDiffusionXLImg2ImgPipeline  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - reported as the reason to skip
+            return f"diffusers' StableDiffusionXLImg2ImgPipeline is not importable ({type(exc).__name__}: {exc})"
+        return None
     try:
         import streamdiffusion  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - reported as the reason to skip
         return (f"StreamDiffusion 0.1.1 is not importable ({type(exc).__name__}: {exc}); install the wheel with "
                 f"`pip install --no-deps streamdiffusion==0.1.1` (or put .whl/ on PYTHONPATH) to get its rows")
     return None
-

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import METHODS, REFERENCE_NAME, SCENARIOS
+from .common import METHODS, REFERENCE_NAME, REFERENCE_NAMES, SCENARIOS, XL_REFERENCE_NAME
+from .targets import render_targets
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -29,8 +30,12 @@ def impl_label(row: dict[str, Any]) -> str:
 
 def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# StreamRT benchmark ({meta['date']})", ""]
+    xl = f", SDXL preset `{meta['xl_preset']}`" if meta.get("xl_preset") else ""
     lines.append(f"- device: {meta['device_name']} ({meta['device']}), dtype {meta['dtype']}, preset "
-                 f"`{meta['preset']}`, {meta['width']}x{meta['height']}, N = {meta['frames']} frames, TAESD")
+                 f"`{meta['preset']}`{xl}, {meta['width']}x{meta['height']} (xl1024: twice that), "
+                 f"N = {meta['frames']} frames, TAESD")
+    lines.append(f"- references, same run: {REFERENCE_NAME} for the SD scenarios, {XL_REFERENCE_NAME} "
+                 f"(StableDiffusionXLImg2ImgPipeline, 1 step, see sdxl_reference below) for the SDXL ones")
     v = meta["versions"]
     lines.append(f"- torch {v.get('torch')} (CUDA {v.get('cuda')}, cuDNN {v.get('cudnn')}), diffusers "
                  f"{v.get('diffusers')}, transformers {v.get('transformers')}, streamdiffusion "
@@ -40,7 +45,7 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines.append(f"- note: {note}")
     lines += ["", "## Batch video (process_video)", ""]
     head = ["impl / backend", "scenario", "F", "ms/frame", "p50 ms", "p95 ms", "fps", "allocs/frame",
-            "peak VRAM GB", "first call s", f"speed-up vs {REFERENCE_NAME}", "error"]
+            "peak VRAM GB", "first call s", "speed-up vs reference", "error"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
@@ -73,6 +78,19 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{fmt(r['ref_max_abs_diff'], 4)} / {fmt(r['ref_mean_abs_diff'], 4)}"
             if r["ref_max_abs_diff"] is not None else "-",
         ]) + " |")
+    xl_refs = [r for r in rows if r["impl"] == XL_REFERENCE_NAME and r["ref_unet_calls_per_call"] is not None]
+    if xl_refs:
+        lines += ["", f"## {XL_REFERENCE_NAME}: what each call ran", ""]
+        head = ["scenario", "F", "UNet calls per call", "UNet rows per frame", "output per call", "attention"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for r in xl_refs:
+            lines.append("| " + " | ".join([
+                r["scenario_title"], str(r["F"]), fmt(r["ref_unet_calls_per_call"]),
+                fmt(r["ref_unet_rows_per_frame"]), "x".join(map(str, r["ref_output_shape"] or [])) or "-",
+                r["ref_attention"] or "-",
+            ]) + " |")
+    lines += render_targets(meta, rows)
     lines += ["", "## What the numbers are", ""]
     lines += [f"- **{k}**: {v}" for k, v in METHODS.items()]
     return "\n".join(lines) + "\n"
@@ -101,11 +119,12 @@ def write_outputs(out_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]
 
 
 def fill_speedups(rows: list[dict[str, Any]]) -> None:
-    ref = {r["scenario"]: r["ms_per_frame"] for r in rows if r["impl"] == REFERENCE_NAME and r["ms_per_frame"]}
+    """Each of our rows' speed-up over its scenario's reference row (``Scenario.base``) of the same run."""
+    ref = {r["scenario"]: r["ms_per_frame"] for r in rows if r["impl"] in REFERENCE_NAMES and r["ms_per_frame"]}
     for r in rows:
         base = SCENARIOS[r["scenario"]].base
         if r["impl"] == "streamrt" and r["ms_per_frame"] and base in ref:
             r["speedup_vs_ref"] = ref[base] / r["ms_per_frame"]
-        elif r["impl"] == REFERENCE_NAME and r["ms_per_frame"]:
+        elif r["impl"] in REFERENCE_NAMES and r["ms_per_frame"]:
             r["speedup_vs_ref"] = 1.0
 
