@@ -31,6 +31,9 @@ class ModelFamily:
         zero_empty_negative (`bool`): an empty negative prompt is zero embeddings (and zero pooled), not an
             encoded "" (diffusers' ``force_zeros_for_empty_prompt``).
         vae_scaling (`float`): latent scaling factor of the family's full VAE.
+        vae_force_upcast (`bool`): honour a full VAE's ``force_upcast`` config in fp16, as diffusers' SDXL pipelines
+            do (SDXL's VAE overflows in fp16). SD1/SD2 VAE configs carry diffusers' default ``force_upcast=True``
+            too, yet run fine in fp16, and diffusers' SD pipelines ignore it: so do their families.
         taesd (`str`): ComfyUI's file name of the tiny autoencoder for this latent space (``models/vae_approx``).
         pad_tokens (`tuple`): per tokenizer, the padding token (None: the end token; ``"!"`` for OpenCLIP).
         config_folders (`Mapping[str, str]`): prediction type -> the shipped config folder (``model_configs/``).
@@ -45,6 +48,7 @@ class ModelFamily:
     hidden_state: str = "last"
     zero_empty_negative: bool = False
     vae_scaling: float = 0.18215
+    vae_force_upcast: bool = False
     taesd: str = "taesd"
     pad_tokens: tuple[str | None, ...] = (None,)
     config_folders: Mapping[str, str] = field(default_factory=dict)
@@ -85,7 +89,7 @@ SD2 = ModelFamily("sd2", "SD2.x", (1024,), pad_tokens=("!",),
 SDXL = ModelFamily("sdxl", "SDXL", (768, 1280), pooled_dim=1280, time_ids=6, hidden_state="penultimate",
                    zero_empty_negative=True, vae_scaling=0.13025, taesd="taesdxl", pad_tokens=(None, "!"),
                    config_folders={"epsilon": "sdxl", "v_prediction": "sdxl"},
-                   lora_text_prefixes=("lora_te1_", "lora_te2_"))
+                   lora_text_prefixes=("lora_te1_", "lora_te2_"), vae_force_upcast=True)
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2, SDXL)}
 

@@ -1,11 +1,14 @@
 """Loading a :class:`~streamrt.models.StreamModels` from the files a ComfyUI user has, offline.
 
 - Diffusers folders (``model_index.json`` + component folders): :func:`load_diffusers_folder`.
-- Single-file SD1.x / SD2.x checkpoints (``models/checkpoints``), with component configs shipped in
-  the pack: :func:`load_checkpoint` (rules in :mod:`streamrt.checkpoints`).
+- Single-file SD1.x / SD2.x / SDXL checkpoints (``models/checkpoints``), with component configs shipped
+  in the pack: :func:`load_checkpoint` (rules in :mod:`streamrt.checkpoints`).
 - TAESD as a diffusers ``AutoencoderTiny`` folder or ComfyUI's ``taesd_encoder`` / ``taesd_decoder``
-  files (``models/vae_approx``): :func:`load_taesd`.
-- LoRAs fused at load time (:mod:`streamrt.lora`).
+  (SDXL: ``taesdxl_*``) files (``models/vae_approx``): :func:`load_taesd`.
+- LoRAs fused at load time (:mod:`streamrt.lora`), into both text encoders of SDXL.
+
+What differs between model families (how many text encoders, how tokenizers pad, which TAESD, whether the
+VAE must run in fp32) is read from :mod:`streamrt.families`.
 
 :class:`PipelineSpec` names all of that in one hashable value whose :meth:`~PipelineSpec.cache_key`
 adds file sizes and mtimes, so hosts can cache loaded pipelines. Nothing here reaches the network
@@ -27,7 +30,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .models import StreamModels
+from .families import FAMILIES, ModelFamily, family_of_unet
+from .models import StreamModels, vae_dtype
 from .weights import SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES, ModelLoadError, check_weight_file, read_shapes, read_weights  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
@@ -117,43 +121,62 @@ def taesd_pair(path: str | os.PathLike) -> tuple[Path, Path]:
     return found["encoder"], found["decoder"]
 
 
-def _comfy_taesd(encoder: Path, decoder: Path, dtype: torch.dtype, device: torch.device):
-    from .checkpoints import OTHER_TAESD, build_taesd
+def taesd_name(path: str | os.PathLike) -> str:
+    """ComfyUI's name of a TAESD (``taesd``, ``taesdxl``): a file's stem without ``_encoder`` / ``_decoder``, or a
+    diffusers ``AutoencoderTiny`` folder's name."""
+    path = Path(path)
+    if path.is_dir():
+        return path.name
+    stem = path.name.split(".")[0]
+    for part in ("_encoder", "_decoder"):
+        if stem.endswith(part):
+            return stem[: -len(part)]
+    return stem
+
+
+def _comfy_taesd(encoder: Path, decoder: Path, dtype: torch.dtype, device: torch.device,
+                 family: ModelFamily | None):
+    from .checkpoints import build_taesd, check_taesd_name
 
     for path in (encoder, decoder):
-        name = path.name.split(".")[0].rsplit("_", 1)[0]
-        if name in OTHER_TAESD:
-            raise ModelLoadError(f"{path} is {name}, the tiny autoencoder for {OTHER_TAESD[name]}; StreamRT streams "
-                                 "SD1.x/SD2.x models, which need taesd (taesd_encoder / taesd_decoder)")
+        check_taesd_name(taesd_name(path), family, path)
     vae = build_taesd(read_weights(encoder), read_weights(decoder))
     return torch.nn.Module.to(vae, device=device, dtype=dtype)
 
 
 def load_taesd(source: str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike], *, dtype: torch.dtype,
-               device: torch.device):
+               device: torch.device, family: ModelFamily | None = None):
     """An ``AutoencoderTiny`` from a diffusers folder or from ComfyUI's TAESD files.
+
+    TAESD's latents are the unscaled ones (``scaling_factor`` 1.0), whatever the family's VAE scales by.
 
     Args:
         source: a diffusers ``AutoencoderTiny`` folder (``config.json`` + weights); a pair
             ``(encoder, decoder)`` of ComfyUI's files (``models/vae_approx/taesd_encoder.safetensors``,
             ``taesd_decoder.safetensors``); or one file of that pair (the other is found beside it).
-            ``taesdxl`` / ``taesd3`` / ``taef1`` files are refused (other latent spaces).
+        family: the pipeline's :class:`~streamrt.families.ModelFamily`: a TAESD named for another family's latent
+            space is refused (``taesd`` is SD1.x/SD2.x's, ``taesdxl`` SDXL's; the layers are the same, so the
+            name decides). ``taesd3`` / ``taef1`` files are always refused (16-channel latent spaces). None: any
+            name of a family StreamRT streams is taken.
     """
     if isinstance(source, (tuple, list)):
         encoder, decoder = (Path(p) for p in source)
         with _load_errors(f"TAESD {encoder.parent}"):
-            return _comfy_taesd(encoder, decoder, dtype, device)
+            return _comfy_taesd(encoder, decoder, dtype, device, family)
     folder = Path(source)
     if folder.is_dir():
         from diffusers import AutoencoderTiny
 
+        from .checkpoints import check_taesd_name
+
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{folder} is not a diffusers AutoencoderTiny folder (no config.json)")
+        check_taesd_name(taesd_name(folder), family, folder)
         with _load_errors(f"TAESD {folder}"):
             return AutoencoderTiny.from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
                                                    **_variant_kwargs(folder, "TAESD")).to(device)
     with _load_errors(f"TAESD {folder}"):
-        return _comfy_taesd(*taesd_pair(folder), dtype, device)
+        return _comfy_taesd(*taesd_pair(folder), dtype, device, family)
 
 
 def _taesd_paths(taesd) -> list[Path]:
@@ -199,13 +222,14 @@ class PipelineSpec:
     """Everything that decides what a loaded pipeline holds; hashable, for caches.
 
     Args:
-        model (`str`): a diffusers folder (``model_index.json``) or a single-file SD1.x/SD2.x checkpoint.
+        model (`str`): a diffusers folder (``model_index.json``) or a single-file SD1.x/SD2.x/SDXL checkpoint.
         taesd: ``None`` (the model's VAE), an ``AutoencoderTiny`` folder, or ComfyUI's TAESD
             ``(encoder, decoder)`` files (see :func:`load_taesd`).
         loras (`tuple[LoraSpec, ...]`): fused in order at load time.
         dtype (`str`), device (`str`): as :func:`resolve_dtype` / :func:`resolve_device` take them.
         prediction_type (`str`): ``auto`` | ``epsilon`` | ``v_prediction`` (see :mod:`streamrt.checkpoints`).
-        tokenizer_dir (`str`, *optional*): CLIP tokenizer files for checkpoints (ComfyUI's ``comfy/sd1_tokenizer``).
+        tokenizer_dir (`str`, *optional*): CLIP tokenizer files for checkpoints (ComfyUI's ``comfy/sd1_tokenizer``;
+            SDXL's two tokenizers both come from them).
         config_dir (`str`, *optional*): component configs for a checkpoint (overrides the shipped ones).
     """
 
@@ -254,21 +278,37 @@ class PipelineSpec:
 
 def _finish(parts: dict, *, kind: str, files: list[Path], loras: tuple, dtype: torch.dtype,
             device: torch.device) -> StreamModels:
-    """Cast and move the modules, fuse the LoRAs on the target device, and wrap them."""
+    """Cast and move the modules, fuse the LoRAs on the target device, and wrap them.
+
+    The VAE takes :func:`~streamrt.models.vae_dtype` (fp32 for SDXL's VAE in an fp16 pipeline); it should arrive in
+    the dtype of its file or in fp32, so that an upcast VAE keeps every bit of its weights.
+    """
+    from .checkpoints import numbered
     from .lora import fuse_loras
 
-    for name in ("unet", "vae", "text_encoder"):
+    family = family_of_unet(parts["unet"].config)
+    encoders = numbered("text_encoder", family.text_encoders)
+    tokenizers = numbered("tokenizer", family.text_encoders)
+    for name in ("unet",) + encoders:
         parts[name] = torch.nn.Module.to(parts[name], device=device, dtype=dtype)
-    lora_ids = fuse_loras(loras, parts["unet"], parts["text_encoder"]) if loras else []
-    vocab = int(parts["text_encoder"].config.vocab_size)
-    if len(parts["tokenizer"]) > vocab:
-        raise ModelLoadError(f"the tokenizer has {len(parts['tokenizer'])} tokens but the text encoder only {vocab}: "
-                             "they do not belong together")
+    vae_as = vae_dtype(parts["vae"], dtype, family)
+    if vae_as != dtype:
+        logger.info("VAE kept in %s in this %s pipeline: its config asks for force_upcast (%s's VAE overflows in %s; "
+                    "the fp16-fix VAE, madebyollin/sdxl-vae-fp16-fix, does not and stays in %s)", vae_as, dtype,
+                    family.label, dtype, dtype)
+    parts["vae"] = torch.nn.Module.to(parts["vae"], device=device, dtype=vae_as)
+    lora_ids = fuse_loras(loras, parts["unet"], *(parts[name] for name in encoders)) if loras else []
+    for encoder, tokenizer in zip(encoders, tokenizers):
+        vocab = int(parts[encoder].config.vocab_size)
+        if len(parts[tokenizer]) > vocab:
+            raise ModelLoadError(f"the {tokenizer} has {len(parts[tokenizer])} tokens but the {encoder} only {vocab}: "
+                                 "they do not belong together")
     identity = {"kind": kind, "files": file_fingerprint(files), "loras": lora_ids,
                 "prediction_type": str(parts["scheduler"].config.prediction_type), "dtype": str(dtype),
                 "device": str(device)}
     return StreamModels(unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
-                        tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], identity=identity)
+                        tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], identity=identity,
+                        text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"))
 
 
 # --------------------------------------------------------------------------- diffusers folders
@@ -277,15 +317,17 @@ def _finish(parts: dict, *, kind: str, files: list[Path], loras: tuple, dtype: t
 def load_diffusers_folder(folder: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                           device: str | torch.device = "auto", taesd=None, loras=(),
                           prediction_type: str = "auto") -> StreamModels:
-    """Load UNet, VAE, text encoder, tokenizer and an LCM schedule from a diffusers folder.
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and an LCM schedule from a diffusers folder.
 
     Args:
         folder: a folder with ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``
-            and ``scheduler/``. A component with variant weight files only (``*.fp16.safetensors``) loads that
-            variant (:func:`weights_variant`).
-        dtype: ``auto`` | ``fp16`` | ``bf16`` | ``fp32`` or a torch dtype.
+            and ``scheduler/``; an SDXL folder (a UNet with text/time added conditions) also ``text_encoder_2/``
+            (a ``CLIPTextModelWithProjection``) and ``tokenizer_2/``. A component with variant weight files only
+            (``*.fp16.safetensors``) loads that variant (:func:`weights_variant`).
+        dtype: ``auto`` | ``fp16`` | ``bf16`` | ``fp32`` or a torch dtype. An SDXL VAE whose config asks for
+            ``force_upcast`` stays in fp32 in an fp16 pipeline (:func:`streamrt.models.vae_dtype`).
         device: ``auto`` | ``cpu`` | ``cuda[:i]``.
-        taesd: optional TAESD used instead of the folder's VAE (see :func:`load_taesd`).
+        taesd: optional TAESD used instead of the folder's VAE (see :func:`load_taesd`; ``taesdxl`` for SDXL).
         loras: LoRAs fused at load time (:class:`~streamrt.lora.LoraSpec`, paths or ``(path, strength)``).
         prediction_type: ``auto`` (the folder's scheduler config), ``epsilon`` or ``v_prediction``.
 
@@ -298,16 +340,40 @@ def load_diffusers_folder(folder: str | os.PathLike, *, dtype: str | torch.dtype
     _check_prediction_type(prediction_type)
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{folder} is not a diffusers folder: model_index.json is missing")
-    missing = [c for c in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / c).is_dir()]
-    if taesd is None and not (folder / "vae").is_dir():
-        missing.append("vae")
-    if missing:
-        raise ModelLoadError(f"{folder} lacks the component folders {missing}")
+    if not (folder / "unet").is_dir():
+        raise ModelLoadError(f"{folder} lacks the component folders ['unet']")
+    with _load_errors(f"the diffusers folder {folder}"):
+        family = _folder_family(folder)
+    _check_component_folders(folder, family, need_vae=taesd is None)
     loras = as_lora_specs(loras)
     with _load_errors(f"the diffusers folder {folder}"):
-        models = _load_diffusers_folder(folder, dtype, device, taesd, loras, prediction_type)
-    logger.info("loaded diffusers folder %s (%s, %s, %d LoRA(s))", folder, dtype, device, len(loras))
+        models = _load_diffusers_folder(folder, family, dtype, device, taesd, loras, prediction_type)
+    logger.info("loaded diffusers folder %s (%s, %s, %s, %d LoRA(s))", folder, family, dtype, device, len(loras))
     return models
+
+
+def _folder_family(folder: Path) -> ModelFamily:
+    """The family of a diffusers folder, from its UNet's config (no weights read)."""
+    from diffusers import UNet2DConditionModel
+
+    return family_of_unet(UNet2DConditionModel.load_config(folder, subfolder="unet", local_files_only=True))
+
+
+def _check_component_folders(folder: Path, family: ModelFamily, *, need_vae: bool) -> None:
+    """Refuse a folder that lacks a component its family needs, naming them all."""
+    from .checkpoints import numbered
+
+    wanted = ["scheduler", *numbered("text_encoder", family.text_encoders),
+              *numbered("tokenizer", family.text_encoders)] + (["vae"] if need_vae else [])
+    missing = [c for c in wanted if not (folder / c).is_dir()]
+    if not missing:
+        return
+    if family.text_encoders > 1 and "text_encoder" in missing and (folder / "text_encoder_2").is_dir():
+        raise ModelLoadError(f"{folder} has a second text encoder but no first one: an SDXL refiner, which StreamRT "
+                             "does not stream (SDXL base-type models have both)")
+    raise ModelLoadError(f"{folder} lacks the component folders {missing}"
+                         + (f" ({family.label} has {family.text_encoders} text encoders)" if family.text_encoders > 1
+                            else ""))
 
 
 #: weight files of a diffusers / transformers component folder without a variant (single or sharded)
@@ -342,24 +408,30 @@ def _variant_kwargs(folder: Path, what: str) -> dict:
     return {"variant": variant}
 
 
-def _load_diffusers_folder(folder: Path, dtype: torch.dtype, device: torch.device, taesd, loras: tuple,
-                           prediction_type: str) -> StreamModels:
+def _load_diffusers_folder(folder: Path, family: ModelFamily, dtype: torch.dtype, device: torch.device, taesd,
+                           loras: tuple, prediction_type: str) -> StreamModels:
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .checkpoints import numbered, projects_pooled
 
     override = {} if prediction_type == "auto" else {"prediction_type": prediction_type}
     parts = {
         "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                      torch_dtype=dtype, **_variant_kwargs(folder / "unet", "unet")),
-        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True,
-                                                      torch_dtype=dtype,
-                                                      **_variant_kwargs(folder / "text_encoder", "text_encoder")),
-        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
         "scheduler": LCMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True, **override),
-        "vae": (load_taesd(taesd, dtype=dtype, device=device) if taesd is not None else
-                AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype,
+        # The VAE comes in fp32 and _finish casts it: a VAE that stays in fp32 (force_upcast) then keeps the
+        # file's values, not ones rounded to fp16 on the way.
+        "vae": (load_taesd(taesd, dtype=dtype, device=device, family=family) if taesd is not None else
+                AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=torch.float32,
                                               **_variant_kwargs(folder / "vae", "vae"))),
     }
+    encoders = numbered("text_encoder", family.text_encoders)
+    for index, (encoder, tokenizer) in enumerate(zip(encoders, numbered("tokenizer", family.text_encoders))):
+        model_class = CLIPTextModelWithProjection if projects_pooled(family, index) else CLIPTextModel
+        parts[encoder] = model_class.from_pretrained(folder, subfolder=encoder, local_files_only=True,
+                                                     torch_dtype=dtype, **_variant_kwargs(folder / encoder, encoder))
+        parts[tokenizer] = CLIPTokenizer.from_pretrained(folder, subfolder=tokenizer, local_files_only=True)
     return _finish(parts, kind="diffusers", files=[folder] + _taesd_paths(taesd), loras=loras, dtype=dtype,
                    device=device)
 
@@ -370,7 +442,7 @@ def _load_diffusers_folder(folder: Path, dtype: torch.dtype, device: torch.devic
 def load_checkpoint(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
                     dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", taesd=None, loras=(),
                     prediction_type: str = "auto", config_dir: str | os.PathLike | None = None) -> StreamModels:
-    """Load a single-file SD1.x / SD2.x checkpoint (ComfyUI's ``models/checkpoints``), offline.
+    """Load a single-file SD1.x / SD2.x / SDXL checkpoint (ComfyUI's ``models/checkpoints``), offline.
 
     The architecture is read from the file's keys and shapes and the component configs come with the
     pack (see :mod:`streamrt.checkpoints` for the rules, the prediction type included).
@@ -379,18 +451,22 @@ def load_checkpoint(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike
         path: a ``.safetensors`` file (``.ckpt``/``.pt`` are read as plain tensors only; a pickle that
             would run code is refused).
         tokenizer_dir: CLIP tokenizer files (``vocab.json``, ``merges.txt``): ComfyUI ships them in
-            ``comfy/sd1_tokenizer``. Not needed when the config folder has a ``tokenizer/``.
+            ``comfy/sd1_tokenizer``. SDXL's two tokenizers both come from them, padded as the family says
+            (the second with ``"!"``, as OpenCLIP's). Not needed when the config folder has a ``tokenizer/``
+            (and ``tokenizer_2/``).
         dtype, device: as in :func:`load_diffusers_folder`.
-        taesd: optional TAESD used instead of the checkpoint's VAE (see :func:`load_taesd`).
+        taesd: optional TAESD used instead of the checkpoint's VAE (see :func:`load_taesd`; ``taesdxl`` for
+            SDXL).
         loras: LoRAs fused at load time.
         prediction_type: ``auto`` | ``epsilon`` | ``v_prediction``.
         config_dir: a diffusers-layout folder of component configs (``unet/``, ``vae/``,
-            ``text_encoder/``, ``scheduler/``, optionally ``tokenizer/``) used instead of the shipped ones;
-            default: the one named by a ``<path>.streamrt.json`` sidecar, if any.
+            ``text_encoder/``, SDXL's ``text_encoder_2/``, ``scheduler/``, optionally ``tokenizer/`` and
+            ``tokenizer_2/``) used instead of the shipped ones; default: the one named by a
+            ``<path>.streamrt.json`` sidecar, if any.
 
     Raises:
-        ModelLoadError: missing/corrupt/refused file, unsupported architecture (SDXL: "not supported
-            yet"), weights that do not fit the configs; the message names the file.
+        ModelLoadError: missing/corrupt/refused file, unsupported architecture (the SDXL refiner, SD3, Flux,
+            inpainting...), weights that do not fit the configs; the message names the file.
     """
     path = Path(path)
     device = resolve_device(device)
@@ -416,10 +492,12 @@ def _load_checkpoint(path: Path, tokenizer_dir: Path | None, dtype: torch.dtype,
     if config_dir is not None and not (config_dir / "unet").is_dir():
         raise ModelLoadError(f"config folder {config_dir} has no unet/ (expected a diffusers layout: unet/, vae/, "
                              "text_encoder/, scheduler/)")
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:  # refuse SDXL & co. before reading gigabytes
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:  # refuse what cannot stream before reading gigabytes
         shapes = read_shapes(path)
         names = ckpt.normalize_keys(list(shapes))
-        ckpt.detect_architecture({names[k]: s for k, s in shapes.items()}, check_widths=config_dir is None)
+        header = ckpt.detect_architecture({names[k]: s for k, s in shapes.items()}, check_widths=config_dir is None)
+        for taesd_path in _taesd_paths(taesd):  # a TAESD of another latent space, too
+            ckpt.check_taesd_name(taesd_name(taesd_path), header.model_family, taesd_path)
     raw = read_weights(path)
     names = ckpt.normalize_keys(list(raw))
     state = {names[k]: v for k, v in raw.items()}
@@ -433,17 +511,18 @@ def _load_checkpoint(path: Path, tokenizer_dir: Path | None, dtype: torch.dtype,
         reason = f"the scheduler config of {config_dir}"
     else:
         prediction_type, reason = ckpt.auto_prediction_type(arch, path.name, state.get(ckpt.V_NORM_KEY))
-    logger.info("%s: %s, %s (%s)", path.name, arch.family.upper(), prediction_type, reason)
-    configs = config_dir or ckpt.shipped_config_dir(arch.family, prediction_type)
+    family = arch.model_family
+    logger.info("%s: %s, %s (%s)", path.name, family.label, prediction_type, reason)
+    configs = config_dir or ckpt.shipped_config_dir(family, prediction_type)
 
     if taesd is None and not arch.has_vae:
-        raise ModelLoadError("the checkpoint has no VAE (first_stage_model.*): pick a TAESD")
-    parts = ckpt.build_components(state, arch.family, configs, with_vae=taesd is None)
+        raise ModelLoadError(f"the checkpoint has no VAE (first_stage_model.*): pick a TAESD ({family.taesd})")
+    parts = ckpt.build_components(state, family, configs, with_vae=taesd is None)
     del state
     if taesd is not None:
-        parts["vae"] = load_taesd(taesd, dtype=dtype, device=device)
+        parts["vae"] = load_taesd(taesd, dtype=dtype, device=device, family=family)
 
-    parts["tokenizer"] = _clip_tokenizer(configs, tokenizer_dir, arch.family)
+    parts.update(_clip_tokenizers(configs, tokenizer_dir, family))
     parts["scheduler"] = LCMScheduler.from_pretrained(configs, subfolder="scheduler", local_files_only=True,
                                                       prediction_type=prediction_type)
     files = [path] + [p for p in (Path(str(path) + ckpt.SIDECAR_SUFFIX), config_dir) if p and p.exists()]
@@ -453,19 +532,35 @@ def _load_checkpoint(path: Path, tokenizer_dir: Path | None, dtype: torch.dtype,
     return models
 
 
-def _clip_tokenizer(configs: Path, tokenizer_dir: Path | None, family: str):
-    """The config folder's tokenizer, else the CLIP tokenizer files in ``tokenizer_dir`` set up for ``family``."""
+def _clip_tokenizers(configs: Path, tokenizer_dir: Path | None, family: ModelFamily) -> dict[str, object]:
+    """``tokenizer`` (and SDXL's ``tokenizer_2``) for a checkpoint, each from the first of:
+
+    1. the config folder's own ``tokenizer/`` (``tokenizer_2/``), used as it is;
+    2. the CLIP tokenizer files in ``tokenizer_dir`` (ComfyUI's ``comfy/sd1_tokenizer``);
+    3. the config folder's ``tokenizer/`` files (all of a family's tokenizers share CLIP's vocabulary);
+
+    the last two padded as the family says (:attr:`ModelFamily.pad_tokens`: ``"!"``, id 0, for OpenCLIP-trained
+    encoders such as SD2's and SDXL's second; the files' own end token otherwise) and cut at 77 tokens.
+    """
     from transformers import CLIPTokenizer
 
-    if (configs / "tokenizer").is_dir():
-        return CLIPTokenizer.from_pretrained(configs / "tokenizer", local_files_only=True)
-    if tokenizer_dir is None:
-        raise ModelLoadError("no tokenizer: pass tokenizer_dir (ComfyUI ships CLIP's in comfy/sd1_tokenizer)")
-    if not (tokenizer_dir / "vocab.json").is_file():
-        raise ModelLoadError(f"{tokenizer_dir} holds no CLIP tokenizer (vocab.json, merges.txt)")
-    # SD2 pads with "!" (id 0) like its OpenCLIP training; SD1 with the end token.
-    pad = {"pad_token": "!"} if family == "sd2" else {}
-    return CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True, model_max_length=CLIP_MAX_LENGTH, **pad)
+    from .checkpoints import numbered
+
+    out = {}
+    for name, pad in zip(numbered("tokenizer", family.text_encoders), family.pad_tokens):
+        if (configs / name).is_dir():
+            out[name] = CLIPTokenizer.from_pretrained(configs / name, local_files_only=True)
+            continue
+        source = tokenizer_dir if tokenizer_dir is not None else (
+            configs / "tokenizer" if (configs / "tokenizer").is_dir() else None)
+        if source is None:
+            raise ModelLoadError("no tokenizer: pass tokenizer_dir (ComfyUI ships CLIP's in comfy/sd1_tokenizer)")
+        if not (source / "vocab.json").is_file():
+            raise ModelLoadError(f"{source} holds no CLIP tokenizer (vocab.json, merges.txt)")
+        padding = {} if pad is None else {"pad_token": pad}
+        out[name] = CLIPTokenizer.from_pretrained(source, local_files_only=True, model_max_length=CLIP_MAX_LENGTH,
+                                                  **padding)
+    return out
 
 
 # --------------------------------------------------------------------------- models a host already holds
@@ -519,17 +614,23 @@ def load_ldm_weights(weights: LdmWeights, *, tokenizer_dir: str | os.PathLike | 
                              "v_prediction models")
     width = next((int(v.shape[1]) for k, v in weights.text_encoder.items()
                   if k.endswith("embeddings.token_embedding.weight")), None)
-    family = {768: "sd1", 1024: "sd2"}.get(width)
+    # one text encoder of a family's width: SD1.x (768) or SD2.x (1024); SDXL's two do not come this way (yet)
+    family = next((f for f in FAMILIES.values() if f.text_widths == (width,)), None)
     if family is None and config_dir is None:
-        raise ModelLoadError(f"a text encoder of width {width}: StreamRT streams SD1.x (768) and SD2.x (1024) models")
+        widths = " and ".join(f"{f.label} ({f.text_widths[0]})" for f in FAMILIES.values() if f.text_encoders == 1)
+        raise ModelLoadError(f"a text encoder of width {width}: StreamRT streams {widths} models from a host's model")
     context = int(weights.unet_params.get("context_dim") or 0)
     if context != width:
         raise ModelLoadError(f"the UNet's cross-attention width {context} does not match the text encoder's {width}")
-    family = family or "sd1"
+    family = family or FAMILIES["sd1"]
     configs = Path(config_dir) if config_dir else ckpt.shipped_config_dir(family, weights.prediction_type)
     with _load_errors("the model"):
-        unet_config = ckpt.unet_config_from_ldm(
-            weights.unet_params, upcast_attention=family == "sd2" and weights.prediction_type == "v_prediction")
+        from diffusers import UNet2DConditionModel
+
+        # the config folder's UNet says whether attention runs upcast (SD2's 768-px v models: sd2-v)
+        upcast = bool(UNet2DConditionModel.load_config(configs, subfolder="unet", local_files_only=True).get(
+            "upcast_attention") or False)
+        unet_config = ckpt.unet_config_from_ldm(weights.unet_params, upcast_attention=upcast)
         parts = {"unet": ckpt.build_unet({ckpt.UNET + k: v for k, v in weights.unet.items()}, unet_config),
                  "text_encoder": ckpt.build_text_encoder(weights.text_encoder, configs, weights.text_layers)}
         if any(k.startswith("taesd_encoder.") for k in weights.vae):
@@ -538,12 +639,12 @@ def load_ldm_weights(weights: LdmWeights, *, tokenizer_dir: str | os.PathLike | 
                 {k[len("taesd_decoder."):]: v for k, v in weights.vae.items() if k.startswith("taesd_decoder.")})
         else:
             parts["vae"] = ckpt.build_vae(weights.vae, configs)
-        parts["tokenizer"] = _clip_tokenizer(configs, Path(tokenizer_dir) if tokenizer_dir else None, family)
+        parts.update(_clip_tokenizers(configs, Path(tokenizer_dir) if tokenizer_dir else None, family))
         parts["scheduler"] = LCMScheduler.from_pretrained(configs, subfolder="scheduler", local_files_only=True,
                                                           prediction_type=weights.prediction_type)
         models = _finish(parts, kind="host", files=[], loras=(), dtype=dtype, device=device)
-    models.identity.update(identity or {}, family=family)
-    logger.info("pipeline from the host's model: %s, %s, %s, %s, text layers %d", family.upper(),
+    models.identity.update(identity or {}, family=family.name)
+    logger.info("pipeline from the host's model: %s, %s, %s, %s, text layers %d", family.label,
                 weights.prediction_type, dtype, device, weights.text_layers)
     return models
 

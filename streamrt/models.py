@@ -23,15 +23,41 @@ def is_tiny_vae(vae: Any) -> bool:
     return type(vae).__name__ == "AutoencoderTiny"
 
 
+def vae_dtype(vae: Any, dtype: torch.dtype, family: ModelFamily) -> torch.dtype:
+    """The dtype a pipeline's VAE runs in: float32 when the pipeline is float16, the VAE a full ``AutoencoderKL``
+    whose config asks for ``force_upcast`` and the family honours that (:attr:`ModelFamily.vae_force_upcast`:
+    SDXL, whose VAE overflows to inf/NaN in float16, as diffusers' SDXL pipelines upcast it); else ``dtype``.
+
+    The fp16-fix VAE (``madebyollin/sdxl-vae-fp16-fix``, ``force_upcast`` false) is the fast alternative: it
+    was fine-tuned to stay in float16 range and runs in float16. TAESD (``taesdxl``) always runs in ``dtype``.
+    bfloat16 has float32's range, so a bf16 pipeline keeps its VAE in bf16.
+    """
+    if (dtype == torch.float16 and family.vae_force_upcast and not is_tiny_vae(vae)
+            and bool(vae.config.get("force_upcast", False))):
+        return torch.float32
+    return dtype
+
+
+def _module_dtype(module: torch.nn.Module) -> torch.dtype:
+    # the first parameter's dtype: cheap (diffusers' ModelMixin.dtype walks every submodule for hooks)
+    return next(module.parameters()).dtype
+
+
 def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:
     """Unscaled latents of images in [-1, 1] NCHW: the VAE call in the stream's conventions.
 
-    A full VAE gives its mean (deterministic, no sampling). Every runner of the VAE (eager, compiled,
-    exported for an engine) goes through this function, so they cannot disagree.
+    A full VAE gives its mean (deterministic, no sampling). The images are cast to the VAE's dtype and the
+    latents back to the images' dtype, so a VAE kept in float32 in a float16 pipeline (:func:`vae_dtype`:
+    SDXL's, whose activations overflow float16) is transparent to its callers; the casts are no-ops when the
+    dtypes agree, and inside a captured step they are captured with it. Every runner of the VAE (eager,
+    compiled, exported for an engine) goes through this function, so they cannot disagree.
     """
+    x = images.to(_module_dtype(vae))
     if is_tiny_vae(vae):
-        return vae.encode(images, return_dict=False)[0]
-    return vae.encode(images, return_dict=False)[0].mode()
+        latents = vae.encode(x, return_dict=False)[0]
+    else:
+        latents = vae.encode(x, return_dict=False)[0].mode()
+    return latents.to(images.dtype)
 
 
 def predict_noise(unet: Any, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
@@ -44,8 +70,10 @@ def predict_noise(unet: Any, sample: torch.Tensor, timesteps: torch.Tensor, embe
 
 
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Images in about [-1, 1] NCHW from unscaled latents."""
-    return vae.decode(latents, return_dict=False)[0]
+    """Images in about [-1, 1] NCHW from unscaled latents, in the latents' dtype (the VAE runs in its own: see
+    :func:`encode_images` and :func:`vae_dtype`; the fp16-fix SDXL VAE is the fast alternative to an upcast
+    one)."""
+    return vae.decode(latents.to(_module_dtype(vae)), return_dict=False)[0].to(latents.dtype)
 
 
 @dataclass(eq=False)
@@ -145,8 +173,10 @@ class StreamModels:
         return sum(p.numel() * p.element_size() for m in self.modules() for p in m.parameters())
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StreamModels:
-        """Move every module (in place) and return self."""
+        """Move every module (in place) and return self. The VAE takes :func:`vae_dtype` of ``dtype`` (float32
+        for SDXL's VAE when ``dtype`` is float16)."""
         for module in self.modules():
-            module.to(device=device, dtype=dtype)
+            as_dtype = vae_dtype(module, dtype, self.family) if module is self.vae and dtype is not None else dtype
+            module.to(device=device, dtype=as_dtype)
         self.prompt_encoder.clear()
         return self

@@ -1,6 +1,7 @@
 """Model files as a ComfyUI user has them, written from (tiny, random) diffusers models: original single-file
-checkpoints (the inverse of diffusers' LDM conversion: the ``*_to_ldm`` functions), config folders, ComfyUI's
-TAESD encoder/decoder pair, and LoRAs in kohya or PEFT style.
+checkpoints (the inverse of diffusers' LDM conversion: the ``*_to_ldm`` functions; SDXL's in Stability's SGM
+layout, with OpenCLIP names for its second text encoder), config folders, ComfyUI's TAESD encoder/decoder pair,
+and LoRAs in kohya or PEFT style.
 
 Plain functions, imported as a top-level module (``from model_files import write_ldm_checkpoint``).
 """
@@ -23,7 +24,9 @@ def _unet_prefixes(config) -> dict[str, tuple[str, bool]]:
     pre = {"time_embedding.linear_1.": ("time_embed.0.", False), "time_embedding.linear_2.": ("time_embed.2.", False),
            "conv_in.": ("input_blocks.0.0.", False), "conv_norm_out.": ("out.0.", False),
            "conv_out.": ("out.2.", False), "mid_block.resnets.0.": ("middle_block.0.", True),
-           "mid_block.attentions.0.": ("middle_block.1.", False), "mid_block.resnets.1.": ("middle_block.2.", True)}
+           "mid_block.attentions.0.": ("middle_block.1.", False), "mid_block.resnets.1.": ("middle_block.2.", True),
+           # SDXL's pooled-text + size embedding (an nn.Sequential(Linear, SiLU, Linear) in the LDM UNet)
+           "add_embedding.linear_1.": ("label_emb.0.0.", False), "add_embedding.linear_2.": ("label_emb.0.2.", False)}
     for i in range(n):
         for j in range(per):
             k = (per + 1) * i + j + 1
@@ -96,13 +99,21 @@ def _with_text_model(sd: dict) -> dict:
     return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
 
 
-def clip_to_ldm(sd: dict) -> dict:
-    return {"cond_stage_model.transformer." + k: v for k, v in _with_text_model(sd).items()}
+def clip_to_ldm(sd: dict, prefix: str = "cond_stage_model.transformer.") -> dict:
+    """A CLIP text tower in transformers' names under ``prefix`` (SDXL: ``conditioner.embedders.0.transformer.``)."""
+    return {prefix + k: v for k, v in _with_text_model(sd).items()}
 
 
-def open_clip_to_ldm(sd: dict) -> dict:
-    """SD2 text encoder -> OpenCLIP keys, plus the extra last layer and projection real files carry."""
-    prefix, out, qkv = "cond_stage_model.model.", {}, {}
+def open_clip_to_ldm(sd: dict, prefix: str = "cond_stage_model.model.", *, sdxl: bool = False) -> dict:
+    """A CLIP text tower -> OpenCLIP keys.
+
+    SD2 (``sdxl`` False): plus the extra last layer and the projection real files carry (SD2 skips both).
+    SDXL's second encoder (a ``CLIPTextModelWithProjection``): every layer, and its projection as OpenCLIP stores
+    it, ``text_projection`` ``[width, projection]`` applied as ``x @ P``: the transpose of the Linear weight.
+    """
+    out, qkv = {}, {}
+    sd = dict(sd)
+    projection = sd.pop("text_projection.weight", None)
     names = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
              ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
     for key, value in _with_text_model(sd).items():
@@ -124,39 +135,70 @@ def open_clip_to_ldm(sd: dict) -> dict:
     for (idx, kind), parts in qkv.items():
         out[f"{prefix}transformer.resblocks.{idx}.attn.in_proj_{kind}"] = torch.cat(
             [parts["q_proj"], parts["k_proj"], parts["v_proj"]])
-    last = max(int(k.split(".")[4]) for k in out if ".resblocks." in k)
-    for key in [k for k in out if f".resblocks.{last}." in k]:  # OpenCLIP's last layer, which SD2 skips
-        out[key.replace(f".resblocks.{last}.", f".resblocks.{last + 1}.")] = torch.full_like(out[key], 0.5)
-    width = out[prefix + "token_embedding.weight"].shape[1]
     like = out[prefix + "token_embedding.weight"]
-    out[prefix + "text_projection"] = torch.ones(width, width, device=like.device)
+    if sdxl:
+        out[prefix + "text_projection"] = projection.T  # OpenCLIP: pooled = x @ P
+    else:
+        last = max(int(k.split(".")[4]) for k in out if ".resblocks." in k)
+        for key in [k for k in out if f".resblocks.{last}." in k]:  # OpenCLIP's last layer, which SD2 skips
+            out[key.replace(f".resblocks.{last}.", f".resblocks.{last + 1}.")] = torch.full_like(out[key], 0.5)
+        width = like.shape[1]
+        out[prefix + "text_projection"] = torch.ones(width, width, device=like.device)
     out[prefix + "logit_scale"] = torch.ones((), device=like.device)
     return out
 
 
-def ldm_state_dict(unet, vae, text_encoder, family: str) -> dict:
+#: where SDXL's text encoders lie in Stability's SGM single-file layout
+SDXL_CLIP_L, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+
+
+def ldm_state_dict(unet, vae, text_encoder, family: str, text_encoder_2=None) -> dict:
+    """A single-file checkpoint's state dict: LDM names for UNet and VAE; the text encoder(s) as the family's files
+    hold them (SD1: CLIP-L under ``cond_stage_model.transformer.``; SD2: OpenCLIP under ``cond_stage_model.model.``;
+    SDXL: CLIP-L and OpenCLIP-bigG under ``conditioner.embedders.0/1``)."""
     sd = {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config)}
     text = text_encoder.state_dict()
-    sd.update(clip_to_ldm(text) if family == "sd1" else open_clip_to_ldm(text))
+    if family == "sd1":
+        sd.update(clip_to_ldm(text))
+    elif family == "sd2":
+        sd.update(open_clip_to_ldm(text))
+    else:
+        sd.update(clip_to_ldm(text, SDXL_CLIP_L))
+        # real SDXL files carry CLIP-L's position ids (a buffer the loader must drop)
+        sd[SDXL_CLIP_L + "text_model.embeddings.position_ids"] = torch.arange(
+            text_encoder.config.max_position_embeddings, device=sd[SDXL_CLIP_L + "text_model.embeddings."
+                                                                    "token_embedding.weight"].device)[None]
+        sd.update(open_clip_to_ldm(text_encoder_2.state_dict(), SDXL_OPEN_CLIP, sdxl=True))
     return sd
 
 
 def write_ldm_checkpoint(path: Path, models, family: str) -> Path:
     """The models' weights as an original single-file checkpoint (with the extras real files carry)."""
-    sd = ldm_state_dict(models.unet, models.vae, models.text_encoder, family)
+    sd = ldm_state_dict(models.unet, models.vae, models.text_encoder, family, getattr(models, "text_encoder_2", None))
     sd["alphas_cumprod"] = torch.linspace(1, 0, 1000)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
 
 
+def write_sdxl_checkpoint(path: Path, models) -> Path:
+    """An SDXL-layout (SGM) single-file checkpoint of SDXL-shaped models (``build_random_components("tiny-xl")``,
+    or a loaded ``StreamModels``): ``model.diffusion_model.*`` with ``label_emb``, ``conditioner.embedders.0/1``,
+    ``first_stage_model.*``."""
+    return write_ldm_checkpoint(path, models, "sdxl")
+
+
 def write_config_dir(folder: Path, diffusers_folder: Path, *, tokenizer: bool) -> Path:
-    """The component configs of a diffusers folder (no weights), optionally with its tokenizer."""
+    """The component configs of a diffusers folder (no weights; SDXL's ``text_encoder_2`` too), optionally with its
+    tokenizer(s)."""
     for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
-                      ("scheduler", "scheduler_config.json")):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        shutil.copy(diffusers_folder / sub / name, folder / sub / name)
+                      ("text_encoder_2", "config.json"), ("scheduler", "scheduler_config.json")):
+        if (diffusers_folder / sub).is_dir():
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(diffusers_folder / sub / name, folder / sub / name)
     if tokenizer:
-        shutil.copytree(diffusers_folder / "tokenizer", folder / "tokenizer", dirs_exist_ok=True)
+        for sub in ("tokenizer", "tokenizer_2"):
+            if (diffusers_folder / sub).is_dir():
+                shutil.copytree(diffusers_folder / sub, folder / sub, dirs_exist_ok=True)
     return folder
 
 
@@ -194,12 +236,46 @@ LORA_LAYERS = {
 }
 
 
-def lora_state_dict(models, *, rank: int = 4, alpha: float = 2.0, seed: int = 0, style: str = "kohya") -> dict:
-    """A random LoRA for :data:`LORA_LAYERS` in kohya (lora_down/up + alpha) or PEFT (lora_A/B) style."""
+#: kohya names of LoRA layers of the tiny SDXL models ("tiny-xl"): LCM-LoRA-SDXL's spelling (kohya prefixes, diffusers
+#: module names), both text encoders (lora_te1_ / lora_te2_), the second transformer block of a level, the added
+#: embedding; text encoder module paths as transformers names them without ``text_model.``
+LORA_LAYERS_XL = {
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k":
+        ("unet", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"),
+    "lora_unet_down_blocks_1_attentions_0_proj_in": ("unet", "down_blocks.1.attentions.0.proj_in"),  # Linear
+    "lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_ff_net_2":
+        ("unet", "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2"),
+    "lora_unet_down_blocks_0_resnets_0_conv1": ("unet", "down_blocks.0.resnets.0.conv1"),  # 3x3 conv (LoCon)
+    "lora_unet_add_embedding_linear_1": ("unet", "add_embedding.linear_1"),
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder", "encoder.layers.0.self_attn.q_proj"),
+    "lora_te2_text_model_encoder_layers_1_mlp_fc1": ("text_encoder_2", "encoder.layers.1.mlp.fc1"),
+    "lora_te2_text_model_encoder_layers_0_self_attn_out_proj":
+        ("text_encoder_2", "encoder.layers.0.self_attn.out_proj"),
+}
+
+
+def text_module(model, path: str):
+    """A module of a text encoder by its path without ``text_model.``, however this transformers version nests it."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return model.get_submodule("text_model." + path)
+
+
+def lora_target(models, target: str, module: str):
+    """The module a :data:`LORA_LAYERS` / :data:`LORA_LAYERS_XL` entry adapts."""
+    model = getattr(models, target) if not isinstance(models, dict) else models[target]
+    return model.get_submodule(module) if target == "unet" else text_module(model, module)
+
+
+def lora_state_dict(models, *, rank: int = 4, alpha: float = 2.0, seed: int = 0, style: str = "kohya",
+                    layers: dict | None = None) -> dict:
+    """A random LoRA for ``layers`` (default :data:`LORA_LAYERS`; :data:`LORA_LAYERS_XL` for SDXL) in kohya
+    (lora_down/up + alpha) or PEFT (lora_A/B; ``unet.``, ``text_encoder.``, ``text_encoder_2.``) style."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for kohya, (target, module) in LORA_LAYERS.items():
-        weight = getattr(models, target).get_submodule(module).weight
+    for kohya, (target, module) in (layers or LORA_LAYERS).items():
+        weight = lora_target(models, target, module).weight
         if weight.dim() == 4:
             down = torch.randn(rank, weight.shape[1], *weight.shape[2:], generator=gen) * 0.3
             up = torch.randn(weight.shape[0], rank, 1, 1, generator=gen) * 0.3
@@ -210,7 +286,7 @@ def lora_state_dict(models, *, rank: int = 4, alpha: float = 2.0, seed: int = 0,
             out.update({f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up,
                         f"{kohya}.alpha": torch.tensor(alpha)})
         else:
-            name = f"unet.{module}" if target == "unet" else f"text_encoder.text_model.{module}"
+            name = f"unet.{module}" if target == "unet" else f"{target}.text_model.{module}"
             out.update({f"{name}.lora_A.weight": down * (alpha / rank), f"{name}.lora_B.weight": up})
     return out
 

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from streamrt import Stream, StreamConfig, StreamSessions
 from streamrt import checkpoints as ck
+from streamrt.families import SD1, family_named
 from streamrt.loading import (
     ModelLoadError,
     PipelineSpec,
@@ -220,7 +221,8 @@ def test_detection_and_shipped_configs_fit_real_architectures(real_shapes, prese
                                                               configs):
     sd = real_shapes[preset]
     arch = ck.detect_architecture({k: tuple(v.shape) for k, v in sd.items()})
-    assert (arch.family, arch.text_width, arch.in_channels, arch.has_vae) == (family, ck.TEXT_WIDTH[family], 4, True)
+    assert (arch.family, arch.text_widths, arch.in_channels, arch.has_vae) == (
+        family, family_named(family).text_widths, 4, True)
     bias = None if v_std is None else torch.tensor([-v_std, v_std])
     assert ck.auto_prediction_type(arch, name, bias)[0] == prediction
     folder = ck.shipped_config_dir(family, prediction)
@@ -244,8 +246,8 @@ def test_v_pred_key_and_sgm_prefixes(real_shapes):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ("sdxl", "SDXL is not supported yet (planned)"),
-    ("sdxl_refiner", "SDXL is not supported yet (planned)"),
+    ("sdxl_half", "only part of SDXL's text encoders (conditioner.embedders.1.model.* without"),
+    ("sdxl_refiner", "SDXL refiner"),
     ("unclip", "class embeddings"),
     ("inpaint", "9 input channels"),
     ("no_text", "no text encoder"),
@@ -254,8 +256,9 @@ def test_v_pred_key_and_sgm_prefixes(real_shapes):
 ])
 def test_unsupported_architectures_are_named(real_shapes, change, message):
     shapes = {k: tuple(v.shape) for k, v in real_shapes["sd15"].items()}
-    if change == "sdxl":
-        shapes["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"] = (3840, 1280)
+    if change == "sdxl_half":  # an SDXL file without its first (CLIP-L) text encoder
+        shapes = {k: s for k, s in shapes.items() if not k.startswith("cond_stage_model.")}
+        shapes["conditioner.embedders.1.model.token_embedding.weight"] = (49408, 1280)
     elif change == "sdxl_refiner":  # OpenCLIP-G as embedder 0 only, plus size/aesthetic embeddings
         shapes = {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): tuple(v.shape)
                   for k, v in real_shapes["sd21"].items()}
@@ -327,8 +330,11 @@ def test_comfy_taesd_pair_equals_the_autoencoder_tiny_folder(files, sd1_ref):
 def test_other_taesd_variants_are_refused(files, tmp_path):
     vae = load_taesd(files["taesd"], dtype=torch.float32, device=torch.device("cpu"))
     xl = write_comfy_taesd(tmp_path / "xl", vae, name="taesdxl")
-    with pytest.raises(ModelLoadError, match="taesdxl.*SDXL"):
-        load_taesd(xl, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ModelLoadError, match="taesdxl.*SDXL.*SD1.x pipeline needs taesd"):  # SDXL's, for SD1
+        load_taesd(xl, dtype=torch.float32, device=torch.device("cpu"), family=SD1)
+    with pytest.raises(ModelLoadError, match="taesd3.*16-channel"):  # no family takes SD3's, whatever the pipeline
+        load_taesd(write_comfy_taesd(tmp_path / "sd3", vae, name="taesd3"), dtype=torch.float32,
+                   device=torch.device("cpu"))
     encoder, decoder = taesd_to_comfy(vae)  # a 16-channel latent space (TAESD3 / TAEF1 shape) under a neutral name
     last = max(int(k.split(".")[0]) for k in encoder)
     encoder[f"{last}.weight"] = torch.zeros(16, *encoder[f"{last}.weight"].shape[1:])
