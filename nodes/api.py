@@ -24,6 +24,7 @@ from comfy_api.latest import ComfyExtension, io  # noqa: F401  (re-exported for 
 from comfy_execution.utils import get_executing_context
 from PIL import Image
 
+from ..streamrt.families import FAMILIES
 from ..streamrt.loading import LdmWeights, ModelLoadError
 from ..streamrt.names import FolderIndex, plain_relative_name
 from ..streamrt.prompts import TextEmbedding
@@ -252,12 +253,15 @@ def comfy_taesd_files(name: str) -> tuple[str, str] | None:
 
 
 def comfy_taesd_names() -> list[str]:
-    """``["taesd"]`` when both of ComfyUI's SD1/SD2 TAESD files are in ``models/vae_approx``."""
-    return ["taesd"] if comfy_taesd_files("taesd") else []
+    """ComfyUI's tiny autoencoders whose two files are both in ``models/vae_approx``: ``taesd`` (SD1.x / SD2.x)
+    and ``taesdxl`` (SDXL), one per model family's latent space."""
+    names = dict.fromkeys(family.taesd for family in FAMILIES.values())
+    return [name for name in names if comfy_taesd_files(name)]
 
 
 def clip_tokenizer_dir() -> str:
-    """The CLIP tokenizer files ComfyUI ships (``comfy/sd1_tokenizer``), used for single-file SD1/SD2."""
+    """The CLIP tokenizer files ComfyUI ships (``comfy/sd1_tokenizer``), used for single-file checkpoints (both of
+    SDXL's tokenizers too: the second pads differently, which the model family says)."""
     return os.path.join(os.path.dirname(os.path.abspath(comfy.utils.__file__)), "sd1_tokenizer")
 
 

@@ -53,27 +53,28 @@ def _pipeline_schema(models: tuple[str, ...], taesds: tuple[str, ...]) -> io.Sch
         node_id="StreamRTLoadPipeline",
         display_name="Load Stream Pipeline (StreamRT)",
         category=api.CATEGORY,
-        description="Loads a Stable Diffusion 1.x/2.x model for realtime streaming, from a diffusers folder or "
-                    "a single-file checkpoint, with optional TAESD and LoRAs, without network access. The "
+        description="Loads a Stable Diffusion 1.x/2.x or SDXL (SDXL-turbo) model for realtime streaming, from a "
+                    "diffusers folder or a single-file checkpoint, with optional TAESD / TAESDXL and LoRAs, without "
+                    "network access. The "
                     "loaded models are cached (queuing again does not reload them) and ComfyUI's 'Free model "
                     "and node cache' releases them.",
         inputs=[
             io.Combo.Input("model", options=list(models),
                            tooltip="Diffusers folders from models/diffusers (listed by folder name) and "
-                                   "single-file SD1.x/SD2.x checkpoints from models/checkpoints (listed with "
-                                   "their .safetensors/.ckpt extension). SDXL is not supported yet."),
+                                   "single-file SD1.x/SD2.x/SDXL checkpoints from models/checkpoints (listed with "
+                                   "their .safetensors/.ckpt extension)."),
             io.Combo.Input("taesd", options=list(taesds), default=NO_TAESD,
-                           tooltip="Tiny autoencoder from models/vae_approx: 'taesd' is ComfyUI's "
-                                   "taesd_encoder/taesd_decoder pair, other entries are diffusers "
-                                   "AutoencoderTiny folders. Much faster encode and decode than the full VAE, "
-                                   "at a small cost in quality."),
+                           tooltip="Tiny autoencoder from models/vae_approx: 'taesd' (SD1.x/SD2.x) and 'taesdxl' "
+                                   "(SDXL) are ComfyUI's <name>_encoder/<name>_decoder pairs, other entries are "
+                                   "diffusers AutoencoderTiny folders. Much faster encode and decode than the full "
+                                   "VAE, at a small cost in quality; it must match the model's family."),
             io.Combo.Input("dtype", options=["auto", "fp16", "bf16", "fp32"], default="auto",
                            tooltip="Weight precision. auto = fp16 on a GPU, fp32 on the CPU."),
             io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto",
                            tooltip="auto = the device ComfyUI computes on."),
             io.Combo.Input("prediction_type", options=list(PREDICTION_TYPES), default="auto", optional=True,
                            tooltip="What the model predicts. auto: a diffusers folder's scheduler config; for "
-                                   "checkpoints epsilon for SD1.x and for SD2.x 512 models such as sd-turbo "
+                                   "checkpoints epsilon for SD1.x, SDXL and SD2.x 512 models such as sd-turbo "
                                    "(file name containing 'turbo'), v_prediction for SD2.x 768 models. Set it "
                                    "when a checkpoint gives washed-out or noisy frames."),
             api.LORAS.Input("loras", optional=True,
