@@ -298,22 +298,29 @@ def _prediction_type(model) -> str:
     kind = model.get_model_object("model_sampling")
     if isinstance(kind, (sampling.EDM, sampling.CONST, sampling.X0)) or not isinstance(kind, sampling.EPS):
         raise ModelLoadError(f"the model samples as {type(kind).__name__}: StreamRT streams epsilon and "
-                             "v_prediction models (SD1.x/SD2.x)")
+                             "v_prediction models (SD1.x/SD2.x/SDXL)")
     if not isinstance(kind, sampling.ModelSamplingDiscrete):
         raise ModelLoadError(f"the model samples on a continuous schedule ({type(kind).__name__}): StreamRT streams "
                              "epsilon and v_prediction models on SD's discrete 1000-step schedule")
     return "v_prediction" if isinstance(kind, sampling.V_PREDICTION) else "epsilon"
 
 
-def _text_tower(clip):
-    """(state-dict prefix, tower, layers that condition the UNet) of an SD1.x/SD2.x CLIP, CLIP skip included."""
+def _text_towers(clip) -> list[tuple[str, int]]:
+    """``(state-dict prefix, layers kept)`` of each text tower of an SD1.x/SD2.x CLIP (one, CLIP skip included) or
+    SDXL's (CLIP-L and OpenCLIP-bigG, all layers: the family conditions on their penultimate hidden states)."""
     stage = clip.cond_stage_model
+    if all(isinstance(getattr(stage, n, None), torch.nn.Module) for n in ("clip_l", "clip_g")):  # SDXLClipModel
+        if clip.layer_idx is not None and clip.layer_idx != -2:
+            raise ModelLoadError(f"CLIP Set Last Layer {clip.layer_idx} on an SDXL CLIP: StreamRT conditions SDXL on "
+                                 "the penultimate layer of both text encoders (-2, SDXL's default); remove the node or "
+                                 "set it to -2")
+        return [("clip_l.transformer.", stage.clip_l.num_layers), ("clip_g.transformer.", stage.clip_g.num_layers)]
     name = getattr(stage, "clip", None)
     tower = getattr(stage, name, None) if isinstance(name, str) else None
     if tower is None or not hasattr(tower, "num_layers"):
         names = sorted(n for n, _ in stage.named_children())
-        raise ModelLoadError(f"this CLIP holds {names or type(stage).__name__}: StreamRT streams SD1.x/SD2.x models, "
-                             "whose CLIP is one text encoder (SDXL's two are not supported yet)")
+        raise ModelLoadError(f"this CLIP holds {names or type(stage).__name__}: StreamRT streams SD1.x/SD2.x models "
+                             "(one CLIP text encoder) and SDXL (CLIP-L + CLIP-G)")
     layer, index = tower.options_default[0], tower.options_default[1]
     if clip.layer_idx is not None and abs(clip.layer_idx) <= tower.num_layers:  # CLIPSetLastLayer
         layer, index = "hidden", clip.layer_idx
@@ -323,7 +330,7 @@ def _text_tower(clip):
         layers = index + 1 if index >= 0 else tower.num_layers + index + 1
     else:
         raise ModelLoadError(f"this CLIP conditions on {layer!r} layers: not an SD1.x/SD2.x text encoder")
-    return f"{name}.transformer.", tower, layers
+    return [(f"{name}.transformer.", layers)]
 
 
 def unapplied_patches(model) -> list[str]:
@@ -387,8 +394,9 @@ def _fingerprint(patcher, prefix: str = "") -> str:
 def host_weights_key(model, clip, vae) -> tuple:
     """What identifies the weights of a MODEL / CLIP / VAE with their patches: fingerprints of their weights and
     weight patches (cheap: names, shapes and samples), the text layers and the prediction type."""
-    prefix, _, layers = _text_tower(clip)
-    return ("comfy", _fingerprint(model, "diffusion_model."), _fingerprint(clip.patcher, prefix), layers,
+    towers = _text_towers(clip)
+    return ("comfy", _fingerprint(model, "diffusion_model."),
+            tuple((_fingerprint(clip.patcher, prefix), layers) for prefix, layers in towers),
             _fingerprint(vae.patcher), _prediction_type(model))
 
 
@@ -396,12 +404,13 @@ def host_weights(model, clip, vae, device: torch.device, dtype: torch.dtype) -> 
     """The weights of ComfyUI's MODEL, CLIP and VAE, with their patches, for :func:`streamrt.load_ldm_weights`."""
     unet_params = dict(getattr(model.model.model_config, "unet_config", {}) or {})
     if "model_channels" not in unet_params:
-        raise ModelLoadError(f"this MODEL is a {type(model.model).__name__}: StreamRT streams SD1.x/SD2.x UNets")
-    prefix, _, layers = _text_tower(clip)
+        raise ModelLoadError(f"this MODEL is a {type(model.model).__name__}: StreamRT streams SD1.x/SD2.x/SDXL UNets")
+    towers = _text_towers(clip)
+    texts = [_patched_tensors(clip.patcher, prefix, device, dtype) for prefix, _ in towers]
     return LdmWeights(
         unet=_patched_tensors(model, "diffusion_model.", device, dtype), unet_params=unet_params,
-        text_encoder=_patched_tensors(clip.patcher, prefix, device, dtype), text_layers=layers,
-        vae=_patched_tensors(vae.patcher, "", device, dtype), prediction_type=_prediction_type(model))
+        text_encoder=texts[0], text_layers=towers[0][1], vae=_patched_tensors(vae.patcher, "", device, dtype),
+        prediction_type=_prediction_type(model), text_encoder_2=texts[1] if len(texts) > 1 else None)
 
 
 # ---- engines (nodes/engines.py) -------------------------------------------------------------------

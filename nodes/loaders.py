@@ -179,13 +179,14 @@ class StreamPipelineFromModel(io.ComfyNode):
                         "from Load VAE 'taesd' gives the fast tiny autoencoder. The weights are converted once, on "
                         "ComfyUI's device, and kept until the inputs change or ComfyUI frees memory; ComfyUI's own "
                         "copy goes back to its offload device (it reloads it if a ComfyUI sampler needs it). "
-                        "SD1.x/SD2.x models.",
+                        "SD1.x/SD2.x and SDXL models.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x/SD2.x MODEL (Load Checkpoint, LoRA loaders, "
+                io.Model.Input("model", tooltip="An SD1.x/SD2.x/SDXL MODEL (Load Checkpoint, LoRA loaders, "
                                                 "ModelSamplingDiscrete for v-prediction)."),
-                io.Clip.Input("clip", tooltip="Its CLIP (CLIP Set Last Layer is honoured)."),
-                io.Vae.Input("vae", tooltip="Its VAE, or Load VAE 'taesd' (taesd_encoder/taesd_decoder in "
-                                            "models/vae_approx) for a much faster encode and decode."),
+                io.Clip.Input("clip", tooltip="Its CLIP (CLIP Set Last Layer is honoured for SD1.x/SD2.x; SDXL "
+                                              "uses the penultimate layer, its default)."),
+                io.Vae.Input("vae", tooltip="Its VAE, or Load VAE 'taesd' / 'taesdxl' (the <name>_encoder/_decoder "
+                                            "pair in models/vae_approx) for a much faster encode and decode."),
                 io.Combo.Input("dtype", options=["auto", "fp16", "bf16", "fp32"], default="auto",
                                tooltip="Precision of the stream's weights. auto = fp16 on a GPU, fp32 on the CPU."),
             ],

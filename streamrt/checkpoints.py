@@ -501,25 +501,35 @@ def build_components(state_dict: Mapping[str, torch.Tensor], family: str | Model
 # --------------------------------------------------------------------------- models already in memory (LDM layout)
 
 
-def unet_config_from_ldm(params: Mapping[str, Any], *, upcast_attention: bool = False) -> dict[str, Any]:
+def unet_config_from_ldm(params: Mapping[str, Any], *, upcast_attention: bool = False,
+                         pooled_dim: int = 0) -> dict[str, Any]:
     """A diffusers ``UNet2DConditionModel`` config for an LDM ``UNetModel`` described by its constructor
     parameters, as ComfyUI reads them from a checkpoint's keys (``model_channels``, ``channel_mult``,
     ``num_res_blocks``, ``transformer_depth`` per input block, ``transformer_depth_middle``, ``context_dim``,
     ``num_heads`` / ``num_head_channels``, ``use_linear_in_transformer``, ``in_channels``, ``adm_in_channels``).
 
-    So any SD1.x / SD2.x-shaped UNet (a pruned or resized fine-tune too) gets its own config instead of
-    the shipped full-size ones.
+    So any SD1.x / SD2.x / SDXL-shaped UNet (a pruned or resized fine-tune too) gets its own config instead
+    of the shipped full-size ones. An SDXL UNet takes the text/time added conditions: its ``adm_in_channels``
+    are six size conditions of ``addition_time_embed_dim`` each plus the pooled text embedding, so
+    ``pooled_dim`` (the second text encoder's projection width) must be given for it.
 
     Raises:
-        ModelLoadError: SDXL and other class-conditioned UNets, video UNets, inpainting (not 4 channels),
-            and layouts a diffusers UNet cannot express (uneven blocks per level, no middle attention).
+        ModelLoadError: class-conditioned UNets other than SDXL's (unCLIP), video UNets, inpainting (not 4
+            channels), and layouts a diffusers UNet cannot express (uneven blocks per level, no middle attention).
     """
     def get(name, default=None):
         return params.get(name, default)
 
-    if get("adm_in_channels") is not None:
-        raise ModelLoadError("the UNet takes a class/size vector (adm_in_channels): SDXL and unCLIP models are not "
-                             "supported yet (SD1.x/SD2.x only)")
+    added: dict[str, Any] = {}
+    adm = get("adm_in_channels")
+    if adm is not None:
+        time_dim, rest = divmod(int(adm) - pooled_dim, 6)
+        if not pooled_dim or rest or time_dim <= 0:
+            raise ModelLoadError(f"the UNet takes a {adm}-wide class/size vector (adm_in_channels) that is not SDXL's "
+                                 f"six size conditions plus a {pooled_dim or 'pooled'}-wide text embedding (an unCLIP "
+                                 "model?): only text-to-image SD1.x/SD2.x/SDXL models can stream")
+        added = {"addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+                 "projection_class_embeddings_input_dim": int(adm), "addition_embed_type_num_heads": 64}
     if get("use_temporal_attention") or get("use_temporal_resblock"):
         raise ModelLoadError("this is a video UNet (temporal layers): only SD1.x/SD2.x image models can stream")
     in_channels, out_channels = int(get("in_channels", 4)), int(get("out_channels", 4))
@@ -568,6 +578,7 @@ def unet_config_from_ldm(params: Mapping[str, Any], *, upcast_attention: bool = 
         "upcast_attention": upcast_attention,
         "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
         "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False,
+        **added,
     }
 
 

@@ -568,18 +568,22 @@ def _clip_tokenizers(configs: Path, tokenizer_dir: Path | None, family: ModelFam
 
 @dataclass(eq=False)
 class LdmWeights:
-    """An SD1.x / SD2.x model in the original (LDM) layout, already in memory: what a host such as ComfyUI
+    """An SD1.x / SD2.x / SDXL model in the original (LDM) layout, already in memory: what a host such as ComfyUI
     holds after loading a checkpoint and applying its patches (LoRAs), handed over tensor by tensor.
 
     Args:
-        unet: the UNet's tensors, LDM names (``input_blocks.*``, ``middle_block.*``, ``out.*``).
+        unet: the UNet's tensors, LDM names (``input_blocks.*``, ``middle_block.*``, ``out.*``, SDXL's
+            ``label_emb.*``).
         unet_params: the LDM ``UNetModel`` parameters (see :func:`streamrt.checkpoints.unet_config_from_ldm`).
         text_encoder: the CLIP text tower's tensors in transformers' names (``text_model.*``).
-        text_layers: how many transformer layers condition the UNet (all for SD1, 23 of 24 for SD2, fewer
-            with CLIP skip); the output is that layer's after the final layer norm.
+        text_layers: how many transformer layers of ``text_encoder`` are kept (all for SD1 and SDXL, 23 of 24 for
+            SD2, fewer with CLIP skip); for SD1/SD2 the output is that layer's after the final layer norm, for SDXL
+            the family's penultimate hidden state.
         vae: a full VAE's tensors (LDM names: ``encoder.*``, ``decoder.*``, ``quant_conv.*``), or TAESD's
             (``taesd_encoder.*``, ``taesd_decoder.*``).
         prediction_type: ``epsilon`` or ``v_prediction``.
+        text_encoder_2: SDXL's second text tower (OpenCLIP-bigG) in transformers' names, with its
+            ``text_projection.weight``; None for SD1.x / SD2.x.
     """
 
     unet: dict[str, torch.Tensor]
@@ -588,20 +592,21 @@ class LdmWeights:
     text_layers: int
     vae: dict[str, torch.Tensor]
     prediction_type: str
+    text_encoder_2: dict[str, torch.Tensor] | None = None
 
 
 def load_ldm_weights(weights: LdmWeights, *, tokenizer_dir: str | os.PathLike | None, dtype: str | torch.dtype,
                      device: str | torch.device, identity: dict | None = None,
                      config_dir: str | os.PathLike | None = None) -> StreamModels:
-    """A pipeline from a model a host holds in memory (see :class:`LdmWeights`), for SD1.x / SD2.x.
+    """A pipeline from a model a host holds in memory (see :class:`LdmWeights`), for SD1.x / SD2.x / SDXL.
 
-    The family comes from the text encoder's width (768: SD1, 1024: SD2), the UNet's config from its
-    parameters (any SD1/SD2-shaped UNet), VAE, text encoder and scheduler configs from the shipped ones, or
-    from ``config_dir`` (a diffusers-layout folder, as for :func:`load_checkpoint`) for other widths. The
-    modules take the given tensors without copying them where dtype and device already match.
+    The family comes from the text encoders' widths (768: SD1, 1024: SD2, 768 + 1280: SDXL), the UNet's config
+    from its parameters (any SD1/SD2/SDXL-shaped UNet), VAE, text encoder and scheduler configs from the shipped
+    ones, or from ``config_dir`` (a diffusers-layout folder, as for :func:`load_checkpoint`) for other widths.
+    The modules take the given tensors without copying them where dtype and device already match.
 
     Raises:
-        ModelLoadError: another family (SDXL: not yet), weights that do not fit, an unknown prediction type.
+        ModelLoadError: another family, weights that do not fit, an unknown prediction type.
     """
     from diffusers import LCMScheduler
 
@@ -612,17 +617,26 @@ def load_ldm_weights(weights: LdmWeights, *, tokenizer_dir: str | os.PathLike | 
     if weights.prediction_type not in ("epsilon", "v_prediction"):
         raise ModelLoadError(f"the model predicts {weights.prediction_type!r}: StreamRT streams epsilon and "
                              "v_prediction models")
-    width = next((int(v.shape[1]) for k, v in weights.text_encoder.items()
-                  if k.endswith("embeddings.token_embedding.weight")), None)
-    # one text encoder of a family's width: SD1.x (768) or SD2.x (1024); SDXL's two do not come this way (yet)
-    family = next((f for f in FAMILIES.values() if f.text_widths == (width,)), None)
+    towers = [weights.text_encoder] + ([weights.text_encoder_2] if weights.text_encoder_2 is not None else [])
+    widths = tuple(next((int(v.shape[1]) for k, v in tower.items() if k.endswith("embeddings.token_embedding.weight")),
+                        0) for tower in towers)
+    family = next((f for f in FAMILIES.values() if f.text_widths == widths), None)
     if family is None and config_dir is None:
-        widths = " and ".join(f"{f.label} ({f.text_widths[0]})" for f in FAMILIES.values() if f.text_encoders == 1)
-        raise ModelLoadError(f"a text encoder of width {width}: StreamRT streams {widths} models from a host's model")
+        known = ", ".join(f"{f.label} ({' + '.join(map(str, f.text_widths))})" for f in FAMILIES.values())
+        raise ModelLoadError(f"text encoders of width {' + '.join(map(str, widths))}: StreamRT streams {known} "
+                             "models from a host's model")
     context = int(weights.unet_params.get("context_dim") or 0)
-    if context != width:
-        raise ModelLoadError(f"the UNet's cross-attention width {context} does not match the text encoder's {width}")
-    family = family or FAMILIES["sd1"]
+    if context != sum(widths):
+        raise ModelLoadError(f"the UNet's cross-attention width {context} does not match the text encoders' "
+                             f"{' + '.join(map(str, widths))}")
+    family = family or next(f for f in FAMILIES.values() if f.text_encoders == len(widths))
+    pooled_dim = 0
+    if weights.text_encoder_2 is not None:
+        projection = weights.text_encoder_2.get("text_projection.weight")
+        if projection is None:
+            raise ModelLoadError("the second text encoder has no text_projection.weight: SDXL's pooled embedding is "
+                                 "its projection")
+        pooled_dim = int(projection.shape[0])
     configs = Path(config_dir) if config_dir else ckpt.shipped_config_dir(family, weights.prediction_type)
     with _load_errors("the model"):
         from diffusers import UNet2DConditionModel
@@ -630,9 +644,12 @@ def load_ldm_weights(weights: LdmWeights, *, tokenizer_dir: str | os.PathLike | 
         # the config folder's UNet says whether attention runs upcast (SD2's 768-px v models: sd2-v)
         upcast = bool(UNet2DConditionModel.load_config(configs, subfolder="unet", local_files_only=True).get(
             "upcast_attention") or False)
-        unet_config = ckpt.unet_config_from_ldm(weights.unet_params, upcast_attention=upcast)
+        unet_config = ckpt.unet_config_from_ldm(weights.unet_params, upcast_attention=upcast, pooled_dim=pooled_dim)
         parts = {"unet": ckpt.build_unet({ckpt.UNET + k: v for k, v in weights.unet.items()}, unet_config),
                  "text_encoder": ckpt.build_text_encoder(weights.text_encoder, configs, weights.text_layers)}
+        if weights.text_encoder_2 is not None:
+            parts["text_encoder_2"] = ckpt.build_text_encoder(weights.text_encoder_2, configs,
+                                                              subfolder="text_encoder_2", projection=True)
         if any(k.startswith("taesd_encoder.") for k in weights.vae):
             parts["vae"] = ckpt.build_taesd(
                 {k[len("taesd_encoder."):]: v for k, v in weights.vae.items() if k.startswith("taesd_encoder.")},

@@ -232,3 +232,53 @@ def test_a_model_that_is_not_sd1_or_sd2_is_refused_by_name(server: ComfyServer, 
     assert "continuous schedule" in str(failed.value)
     # the server is fine afterwards
     assert realtime(server, host_route, names[:1]).shape == (1, SIZE, SIZE, 3)
+
+
+# --------------------------------------------------------------------------------------------------- SDXL (GPU)
+#: a full-size SDXL-turbo-architecture checkpoint with random weights: ComfyUI recognises SDXL by its UNet's and
+#: text encoders' exact shapes, so a reduced model cannot go through Load Checkpoint; 7 GB, written on a GPU
+#: server's machine only
+SDXL_CKPT = "streamrt-sdxl-random.safetensors"
+
+
+@pytest.fixture
+def sdxl_checkpoint(server: ComfyServer, e2e_tiny_models: Path) -> str:
+    if server.system_stats()["devices"][0]["type"] != "cuda":
+        pytest.skip("a full-size SDXL checkpoint runs on a GPU server only (STREAMRT_SERVER_GPU=1 on a GPU machine)")
+    path = e2e_tiny_models / "checkpoints" / SDXL_CKPT
+    if not path.is_file():
+        from types import SimpleNamespace
+
+        from model_files import write_sdxl_checkpoint
+
+        from streamrt.random_models import build_random_components
+
+        parts = build_random_components("sdxl-turbo", seed=5, dtype=torch.float16, device="cuda", taesd=False)
+        cpu = {k: (v.to("cpu") if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
+        write_sdxl_checkpoint(path, SimpleNamespace(**cpu))
+        del parts, cpu
+        torch.cuda.empty_cache()
+    return SDXL_CKPT
+
+
+def test_sdxl_through_load_checkpoint_gives_the_frames_of_our_loader(server: ComfyServer, names,
+                                                                    sdxl_checkpoint: str) -> None:
+    """On a GPU server: an SDXL checkpoint through Load Checkpoint -> Stream Pipeline from Model streams the frames
+    Load Stream Pipeline gives for the same file; ComfyUI's own CLIPTextEncode (its SDXL text encoders: both
+    penultimate layers, CLIP-G's pooled projection) gives the conditioning of our text route."""
+    def host(g: Graph, prefix: str):
+        ckpt = g.node("CheckpointLoaderSimple", id=f"{prefix}ckpt", ckpt_name=sdxl_checkpoint)
+        return g.node("StreamRTPipelineFromModel", id=f"{prefix}pipe", model=ckpt.out(0), clip=ckpt.out(1),
+                      vae=ckpt.out(2), dtype="auto")
+
+    def own(g: Graph, prefix: str):
+        return g.node("StreamRTLoadPipeline", id=f"{prefix}pipe", model=sdxl_checkpoint, taesd="none (full VAE)",
+                      dtype="auto", device="auto", prediction_type="auto")
+
+    host_frames = realtime(server, host, names[:2])
+    own_frames = realtime(server, own, names[:2])
+    assert "pipeline from the host's model: SDXL" in server.log_text()
+    assert host_frames.std() > 0.02, "the frames are flat: nothing was compared"
+    np.testing.assert_allclose(host_frames, own_frames, atol=ATOL, rtol=0)
+    encoded = realtime(server, host, names[:2], conditioning=True)
+    np.testing.assert_allclose(encoded, own_frames, atol=3 * ATOL, rtol=0)

@@ -24,6 +24,15 @@ SD21_PARAMS = {**SD15_PARAMS, "context_dim": 1024, "num_heads": -1, "num_head_ch
 TINY_PARAMS = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1],
                    transformer_depth=[1, 0], transformer_depth_middle=1, context_dim=32, num_heads=8,
                    num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None)
+#: what ComfyUI's model detection reads from an SDXL checkpoint's keys (its SDXL unet_config)
+SDXL_PARAMS = dict(in_channels=4, out_channels=4, model_channels=320, channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2],
+                   transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10, context_dim=2048,
+                   num_heads=-1, num_head_channels=64, use_linear_in_transformer=True, adm_in_channels=2816,
+                   transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
+#: the tiny SDXL-shaped UNet's (streamrt.random_models "tiny-xl": time embedding 8 wide, pooled 32)
+TINY_XL_PARAMS = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1],
+                      transformer_depth=[0, 2], transformer_depth_middle=2, context_dim=64, num_heads=-1,
+                      num_head_channels=16, use_linear_in_transformer=True, adm_in_channels=6 * 8 + 32)
 
 
 def _meta_unet(config: dict):
@@ -51,8 +60,20 @@ def test_unet_config_from_ldm_builds_the_shipped_architectures(params, shipped, 
                      if hasattr(b, "attentions")]
 
 
+def test_unet_config_from_ldm_builds_sdxl_with_its_added_conditions() -> None:
+    """ComfyUI's SDXL parameters and the pooled width give the shipped SDXL UNet, added embedding included."""
+    from diffusers import UNet2DConditionModel
+
+    ours = _meta_unet(unet_config_from_ldm(SDXL_PARAMS, pooled_dim=1280))
+    reference = _meta_unet(UNet2DConditionModel.load_config(CONFIG_ROOT / "sdxl", subfolder="unet"))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert ours.config.addition_embed_type == "text_time" and ours.config.addition_time_embed_dim == 256
+    with pytest.raises(ModelLoadError, match="unCLIP"):
+        unet_config_from_ldm(SDXL_PARAMS, pooled_dim=1279)  # not six size conditions plus the pooled width
+
+
 @pytest.mark.parametrize(("change", "message"), [
-    ({"adm_in_channels": 2816}, "SDXL"),
+    ({"adm_in_channels": 2816}, "unCLIP"),
     ({"in_channels": 9}, "9 input"),
     ({"num_res_blocks": [2, 1, 2, 2]}, "same number"),
     ({"transformer_depth": [1, 0, 1, 1, 1, 1, 0, 0]}, "some blocks only"),
@@ -64,7 +85,7 @@ def test_unet_config_from_ldm_refuses_what_a_stream_cannot_run(change, message) 
         unet_config_from_ldm({**SD15_PARAMS, **change})
 
 
-def _host_weights(models, *, taesd=None, text_layers: int | None = None) -> LdmWeights:
+def _host_weights(models, *, taesd=None, text_layers: int | None = None, params: dict = TINY_PARAMS) -> LdmWeights:
     """The tiny pipeline's weights as a host holds them: LDM UNet and VAE names, transformers' CLIP names."""
     unet = {k[len(UNET):]: v for k, v in unet_to_ldm(models.unet.state_dict(), models.unet.config).items()}
     if taesd is None:
@@ -74,7 +95,7 @@ def _host_weights(models, *, taesd=None, text_layers: int | None = None) -> LdmW
         vae = {**{f"taesd_encoder.{k}": v for k, v in encoder.items()},
                **{f"taesd_decoder.{k}": v for k, v in decoder.items()}}
     layers = models.text_encoder.config.num_hidden_layers
-    return LdmWeights(unet=unet, unet_params=dict(TINY_PARAMS), text_encoder=dict(models.text_encoder.state_dict()),
+    return LdmWeights(unet=unet, unet_params=dict(params), text_encoder=dict(models.text_encoder.state_dict()),
                       text_layers=text_layers or layers, vae=vae, prediction_type="epsilon")
 
 
@@ -129,3 +150,27 @@ def test_widths_that_do_not_fit_are_refused(tiny_models) -> None:
     weights.prediction_type = "flow"
     with pytest.raises(ModelLoadError, match="flow"):
         load_ldm_weights(weights, tokenizer_dir=None, dtype="fp32", device="cpu")
+
+
+def test_sdxl_host_weights_stream_the_frames_of_the_diffusers_folder(tmp_path) -> None:
+    """SDXL through the host route: two text towers (the second with its projection), the UNet's added-condition
+    embedding from LDM ``label_emb``; same weights and frames as the diffusers folder they came from."""
+    from streamrt import load_diffusers_folder
+    from streamrt.random_models import write_random_pipeline
+
+    folder = write_random_pipeline(tmp_path / "xl", "tiny-xl", seed=1)
+    reference = load_diffusers_folder(folder, dtype="fp32", device="cpu")
+    configs = write_config_dir(tmp_path / "configs", folder, tokenizer=True)
+    weights = _host_weights(reference, params=TINY_XL_PARAMS)
+    weights.text_encoder_2 = dict(reference.text_encoder_2.state_dict())
+    models = load_ldm_weights(weights, tokenizer_dir=None, dtype="fp32", device="cpu", config_dir=configs)
+    assert models.family.name == "sdxl" and models.pooled_dim == 32
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        ours, theirs = getattr(models, name).state_dict(), getattr(reference, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(_frames(models, images), _frames(reference, images), atol=1e-6, rtol=0)
+    del weights.text_encoder_2["text_projection.weight"]
+    with pytest.raises(ModelLoadError, match="text_projection"):
+        load_ldm_weights(weights, tokenizer_dir=None, dtype="fp32", device="cpu", config_dir=configs)
