@@ -367,9 +367,10 @@ def attach_engines(models: StreamModels, config: StreamConfig, cache: EngineCach
         found = [rec for name, version in usable.items()
                  for rec in cache.find(weights, component, rows=rows, width=config.width, height=config.height,
                                        precision=precision, backend=name, backend_version=version, target=here,
-                                       cache_window=0)]
+                                       cache_window=0, family=models.family.name)]
         if not found:
-            result.notes.append(f"no {component} engine for {rows} rows at {config.width}x{config.height} on {here}")
+            result.notes.append(f"no {component} engine for {rows} rows at {config.width}x{config.height} on {here} "
+                                f"({models.family})")
             continue
         record = found[0]
         try:
