@@ -306,8 +306,8 @@ def check_unet_inputs(models: StreamModels, component: ExportComponent) -> None:
     want = [spec.name for spec in added_condition_specs(models)]
     have = [name for name in component.input_names if name in ADDED_COND_INPUTS]
     if have != want:
-        raise ValueError(f"a {models.family} UNet engine takes the added conditions {want or 'none'}, the component "
-                         f"{component.name} has {have or 'none'}")
+        raise ValueError(f"{models.family} UNet engines take the added conditions {want or 'none'}; this "
+                         f"{component.name} component has {have or 'none'}")
 
 
 def unet_rows(frames_per_step: int, denoising_steps: int, cfg_type: str | CfgType, guided: bool = True) -> int:

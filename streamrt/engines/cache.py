@@ -254,7 +254,7 @@ class EngineKey:
         return hashlib.sha256(_canonical(self.to_json()).encode()).hexdigest()[:16]
 
     def file_name(self) -> str:
-        stem = (f"{self.component}_{self.family}_{self.shapes.label()}_{self.precision}_{self.backend}-"
+        stem = (f"{self.component}_{self.shapes.label()}_{self.family}_{self.precision}_{self.backend}-"
                 f"{self.backend_version}_{self.target}_kv{self.cache_window}")
         return f"{sanitize(stem, limit=150)}_{self.digest()[:10]}{ENGINE_SUFFIX}"
 

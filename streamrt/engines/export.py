@@ -106,7 +106,7 @@ class UNetExport(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *added: torch.Tensor) -> torch.Tensor:
-        if len(added) != (2 if self.added_conditions else 0):
+        if len(added) != (len(ADDED_COND_INPUTS) if self.added_conditions else 0):
             raise TypeError(f"the UNet takes {'text_embeds and time_ids' if self.added_conditions else 'no'} "
                             f"added conditions, got {len(added)} more inputs")
         extras = UNetExtras(added_cond=AddedConditions(*added)) if added else UNetExtras()

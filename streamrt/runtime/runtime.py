@@ -366,7 +366,7 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
             return _engine_runtime(models, requested, found, unet, host, notes)
         if requested is Acceleration.TENSORRT:
             raise _unavailable(requested, "no engine fits this stream on this machine ("
-                               + "; ".join(found.notes or ["none found"]) + "); build them with Build Engines")
+                               + "; ".join(notes or ["none found"]) + "); build them with Build Engines")
         for runner in found.runners.values():  # auto without a UNet engine: not worth a partial engine path
             getattr(runner, "close", lambda: None)()
         resolved = Acceleration.CUDA_GRAPH if cuda else Acceleration.EAGER
