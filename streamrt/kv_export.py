@@ -4,7 +4,12 @@ In an engine the attention cache is engine I/O. :class:`UNetWithKVCache` wraps a
 one call is a pure function::
 
     noise_pred, k_0, v_0, k_1, v_1, ... = UNetWithKVCache(unet, max_frames)(
-        sample, timestep, encoder_hidden_states, slot_valid, ring_k_0, ring_v_0, ring_k_1, ring_v_1, ...)
+        sample, timestep, encoder_hidden_states, [text_embeds, time_ids,]
+        slot_valid, ring_k_0, ring_v_0, ring_k_1, ring_v_1, ...)
+
+- ``text_embeds`` ``[rows, P]`` / ``time_ids`` ``[rows, 6]``: SDXL's added conditions, present exactly when the
+  UNet's family has them (:attr:`streamrt.families.ModelFamily.has_added_conditions`), named and ordered as in
+  the plain UNet engine (:func:`streamrt.engines.export.unet_component`).
 
 - ``ring_k_l`` / ``ring_v_l`` ``[rows, M * S_l, C_l]``: layer ``l``'s ring, slot ``j`` at tokens
   ``[j * S_l, (j + 1) * S_l)`` (the same layout as the ring segments of :class:`~streamrt.kv_cache.KVCache`).
@@ -35,7 +40,10 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from .families import family_of_unet, pooled_dim_of_unet
 from .kv_cache import KVCache, attend_and_project, project_self_attention
+from .models import predict_noise
+from .runtime.runtime import ADDED_COND_INPUTS, NO_EXTRAS, AddedConditions, UNetExtras
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +104,12 @@ class KVCacheIOSpec:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: shape for name, shape, _ in self.inputs + self.outputs}
 
+    @property
+    def first_ring_input(self) -> int:
+        """Index of ``cache_key_0`` among the inputs: after the UNet's own inputs (with SDXL's added conditions)
+        and ``slot_valid``."""
+        return self.input_names.index("slot_valid") + 1
+
     def ring_nbytes(self, element_size: int = 2) -> int:
         """Bytes of all ring inputs (K and V, every layer) at ``element_size`` bytes per element."""
         return sum(self.rows * self.max_frames * layer.tokens * layer.channels * 2 * element_size
@@ -140,6 +154,7 @@ def kv_cache_io_spec(unet, rows: int, height: int, width: int, max_frames: int, 
         dtype: float dtype of the float I/O (defaults to the UNet's).
 
     Inputs: ``sample [rows, c, h, w]``, ``timestep [rows]``, ``encoder_hidden_states [rows, text_length, D]``,
+    for a UNet with added conditions (SDXL) ``text_embeds [rows, P]`` and ``time_ids [rows, 6]``,
     ``slot_valid [M]``, then ``cache_key_{l}``, ``cache_value_{l}`` ``[rows, M * S_l, C_l]`` per layer.
     Outputs: ``noise_pred [rows, c_out, h, w]``, then ``current_key_{l}``, ``current_value_{l}``
     ``[rows, S_l, C_l]`` per layer.
@@ -155,8 +170,12 @@ def kv_cache_io_spec(unet, rows: int, height: int, width: int, max_frames: int, 
                    for i, (name, attn) in enumerate(attn1_layers(unet)))
     inputs = [("sample", (rows, cfg.in_channels, h, w), dtype),
               ("timestep", (rows,), torch.int64),
-              ("encoder_hidden_states", (rows, text_length, cfg.cross_attention_dim), dtype),
-              ("slot_valid", (max_frames,), torch.bool)]
+              ("encoder_hidden_states", (rows, text_length, cfg.cross_attention_dim), dtype)]
+    family = family_of_unet(cfg)
+    if family.has_added_conditions:
+        text_embeds, time_ids = ADDED_COND_INPUTS
+        inputs += [(text_embeds, (rows, pooled_dim_of_unet(cfg)), dtype), (time_ids, (rows, family.time_ids), dtype)]
+    inputs.append(("slot_valid", (max_frames,), torch.bool))
     outputs = [("noise_pred", (rows, cfg.out_channels, h, w), dtype)]
     for layer in layers:
         ring = (rows, max_frames * layer.tokens, layer.channels)
@@ -208,9 +227,11 @@ class FunctionalCachedSelfAttnProcessor:
 class UNetWithKVCache(torch.nn.Module):
     """A diffusers UNet with its self-attention cache as explicit inputs and outputs (no state).
 
-    ``forward(sample, timestep, encoder_hidden_states, slot_valid, *caches) -> (noise_pred, *current_kv)``
-    with ``caches = (key_0, value_0, key_1, value_1, ...)`` rings ``[rows, M * S_l, C_l]`` and
-    ``current_kv`` this call's ``[rows, S_l, C_l]`` in the same order (see the module docstring).
+    ``forward(sample, timestep, encoder_hidden_states, [text_embeds, time_ids,] slot_valid, *caches)
+    -> (noise_pred, *current_kv)`` with ``caches = (key_0, value_0, key_1, value_1, ...)`` rings
+    ``[rows, M * S_l, C_l]`` and ``current_kv`` this call's ``[rows, S_l, C_l]`` in the same order (see the
+    module docstring). ``text_embeds`` and ``time_ids`` are there exactly when the UNet's family has added
+    conditions (:attr:`added_conditions`).
 
     The wrapper puts its processors on the ``attn1`` layers only for the duration of a forward and
     restores whatever was there afterwards, so the UNet stays usable by streams (cached or not).
@@ -222,6 +243,8 @@ class UNetWithKVCache(torch.nn.Module):
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         self.unet = unet
         self.max_frames = max_frames
+        #: whether forward takes SDXL's text_embeds and time_ids (asked of the UNet's family)
+        self.added_conditions = family_of_unet(unet.config).has_added_conditions
         self._holder = _Holder()
         self._layers = attn1_layers(unet)
         self._processors = [FunctionalCachedSelfAttnProcessor(i, self._holder) for i in range(len(self._layers))]
@@ -231,7 +254,11 @@ class UNetWithKVCache(torch.nn.Module):
         return len(self._layers)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                slot_valid: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        added = len(ADDED_COND_INPUTS) if self.added_conditions else 0
+        if len(rest) <= added:
+            raise ValueError(f"expected {'text_embeds, time_ids, ' if added else ''}slot_valid and the cache tensors")
+        conditions, slot_valid, caches = rest[:added], rest[added], rest[added + 1:]
         if len(caches) != 2 * self.num_layers:
             raise ValueError(f"expected {2 * self.num_layers} cache tensors (K and V of {self.num_layers} layers), "
                              f"got {len(caches)}")
@@ -243,8 +270,9 @@ class UNetWithKVCache(torch.nn.Module):
         try:
             for (_, attn), processor in zip(self._layers, self._processors):
                 attn.set_processor(processor)
-            noise_pred = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                                   return_dict=False)[0]
+            # the UNet call of the torch runtime (TorchUNet), added conditions passed the same way
+            extras = UNetExtras(added_cond=AddedConditions(*conditions)) if conditions else NO_EXTRAS
+            noise_pred = predict_noise(self.unet, sample, timestep, encoder_hidden_states, **extras.torch_kwargs)
         finally:
             self._holder.context = None
             for (_, attn), processor in zip(self._layers, saved):

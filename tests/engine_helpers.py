@@ -1,20 +1,24 @@
-"""Shared pieces of the engine tests (tests/test_engine_export.py, tests/test_engine_build.py): the tiny random
-pipeline as ``StreamModels``, a UNet component with extra K/V inputs/outputs (the export extension point), and
-onnxruntime sessions standing in for TensorRT engines (running an engine needs an RTX-class GPU).
+"""Shared pieces of the engine tests (tests/test_engine_export.py, tests/test_engine_build.py,
+tests/test_engines_sdxl.py): the tiny random pipelines (SD1-shaped and SDXL-shaped) as ``StreamModels``, a UNet
+component with extra K/V inputs/outputs (the export extension point), onnxruntime sessions standing in for
+TensorRT engines (running an engine needs an RTX-class GPU), and a spy that counts engine builds.
 
 Plain functions and classes, imported as a top-level module (``from engine_helpers import kv_component``).
 """
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from streamrt import StreamModels
-from streamrt.engines import TensorSpec, component_for
+from streamrt import StreamConfig, StreamModels
+from streamrt.engines import TensorSpec, component_for, export_onnx, requests_for_stream
+from streamrt.engines import build as build_mod
 from streamrt.random_models import build_random_components
+from streamrt.runtime import AttachResult
 
 
 def tiny_stream_models(vae: str = "taesd", seed: int = 0, dtype: torch.dtype = torch.float32) -> StreamModels:
@@ -24,6 +28,24 @@ def tiny_stream_models(vae: str = "taesd", seed: int = 0, dtype: torch.dtype = t
                         text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
                         scheduler=parts["scheduler"], identity={"kind": "random", "preset": "tiny", "vae": vae,
                                                                 "seed": seed})
+
+
+def tiny_xl_stream_models(seed: int = 0, dtype: torch.dtype = torch.float32, identity: dict | None = None,
+                          sharpen: float = 1.0) -> StreamModels:
+    """The ``tiny-xl`` random pipeline (SDXL-shaped: two text encoders, added conditions) with its TAESD, as
+    ``StreamModels``. ``sharpen`` scales every attn1 query and key projection (see tests/test_kv_cache.py)."""
+    parts = build_random_components("tiny-xl", seed=seed, dtype=dtype)
+    models = StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
+                          tokenizer=parts["tokenizer"], scheduler=parts["scheduler"],
+                          text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
+                          identity=identity if identity is not None else {"kind": "random", "preset": "tiny-xl",
+                                                                          "seed": seed})
+    if sharpen != 1.0:
+        for name, module in models.unet.named_modules():
+            if name.endswith("attn1"):
+                module.to_q.weight.mul_(sharpen)
+                module.to_k.weight.mul_(sharpen)
+    return models
 
 
 class KVUNet(torch.nn.Module):
@@ -65,15 +87,88 @@ def ort_session(path: str | Path):
 
 
 class OnnxRuntimeRunner:
-    """Stands in for EngineRunner (which needs an RTX GPU): same call contract, onnxruntime underneath."""
+    """Stands in for EngineRunner (which needs an RTX GPU): same call contract, onnxruntime underneath.
+
+    ``bound`` keeps, per call, the storage address of every input by name: what an EngineRunner would bind
+    (it rebinds only when an address changes), so a test can check that a stream hands over its own buffers."""
 
     def __init__(self, path: Path, input_names, output_names) -> None:
         self.session = ort_session(path)
         self.input_names, self.output_names = tuple(input_names), tuple(output_names)
         self.calls = 0
+        self.bound: list[dict[str, int]] = []
 
     def __call__(self, *inputs):
+        if len(inputs) != len(self.input_names):
+            raise TypeError(f"takes {len(self.input_names)} inputs {list(self.input_names)}, got {len(inputs)}")
         self.calls += 1
+        self.bound.append({n: t.data_ptr() for n, t in zip(self.input_names, inputs)})
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs)}
         out = self.session.run(list(self.output_names), feeds)
         return torch.from_numpy(np.ascontiguousarray(out[0]))
+
+
+class OnnxEngines:
+    """An engine source whose runners are onnxruntime sessions of the exported components (a stand-in for the
+    engine cache + EngineRunner, which need an RTX-class GPU that no machine of this project has).
+
+    ``components`` limits which engines exist; ``unet_component`` replaces the stock UNet component (an engine
+    built with other inputs than the pipeline's)."""
+
+    key = "onnxruntime stand-in"
+
+    def __init__(self, models: StreamModels, config: StreamConfig, folder: Path, components=None,
+                 unet_component=None, target: str = "SM89") -> None:
+        self.runners = {}
+        for request in requests_for_stream(config, precision="fp32", target=target):
+            if components is not None and request.component not in components:
+                continue
+            component = component_for(models, request.component)
+            if request.component == "unet" and unet_component is not None:
+                component = unet_component
+            exported = export_onnx(component, request.shapes, folder / f"{request.component}.onnx", precision="fp32")
+            self.runners[request.component] = OnnxRuntimeRunner(exported.path, component.input_names,
+                                                                component.output_names)
+
+    def attach(self, models, config) -> AttachResult:
+        return AttachResult(runners=dict(self.runners), notes=["stand-in engines"])
+
+
+class BuildSpy:
+    """Counts engine builds (calls of ``run_build``) and ONNX exports (calls of ``export_onnx`` by the build
+    module), and keeps the worker processes it started and the jobs they ran. ``on_build(job)`` (optional) sees
+    each job before it runs, while its ONNX file still exists."""
+
+    def __init__(self, monkeypatch, on_build=None) -> None:
+        self.builds: list[Path] = []
+        self.jobs: list = []
+        self.exports: list[str] = []
+        self.processes: list[subprocess.Popen] = []
+        self.on_build = on_build
+        original_run, original_export, original_popen = build_mod.run_build, build_mod.export_onnx, subprocess.Popen
+
+        def run_build(job, *args, **kwargs):
+            self.builds.append(job.onnx)
+            self.jobs.append(job)
+            if self.on_build is not None:
+                self.on_build(job)
+            return original_run(job, *args, **kwargs)
+
+        def export_onnx(component, *args, **kwargs):
+            self.exports.append(component.name)
+            return original_export(component, *args, **kwargs)
+
+        spy = self
+
+        class Popen(original_popen):  # type: ignore[misc, valid-type]
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                spy.processes.append(self)
+
+        monkeypatch.setattr(build_mod, "run_build", run_build)
+        monkeypatch.setattr(build_mod, "export_onnx", export_onnx)
+        monkeypatch.setattr(build_mod.subprocess, "Popen", Popen)
+
+    @property
+    def count(self) -> int:
+        return len(self.builds)

@@ -15,14 +15,13 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import OnnxRuntimeRunner, kv_component, tiny_stream_models
+from engine_helpers import BuildSpy, OnnxEngines, kv_component, tiny_stream_models
 
 from streamrt import Acceleration, AccelerationUnavailable, Stream, StreamConfig, StreamModels
 from streamrt.engines import (
@@ -38,14 +37,13 @@ from streamrt.engines import (
     component_for,
     engine_key,
     ensure_engine,
-    export_onnx,
     requests_for_stream,
     resolve_target,
 )
 from streamrt.engines import build as build_mod
 from streamrt.engines.spec import DimRange
 from streamrt.kv_cache import KVCacheConfig
-from streamrt.runtime import AttachResult, EngineCallError, UNetExtras
+from streamrt.runtime import EngineCallError, UNetExtras
 
 _MISSING = [name for name in ("polygraphy", "tensorrt_rtx") if importlib.util.find_spec(name) is None]
 #: on the tests that really build: skipped, with the reason, without the builder installed
@@ -64,40 +62,6 @@ def models() -> StreamModels:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> EngineCache:
     return EngineCache(tmp_path_factory.mktemp("engines"))
-
-
-class BuildSpy:
-    """Counts engine builds (calls of ``run_build``) and ONNX exports (calls of ``export_onnx`` by the build
-    module), and keeps the worker processes it started."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.builds: list[Path] = []
-        self.exports: list[str] = []
-        self.processes: list[subprocess.Popen] = []
-        original_run, original_export, original_popen = build_mod.run_build, build_mod.export_onnx, subprocess.Popen
-
-        def run_build(job, *args, **kwargs):
-            self.builds.append(job.onnx)
-            return original_run(job, *args, **kwargs)
-
-        def export_onnx(component, *args, **kwargs):
-            self.exports.append(component.name)
-            return original_export(component, *args, **kwargs)
-
-        spy = self
-
-        class Popen(original_popen):  # type: ignore[misc, valid-type]
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                spy.processes.append(self)
-
-        monkeypatch.setattr(build_mod, "run_build", run_build)
-        monkeypatch.setattr(build_mod, "export_onnx", export_onnx)
-        monkeypatch.setattr(build_mod.subprocess, "Popen", Popen)
-
-    @property
-    def count(self) -> int:
-        return len(self.builds)
 
 
 @pytest.fixture(scope="module")
@@ -330,26 +294,6 @@ def test_dynamic_unet_engine_with_kv_io_builds(models, cache) -> None:
 
 
 # ----------------------------------------------------------------------------------- the stream's side
-class OnnxEngines:
-    """An engine source whose runners are onnxruntime sessions of the exported components (a stand-in for the
-    engine cache + EngineRunner, which need an RTX-class GPU that no machine of this project has)."""
-
-    key = "onnxruntime stand-in"
-
-    def __init__(self, models: StreamModels, config: StreamConfig, folder: Path, components=None) -> None:
-        self.runners = {}
-        for request in requests_for_stream(config, precision="fp32", target=TARGET):
-            if components is not None and request.component not in components:
-                continue
-            component = component_for(models, request.component)
-            exported = export_onnx(component, request.shapes, folder / f"{request.component}.onnx", precision="fp32")
-            self.runners[request.component] = OnnxRuntimeRunner(exported.path, component.input_names,
-                                                                component.output_names)
-
-    def attach(self, models, config) -> AttachResult:
-        return AttachResult(runners=dict(self.runners), notes=["stand-in engines"])
-
-
 def test_stream_runs_through_engines(models, tmp_path) -> None:
     """A stream whose runtime uses engines for UNet, VAE encoder and decoder gives the torch stream's frames;
     ``auto`` picks the engines when the UNet has one, and a UNet call with an extra the engine cannot take

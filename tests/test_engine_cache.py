@@ -30,7 +30,8 @@ from streamrt.engines.spec import DimRange
 
 
 def make_key(**changes) -> EngineKey:
-    base = dict(weights="tiny-sd-0123456789abcdef", component="unet", shapes=EngineShapes.static(2, 512, 512),
+    base = dict(weights="tiny-sd-0123456789abcdef", family="sd1", component="unet",
+                shapes=EngineShapes.static(2, 512, 512),
                 precision="fp16", backend="tensorrt-rtx", backend_version="1.7.1.116", target="SM89", cache_window=0)
     base.update(changes)
     return EngineKey(**base)
@@ -85,7 +86,7 @@ def test_key_json_round_trip_and_digest() -> None:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("weights", "other-model-fedcba9876543210"), ("component", "vae_decoder"),
+    ("weights", "other-model-fedcba9876543210"), ("family", "sdxl"), ("component", "vae_decoder"),
     ("shapes", EngineShapes.static(3, 512, 512)), ("shapes", EngineShapes.static(2, 768, 512)),
     ("shapes", EngineShapes.ranged(2, 512, 512, 256, 768)), ("cache_window", 4), ("precision", "fp32"),
     ("backend", "tensorrt"), ("backend_version", "1.6.1.120"), ("target", "SM86"), ("format", ENGINE_FORMAT + 1),
@@ -205,7 +206,7 @@ def test_engine_for_another_key_is_caught(cache, field, value, reason) -> None:
 @pytest.mark.parametrize("field,value", [
     ("target", "SM86"), ("backend_version", "1.6.1.120"), ("component", "vae_encoder"),
     ("shapes", EngineShapes.static(2, 768, 768)), ("shapes", EngineShapes.ranged(2, 512, 512, 256, 1024)),
-    ("weights", "other-model-fedcba9876543210"), ("cache_window", 4), ("precision", "fp32"),
+    ("weights", "other-model-fedcba9876543210"), ("cache_window", 4), ("precision", "fp32"), ("family", "sdxl"),
 ])
 def test_sidecar_edited_to_claim_another_key_is_not_trusted(cache, field, value) -> None:
     key = make_key(shapes=EngineShapes.ranged(2, 512, 512, 256, 768))
@@ -240,6 +241,24 @@ def test_older_engine_format_is_stale(cache, monkeypatch) -> None:
     [entry] = cache.entries(old.weights)
     assert entry.error.reason == "stale" and cache.lookup(old).error.reason == "stale"
     assert cache.lookup(replace(old, format=ENGINE_FORMAT)).error.reason == "missing"
+
+
+def test_engine_of_the_format_before_families_is_stale(cache) -> None:
+    """An engine stored by format 1 (keys without a family): reported stale (rebuilt on request), not as a sidecar
+    that describes another engine, even though its key lacks a field of this format's."""
+    key = make_key()
+    path = store(cache, key)
+    meta = json.loads(cache.meta_path(path).read_text())
+    del meta["key"]["family"]
+    meta["key"]["format"] = 1
+    meta["streamrt_engine"] = 1
+    cache.meta_path(path).write_text(json.dumps(meta))
+    with pytest.raises(InvalidEngineError, match=f"format 1, this version uses {ENGINE_FORMAT}") as caught:
+        cache.verify(path)
+    assert caught.value.reason == "stale" and ENGINE_FORMAT >= 2
+    assert cache.lookup(key).error.reason == "stale"
+    [entry] = cache.entries(key.weights)
+    assert entry.record is None and entry.error.reason == "stale"
 
 
 def _set_raw(meta_path: Path, where: tuple[str, ...], raw: str) -> None:
@@ -544,6 +563,11 @@ def test_entries_and_find(cache) -> None:
     assert cache.find(weights, "unet", rows=3, width=512, height=512) == []
     assert cache.find(weights, "unet", rows=2, width=512, height=512, target="SM86") == []
     assert cache.find(weights, "vae_decoder", rows=1, width=512, height=512) == []  # the damaged one
+    # the family: the same weights name and shapes, but an SDXL engine is no SD1 stream's and the other way round
+    xl = make_key(weights=weights, family="sdxl", shapes=EngineShapes.static(2, 512, 512))
+    store(cache, xl)
+    assert [r.key for r in cache.find(weights, "unet", rows=2, width=512, height=512, family="sd1")] == [static, ranged]
+    assert [r.key for r in cache.find(weights, "unet", rows=2, width=512, height=512, family="sdxl")] == [xl]
 
 
 def test_remove(cache) -> None:

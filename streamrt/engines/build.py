@@ -41,8 +41,9 @@ import torch
 
 from ..config import CfgType, StreamConfig
 from ..models import StreamModels
+from ..runtime.runtime import ADDED_COND_INPUTS
 from .cache import EngineCache, EngineKey, EngineRecord, weights_fingerprint
-from .export import ExportComponent, component_for, export_onnx
+from .export import ExportComponent, added_condition_specs, component_for, export_onnx
 from .spec import (
     BACKEND_MODULES,
     BACKENDS,
@@ -287,12 +288,26 @@ class EngineRequest:
 
 
 def engine_key(models: StreamModels, request: EngineRequest, *, cache_window: int = 0) -> EngineKey:
-    """The cache key of ``request`` for these models (resolves the target and the backend version)."""
-    return EngineKey(weights=weights_fingerprint(models), component=request.component, shapes=request.shapes,
-                     precision=request.precision, backend=request.backend,
+    """The cache key of ``request`` for these models (resolves the target and the backend version). The models'
+    family is part of it: an SD1 and an SDXL pipeline never share an engine."""
+    return EngineKey(weights=weights_fingerprint(models), family=models.family.name, component=request.component,
+                     shapes=request.shapes, precision=request.precision, backend=request.backend,
                      backend_version=backend_version(request.backend),
                      target=resolve_target(request.backend, request.target, models.device),
                      cache_window=int(cache_window))
+
+
+def check_unet_inputs(models: StreamModels, component: ExportComponent) -> None:
+    """Raise ValueError when ``component`` is a UNet whose added-condition inputs are not those of ``models``'
+    family (:func:`~streamrt.engines.export.added_condition_specs`): such an engine could never run a stream of
+    this pipeline (the runtime refuses it), so it is not built."""
+    if component.name != UNET:
+        return
+    want = [spec.name for spec in added_condition_specs(models)]
+    have = [name for name in component.input_names if name in ADDED_COND_INPUTS]
+    if have != want:
+        raise ValueError(f"{models.family} UNet engines take the added conditions {want or 'none'}; this "
+                         f"{component.name} component has {have or 'none'}")
 
 
 def unet_rows(frames_per_step: int, denoising_steps: int, cfg_type: str | CfgType, guided: bool = True) -> int:
@@ -361,6 +376,7 @@ def ensure_engine(models: StreamModels, request: EngineRequest, cache: EngineCac
     component = component if component is not None else component_for(models, request.component)
     if component.name != request.component:
         raise ValueError(f"component {component.name!r} does not match the request's {request.component!r}")
+    check_unet_inputs(models, component)
     key = engine_key(models, request, cache_window=component.cache_window)
     report = _scaled(progress, _offset, 100, _total)
     report(0.0)

@@ -212,6 +212,9 @@ class EngineKey:
 
     Args:
         weights (`str`): :func:`weights_fingerprint` of the models (weights files + LoRA set).
+        family (`str`): the models' family (:attr:`streamrt.families.ModelFamily.name`: ``sd1``, ``sd2``,
+            ``sdxl``). It decides the engine's I/O (SDXL's UNet takes its added conditions), so engines of two
+            families never share a key, whatever their weights fingerprints say.
         component (`str`): ``unet``, ``vae_encoder`` or ``vae_decoder``.
         shapes (`EngineShapes`): batch rows and resolution (fixed or ranges), plus extra I/O symbols.
         precision (`str`): ``fp16`` or ``fp32``.
@@ -223,6 +226,7 @@ class EngineKey:
     """
 
     weights: str
+    family: str
     component: str
     shapes: EngineShapes
     precision: str
@@ -233,13 +237,14 @@ class EngineKey:
     format: int = ENGINE_FORMAT
 
     def to_json(self) -> dict:
-        return {"weights": self.weights, "component": self.component, "shapes": self.shapes.to_json(),
+        return {"weights": self.weights, "family": self.family, "component": self.component,
+                "shapes": self.shapes.to_json(),
                 "precision": self.precision, "backend": self.backend, "backend_version": self.backend_version,
                 "target": self.target, "cache_window": self.cache_window, "format": self.format}
 
     @classmethod
     def from_json(cls, data: Mapping) -> EngineKey:
-        return cls(weights=str(data["weights"]), component=str(data["component"]),
+        return cls(weights=str(data["weights"]), family=str(data["family"]), component=str(data["component"]),
                    shapes=EngineShapes.from_json(data["shapes"]), precision=str(data["precision"]),
                    backend=str(data["backend"]), backend_version=str(data["backend_version"]),
                    target=str(data["target"]), cache_window=int(data.get("cache_window", 0)),
@@ -249,8 +254,8 @@ class EngineKey:
         return hashlib.sha256(_canonical(self.to_json()).encode()).hexdigest()[:16]
 
     def file_name(self) -> str:
-        stem = (f"{self.component}_{self.shapes.label()}_{self.precision}_{self.backend}-{self.backend_version}"
-                f"_{self.target}_kv{self.cache_window}")
+        stem = (f"{self.component}_{self.shapes.label()}_{self.family}_{self.precision}_{self.backend}-"
+                f"{self.backend_version}_{self.target}_kv{self.cache_window}")
         return f"{sanitize(stem, limit=150)}_{self.digest()[:10]}{ENGINE_SUFFIX}"
 
     def relative_name(self) -> str:
@@ -264,8 +269,8 @@ class EngineKey:
 
     def describe(self) -> str:
         window = f", cache window {self.cache_window}" if self.cache_window else ""
-        return (f"{self.component} ({self.shapes.label()}, {self.precision}, {self.backend} {self.backend_version}, "
-                f"{self.target}{window})")
+        return (f"{self.component} ({self.family}, {self.shapes.label()}, {self.precision}, {self.backend} "
+                f"{self.backend_version}, {self.target}{window})")
 
 
 @dataclass(frozen=True)
@@ -348,14 +353,28 @@ def _read_sidecar(path: Path) -> tuple[bytes, os.stat_result]:
         return f.read(MAX_SIDECAR_BYTES + 1), st
 
 
+class _OtherFormat(ValueError):
+    """A sidecar written by another engine format: its key may have other fields, so it is not parsed further."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(f"engine format {found}")
+        self.found = found
+
+
 def _parse_sidecar(data: bytes) -> tuple[dict, EngineKey, str, int]:
-    """(metadata, key, sha256, bytes) of a sidecar; raises ``ValueError`` naming what is wrong. Checks every
-    field the cache and the runner read (``pixel_multiple``, ``inputs``), so they can use them as they are."""
+    """(metadata, key, sha256, bytes) of a sidecar; raises ``ValueError`` naming what is wrong (:class:`_OtherFormat`
+    for a sidecar of another engine format). Checks every field the cache and the runner read (``pixel_multiple``,
+    ``inputs``), so they can use them as they are."""
     meta = json.loads(data)
     if not isinstance(meta, dict):
         raise ValueError("not a JSON object")
     if not isinstance(meta.get("key"), dict):
         raise ValueError("no 'key' object")
+    found = meta["key"].get("format")
+    if _is_int(found) and found != ENGINE_FORMAT:
+        # checked before the key is parsed: a key of another format may lack fields of this one (format 1 had no
+        # family), and such an engine is stale, not malformed
+        raise _OtherFormat(found)
     key = EngineKey.from_json(meta["key"])
     if key.to_json() != meta["key"]:
         raise ValueError("the key has unknown fields or values of the wrong type")
@@ -472,6 +491,9 @@ class EngineCache:
                                      reason="metadata", path=path) from None
         try:
             meta, key, sha, size = _parse_sidecar(data)
+        except _OtherFormat as exc:
+            raise InvalidEngineError(f"engine {path.name} was built by StreamRT engine format {exc.found}, this "
+                                     f"version uses {ENGINE_FORMAT}: it is stale", reason="stale", path=path) from None
         except Exception as exc:  # the sidecar is untrusted input: whatever it makes the parser raise
             # (ValueError, OverflowError from 1e999, RecursionError from deep nesting...) rules out this engine only
             problem = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
@@ -482,9 +504,6 @@ class EngineCache:
                 f"the metadata of engine {path.parent.name}/{path.name} describes another engine ({key.describe()} "
                 f"for weights {key.weights}, which would be {key.relative_name()}): it does not belong to this "
                 "file, and the engine is not used", reason="metadata", path=path)
-        if key.format != ENGINE_FORMAT:
-            raise InvalidEngineError(f"engine {path.name} was built by StreamRT engine format {key.format}, this "
-                                     f"version uses {ENGINE_FORMAT}: it is stale", reason="stale", path=path)
         if expected is not None and key != expected:
             diffs = "; ".join(expected.differences(key))
             stale = {"backend_version", "target", "format"}
@@ -561,10 +580,10 @@ class EngineCache:
 
     def find(self, weights: str, component: str, *, rows: int, width: int, height: int, precision: str | None = None,
              backend: str | None = None, backend_version: str | None = None, target: str | None = None,
-             cache_window: int = 0) -> list[EngineRecord]:
+             cache_window: int = 0, family: str | None = None) -> list[EngineRecord]:
         """Valid engines that accept ``rows`` x ``width`` x ``height`` (inside their ranges, and multiples of
-        the size step a dynamic UNet needs): exact static shapes first, then the ranges tuned (``opt``)
-        nearest to it."""
+        the size step a dynamic UNet needs), of ``family`` when given: exact static shapes first, then the
+        ranges tuned (``opt``) nearest to it."""
         found = []
         for entry in self.entries(weights):
             rec = entry.record
@@ -572,6 +591,7 @@ class EngineCache:
                 continue
             k = rec.key
             if (k.weights != weights or k.component != component or k.cache_window != cache_window
+                    or (family and k.family != family)
                     or not k.shapes.covers(rows, width, height) or k.shapes.extra
                     or width % rec.pixel_multiple or height % rec.pixel_multiple
                     or (precision and k.precision != precision) or (backend and k.backend != backend)

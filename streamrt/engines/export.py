@@ -9,12 +9,17 @@ same functions as the stream's torch runtime (:mod:`streamrt.models`):
 component      inputs                                                      outputs
 =============  ==========================================================  ============================
 ``unet``       ``sample [rows,c,lh,lw]``, ``timestep [rows]`` (int64),     ``noise_pred [rows,c,lh,lw]``
-               ``encoder_hidden_states [rows,77,D]``
+               ``encoder_hidden_states [rows,77,D]``; SDXL adds
+               ``text_embeds [rows,P]`` and ``time_ids [rows,6]``
 ``vae_encoder``  ``images [rows,3,H,W]`` in [-1, 1]                        ``latents [rows,c,lh,lw]``
                                                                            (TAESD latents; the mean of
                                                                            an AutoencoderKL, unscaled)
 ``vae_decoder``  ``latents [rows,c,lh,lw]`` (unscaled)                     ``images [rows,3,H,W]``
 =============  ==========================================================  ============================
+
+The UNet of a family with added conditions (``models.family.has_added_conditions``: SDXL) takes its
+pooled text embeddings and size conditions as two more named inputs, in the model dtype like the
+stream's buffers that feed them (:class:`streamrt.runtime.AddedConditions`).
 
 Extension point (cached attention): :meth:`ExportComponent.with_io` returns the same component
 with a wrapper module that takes more named inputs (the K/V ring of every layer) and returns more
@@ -43,6 +48,7 @@ from pathlib import Path
 import torch
 
 from ..models import StreamModels, decode_latents, encode_images, predict_noise
+from ..runtime.runtime import ADDED_COND_INPUTS, AddedConditions, UNetExtras
 from .spec import COMPONENTS, PRECISIONS, UNET, VAE_DECODER, VAE_ENCODER, DimRange, EngineShapes
 
 logger = logging.getLogger(__name__)
@@ -87,15 +93,24 @@ class TensorSpec:
 
 
 class UNetExport(torch.nn.Module):
-    """``UNet(sample, timestep, encoder_hidden_states) -> noise_pred``, as :func:`streamrt.models.predict_noise`."""
+    """``UNet(sample, timestep, encoder_hidden_states) -> noise_pred``, as :func:`streamrt.models.predict_noise`.
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    ``UNetExport(unet, added_conditions=True)`` takes ``text_embeds`` and ``time_ids`` too (SDXL), passed to the
+    UNet as the torch runtime passes them (:attr:`streamrt.runtime.UNetExtras.torch_kwargs`).
+    """
+
+    def __init__(self, unet: torch.nn.Module, added_conditions: bool = False) -> None:
         super().__init__()
         self.unet = unet
+        self.added_conditions = added_conditions
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return predict_noise(self.unet, sample, timestep, encoder_hidden_states)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *added: torch.Tensor) -> torch.Tensor:
+        if len(added) != (len(ADDED_COND_INPUTS) if self.added_conditions else 0):
+            raise TypeError(f"the UNet takes {'text_embeds and time_ids' if self.added_conditions else 'no'} "
+                            f"added conditions, got {len(added)} more inputs")
+        extras = UNetExtras(added_cond=AddedConditions(*added)) if added else UNetExtras()
+        return predict_noise(self.unet, sample, timestep, encoder_hidden_states, **extras.torch_kwargs)
 
 
 class VaeEncoderExport(torch.nn.Module):
@@ -225,14 +240,25 @@ def _unet_downsampling(unet: torch.nn.Module) -> int:
     return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
+def added_condition_specs(models: StreamModels) -> tuple[TensorSpec, ...]:
+    """The UNet's added-condition inputs for ``models``' family: ``text_embeds [rows, P]`` and
+    ``time_ids [rows, 6]`` for SDXL, none for SD1.x / SD2.x."""
+    if not models.family.has_added_conditions:
+        return ()
+    text_embeds, time_ids = ADDED_COND_INPUTS
+    return (TensorSpec(text_embeds, ("rows", models.pooled_dim)), TensorSpec(time_ids, ("rows", models.time_ids)))
+
+
 def unet_component(models: StreamModels) -> ExportComponent:
-    """The UNet: ``(sample, timestep, encoder_hidden_states) -> noise_pred``."""
+    """The UNet: ``(sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> noise_pred`` (the added
+    conditions when the family has them, see :func:`added_condition_specs`)."""
     c, scale = models.latent_channels, models.vae_scale_factor
     lat = ("rows", c, "latent_height", "latent_width")
+    added = added_condition_specs(models)
     return ExportComponent(
-        name=UNET, module=UNetExport(models.unet),
+        name=UNET, module=UNetExport(models.unet, added_conditions=bool(added)),
         inputs=(TensorSpec("sample", lat), TensorSpec("timestep", ("rows",), "int64"),
-                TensorSpec("encoder_hidden_states", ("rows", models.text_length, models.embed_dim))),
+                TensorSpec("encoder_hidden_states", ("rows", models.text_length, models.embed_dim)), *added),
         outputs=(TensorSpec("noise_pred", lat),),
         vae_scale=scale, pixel_multiple=scale * _unet_downsampling(models.unet))
 

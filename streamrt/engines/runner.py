@@ -335,8 +335,10 @@ def attach_engines(models: StreamModels, config: StreamConfig, cache: EngineCach
                    precision: str | None = None) -> AttachResult:
     """Runners for the cached engines that fit ``config`` on this machine, where there are any.
 
-    For each component, the best valid engine for this weights fingerprint, batch rows, resolution, an
-    installed backend's version and this GPU's compute capability is loaded. The result's notes say why a
+    For each component, the best valid engine for this weights fingerprint and model family, batch rows,
+    resolution, an installed backend's version and this GPU's compute capability is loaded. Whether a UNet
+    engine takes the extras the stream gives (SDXL's added conditions) is checked by
+    :func:`streamrt.runtime.prepare`, which refuses one that does not, with a note. The result's notes say why a
     component has none (the runtime then runs it on torch, or refuses ``tensorrt`` when nothing fits).
     """
     result = AttachResult()
@@ -367,9 +369,10 @@ def attach_engines(models: StreamModels, config: StreamConfig, cache: EngineCach
         found = [rec for name, version in usable.items()
                  for rec in cache.find(weights, component, rows=rows, width=config.width, height=config.height,
                                        precision=precision, backend=name, backend_version=version, target=here,
-                                       cache_window=0)]
+                                       cache_window=0, family=models.family.name)]
         if not found:
-            result.notes.append(f"no {component} engine for {rows} rows at {config.width}x{config.height} on {here}")
+            result.notes.append(f"no {component} engine for {rows} rows at {config.width}x{config.height} on {here} "
+                                f"({models.family})")
             continue
         record = found[0]
         try:

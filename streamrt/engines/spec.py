@@ -18,9 +18,10 @@ import torch
 
 from ..runtime.runtime import UNET, VAE_DECODER, VAE_ENCODER  # the components, named once
 
-#: Bump when the export or build changes the bytes of an engine for an unchanged key: every engine
-#: built by an older format is then stale and gets rebuilt.
-ENGINE_FORMAT = 1
+#: Bump when the export or build changes the bytes of an engine for an unchanged key, or the key gains a
+#: field: every engine built by an older format is then stale and gets rebuilt. 2: keys carry the model family
+#: (and SDXL UNets take their added conditions).
+ENGINE_FORMAT = 2
 
 COMPONENTS: tuple[str, ...] = (UNET, VAE_ENCODER, VAE_DECODER)
 

@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 
 UNET, VAE_ENCODER, VAE_DECODER = "unet", "vae_encoder", "vae_decoder"
 
+#: The inputs of every UNet engine, in call order.
+UNET_INPUTS: tuple[str, ...] = ("sample", "timestep", "encoder_hidden_states")
+#: The engine inputs of :class:`AddedConditions`, in its field order (also diffusers' ``added_cond_kwargs`` keys):
+#: named once here, for the export (:mod:`streamrt.engines.export`) and :class:`EngineUNet`.
+ADDED_COND_INPUTS: tuple[str, ...] = ("text_embeds", "time_ids")
+
 
 class AccelerationUnavailable(RuntimeError):
     """The acceleration asked for cannot run here; the message says why and what to use instead."""
@@ -117,13 +123,41 @@ class TorchUNet:
 
 
 class EngineUNet:
-    """The UNet through an engine runner taking ``(sample, timestep, encoder_hidden_states)``."""
+    """The UNet through an engine runner.
 
-    accepts: frozenset[str] = frozenset()
+    Args:
+        runner: ``runner(*inputs) -> noise_pred``, its inputs in ``input_names`` order.
+        name: how messages name the engine.
+        input_names: the runner's inputs; by default its own ``input_names`` attribute (what
+            :class:`~streamrt.engines.EngineRunner` read from the engine), else the stock three.
 
-    def __init__(self, runner: Callable[..., torch.Tensor], name: str = "the UNet engine") -> None:
+    The inputs are :data:`UNET_INPUTS` and, for an engine exported with SDXL's added conditions,
+    :data:`ADDED_COND_INPUTS` (then :attr:`accepts` holds ``"added_cond"``, and every call must give them). A call
+    hands the runner the tensors it was given, which are the stream's own buffers: a runner that binds by address
+    binds them once and then only enqueues, so nothing is allocated per frame.
+    """
+
+    def __init__(self, runner: Callable[..., torch.Tensor], name: str = "the UNet engine",
+                 input_names: Sequence[str] | None = None) -> None:
         self.runner = runner
         self.name = name
+        if input_names is None:
+            input_names = getattr(runner, "input_names", None) or UNET_INPUTS
+        names = tuple(input_names)
+        known = UNET_INPUTS + ADDED_COND_INPUTS
+        added = [n for n in ADDED_COND_INPUTS if n in names]
+        problems = [f"no input {n}" for n in UNET_INPUTS if n not in names]
+        problems += [f"an input {n} StreamRT does not feed" for n in names if n not in known]
+        if added and len(added) != len(ADDED_COND_INPUTS):
+            problems.append(f"only {added[0]} of the added conditions ({', '.join(ADDED_COND_INPUTS)})")
+        if problems or len(set(names)) != len(names):
+            raise EngineCallError(f"{name} has inputs {list(names)} ({'; '.join(problems) or 'repeated names'}): "
+                                  "it is not a StreamRT UNet engine; rebuild it with Build Engines")
+        self.input_names = names
+        self.accepts: frozenset[str] = frozenset({"added_cond"}) if added else frozenset()
+        # position of each runner input among (sample, timestep, embeds, text_embeds, time_ids): worked out
+        # once, so a call only picks tensors
+        self._order = tuple(known.index(n) for n in names)
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
                  extras: UNetExtras = NO_EXTRAS) -> torch.Tensor:
@@ -131,7 +165,67 @@ class EngineUNet:
         if refused:
             raise EngineCallError(f"{self.name} has no inputs for {', '.join(sorted(refused))}; "
                                   "prepare the runtime with a config the engine was built for")
-        return self.runner(sample, timesteps, embeds)
+        lacking = self.accepts - extras.given
+        if lacking:
+            raise EngineCallError(f"{self.name} takes {', '.join(sorted(lacking))} "
+                                  f"({', '.join(ADDED_COND_INPUTS)}) and the call gave none; "
+                                  "prepare the runtime with the pipeline the engine was built for")
+        if extras.added_cond is None:
+            values: tuple[torch.Tensor, ...] = (sample, timesteps, embeds)
+        else:
+            values = (sample, timesteps, embeds, extras.added_cond.text_embeds, extras.added_cond.time_ids)
+        return self.runner(*(values[i] for i in self._order))
+
+
+def unet_extras_needed(models: StreamModels, config: StreamConfig) -> frozenset[str]:
+    """Names of the :class:`UNetExtras` a stream of ``models`` with ``config`` gives every UNet call: what a
+    UNet engine must take to run it (``kv_cache`` with cached attention, ``added_cond`` for a family with
+    added conditions)."""
+    needed = set()
+    if config.kv_cache.enabled:
+        needed.add("kv_cache")
+    if models.family.has_added_conditions:
+        needed.add("added_cond")
+    return frozenset(needed)
+
+
+_EXTRA_LABELS = {"kv_cache": "the attention cache", "added_cond": "added conditions (text_embeds, time_ids)"}
+
+
+def _unet_engine(models: StreamModels, config: StreamConfig, found: AttachResult, notes: list[str]) -> UNetCall | None:
+    """The UNet engine of ``found`` as a :class:`UNetCall` when it takes exactly the extras this stream gives;
+    else None, with the runner closed and dropped from ``found`` and a note saying why (docs/DESIGN.md
+    section 6: an engine that cannot serve the config is not chosen)."""
+    runner = found.runners.get(UNET)
+    if runner is None:
+        return None
+    record = found.records.get(UNET)
+    name = f"the UNet engine {getattr(record, 'name', '')}".rstrip()
+    needed = unet_extras_needed(models, config)
+    problem = None
+    try:
+        unet = EngineUNet(runner, name)
+    except EngineCallError as exc:
+        problem = str(exc)
+    else:
+        missing, surplus = needed - unet.accepts, unet.accepts - needed
+        if missing:
+            what = " and ".join(_EXTRA_LABELS[n] for n in sorted(missing))
+            problem = f"{name} has no inputs for {what}, which this {models.family} stream gives every call"
+            if "added_cond" in missing:
+                problem += f" (built without {models.family}'s added conditions: rebuild it with Build Engines)"
+        elif surplus:
+            what = " and ".join(_EXTRA_LABELS[n] for n in sorted(surplus))
+            problem = f"{name} takes {what}, which this {models.family} pipeline does not have"
+    if problem is None:
+        return unet
+    found.runners.pop(UNET)
+    found.records.pop(UNET, None)
+    getattr(runner, "close", lambda: None)()
+    message = f"unet: {problem}; the UNet runs on torch"
+    notes.append(message)
+    logger.warning("StreamRT engines: %s", message)
+    return None
 
 
 @dataclass
@@ -267,11 +361,12 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
     if requested in (Acceleration.AUTO, Acceleration.TENSORRT):
         found = engines.attach(models, config) if engines is not None else AttachResult()
         notes += found.notes
-        if UNET in found.runners or (requested is Acceleration.TENSORRT and found.runners):
-            return _engine_runtime(models, config, requested, found, host, notes)
+        unet = _unet_engine(models, config, found, notes)  # drops a UNet engine that cannot serve this stream
+        if unet is not None or (requested is Acceleration.TENSORRT and found.runners):
+            return _engine_runtime(models, requested, found, unet, host, notes)
         if requested is Acceleration.TENSORRT:
             raise _unavailable(requested, "no engine fits this stream on this machine ("
-                               + "; ".join(found.notes or ["none found"]) + "); build them with Build Engines")
+                               + "; ".join(notes or ["none found"]) + "); build them with Build Engines")
         for runner in found.runners.values():  # auto without a UNet engine: not worth a partial engine path
             getattr(runner, "close", lambda: None)()
         resolved = Acceleration.CUDA_GRAPH if cuda else Acceleration.EAGER
@@ -300,16 +395,14 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
     raise ValueError(f"unknown acceleration {requested!r}")
 
 
-def _engine_runtime(models: StreamModels, config: StreamConfig, requested: Acceleration, found: AttachResult,
+def _engine_runtime(models: StreamModels, requested: Acceleration, found: AttachResult, unet: UNetCall | None,
                     host: HostIO, notes: list[str]) -> Runtime:
-    """Engines for the components that have one, the pipeline's modules for the rest."""
+    """Engines for the components that have one (``unet``: the checked UNet engine, if any), the pipeline's
+    modules for the rest."""
     vae = models.vae
     runners = found.runners
     parts = {name: ("engine" if name in runners else "torch") for name in (UNET, VAE_ENCODER, VAE_DECODER)}
-    if UNET in runners:
-        record = found.records.get(UNET)
-        unet: UNetCall = EngineUNet(runners[UNET], f"the UNet engine {getattr(record, 'name', '')}".rstrip())
-    else:
+    if unet is None:
         unet = TorchUNet(models.unet)
     on_torch = [name for name, how in parts.items() if how == "torch"]
     if on_torch:
