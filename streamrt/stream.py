@@ -23,6 +23,7 @@ import torch
 
 from .buffers import StreamBuffers, allocate_buffers
 from .config import Acceleration, CfgType, StreamConfig
+from .controlnet import ControlNet, ControlState
 from .frames import FiniteCheck, check_frames
 from .kv_cache import KVCache, install_kv_processors
 from .kv_export import kv_cache_io_spec
@@ -126,13 +127,15 @@ class Stream:
         engines (`EngineSource`, optional): where ``tensorrt`` / ``auto`` acceleration finds engines.
         runtime (`Runtime`, optional): a runtime prepared by the caller (otherwise
             :func:`streamrt.runtime.prepare` makes one from ``config.acceleration``).
+        controlnets (`Sequence[ControlNet]`, optional): ControlNets whose residuals condition every UNet call
+            (docs/DESIGN.md section 10); each call then takes one control image batch per ControlNet.
 
     The stream state lives on between calls until :meth:`reset`.
     """
 
     def __init__(self, models: StreamModels, config: StreamConfig, *, prompt: Prompt = "",
                  negative_prompt: PromptPart = "", engines: EngineSource | None = None,
-                 runtime: Runtime | None = None) -> None:
+                 runtime: Runtime | None = None, controlnets: Sequence[ControlNet] = ()) -> None:
         scale = models.vae_scale_factor
         if config.width % scale or config.height % scale:
             raise ValueError(f"width and height must be multiples of {scale} for this VAE, "
@@ -148,7 +151,8 @@ class Stream:
         self.config = config
         self.device = models.device
         self.dtype = models.dtype
-        self.runtime = runtime if runtime is not None else prepare(models, config, engines=engines)
+        self.runtime = runtime if runtime is not None else prepare(models, config, engines=engines,
+                                                                   control=bool(controlnets))
         self.schedule: StreamSchedule = build_schedule(models.scheduler, config).to(self.device)
         self._an_over_bn = self.schedule.a_next / self.schedule.b_next
         self._a0_scaled = self.schedule.a[: config.frames_per_step] * models.vae_scaling_factor
@@ -167,10 +171,17 @@ class Stream:
             self.kv.allocate([(layer.tokens, layer.channels) for layer in spec.layers], config.unet_rows, self.dtype)
         added = (None if self.buffers.pooled is None else
                  AddedConditions(text_embeds=self.buffers.pooled, time_ids=self.buffers.time_ids))
-        self.unet_extras = UNetExtras(kv_cache=self.kv, added_cond=added)
-        # What a graph capture's warm-up must leave as it found it: the carried latents and stock noise. The
-        # attention rings need no copy: the warm-up writes its K/V into the scratch slot (KVCache.writes_held).
-        self._state: tuple[torch.Tensor, ...] = (self.buffers.unet_in, self.buffers.stock)
+        self.control: ControlState | None = None
+        if controlnets:
+            self.control = ControlState.allocate(controlnets, config, device=self.device, dtype=self.dtype)
+        self._control_active: tuple[bool, ...] = self.control.active if self.control is not None else ()
+        self.unet_extras = UNetExtras(kv_cache=self.kv, added_cond=added,
+                                      control=self.control.residuals if self.control is not None else None)
+        # What a graph capture's warm-up must leave as it found it: the carried latents, stock noise and control
+        # images. The attention rings need no copy: the warm-up writes its K/V into the scratch slot
+        # (KVCache.writes_held).
+        self._state: tuple[torch.Tensor, ...] = (self.buffers.unet_in, self.buffers.stock) + (
+            self.control.rings if self.control is not None else ())
         self._capture_guard = None if self.kv is None else self.kv.writes_held
         self._check_finite = FiniteCheck()
         self._seeds: int | list[tuple[int, float]] = config.seed
@@ -208,6 +219,18 @@ class Stream:
         self.frames_processed = 0
         if self.kv is not None:
             self.kv.clear()
+        if self.control is not None:
+            self.control.reset()
+
+    def set_control_strength(self, index: int, strength: float) -> None:
+        """Change ControlNet ``index``'s strength live (no new stream; 0 stops calling that ControlNet, and a
+        stream whose ControlNets are all at 0 runs exactly the plain step)."""
+        if self.control is None:
+            raise ValueError("this stream has no ControlNet")
+        if not 0 <= index < len(self.control):
+            raise ValueError(f"this stream has {len(self.control)} ControlNet(s); there is no ControlNet {index}")
+        self.control.set_strength(index, strength)
+        self._control_active = self.control.active
 
     def set_seed(self, seed: int | Sequence[tuple[int, float]], method: str = "linear") -> None:
         """Redraw the stream noise for a seed, or a blend ``[(seed, weight), ...]`` (linear or slerp)."""
@@ -320,11 +343,16 @@ class Stream:
             buf.stock[f:].copy_(buf.stock_scratch)
             buf.stock[:f].copy_(buf.init_noise[:f])
 
-        # 4. UNet on [uncond rows | batch] and the guided noise prediction.
+        # 4. UNet on [uncond rows | batch] and the guided noise prediction; ControlNets (docs/DESIGN.md section 10)
+        # see each row's own control image, moved with the batch like the latents.
         if u == b:
             buf.unet_in[:b].copy_(buf.x_batch)
         elif u:
             buf.unet_in[:f].copy_(buf.x_batch[:f])
+        if self.control is not None:
+            self.control.advance()
+            self.control.compute(self._control_active, buf.unet_in, buf.timesteps, buf.embeds,
+                                 self.unet_extras.torch_kwargs.get("added_cond_kwargs"))
         if self.kv is not None:
             self.kv.begin_call()
         pred = run.unet(buf.unet_in, buf.timesteps, buf.embeds, self.unet_extras)
@@ -373,11 +401,13 @@ class Stream:
         buf.frames_out.add_(1).mul_(0.5).clamp_(0, 1)
 
     # ------------------------------------------------------------------ one call
-    def _call(self, frames: torch.Tensor | None) -> bool:
+    def _call(self, frames: torch.Tensor | None, control: list[torch.Tensor] | None = None) -> bool:
         """One call up to ``frames_out``: stage the input (stage 1: skip it if the similarity filter says so),
         then the device step. Returns False when the frame was skipped."""
         buf = self.buffers
         txt2img = frames is None
+        if self.control is not None:
+            self.control.stage(control, self.runtime.host.upload)
         if not txt2img:
             self.runtime.host.upload(frames, buf.frames_in)
             buf.image_in.copy_(buf.frames_in.permute(0, 3, 1, 2))
@@ -389,7 +419,8 @@ class Stream:
         if self.kv is not None:
             self.kv.schedule_call()
             unmasked = self.kv.unmasked
-        self.runtime.run((txt2img, unmasked), self._device_steps[txt2img], self._state, self._capture_guard)
+        self.runtime.run((txt2img, unmasked, self._control_active), self._device_steps[txt2img], self._state,
+                         self._capture_guard)
         self.frames_processed += self.config.frames_per_step
         return True
 
@@ -404,17 +435,28 @@ class Stream:
 
     @torch.inference_mode()
     def step(self, frames: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-             synchronize: bool = True, validated: bool = False) -> torch.Tensor:
+             synchronize: bool = True, validated: bool = False,
+             control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Run one call of the stream: F frames ``[F, H, W, C]`` in [0, 1] in, F frames out.
 
         The output is the result for the frames given ``latency`` calls earlier (the first ``latency``
         outputs come from the empty buffer). ``frames=None`` runs txt2img from the stream's noise.
         Returns a CPU float32 tensor ``[F, H, W, 3]`` (pinned on CUDA), or fills ``out``.
         ``validated``: the caller already passed ``frames`` through :meth:`check_frames` (for this config).
+        ``control``: with ControlNets, one control image batch ``[F or 1, H, W, 3]`` in [0, 1] per ControlNet,
+        the control of these frames.
         """
         if frames is not None and not validated:
             frames = self.check_frames(frames, self.config.frames_per_step)
-        return self._output(self._call(frames), out, synchronize)
+        images = self._check_control(control, self.config.frames_per_step)
+        return self._output(self._call(frames, images), out, synchronize)
+
+    def _check_control(self, control: Sequence[torch.Tensor] | None, count: int) -> list[torch.Tensor] | None:
+        if self.control is None:
+            if control:
+                raise ValueError("control images were given but this stream has no ControlNet")
+            return None
+        return self.control.check_images(control, count)
 
     def check_frames(self, frames: torch.Tensor, count: int | None = None) -> torch.Tensor:
         """``frames`` as an ``[N, H, W, 3]`` view, or :class:`FrameError` naming what is wrong (size, count,
@@ -425,7 +467,8 @@ class Stream:
 
     @torch.inference_mode()
     def process_video(self, frames: torch.Tensor, *, progress: ProgressCallback | None = None,
-                      preview: PreviewCallback | None = None, validated: bool = False) -> torch.Tensor:
+                      preview: PreviewCallback | None = None, validated: bool = False,
+                      control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Run N frames through the stream and return N frames **aligned** with the input.
 
         Output k is the stream's result for input k (see :func:`aligned_calls`). The stream state carries
@@ -433,17 +476,22 @@ class Stream:
         group of F frames and may raise to stop (e.g. on a user interrupt); the stream stays usable.
         ``preview(finished)`` is called before it with the output frames finished on the host so far (when
         there are any), and once more with all N at the end: a caller can show the newest one while the
-        video runs. ``validated``: as for :meth:`step`.
+        video runs. ``validated``: as for :meth:`step`. ``control``: with ControlNets, one control batch per
+        ControlNet, ``[N, H, W, 3]`` (control frame k belongs to input frame k) or ``[1, H, W, 3]`` (one image
+        for the whole video).
         """
         f = self.config.frames_per_step
         if not validated:
             frames = self.check_frames(frames)  # values checked once for the whole video
         total = frames.shape[0]
+        control = self._check_control(control, total)
         result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32)
         host = self.runtime.host
         overlapped = not self.similarity.enabled  # a skipped frame repeats a host-side output: no overlap then
         for group, target in aligned_calls(total // f, self.latency):
-            ran = self._call(frames[group * f:(group + 1) * f])
+            images = None if control is None else [c if c.shape[0] == 1 else c[group * f:(group + 1) * f]
+                                                    for c in control]
+            ran = self._call(frames[group * f:(group + 1) * f], images)
             if target < 0:  # the pipeline is filling: this output belongs to an earlier call
                 if not overlapped:
                     self._output(ran, None, synchronize=False)
@@ -488,7 +536,8 @@ class Stream:
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()
-        return total + (self.kv.nbytes() if self.kv is not None else 0)
+        return (total + (self.kv.nbytes() if self.kv is not None else 0)
+                + (self.control.nbytes() if self.control is not None else 0))
 
     def close(self) -> None:
         """Release what this stream holds outside its buffers (captured graphs, engine runners)."""

@@ -179,14 +179,17 @@ def _scale(t: torch.Tensor) -> float:
     return max(1.0, t.abs().max().item())
 
 
-def compare(stream: Stream, ref: ReferenceStream, inputs, *, image_atol=IMAGE_ATOL, on_call=None):
-    """Feed both the same inputs call by call; check frames and latent state after every call."""
+def compare(stream: Stream, ref: ReferenceStream, inputs, *, image_atol=IMAGE_ATOL, on_call=None, controls=None):
+    """Feed both the same inputs call by call; check frames and latent state after every call. ``controls``: per
+    call, the control images of a stream with ControlNets (the reference takes them through ``feed``)."""
     F = stream.config.frames_per_step
     for k, frames in enumerate(inputs):
         if on_call is not None:
             on_call(k, stream, ref)
-        got = stream.step(frames).clone()
-        want = ref(frames)
+        if controls is None:
+            got, want = stream.step(frames).clone(), ref(frames)
+        else:
+            got, want = stream.step(frames, control=controls[k]).clone(), ref.feed(frames, controls[k])
         buf = stream.buffers
         assert got.shape == want.shape == (F, 64, 64, 3)
         lat = ref.latent_out

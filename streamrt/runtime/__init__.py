@@ -26,7 +26,7 @@ from .runtime import (
 )
 
 __all__ = [
-    "Acceleration", "AccelerationUnavailable", "AddedConditions", "AttachResult", "CompileOptions", "EngineCallError", "EngineSource",
-    "EngineUNet", "HostIO", "NO_EXTRAS", "Runtime", "TorchUNet", "UNetExtras", "capture_graph", "compile_problem",
+    "Acceleration", "AccelerationUnavailable", "AddedConditions", "AttachResult", "CompileOptions", "EngineCallError",
+    "EngineSource", "EngineUNet", "HostIO", "NO_EXTRAS", "Runtime", "TorchUNet", "UNetExtras", "capture_graph", "compile_problem",
     "compiled_calls", "graph_replay_ms", "prepare", "use_compile_cache",
 ]

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from ..config import Acceleration, StreamConfig
+from ..controlnet import ControlResiduals
 from ..cuda_graphs import capture_graph
 from ..kv_cache import KVCache
 from ..models import StreamModels, decode_latents, encode_images, predict_noise
@@ -73,17 +74,18 @@ class UNetExtras:
         kv_cache (`KVCache`, optional): cached attention over earlier frames (the torch path reads it
             through the caching attention processors).
         added_cond (`AddedConditions`, optional): SDXL's pooled embeddings and size conditions.
-
-    ControlNet residuals join here as a field of their own.
+        control (`ControlResiduals`, optional): the residuals the stream's ControlNets computed this call (set
+            inside the step; none while every ControlNet is at strength 0).
     """
 
     kv_cache: KVCache | None = None
     added_cond: AddedConditions | None = None
+    control: ControlResiduals | None = None
 
     @functools.cached_property
     def given(self) -> frozenset[str]:
         """Names of the extras that are set (computed once: the extras of a stream never change)."""
-        return frozenset(name for name in ("kv_cache", "added_cond") if getattr(self, name) is not None)
+        return frozenset(name for name in ("kv_cache", "added_cond", "control") if getattr(self, name) is not None)
 
     @functools.cached_property
     def torch_kwargs(self) -> dict[str, Any]:
@@ -112,13 +114,16 @@ class UNetCall(Protocol):
 class TorchUNet:
     """The UNet on torch: the pipeline's module, or a compiled copy of it."""
 
-    accepts = frozenset({"kv_cache", "added_cond"})
+    accepts = frozenset({"kv_cache", "added_cond", "control"})
 
     def __init__(self, module: Any) -> None:
         self.module = module
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
                  extras: UNetExtras = NO_EXTRAS) -> torch.Tensor:
+        if extras.control is not None and extras.control.active:
+            return predict_noise(self.module, sample, timesteps, embeds, **extras.torch_kwargs,
+                                 **extras.control.torch_kwargs())
         return predict_noise(self.module, sample, timesteps, embeds, **extras.torch_kwargs)
 
 
@@ -177,11 +182,11 @@ class EngineUNet:
         return self.runner(*(values[i] for i in self._order))
 
 
-def unet_extras_needed(models: StreamModels, config: StreamConfig) -> frozenset[str]:
+def unet_extras_needed(models: StreamModels, config: StreamConfig, control: bool = False) -> frozenset[str]:
     """Names of the :class:`UNetExtras` a stream of ``models`` with ``config`` gives every UNet call: what a
     UNet engine must take to run it (``kv_cache`` with cached attention, ``added_cond`` for a family with
-    added conditions)."""
-    needed = set()
+    added conditions, ``control`` for a stream with ControlNets)."""
+    needed = {"control"} if control else set()
     if config.kv_cache.enabled:
         needed.add("kv_cache")
     if models.family.has_added_conditions:
@@ -189,10 +194,12 @@ def unet_extras_needed(models: StreamModels, config: StreamConfig) -> frozenset[
     return frozenset(needed)
 
 
-_EXTRA_LABELS = {"kv_cache": "the attention cache", "added_cond": "added conditions (text_embeds, time_ids)"}
+_EXTRA_LABELS = {"kv_cache": "the attention cache", "added_cond": "added conditions (text_embeds, time_ids)",
+                 "control": "ControlNet residuals"}
 
 
-def _unet_engine(models: StreamModels, config: StreamConfig, found: AttachResult, notes: list[str]) -> UNetCall | None:
+def _unet_engine(models: StreamModels, config: StreamConfig, found: AttachResult, notes: list[str],
+                 control: bool = False) -> UNetCall | None:
     """The UNet engine of ``found`` as a :class:`UNetCall` when it takes exactly the extras this stream gives;
     else None, with the runner closed and dropped from ``found`` and a note saying why (docs/DESIGN.md
     section 6: an engine that cannot serve the config is not chosen)."""
@@ -201,7 +208,7 @@ def _unet_engine(models: StreamModels, config: StreamConfig, found: AttachResult
         return None
     record = found.records.get(UNET)
     name = f"the UNet engine {getattr(record, 'name', '')}".rstrip()
-    needed = unet_extras_needed(models, config)
+    needed = unet_extras_needed(models, config, control)
     problem = None
     try:
         unet = EngineUNet(runner, name)
@@ -328,7 +335,8 @@ def _unavailable(requested: Acceleration, why: str) -> AccelerationUnavailable:
 
 
 def prepare(models: StreamModels, config: StreamConfig, acceleration: Acceleration | str | None = None, *,
-            engines: EngineSource | None = None, compile_options: CompileOptions | None = None) -> Runtime:
+            engines: EngineSource | None = None, compile_options: CompileOptions | None = None,
+            control: bool = False) -> Runtime:
     """The runtime of one stream of ``models`` with ``config``.
 
     Args:
@@ -338,6 +346,7 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
         acceleration: what to use; ``None`` takes ``config.acceleration``.
         engines: where ``tensorrt`` (and ``auto``) look for engines; without it there are none.
         compile_options: how ``compile`` compiles (default: :class:`CompileOptions`' defaults).
+        control: the stream has ControlNets (their residuals are UNet inputs no engine takes yet).
 
     Raises:
         AccelerationUnavailable: ``cuda_graph`` without a CUDA device, ``compile`` where compiled kernels
@@ -361,7 +370,7 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
     if requested in (Acceleration.AUTO, Acceleration.TENSORRT):
         found = engines.attach(models, config) if engines is not None else AttachResult()
         notes += found.notes
-        unet = _unet_engine(models, config, found, notes)  # drops a UNet engine that cannot serve this stream
+        unet = _unet_engine(models, config, found, notes, control)  # drops a UNet engine that cannot serve it
         if unet is not None or (requested is Acceleration.TENSORRT and found.runners):
             return _engine_runtime(models, requested, found, unet, host, notes)
         if requested is Acceleration.TENSORRT:

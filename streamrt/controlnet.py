@@ -1,0 +1,199 @@
+"""ControlNets inside the stream (docs/DESIGN.md section 10): control images that move with the stream batch, and
+residuals computed inside the captured step.
+
+Row i of the stream batch holds an older frame at a later denoising step, so it must be conditioned on *that*
+frame's control image. :class:`ControlState` keeps, per ControlNet, a pre-allocated ring of control images laid
+out like the UNet's rows (negative rows first, then the batch): every call the batch rows move down by F, the
+newest F control images enter at the top, and the negative rows copy the batch rows they mirror, exactly as the
+latents and RCFG's stock noise move. Strength is a live per-row scale (no recapture to change it); a ControlNet
+whose strength is 0 is not called at all, so a stream whose ControlNets are all at 0 runs the plain step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import StreamConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class ControlNet:
+    """One ControlNet of a stream.
+
+    Args:
+        model: a diffusers ``ControlNetModel`` on the pipeline's device and dtype (shared, never modified).
+        strength (`float`, defaults to `1.0`): scale of its residuals; live (see :meth:`ControlState.set_strength`).
+        start (`float`, defaults to `0.0`), end (`float`, defaults to `1.0`): the part of the stream's denoising
+            steps it applies to, as fractions: step k of n (0 is the noisiest) applies when ``start <= k / n < end``
+            (ComfyUI's Apply ControlNet start/end percent over the stream's few steps).
+    """
+
+    model: Any
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"ControlNet start/end must satisfy 0 <= start < end <= 1, got {self.start}/{self.end}")
+
+
+@dataclass(eq=False)
+class ControlResiduals:
+    """What the UNet call adds to its skip connections this call (set inside the step, read by the UNet call)."""
+
+    down: list[torch.Tensor] | None = None
+    mid: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.down is not None
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """diffusers' keyword arguments for the residuals (empty when no ControlNet ran)."""
+        if self.down is None:
+            return {}
+        return {"down_block_additional_residuals": self.down, "mid_block_additional_residual": self.mid}
+
+
+@dataclass(eq=False)
+class _Unit:
+    net: ControlNet
+    ring: torch.Tensor         # [U + B, 3, H, W] model dtype: each UNet row's control image, in [0, 1]
+    staging: torch.Tensor      # [F, H, W, 3] f32: the caller's newest control images
+    scratch: torch.Tensor      # [B - F, 3, H, W] (or empty) for the in-place shift
+    steps: torch.Tensor        # [U + B, 1, 1, 1] model dtype: 1 where the row's step is in [start, end), else 0
+    scale: torch.Tensor        # [U + B, 1, 1, 1] model dtype: strength * steps (live)
+    in_range: bool             # some row's step is in [start, end)
+
+
+@dataclass(eq=False)
+class ControlState:
+    """The control images and scales of one stream's ControlNets, allocated once per config."""
+
+    config: StreamConfig
+    units: list[_Unit] = field(default_factory=list)
+    residuals: ControlResiduals = field(default_factory=ControlResiduals)
+
+    @classmethod
+    def allocate(cls, nets: Sequence[ControlNet], config: StreamConfig, *, device: torch.device,
+                 dtype: torch.dtype) -> ControlState:
+        """Zeroed rings and staging for ``nets`` (the rows follow ``config``: negative rows first)."""
+        f, b, u, n = config.frames_per_step, config.batch_rows, config.uncond_rows, config.num_steps
+        h, w = config.height, config.width
+        step_of_row = torch.arange(b) // f  # batch row r is at step r // F
+        if u == b:
+            step_of_row = torch.cat([step_of_row, step_of_row])
+        elif u:
+            step_of_row = torch.cat([step_of_row[:f], step_of_row])
+        state = cls(config)
+        for net in nets:
+            fraction = step_of_row.float() / n
+            in_range = (fraction >= net.start) & (fraction < net.end)
+            steps = in_range.to(dtype).view(-1, 1, 1, 1).to(device)
+            unit = _Unit(net=net, ring=torch.zeros(u + b, 3, h, w, device=device, dtype=dtype),
+                         staging=torch.zeros(f, h, w, 3, device=device, dtype=torch.float32),
+                         scratch=torch.zeros(b - f, 3, h, w, device=device, dtype=dtype),
+                         steps=steps, scale=steps * net.strength, in_range=bool(in_range.any()))
+            state.units.append(unit)
+        return state
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    @property
+    def active(self) -> tuple[bool, ...]:
+        """Which ControlNets run (strength not 0 and some row in range): part of the step's graph variant."""
+        return tuple(unit.net.strength != 0 and unit.in_range for unit in self.units)
+
+    def set_strength(self, index: int, strength: float) -> None:
+        """Change one ControlNet's strength in place (0 stops calling it)."""
+        unit = self.units[index]
+        if strength == unit.net.strength:
+            return
+        unit.net.strength = float(strength)
+        torch.mul(unit.steps, float(strength), out=unit.scale)  # in place: a captured step reads the new scale
+
+    def check_images(self, images: Sequence[torch.Tensor] | None, count: int) -> list[torch.Tensor]:
+        """One ``[count or 1, H, W, 3]`` control batch in [0, 1] per ControlNet, or a ValueError naming the
+        problem (a single image is used for every frame)."""
+        cfg = self.config
+        if images is None or len(images) != len(self.units):
+            given = 0 if images is None else len(images)
+            raise ValueError(f"this stream has {len(self.units)} ControlNet(s) and was given {given} control "
+                             "image batch(es): give one per ControlNet")
+        out = []
+        for i, image in enumerate(images):
+            if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] < 3:
+                shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(f"control image {i + 1}: expected an IMAGE batch [N, H, W, 3], got {shape}")
+            if tuple(image.shape[1:3]) != (cfg.height, cfg.width):
+                raise ValueError(f"control image {i + 1} is {image.shape[2]}x{image.shape[1]}, the stream runs at "
+                                 f"{cfg.width}x{cfg.height}: resize the control image to the frames' size")
+            if image.shape[0] not in (1, count):
+                raise ValueError(f"control image {i + 1} has {image.shape[0]} frames for {count} input frames: "
+                                 "give one per frame, or a single image for all")
+            out.append(image[..., :3])
+        return out
+
+    def stage(self, images: Sequence[torch.Tensor], upload) -> None:
+        """Put the newest F control images (one ``[F or 1, H, W, 3]`` batch per ControlNet) into the staging
+        buffers, through ``upload(src, dest)`` (the runtime's host I/O)."""
+        f = self.config.frames_per_step
+        for unit, image in zip(self.units, images):
+            upload(image if image.shape[0] == f else image.expand(f, -1, -1, -1).contiguous(), unit.staging)
+
+    def advance(self) -> None:
+        """Move each ring with the stream batch and take in the staged images (inside the captured step)."""
+        cfg = self.config
+        f, b, u = cfg.frames_per_step, cfg.batch_rows, cfg.uncond_rows
+        for unit in self.units:
+            batch = unit.ring[u:]
+            if b > f:
+                unit.scratch.copy_(batch[:-f])
+                batch[f:].copy_(unit.scratch)
+            batch[:f].copy_(unit.staging.permute(0, 3, 1, 2))
+            if u == b:
+                unit.ring[:u].copy_(batch)
+            elif u:
+                unit.ring[:u].copy_(batch[:f])
+
+    def compute(self, active: tuple[bool, ...], sample: torch.Tensor, timesteps: torch.Tensor,
+                embeds: torch.Tensor, added_cond_kwargs: dict | None) -> None:
+        """Run the active ControlNets on this call's UNet inputs and sum their scaled residuals into
+        :attr:`residuals` (none active: no residuals, the plain UNet call)."""
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for unit, on in zip(self.units, active):
+            if not on:
+                continue
+            kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
+            d, m = unit.net.model(sample, timesteps, encoder_hidden_states=embeds, controlnet_cond=unit.ring,
+                                  conditioning_scale=unit.scale, return_dict=False, **kwargs)
+            if down is None:
+                down, mid = list(d), m
+            else:
+                down = [a + c for a, c in zip(down, d)]
+                mid = mid + m
+        self.residuals.down, self.residuals.mid = down, mid
+
+    def reset(self) -> None:
+        """Forget the control images of earlier frames (with the stream's latents)."""
+        for unit in self.units:
+            unit.ring.zero_()
+
+    @property
+    def rings(self) -> tuple[torch.Tensor, ...]:
+        """The state a capture's warm-up must leave as it found it."""
+        return tuple(unit.ring for unit in self.units)
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for unit in self.units
+                   for t in (unit.ring, unit.staging, unit.scratch, unit.steps, unit.scale))
