@@ -27,6 +27,6 @@ from .runtime import (
 
 __all__ = [
     "Acceleration", "AccelerationUnavailable", "AddedConditions", "AttachResult", "CompileOptions", "EngineCallError",
-    "EngineSource", "EngineUNet", "HostIO", "NO_EXTRAS", "Runtime", "TorchUNet", "UNetExtras", "capture_graph", "compile_problem",
-    "compiled_calls", "graph_replay_ms", "prepare", "use_compile_cache",
+    "EngineSource", "EngineUNet", "HostIO", "NO_EXTRAS", "Runtime", "TorchUNet", "UNetExtras", "capture_graph",
+    "compile_problem", "compiled_calls", "graph_replay_ms", "prepare", "use_compile_cache",
 ]
