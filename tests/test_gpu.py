@@ -292,6 +292,57 @@ def test_sdxl_cuda_graph_matches_eager_and_allocates_nothing_per_frame(xl_fp16_m
     assert models.prompt_encoder.encoder_calls == calls0
 
 
+def _gpu_controlnet(models: StreamModels):
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(3)
+    net = ControlNetModel.from_unet(models.unet, conditioning_embedding_out_channels=(8, 8, 16, 16),
+                                    load_weights_from_unet=False)  # the UNet's config only
+    for name, param in net.named_parameters():
+        if "controlnet_cond_embedding" in name and param.dim() > 1:
+            torch.nn.init.normal_(param, std=0.3)
+        if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    return net.to(device="cuda", dtype=torch.float16).eval().requires_grad_(False)
+
+
+def test_controlnet_under_cuda_graph_matches_eager_and_allocates_nothing(fp16_models):
+    """ControlNet residuals inside the captured step: the graph gives the eager frames, and steady state allocates
+    nothing, across control-image changes (every frame), a strength change, strength 0 (its own graph variant,
+    no ControlNet call) and back."""
+    from streamrt.controlnet import ControlNet
+
+    models = fp16_models
+    net = _gpu_controlnet(models)
+    cfg = make_config("self", 2)
+    groups, controls = frame_groups(8, seed=4), frame_groups(8, seed=5)
+
+    def run_with(stream):
+        return [stream.step(g, control=[c]).clone() for g, c in zip(groups, controls)]
+
+    expected = run_with(Stream(models, cfg.with_(acceleration="eager"), prompt=PROMPT, controlnets=[ControlNet(net)]))
+    stream = Stream(models, cfg.with_(acceleration="cuda_graph"), prompt=PROMPT, controlnets=[ControlNet(net)])
+    got = run_with(stream)
+    assert_outputs_close(got, expected, GRAPH_TOL[torch.float16], "ControlNet cuda_graph vs eager")
+    stream.set_control_strength(0, 0.0)   # capture the no-ControlNet variant before the window
+    stream.step(groups[0], control=[controls[0]])
+    stream.set_control_strength(0, 1.0)
+    out = torch.empty((1, SIZE, SIZE, 3), pin_memory=True)
+    torch.cuda.synchronize()
+    allocs0 = allocations()
+    for k in range(120):
+        if k == 40:
+            stream.set_control_strength(0, 0.5)
+        elif k == 60:
+            stream.set_control_strength(0, 0.0)
+        elif k == 80:
+            stream.set_control_strength(0, 1.0)
+        stream.step(groups[k % 8], control=[controls[(k * 3) % 8]], out=out, synchronize=False)
+    torch.cuda.synchronize()
+    grown = allocations() - allocs0
+    assert grown == 0, f"{grown} CUDA allocations over 120 frames with ControlNet changes"
+
+
 def test_zero_allocations_in_process_video_with_changes(fp16_models):
     models = fp16_models
     stream = new_stream(models, make_config("self", 2), "cuda_graph")
