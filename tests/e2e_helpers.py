@@ -8,11 +8,16 @@ to PNG quantisation (SaveImage writes 8-bit files): :data:`PNG_ATOL`.
 
 from __future__ import annotations
 
+import os
+import shlex
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
-from comfy_harness import ComfyServer, Graph, NodeRef
+from comfy_harness import REPO_ROOT, ComfyServer, Graph, NodeRef
 from stream_helpers import E2E_MODEL, E2E_TAESD
 
 from streamrt import SimilarityFilterConfig, StreamConfig, StreamSettings
@@ -119,3 +124,33 @@ def upload(server: ComfyServer, images: np.ndarray, tag: str) -> list[str]:
 def uid() -> str:
     """A fresh prefix for node ids and file names (the sampler keeps one stream per node id)."""
     return "t" + uuid.uuid4().hex[:8]
+
+
+def save_conditioning(server: ComfyServer, embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> str:
+    """A folder in the server's output directory that ComfyUI's LoadTrainingDataset reads back (its output 1) as the
+    CONDITIONING ``[[embeds, {"pooled_output": pooled}]]``, what CLIPTextEncode gives; without ``pooled`` the entry
+    has no ``pooled_output`` (``[[embeds, {}]]``). Returns the folder's name (LoadTrainingDataset's
+    ``folder_name``)."""
+    name = f"streamrt-cond-{uuid.uuid4().hex[:8]}"
+    folder = server.output_dir / name
+    folder.mkdir(parents=True)
+    options = {} if pooled is None else {"pooled_output": pooled.clone()}
+    torch.save({"latents": [{"samples": torch.zeros(1, 4, 8, 8)}], "conditioning": [[[embeds.clone(), options]]]},
+               folder / "shard_0000.pkl")
+    return name
+
+
+@contextmanager
+def own_server(work: Path, models_root: Path, timeout: float | None = None) -> Iterator[ComfyServer]:
+    """A ComfyUI server of a test module's own, with the pack mounted and ``models_root`` as its models folder
+    (for model files the session's shared folder should not hold), on the CPU with one torch thread, with the
+    flags of ``$STREAMRT_SERVER_ARGS``, ComfyUI's default cache; stopped on exit."""
+    server = ComfyServer(REPO_ROOT, work, pack_name="StreamRT", models_source=models_root,
+                         extra_args=tuple(shlex.split(os.environ.get("STREAMRT_SERVER_ARGS", ""))),
+                         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    server.cache_mode = "default"
+    server.start(timeout=timeout or float(os.environ.get("STREAMRT_SERVER_START_TIMEOUT", "180")))
+    try:
+        yield server
+    finally:
+        server.stop()

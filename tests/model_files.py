@@ -343,3 +343,66 @@ def write_sd15_layout_checkpoint(root: Path) -> Path:
     write_ldm_checkpoint(tmp, models, "sd1")
     tmp.replace(path)  # complete or absent: a later run never sees half a file
     return path
+
+
+def responsive_taesd(vae, seed: int = 0):
+    """Draw a random ``AutoencoderTiny``'s weights again, in place, so that it passes differences on as a trained one
+    does; returns it.
+
+    With diffusers' initialisation a tiny random TAESD encodes every image to nearly the same latents (its biases
+    drown the signal after a few layers) and decodes to values ComfyUI's clamp mostly cuts to black: frames from
+    different inputs, LoRAs or prompts differ by less than one 8-bit step. Here every convolution gets He-normal
+    weights (scaled by 0.7) and zero biases, then the last encoder convolution is rescaled so the latents of random
+    images have mean 0 and std 1, and the last decoder convolution so that unit-normal latents decode to images of
+    mean 0.5 and std 0.25 (before the clamp). Deterministic for a ``seed``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.7 * (2 / fan_in) ** 0.5)
+                if module.bias is not None:
+                    module.bias.zero_()
+        encoder, decoder = vae.encoder.layers[-1], vae.decoder.layers[-1]
+        latents = vae.encoder(torch.rand(8, 3, 64, 64, generator=gen) * 2 - 1)
+        mean, std = latents.mean(), latents.std()
+        encoder.weight /= std
+        encoder.bias.sub_(mean).div_(std)
+        decoded = vae.decoder.layers(torch.tanh(torch.randn(8, 4, 8, 8, generator=gen) / 3) * 3)  # in [0, 1]
+        mean, scale = decoded.mean(), 0.25 / decoded.std()
+        decoder.weight *= scale
+        decoder.bias.sub_(mean).mul_(scale).add_(0.5)
+    return vae
+
+
+def write_tiny_checkpoint(root: Path, name: str, preset: str, *, seed: int = 0, taesd: str | None = None) -> Path:
+    """``<root>/checkpoints/<name>``: a single-file checkpoint of the random ``preset`` (``tiny``: SD1 layout;
+    ``tiny-xl``: SDXL's SGM layout) with its ``<name>.streamrt.json`` sidecar naming the config folder
+    ``<stem>-configs`` beside it (tokenizers included: the tiny text encoders have a tiny vocabulary); with
+    ``taesd`` (``"taesd"``, ``"taesdxl"``) also ComfyUI's ``<taesd>_encoder`` / ``<taesd>_decoder`` pair of the
+    preset's TAESD, made responsive (:func:`responsive_taesd`), in ``<root>/vae_approx``. Once; returns the
+    checkpoint. The diffusers folder the files come from is written to a temporary folder and removed."""
+    import json
+    import tempfile
+
+    from streamrt.loading import load_diffusers_folder, load_taesd
+    from streamrt.random_models import write_random_pipeline
+
+    path = root / "checkpoints" / name
+    if path.is_file():
+        return path
+    stem = name.rsplit(".", 1)[0]
+    with tempfile.TemporaryDirectory(prefix="streamrt-ckpt-src-") as tmp:
+        src, taesd_src = Path(tmp) / stem, Path(tmp) / "taesd"
+        write_random_pipeline(src, preset, seed=seed, taesd_folder=taesd_src if taesd else None)
+        models = load_diffusers_folder(src, dtype="fp32", device="cpu")
+        write_config_dir(root / "checkpoints" / f"{stem}-configs", src, tokenizer=True)
+        (root / "checkpoints" / (name + ".streamrt.json")).write_text(json.dumps({"config_dir": f"{stem}-configs"}))
+        if taesd:
+            vae = load_taesd(taesd_src, dtype=torch.float32, device=torch.device("cpu"))
+            write_comfy_taesd(root / "vae_approx", responsive_taesd(vae, seed), name=taesd)
+        tmp_path = path.with_suffix(".part")
+        write_ldm_checkpoint(tmp_path, models, models.family.name)
+        tmp_path.replace(path)  # complete or absent
+    return path
