@@ -46,6 +46,26 @@ class ControlNet:
 
 
 @dataclass(eq=False)
+class ControlInput:
+    """One ControlNet as a host asks for it on one call (see :class:`streamrt.sessions.StreamRequest`).
+
+    Args:
+        key: what identifies the ControlNet's weights (a stream is rebuilt when the set of keys changes).
+        net (`ControlNet`): the model and its strength, start and end (strength is applied live; start/end
+            changes rebuild).
+        image (`torch.Tensor`): its control images ``[N or 1, H, W, 3]`` in [0, 1] for this call's frames.
+    """
+
+    key: Any
+    net: ControlNet
+    image: torch.Tensor
+
+    @property
+    def rebuild_key(self) -> tuple:
+        return self.key, self.net.start, self.net.end
+
+
+@dataclass(eq=False)
 class ControlResiduals:
     """What the UNet call adds to its skip connections this call (set inside the step, read by the UNet call)."""
 
@@ -72,6 +92,25 @@ class _Unit:
     steps: torch.Tensor        # [U + B, 1, 1, 1] model dtype: 1 where the row's step is in [start, end), else 0
     scale: torch.Tensor        # [U + B, 1, 1, 1] model dtype: strength * steps (live)
     in_range: bool             # some row's step is in [start, end)
+
+
+def check_control_images(images: Sequence[torch.Tensor], count: int, *, width: int,
+                         height: int) -> list[torch.Tensor]:
+    """The control batches as ``[count or 1, height, width, 3]`` views, or a ValueError naming the problem (not an
+    IMAGE batch, another size, another frame count; a single image is used for every frame)."""
+    out = []
+    for i, image in enumerate(images):
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] < 3:
+            shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"control image {i + 1}: expected an IMAGE batch [N, H, W, 3], got {shape}")
+        if tuple(image.shape[1:3]) != (height, width):
+            raise ValueError(f"control image {i + 1} is {image.shape[2]}x{image.shape[1]}, the stream runs at "
+                             f"{width}x{height}: resize the control image to the frames' size")
+        if image.shape[0] not in (1, count):
+            raise ValueError(f"control image {i + 1} has {image.shape[0]} frames for {count} input frames: "
+                             "give one per frame, or a single image for all")
+        out.append(image[..., :3])
+    return out
 
 
 @dataclass(eq=False)
@@ -122,26 +161,12 @@ class ControlState:
         torch.mul(unit.steps, float(strength), out=unit.scale)  # in place: a captured step reads the new scale
 
     def check_images(self, images: Sequence[torch.Tensor] | None, count: int) -> list[torch.Tensor]:
-        """One ``[count or 1, H, W, 3]`` control batch in [0, 1] per ControlNet, or a ValueError naming the
-        problem (a single image is used for every frame)."""
-        cfg = self.config
+        """One ``[count or 1, H, W, 3]`` control batch in [0, 1] per ControlNet (see :func:`check_control_images`)."""
         if images is None or len(images) != len(self.units):
             given = 0 if images is None else len(images)
             raise ValueError(f"this stream has {len(self.units)} ControlNet(s) and was given {given} control "
                              "image batch(es): give one per ControlNet")
-        out = []
-        for i, image in enumerate(images):
-            if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] < 3:
-                shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-                raise ValueError(f"control image {i + 1}: expected an IMAGE batch [N, H, W, 3], got {shape}")
-            if tuple(image.shape[1:3]) != (cfg.height, cfg.width):
-                raise ValueError(f"control image {i + 1} is {image.shape[2]}x{image.shape[1]}, the stream runs at "
-                                 f"{cfg.width}x{cfg.height}: resize the control image to the frames' size")
-            if image.shape[0] not in (1, count):
-                raise ValueError(f"control image {i + 1} has {image.shape[0]} frames for {count} input frames: "
-                                 "give one per frame, or a single image for all")
-            out.append(image[..., :3])
-        return out
+        return check_control_images(images, count, width=self.config.width, height=self.config.height)
 
     def stage(self, images: Sequence[torch.Tensor], upload) -> None:
         """Put the newest F control images (one ``[F or 1, H, W, 3]`` batch per ControlNet) into the staging

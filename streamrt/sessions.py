@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import StreamConfig
+from .controlnet import ControlInput, check_control_images
 from .frames import check_frames
 from .models import StreamModels
 from .prompts import Prompt, PromptPart
@@ -44,7 +45,8 @@ class StreamRequest:
 
     ``prompt`` is text, embeddings ``[1, L, D]`` or a weighted blend of both; ``negative_prompt`` text or
     embeddings (see :mod:`streamrt.prompts`). Embeddings are taken as immutable: handing the same tensor again
-    (or an equal one) changes nothing.
+    (or an equal one) changes nothing. ``controlnets``: the ControlNets of this call with their control images;
+    the same set (by key, start and end) keeps the stream, a strength change is applied in place.
     """
 
     config: StreamConfig
@@ -52,6 +54,7 @@ class StreamRequest:
     negative_prompt: PromptPart = ""
     reset: bool = False
     engines: EngineSource | None = None
+    controlnets: tuple[ControlInput, ...] = ()
 
     def stream_config(self, models: StreamModels) -> StreamConfig:
         """The config of the stream for this request: ``config``, its ``prompt_length`` sized for these prompts
@@ -62,8 +65,10 @@ class StreamRequest:
                                                              self.negative_prompt))
 
     def rebuild_key(self, models: StreamModels) -> tuple:
-        """What needs a new stream when it changes (the stream config's rebuild key and the engine source)."""
-        return self.stream_config(models).rebuild_key(), None if self.engines is None else self.engines.key
+        """What needs a new stream when it changes (the stream config's rebuild key, the engine source and the set
+        of ControlNets)."""
+        return (self.stream_config(models).rebuild_key(), None if self.engines is None else self.engines.key,
+                tuple(c.rebuild_key for c in self.controlnets))
 
     def check(self, models: StreamModels) -> None:
         """Raise ValueError naming what cannot be used (prompt texts, embeddings, weights), before anything
@@ -153,7 +158,7 @@ class StreamSessions:
             stream = self._streams.get(owner)
             if stream is None or stream.models is not models or self._keys.get(owner) != key:
                 # The runtime first: an acceleration that cannot run here is refused before the old stream goes.
-                runtime = prepare(models, cfg, engines=request.engines)
+                runtime = prepare(models, cfg, engines=request.engines, control=bool(request.controlnets))
                 if stream is not None:
                     logger.info("stream %s: config changed, building a new stream", owner)
                     self._drop(owner)
@@ -166,7 +171,7 @@ class StreamSessions:
                     self._collect()
                 try:
                     stream = Stream(models, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
-                                    runtime=runtime)
+                                    runtime=runtime, controlnets=[c.net for c in request.controlnets])
                 except BaseException:
                     runtime.close()
                     raise
@@ -179,6 +184,8 @@ class StreamSessions:
             stream.set_guidance(cfg.guidance_scale, cfg.delta)
             if cfg.kv_cache.enabled:
                 stream.set_cache_window(cfg.kv_cache.window, cfg.kv_cache.interval)
+            for index, control in enumerate(request.controlnets):
+                stream.set_control_strength(index, control.net.strength)
             if request.reset:
                 stream.reset()
             return stream
@@ -196,12 +203,17 @@ class StreamSessions:
         cfg = request.config
         if frames is not None:
             frames = check_frames(frames, width=cfg.width, height=cfg.height, frames_per_step=cfg.frames_per_step)
+        check_control_images([c.image for c in request.controlnets],
+                             cfg.frames_per_step if frames is None else int(frames.shape[0]), width=cfg.width,
+                             height=cfg.height)  # before the stream changes
         stream = self.stream(owner, models, request)
+        control = [c.image for c in request.controlnets] or None
         if frames is None:
-            return stream, stream.step(None)
+            return stream, stream.step(None, control=control)
         if frames.shape[0] == cfg.frames_per_step:
-            return stream, stream.step(frames, validated=True)
-        return stream, stream.process_video(frames, progress=progress, preview=preview, validated=True)
+            return stream, stream.step(frames, validated=True, control=control)
+        return stream, stream.process_video(frames, progress=progress, preview=preview, validated=True,
+                                            control=control)
 
     def _drop(self, owner: Hashable) -> None:
         stream = self._streams.pop(owner, None)

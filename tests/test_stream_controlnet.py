@@ -223,3 +223,35 @@ def test_sdxl_stream_takes_a_controlnet_with_added_conditions():
         frames, control=[control])
     plain = Stream(models, config, prompt="a cat").process_video(frames)
     assert torch.isfinite(with_net).all() and (with_net - plain).abs().max() > 1e-3
+
+
+def test_sessions_keep_the_stream_for_the_same_controlnets_and_apply_strength_live(tiny_models, controlnets):
+    """A host's calls: the same ControlNet set keeps the stream (strength applied in place), another set or another
+    start/end rebuilds it, and a control image that cannot be used is refused before the stream changes."""
+    from streamrt.controlnet import ControlInput
+    from streamrt.sessions import StreamRequest, StreamSessions
+
+    sessions = StreamSessions()
+    config = make_config(cfg_type="self", t_index_list=(20, 35))
+    frames, control = make_frames(1, seed=20), make_frames(1, seed=21)
+
+    def request(strength=1.0, net=0, start=0.0):
+        return StreamRequest(config, "a cat", controlnets=(
+            ControlInput(("cn", net), ControlNet(controlnets[net], strength, start), control),))
+
+    stream, _ = sessions.run("owner", tiny_models, request(1.0), frames)
+    same, _ = sessions.run("owner", tiny_models, request(0.4), frames)
+    assert same is stream and stream.control.units[0].net.strength == 0.4
+    assert float(stream.control.units[0].scale[0]) == pytest.approx(0.4, abs=1e-3)
+    other, _ = sessions.run("owner", tiny_models, request(0.4, net=1), frames)
+    assert other is not stream
+    moved, _ = sessions.run("owner", tiny_models, request(0.4, net=1, start=0.5), frames)
+    assert moved is not other
+    before = moved.frames_processed
+    bad = StreamRequest(config, "a cat", controlnets=(
+        ControlInput(("cn", 1), ControlNet(controlnets[1], 0.4, 0.5), torch.rand(1, 32, 32, 3)),))
+    with pytest.raises(ValueError, match="resize"):
+        sessions.run("owner", tiny_models, bad, frames)
+    assert sessions.stream("owner", tiny_models, request(0.4, net=1, start=0.5)) is moved
+    assert moved.frames_processed == before
+    sessions.release()
