@@ -88,7 +88,7 @@ FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_mode
 _FROM_UNET = ("upcast_attention", "only_cross_attention", "norm_num_groups", "norm_eps", "act_fn", "flip_sin_to_cos",
               "freq_shift", "downsample_padding", "mid_block_scale_factor", "resnet_time_scale_shift")
 
-# What other files are, by a key (or key prefix) only they have: (test, name, advice). Checked before
+# What other files are, by a key (or key prefix) only they have: (test of a key, what the file is). Checked before
 # anything else, so a ControlNet-like key inside one of them does not make it pass for a ControlNet.
 _NOT_CONTROLNETS: tuple[tuple[Any, str], ...] = (
     (lambda k: k == "lora_controlnet", "a Control-LoRA (Stability's): it patches the base UNet's weights at run "
@@ -264,10 +264,11 @@ def ldm_to_diffusers_names(keys: Sequence[str], prefix: str = LDM_PREFIX) -> tup
 
     bare = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and k != prefix + DIFF_KEY}
     body = [b for b in bare if not b.startswith(("input_hint_block.", "label_emb."))]
-    mapping: dict[str, str] = {}
-    if "time_embed.0.weight" in body:  # else diffusers would look for control_model.* keys itself
-        converted = convert_controlnet_checkpoint({b: b for b in body}, {"layers_per_block": _ldm_layers_per_block(body)})
-        mapping.update({new: old for new, old in converted.items() if old is not None})
+    if "time_embed.0.weight" not in body:  # diffusers' function would look for control_model.* keys itself
+        raise ModelLoadError(f"the ControlNet has no {prefix}time_embed.0.weight: the file is incomplete or of another "
+                             "architecture")
+    converted = convert_controlnet_checkpoint({b: b for b in body}, {"layers_per_block": _ldm_layers_per_block(body)})
+    mapping = {new: old for new, old in converted.items() if old is not None}
     mapping.update(_hint_names(list(bare)))
     for b in bare:
         for old, new in _LABEL_EMB.items():
@@ -477,6 +478,17 @@ def _build(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], dtype: 
     return model.eval().requires_grad_(False)
 
 
+def _check_usable(arch: ControlNetArchitecture, *, what: str, family, unet_config, base_unet) -> None:
+    """Refuse a ControlNet of another family than the pipeline's, and a diff ControlNet without its base UNet."""
+    if family is None and unet_config is not None:
+        family = family_of_unet(unet_config)
+    _check_family(arch.family, family, what)
+    if arch.diff and base_unet is None:
+        raise ModelLoadError(f"{what} is a \"diff\" ControlNet (its weights are differences to a base model's): it "
+                             "needs the base UNet's weights (ComfyUI's DiffControlNetLoader with the model), or use "
+                             "a full ControlNet")
+
+
 def _from_state(state: Mapping[str, torch.Tensor], *, what: str, dtype, device, family, unet_config, base_unet,
                 global_pool_conditions: bool, copy: bool, config: Mapping[str, Any] | None = None):
     arch = detect_controlnet(state)
@@ -485,13 +497,7 @@ def _from_state(state: Mapping[str, torch.Tensor], *, what: str, dtype, device, 
         if arch_family != arch.family:
             raise ModelLoadError(f"its config.json describes an {family_named(arch_family).label} ControlNet, its "
                                  f"weights an {arch.model_family.label} one")
-    if family is None and unet_config is not None:
-        family = family_of_unet(unet_config)
-    _check_family(arch.family, family, what)
-    if arch.diff and base_unet is None:
-        raise ModelLoadError(f"{what} is a \"diff\" ControlNet (its weights are differences to a base model's): it "
-                             "needs the base UNet's weights (ComfyUI's DiffControlNetLoader with the model), or use "
-                             "a full ControlNet")
+    _check_usable(arch, what=what, family=family, unet_config=unet_config, base_unet=base_unet)
     renamed = _to_diffusers(state, arch)
     if config is None:
         shapes = {k: _shape(v) for k, v in renamed.items()}
@@ -533,10 +539,10 @@ def controlnet_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, dtype:
     from .loading import _load_errors, resolve_dtype
 
     target = None if device is None else torch.device(device)
+    dtype = None if dtype is None else resolve_dtype(dtype, target or "cpu")
     with _load_errors(what):
-        return _from_state(state_dict, what=what, dtype=None if dtype is None else resolve_dtype(dtype, target or "cpu"),
-                           device=target, family=family, unet_config=unet_config, base_unet=base_unet,
-                           global_pool_conditions=global_pool_conditions, copy=True)
+        return _from_state(state_dict, what=what, dtype=dtype, device=target, family=family, unet_config=unet_config,
+                           base_unet=base_unet, global_pool_conditions=global_pool_conditions, copy=True)
 
 
 def controlnet_from_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], **kwargs):
@@ -593,10 +599,8 @@ def _load_file(path: Path, *, dtype, device, family, unet_config, base_unet):
                            copy=False, config=config)
     check_weight_file(path)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:  # refuse what is no ControlNet before reading gigabytes
-        arch = detect_controlnet(read_shapes(path))
-        if family is None and unet_config is not None:
-            family = family_of_unet(unet_config)
-        _check_family(arch.family, family, what)
+        _check_usable(detect_controlnet(read_shapes(path)), what=what, family=family, unet_config=unet_config,
+                      base_unet=base_unet)
     if global_pool:
         logger.info("%s: a shuffle ControlNet (by its name): its residuals are pooled over the image", path.name)
     return _from_state(read_weights(path), what=what, dtype=dtype, device=device, family=family,

@@ -354,7 +354,8 @@ def random_controlnet(unet, *, seed: int = 0, conditioning_embedding_out_channel
     would make every residual zero and hide a misplaced tensor, so every tensor is redrawn."""
     from diffusers import ControlNetModel
 
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_embedding_out_channels)
+    controlnet = ControlNetModel.from_unet(unet,
+                                           conditioning_embedding_out_channels=conditioning_embedding_out_channels)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in controlnet.parameters():
