@@ -406,3 +406,163 @@ def write_tiny_checkpoint(root: Path, name: str, preset: str, *, seed: int = 0, 
         write_ldm_checkpoint(tmp_path, models, models.family.name)
         tmp_path.replace(path)  # complete or absent
     return path
+
+# --------------------------------------------------------------------------- ControlNets
+
+
+def random_controlnet(unet, *, seed: int = 0, conditioning_embedding_out_channels=(16, 32, 96, 256)):
+    """A diffusers ``ControlNetModel`` shaped after ``unet`` (``ControlNetModel.from_unet``) with random weights
+    everywhere: diffusers starts the zero convolutions and the control encoder's last convolution at zero, which
+    would make every residual zero and hide a misplaced tensor, so every tensor is redrawn."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet,
+                                           conditioning_embedding_out_channels=conditioning_embedding_out_channels)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in controlnet.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return controlnet.eval().requires_grad_(False)
+
+
+def controlnet_to_ldm(sd: dict, config, prefix: str = "control_model.") -> dict:
+    """A diffusers ControlNet's state dict in the original (lllyasviel / ComfyUI ``comfy.cldm.cldm.ControlNet``) names:
+    the UNet-encoder part as in a UNet checkpoint (:func:`ldm_name`), the control image encoder as
+    ``input_hint_block.{0, 2, 4, ...}`` (convolutions with SiLUs between them), the residual outputs as
+    ``zero_convs.N.0`` and ``middle_block_out.0``; under ``prefix`` (files: ``control_model.``, ComfyUI's module:
+    none)."""
+    # ldm_name numbers the upsamplers by the up block types, which a ControlNet has none of
+    unet_like = {**dict(config), "up_block_types": ["UpBlock2D"] * len(config["block_out_channels"])}
+    hint_blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("controlnet_cond_embedding."):
+            part, rest = key[len("controlnet_cond_embedding."):].split(".", 1)
+            if part == "conv_in":
+                index = 0
+            elif part == "conv_out":
+                index = 2 * (hint_blocks + 1)
+            else:
+                index, rest = 2 * (int(rest.split(".", 1)[0]) + 1), rest.split(".", 1)[1]
+            new = f"input_hint_block.{index}.{rest}"
+        elif key.startswith("controlnet_down_blocks."):
+            index, rest = key[len("controlnet_down_blocks."):].split(".", 1)
+            new = f"zero_convs.{index}.0.{rest}"
+        elif key.startswith("controlnet_mid_block."):
+            new = "middle_block_out.0." + key[len("controlnet_mid_block."):]
+        else:
+            new = ldm_name(key, unet_like)
+        out[prefix + new] = value
+    return out
+
+
+def write_controlnet(path: Path, controlnet, layout: str, *, dtype: torch.dtype | None = None, extra=None) -> Path:
+    """``controlnet`` as ControlNet files users have: ``"folder"`` (``save_pretrained``), ``"diffusers"`` (a single
+    file in diffusers' key names), ``"ldm"`` (a single file in the original names under ``control_model.``) or
+    ``"ldm-bare"`` (the original names without prefix); ``.pth`` paths are written with ``torch.save``."""
+    if layout == "folder":
+        controlnet.save_pretrained(path, safe_serialization=True)
+        return path
+    sd = {k: v.detach() for k, v in controlnet.state_dict().items()}
+    if layout == "ldm":
+        sd = controlnet_to_ldm(sd, controlnet.config)
+    elif layout == "ldm-bare":
+        sd = controlnet_to_ldm(sd, controlnet.config, prefix="")
+    elif layout != "diffusers":
+        raise ValueError(layout)
+    sd.update(extra or {})
+    sd = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items()}
+    if path.suffix in (".pth", ".ckpt", ".pt"):
+        torch.save({"state_dict": sd}, path)
+    else:
+        save_file(sd, str(path))
+    return path
+
+
+def controlnet_residuals(controlnet, *, seed: int = 0, size: int = 16, batch: int = 2, added: dict | None = None):
+    """``controlnet``'s down residuals and mid residual on random inputs made from ``seed`` (the same for every
+    model of one config): latents, a timestep per row, text context, a control image in [0, 1] (8x the latents for
+    the standard control encoder), SDXL's pooled text and size conditions."""
+    config = controlnet.config
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, config.in_channels, size, size, generator=gen)
+    context = torch.randn(batch, 7, config.cross_attention_dim, generator=gen)
+    scale = 2 ** (len(config.conditioning_embedding_out_channels) - 1)  # the control encoder's downsampling
+    hint = torch.rand(batch, config.conditioning_channels, size * scale, size * scale, generator=gen)
+    timestep = torch.tensor([999, 321][:batch] + [500] * max(0, batch - 2))
+    kwargs = {}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = added or {"text_embeds": torch.randn(batch, pooled, generator=gen),
+                                                "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8,
+                                                                           size * 8]] * batch, dtype=torch.float32)}
+    dtype = next(controlnet.parameters()).dtype
+    with torch.no_grad():
+        down, mid = controlnet(sample.to(dtype), timestep, context.to(dtype), hint.to(dtype), return_dict=False,
+                               **kwargs)
+    return [d.float() for d in down], mid.float()
+
+
+#: run by :func:`comfy_controlnet_reference` in ComfyUI's tree: argv = output file, JSON of the ControlNet's
+#: parameters, seed, latent size
+_COMFY_CONTROLNET_SCRIPT = r"""
+import json, sys
+out, params, seed, size = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.cldm.cldm, comfy.ops
+from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
+from safetensors.torch import save_file
+model = comfy.cldm.cldm.ControlNet(image_size=None, use_spatial_transformer=True, dtype=torch.float32,
+                                   operations=comfy.ops.disable_weight_init, **params)
+gen = torch.Generator().manual_seed(seed)
+with torch.no_grad():
+    for p in model.parameters():  # the zero convolutions too: every residual must depend on every tensor
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+batch = 2
+x = torch.randn(batch, params["in_channels"], size, size, generator=gen)
+hint = torch.rand(batch, params["hint_channels"], size * 8, size * 8, generator=gen)
+t = torch.tensor([999.0, 321.0])
+context = torch.randn(batch, 7, params["context_dim"], generator=gen)
+tensors = {"in.x": x, "in.hint": hint, "in.t": t, "in.context": context}
+y = None
+if params.get("adm_in_channels"):  # SDXL: pooled text, then each size condition's sinusoidal embedding (encode_adm)
+    time_dim = params.pop("time_dim")
+    pooled = torch.randn(batch, params["adm_in_channels"] - 6 * time_dim, generator=gen)
+    time_ids = torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch, dtype=torch.float32)
+    embedded = Timestep(time_dim)(time_ids.flatten()).reshape(batch, -1)
+    y = torch.cat([pooled, embedded], dim=1)
+    tensors.update({"in.pooled": pooled, "in.time_ids": time_ids})
+with torch.no_grad():
+    result = model(x, hint, t, context, y=y)
+tensors.update({f"out.{i}": r for i, r in enumerate(result["output"])})
+tensors["out.middle"] = result["middle"][0]
+tensors.update({"sd." + k: v for k, v in model.state_dict().items()})
+save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+"""
+
+
+def comfy_controlnet_reference(comfyui: Path, out: Path, params: dict, *, seed: int = 0, size: int = 8) -> dict:
+    """ComfyUI's own ControlNet (``comfy.cldm.cldm.ControlNet``, built from ``params`` as ComfyUI's model detection
+    would give them, random weights) run once in a subprocess (ComfyUI's imports set global state): returns
+    ``{"sd": its state_dict (bare LDM names), "inputs": {...}, "output": [zero_convs' outputs], "middle": tensor}``.
+    ``params`` for SDXL carry ``time_dim``, the width of each size condition's embedding."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    # -c: the working directory (ComfyUI's tree) comes first on sys.path, so `import comfy` finds ComfyUI's
+    done = subprocess.run([sys.executable, "-c", _COMFY_CONTROLNET_SCRIPT, str(out), json.dumps(params), str(seed),
+                           str(size)],
+                          cwd=comfyui, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        raise RuntimeError(f"ComfyUI's ControlNet failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    tensors = load_file(str(out))
+    outputs = sorted((int(k[4:]), v) for k, v in tensors.items() if k.startswith("out.") and k[4:].isdigit())
+    return {"sd": {k[3:]: v for k, v in tensors.items() if k.startswith("sd.")},
+            "inputs": {k[3:]: v for k, v in tensors.items() if k.startswith("in.")},
+            "output": [v for _, v in outputs], "middle": tensors["out.middle"]}
