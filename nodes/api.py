@@ -11,7 +11,9 @@ import hashlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import comfy.model_management as model_management
 import comfy.model_patcher
@@ -476,8 +478,7 @@ def show_text(node_id: str | None, text: str) -> None:
 #: the whole frame at every step, so it cannot honour them
 _REGIONAL_KEYS = ("area", "mask", "strength", "set_area_to_bounds", "mask_strength")
 #: other keys asking for something the stream does not do (the prompt embeddings are all it uses)
-_UNSUPPORTED_KEYS = {"control": "a ControlNet", "gligen": "GLIGEN", "start_percent": "a timestep range",
-                     "end_percent": "a timestep range"}
+_UNSUPPORTED_KEYS = {"gligen": "GLIGEN", "start_percent": "a timestep range", "end_percent": "a timestep range"}
 
 
 def conditioning_embeddings(conditioning, what: str) -> TextEmbedding:
@@ -507,9 +508,78 @@ def conditioning_embeddings(conditioning, what: str) -> TextEmbedding:
     unsupported = sorted({_UNSUPPORTED_KEYS[k] for k in _UNSUPPORTED_KEYS if k in options})
     if unsupported:
         raise ValueError(f"{what}: the CONDITIONING carries {' and '.join(unsupported)}, which the stream does not "
-                         "apply (it uses the prompt embeddings only); connect the plain text encoding")
+                         "apply (it uses the prompt embeddings and ControlNets only); connect the plain text encoding")
     if embeds.dim() == 3 and embeds.shape[0] != 1:
         raise ValueError(f"{what}: the CONDITIONING has a batch of {embeds.shape[0]} prompts, a stream takes one: "
                          "blend them with Conditioning Average")
     pooled = options.get("pooled_output")
     return TextEmbedding(embeds, pooled if isinstance(pooled, torch.Tensor) else None)
+
+
+# ---- ControlNets from Apply ControlNet (nodes/sampler.py) ---------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ComfyControl:
+    """One ControlNet of an Apply ControlNet chain, as the stream needs it.
+
+    ``key`` identifies the weights (a fingerprint, computed once per loaded ControlNet); ``state_dict`` gives them
+    (LDM layout, ComfyUI's ``comfy.cldm.cldm.ControlNet``); ``image`` is the control image batch ``[N, H, W, 3]``.
+    """
+
+    key: str
+    state_dict: Callable[[], dict]
+    image: torch.Tensor
+    strength: float
+    start: float
+    end: float
+
+
+#: control model -> fingerprint of its weights (computed once per loaded ControlNet, not per execution)
+_control_keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _control_chain(conditioning) -> list:
+    """The ControlNets applied to a CONDITIONING entry, oldest first (Apply ControlNet chains them)."""
+    if not conditioning:
+        return []
+    chain, control = [], conditioning[0][1].get("control")
+    while control is not None:
+        chain.append(control)
+        control = getattr(control, "previous_controlnet", None)
+    return chain[::-1]
+
+
+def conditioning_controls(positive, negative) -> list[ComfyControl]:
+    """The ControlNets that Apply ControlNet (Advanced) put on the positive CONDITIONING (and the same ones on the
+    negative), or a ValueError naming what the stream cannot run: T2I adapters, Control-LoRAs and other kinds,
+    another strength type, a ControlNet on the negative prompt only."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+
+    chain = _control_chain(positive)
+    extra = [c for c in _control_chain(negative) if all(c is not p for p in chain)]
+    if extra:
+        raise ValueError("the negative CONDITIONING carries a ControlNet the positive one does not: a stream applies "
+                         "its ControlNets to every row; apply them with Apply ControlNet to both (its positive and "
+                         "negative outputs)")
+    out = []
+    for control in chain:
+        kind = type(control).__name__
+        model = getattr(control, "control_model", None)
+        if type(control) is not comfy.controlnet.ControlNet or not isinstance(model, comfy.cldm.cldm.ControlNet):
+            raise ValueError(f"the CONDITIONING carries a {kind} ({type(model).__name__}): the stream runs ControlNets "
+                             "(ControlNetLoader / DiffControlNetLoader files for SD1.x/SD2.x/SDXL), not T2I adapters, "
+                             "Control-LoRAs or other control models")
+        if getattr(control, "vae", None) is not None or getattr(control, "extra_concat_orig", None):
+            raise ValueError("this ControlNet takes a VAE or extra inputs (an SD3/Flux-style ControlNet), which the "
+                             "stream does not run")
+        if control.strength_type != comfy.controlnet.StrengthType.CONSTANT:
+            raise ValueError(f"this ControlNet scales its residuals by {control.strength_type.name}: the stream "
+                             "supports constant strength")
+        key = _control_keys.get(model)
+        if key is None:
+            key = _control_keys[model] = _fingerprint(control.control_model_wrapped)
+        start, end = control.timestep_percent_range
+        image = control.cond_hint_original.movedim(1, -1)
+        out.append(ComfyControl(key, lambda m=model: m.state_dict(), image, float(control.strength), float(start),
+                                float(end)))
+    return out

@@ -9,6 +9,11 @@ import time
 import torch
 
 from ..streamrt import StreamRequest, StreamSettings
+from ..streamrt.config import StreamConfig
+from ..streamrt.controlnet import ControlInput, ControlNet
+from ..streamrt.controlnet_loading import controlnet_from_state_dict
+from ..streamrt.frames import resize_frames
+from ..streamrt.models import StreamModels
 from . import api
 from .api import io
 from .engines import engine_note, engine_source
@@ -40,6 +45,28 @@ def prompt_input(conditioning, text: str, what: str, text_name: str, notes: list
     if text.strip():
         notes.append(f"{what} is connected: the {text_name} text is not used")
     return api.conditioning_embeddings(conditioning, what)
+
+
+def control_inputs(positive, negative, models: StreamModels, config: StreamConfig) -> tuple[ControlInput, ...]:
+    """The ControlNets Apply ControlNet put on the CONDITIONING, converted once per ControlNet (kept with the
+    pipelines), with their control images at the stream's size."""
+    if positive is None:
+        if negative is not None and api.conditioning_controls(None, negative):
+            raise ValueError("the negative CONDITIONING carries a ControlNet but no positive CONDITIONING is "
+                             "connected: apply the ControlNet to both")
+        return ()
+    out = []
+    for control in api.conditioning_controls(positive, negative):
+        def load(control=control):
+            return controlnet_from_state_dict(control.state_dict(), dtype=models.dtype, device=models.device,
+                                              family=models.family, unet_config=models.unet.config,
+                                              what="the ControlNet of Apply ControlNet")
+        model = SESSIONS.controlnet((control.key, str(models.device), str(models.dtype)), load)
+        image = control.image
+        if tuple(image.shape[1:3]) != (config.height, config.width):
+            image = resize_frames(image, config.width, config.height)
+        out.append(ControlInput(control.key, ControlNet(model, control.strength, control.start, control.end), image))
+    return tuple(out)
 
 
 class StreamSampler(io.ComfyNode):
@@ -123,12 +150,13 @@ class StreamSampler(io.ComfyNode):
             frame_size=(int(image.shape[1]), int(image.shape[2])) if image is not None and image.dim() == 4 else None)
         image = settings.fit_frames(image)  # resized to the settings' width / height, when they set them
         notes: list[str] = []
+        models = pipeline.models()
         request = StreamRequest(config, prompt_input(positive, prompt, "positive", "prompt", notes),
                                 prompt_input(negative, negative_prompt, "negative", "negative_prompt", notes),
-                                reset=reset, engines=engine_source(pipeline))
+                                reset=reset, engines=engine_source(pipeline),
+                                controlnets=control_inputs(positive, negative, models, config))
         node_id = cls.hidden.unique_id
         owner = (workflow_id(cls.hidden.extra_pnginfo), node_id)
-        models = pipeline.models()
         fresh = SESSIONS.frames_processed(owner) == 0
         api.check_interrupted()
         start = time.perf_counter()

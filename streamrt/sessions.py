@@ -25,6 +25,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -97,6 +98,23 @@ class StreamSessions:
         self._stream_bytes: dict[Hashable, int] = {}
         self.loads = 0
         self._collect_pending = False
+        self._controlnets: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()  # key -> (model, bytes), LRU
+        self.max_controlnets = 4
+
+    # ControlNets -----------------------------------------------------------------------------------
+    def controlnet(self, key: Hashable, load: Callable[[], Any]) -> Any:
+        """The converted ControlNet for ``key``, made with ``load()`` only when it is not cached (the few most
+        recently used are kept; :meth:`release` lets them go with the pipelines)."""
+        with self._lock:
+            hit = self._controlnets.get(key)
+            if hit is not None:
+                self._controlnets.move_to_end(key)
+                return hit[0]
+            model = load()
+            self._controlnets[key] = (model, sum(p.numel() * p.element_size() for p in model.parameters()))
+            while len(self._controlnets) > self.max_controlnets:
+                self._controlnets.popitem(last=False)
+            return model
 
     # pipelines -------------------------------------------------------------------------------------
     def pipeline(self, key: Hashable, load: Callable[[], StreamModels], *, holder: Hashable | None = None
@@ -242,7 +260,8 @@ class StreamSessions:
     def total_bytes(self) -> int:
         """Device bytes held: every cached pipeline's weights and every live stream's buffers."""
         with self._lock:
-            return sum(self._pipeline_bytes.values()) + sum(self._stream_bytes.values())
+            return (sum(self._pipeline_bytes.values()) + sum(self._stream_bytes.values())
+                    + sum(size for _, size in self._controlnets.values()))
 
     def _collect(self) -> None:
         self._collect_pending = False
@@ -262,8 +281,9 @@ class StreamSessions:
         inside a host's own unload loop.
         """
         with self._lock:
-            had = bool(self._streams or self._pipelines)
+            had = bool(self._streams or self._pipelines or self._controlnets)
             self._holders.clear()
+            self._controlnets.clear()
             for owner in list(self._streams):
                 self._drop(owner)
             self._pipelines.clear()

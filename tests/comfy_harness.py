@@ -26,7 +26,7 @@ Work-dir layout made by :class:`ComfyServer`::
     <work>/server.log               the server's stdout + stderr
 
 The yaml registers ``custom_nodes``, ``checkpoints``, ``diffusers``, ``vae_approx``, ``vae``,
-``loras`` and the custom key ``streamrt_engines`` (-> ``models/engines``).
+``loras``, ``controlnet`` and the custom key ``streamrt_engines`` (-> ``models/engines``).
 
 Things worth knowing about the server (ComfyUI 0.3.75):
 
@@ -74,6 +74,7 @@ MODEL_FOLDERS: dict[str, str] = {
     "vae_approx": "vae_approx",
     "vae": "vae",
     "loras": "loras",
+    "controlnet": "controlnet",
     "streamrt_engines": "engines",
 }
 

@@ -1,0 +1,185 @@
+"""ControlNets on the real ComfyUI server (issue #16): ControlNetLoader + Apply ControlNet (Advanced) + Realtime
+Sampler, in realtime and batch mode, against an in-process stream with the same ControlNet file.
+
+The ControlNet is random, in ComfyUI's (LDM) layout, shaped like the reduced UNet of the SD1.5-layout checkpoint
+(``model_files.write_sd15_layout_checkpoint``), so that ComfyUI's ControlNetLoader recognises it as an SD1.5
+ControlNet. The prompts are CONDITIONINGs of the pipeline's own embeddings (read back by ComfyUI's
+LoadTrainingDataset), so the in-process stream gets exactly what the server's does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from comfy_harness import ComfyServer, Graph
+from e2e_helpers import PNG_ATOL, add_sampler, as_tensor, frames, save_conditioning, uid
+from model_files import (
+    SD15_LAYOUT_CKPT,
+    SD15_LAYOUT_UNET,
+    random_controlnet,
+    write_controlnet,
+    write_sd15_layout_checkpoint,
+)
+
+from streamrt import Stream, StreamConfig, load_checkpoint
+from streamrt.controlnet import ControlNet
+from streamrt.controlnet_loading import load_controlnet
+from streamrt.prompts import TextEmbedding
+
+pytestmark = pytest.mark.e2e
+
+CONTROLNET = "streamrt-sd15-layout-controlnet.safetensors"
+SIZE = 64
+T_INDEX = "20,35"
+STRENGTH = 0.8
+
+
+@pytest.fixture(scope="session")
+def e2e_tiny_models(streamrt_models_root: Path) -> Path:
+    root = streamrt_models_root
+    write_sd15_layout_checkpoint(root)
+    path = root / "controlnet" / CONTROLNET
+    if not path.is_file():
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_LAYOUT_UNET)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_controlnet(path, random_controlnet(unet, seed=21), "ldm", dtype=torch.float16)
+    return root
+
+
+@pytest.fixture(scope="module")
+def local(e2e_tiny_models: Path):
+    """The checkpoint and the ControlNet in this process (fp32 on the CPU, as the CPU server runs them)."""
+    comfy_tokenizer = Path(__file__).resolve().parent.parent / ".comfyui" / "ComfyUI" / "comfy" / "sd1_tokenizer"
+    models = load_checkpoint(e2e_tiny_models / "checkpoints" / SD15_LAYOUT_CKPT, dtype="fp32", device="cpu",
+                             tokenizer_dir=comfy_tokenizer)
+    net = load_controlnet(e2e_tiny_models / "controlnet" / CONTROLNET, dtype=torch.float32, device="cpu",
+                          family=models.family, unet_config=models.unet.config)
+    return models, net
+
+
+@pytest.fixture
+def server(comfy_server: ComfyServer, e2e_tiny_models: Path) -> ComfyServer:
+    return comfy_server
+
+
+def _graph(server: ComfyServer, prefix: str, cond: str, images: list[str], controls: list[str] | None,
+           strength: float = STRENGTH, start: float = 0.0, end: float = 1.0):
+    """Load Stream Pipeline -> sampler with CONDITIONING prompts; with ``controls``, Apply ControlNet (Advanced)
+    on them with that control image batch."""
+    g = Graph(prefix=prefix)
+
+    def batch(names):
+        loaded = [g.node("LoadImage", image=n).out(0) for n in names]
+        video = loaded[0]
+        for image in loaded[1:]:
+            video = g.node("ImageBatch", image1=video, image2=image).out(0)
+        return video
+
+    dataset = g.node("LoadTrainingDataset", folder_name=cond)
+    positive = negative = dataset.out(1)
+    if controls is not None:
+        net = g.node("ControlNetLoader", control_net_name=CONTROLNET)
+        applied = g.node("ControlNetApplyAdvanced", positive=positive, negative=negative, control_net=net.out(0),
+                         image=batch(controls), strength=strength, start_percent=start, end_percent=end)
+        positive, negative = applied.out(0), applied.out(1)
+    pipe = g.node("StreamRTLoadPipeline", model=SD15_LAYOUT_CKPT, taesd="none (full VAE)", dtype="auto",
+                  device="auto")
+    sampler = add_sampler(g, pipe.out(0), id=f"{prefix}sampler", image=batch(images), positive=positive,
+                          negative=negative, t_index_list=T_INDEX)
+    g.node("SaveImage", id=f"{prefix}save", images=sampler.out(0), filename_prefix=f"{prefix}/f")
+    return g
+
+
+def _run(server: ComfyServer, g: Graph, prefix: str, ws=None) -> np.ndarray:
+    outputs = server.run(g, timeout=600, client_id=None if ws is None else ws.client_id)
+    return np.stack(server.output_images(outputs, f"{prefix}save"))[..., :3]
+
+
+@pytest.fixture
+def inputs(server: ComfyServer, local):
+    models, _ = local
+    embeds = models.prompt_encoder.encode("a red fox in the snow").tokens
+    cond = save_conditioning(server, embeds)
+    images, controls = frames(3, seed=41), frames(3, seed=42)
+    return (embeds, cond, images, controls, [server.write_input_image(i, name=f"{uid()}.png") for i in images],
+            [server.write_input_image(c, name=f"{uid()}.png") for c in controls])
+
+
+def _local_stream(local, embeds, strength=STRENGTH, start=0.0, end=1.0) -> Stream:
+    models, net = local
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35), guidance_scale=1.5, seed=7)
+    return Stream(models, config, prompt=TextEmbedding(embeds), negative_prompt=TextEmbedding(embeds),
+                  controlnets=[ControlNet(net, strength, start, end)])
+
+
+def _png(images) -> torch.Tensor:
+    """What LoadImage gives for these uint8 frames."""
+    return as_tensor(np.stack(images))
+
+
+def test_realtime_and_batch_equal_the_in_process_stream(server: ComfyServer, local, inputs) -> None:
+    embeds, cond, images, controls, image_names, control_names = inputs
+    prefix = uid()
+    realtime = [_run(server, _graph(server, prefix, cond, [i], [c]), prefix)[0]
+                for i, c in zip(image_names, control_names)]
+    stream = _local_stream(local, embeds)
+    expected = [stream.step(_png([i]), control=[_png([c])])[0].numpy() for i, c in zip(images, controls)]
+    np.testing.assert_allclose(np.stack(realtime), np.stack(expected), atol=PNG_ATOL, rtol=0)
+
+    prefix = uid()
+    video = _run(server, _graph(server, prefix, cond, image_names, control_names), prefix)
+    expected_video = _local_stream(local, embeds).process_video(_png(images), control=[_png(controls)]).numpy()
+    assert video.shape == (3, SIZE, SIZE, 3)
+    np.testing.assert_allclose(video, expected_video, atol=PNG_ATOL, rtol=0)
+
+    prefix = uid()
+    plain = _run(server, _graph(server, prefix, cond, image_names, None), prefix)
+    assert np.abs(plain - video).max() > 10 * PNG_ATOL, "the ControlNet changed nothing: nothing was compared"
+
+
+def test_canny_control_and_live_strength(server: ComfyServer, inputs) -> None:
+    """A control image from a core preprocessor (Canny); a strength change keeps the stream (its frame count goes
+    on) and changes the frames; strength 0 (Apply ControlNet then adds no control) gives the plain frames."""
+    _, cond, _, _, image_names, _ = inputs
+
+    def graph(prefix, strength):
+        g = Graph(prefix=prefix)
+        image = g.node("LoadImage", id=f"{prefix}img", image=image_names[0]).out(0)
+        canny = g.node("Canny", image=image, low_threshold=0.2, high_threshold=0.6).out(0)
+        dataset = g.node("LoadTrainingDataset", folder_name=cond)
+        net = g.node("ControlNetLoader", control_net_name=CONTROLNET)
+        applied = g.node("ControlNetApplyAdvanced", positive=dataset.out(1), negative=dataset.out(1),
+                         control_net=net.out(0), image=canny, strength=strength, start_percent=0.0, end_percent=1.0)
+        pipe = g.node("StreamRTLoadPipeline", model=SD15_LAYOUT_CKPT, taesd="none (full VAE)", dtype="auto",
+                      device="auto")
+        sampler = add_sampler(g, pipe.out(0), id=f"{prefix}sampler", image=image, positive=applied.out(0),
+                              negative=applied.out(1), t_index_list=T_INDEX)
+        g.node("SaveImage", id=f"{prefix}save", images=sampler.out(0), filename_prefix=f"{prefix}/f")
+        return g
+
+    prefix = uid()
+    first = _run(server, graph(prefix, 0.8), prefix)
+    with server.websocket() as ws:
+        second = _run(server, graph(prefix, 0.3), prefix, ws)
+        ws.wait_for(lambda kind, d: kind == "streamrt.status" and str(d.get("node")) == f"{prefix}sampler",
+                    timeout=30)
+        status = [e for e in ws.of_type("streamrt.status") if str(e["node"]) == f"{prefix}sampler"]
+    assert status[-1]["stream_frames"] == 2, "a strength change rebuilt the stream"
+    assert np.abs(first - second).max() > 2 * PNG_ATOL
+    zero_prefix, plain_prefix = uid(), uid()
+    zero = _run(server, graph(zero_prefix, 0.0), zero_prefix)
+    g = Graph(prefix=plain_prefix)
+    image = g.node("LoadImage", image=image_names[0]).out(0)
+    pipe = g.node("StreamRTLoadPipeline", model=SD15_LAYOUT_CKPT, taesd="none (full VAE)", dtype="auto",
+                  device="auto")
+    dataset = g.node("LoadTrainingDataset", folder_name=cond)
+    sampler = add_sampler(g, pipe.out(0), id=f"{plain_prefix}sampler", image=image, positive=dataset.out(1),
+                          negative=dataset.out(1), t_index_list=T_INDEX)
+    g.node("SaveImage", id=f"{plain_prefix}save", images=sampler.out(0), filename_prefix=f"{plain_prefix}/f")
+    np.testing.assert_array_equal(zero, _run(server, g, plain_prefix))
