@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from comfy_harness import ComfyServer, Graph
+from comfy_harness import ComfyServer, Graph, comfyui_dir
 from e2e_helpers import PNG_ATOL, add_sampler, as_tensor, frames, save_conditioning, uid
 from model_files import (
     SD15_LAYOUT_CKPT,
@@ -55,7 +55,7 @@ def e2e_tiny_models(streamrt_models_root: Path) -> Path:
 @pytest.fixture(scope="module")
 def local(e2e_tiny_models: Path):
     """The checkpoint and the ControlNet in this process (fp32 on the CPU, as the CPU server runs them)."""
-    comfy_tokenizer = Path(__file__).resolve().parent.parent / ".comfyui" / "ComfyUI" / "comfy" / "sd1_tokenizer"
+    comfy_tokenizer = comfyui_dir() / "comfy" / "sd1_tokenizer"
     models = load_checkpoint(e2e_tiny_models / "checkpoints" / SD15_LAYOUT_CKPT, dtype="fp32", device="cpu",
                              tokenizer_dir=comfy_tokenizer)
     net = load_controlnet(e2e_tiny_models / "controlnet" / CONTROLNET, dtype=torch.float32, device="cpu",
