@@ -38,9 +38,13 @@ def vae_dtype(vae: Any, dtype: torch.dtype, family: ModelFamily) -> torch.dtype:
     return dtype
 
 
-def _module_dtype(module: torch.nn.Module) -> torch.dtype:
-    # the first parameter's dtype: cheap (diffusers' ModelMixin.dtype walks every submodule for hooks)
-    return next(module.parameters()).dtype
+def _module_dtype(vae: torch.nn.Module) -> torch.dtype:
+    # the encoder's first convolution's dtype, by attribute: called per frame on the eager path, where a parameter
+    # walk (even next(parameters())) is per-execution work the node overhead checks forbid, and diffusers'
+    # ModelMixin.dtype walks every submodule
+    encoder = vae.encoder
+    first = encoder.conv_in if hasattr(encoder, "conv_in") else encoder.layers[0]
+    return first.weight.dtype
 
 
 def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:

@@ -749,7 +749,8 @@ def test_history_stays_bounded_over_200_executions(page: ComfyPage, comfy_server
     assert len(prompts) >= LOOP_EXECUTIONS
     history = comfy_server.history()
     kept = [p for p in prompts if p in history]
-    assert keep <= len(kept) <= keep + batch, (len(kept), keep, batch)
+    # + 1: the prompt the loop had already queued when it was stopped can finish after the loop's last deletion
+    assert keep <= len(kept) <= keep + batch + 1, (len(kept), keep, batch)
     assert kept == prompts[-len(kept):]  # the newest ones
 
 
