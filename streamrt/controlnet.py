@@ -92,6 +92,7 @@ class _Unit:
     steps: torch.Tensor        # [U + B, 1, 1, 1] model dtype: 1 where the row's step is in [start, end), else 0
     scale: torch.Tensor        # [U + B, 1, 1, 1] model dtype: strength * steps (live)
     in_range: bool             # some row's step is in [start, end)
+    host: Any                  # HostIO of its own: its uploads never wait on the frames' pinned buffers
 
 
 def check_control_images(images: Sequence[torch.Tensor], count: int, *, width: int,
@@ -125,6 +126,8 @@ class ControlState:
     def allocate(cls, nets: Sequence[ControlNet], config: StreamConfig, *, device: torch.device,
                  dtype: torch.dtype) -> ControlState:
         """Zeroed rings and staging for ``nets`` (the rows follow ``config``: negative rows first)."""
+        from .runtime.host_io import HostIO  # here: the runtime package imports this module
+
         f, b, u, n = config.frames_per_step, config.batch_rows, config.uncond_rows, config.num_steps
         h, w = config.height, config.width
         step_of_row = torch.arange(b) // f  # batch row r is at step r // F
@@ -140,7 +143,8 @@ class ControlState:
             unit = _Unit(net=net, ring=torch.zeros(u + b, 3, h, w, device=device, dtype=dtype),
                          staging=torch.zeros(f, h, w, 3, device=device, dtype=torch.float32),
                          scratch=torch.zeros(b - f, 3, h, w, device=device, dtype=dtype),
-                         steps=steps, scale=steps * net.strength, in_range=bool(in_range.any()))
+                         steps=steps, scale=steps * net.strength, in_range=bool(in_range.any()),
+                         host=HostIO((f, h, w, 3), device, download=False))
             state.units.append(unit)
         return state
 
@@ -168,12 +172,12 @@ class ControlState:
                              "image batch(es): give one per ControlNet")
         return check_control_images(images, count, width=self.config.width, height=self.config.height)
 
-    def stage(self, images: Sequence[torch.Tensor], upload) -> None:
+    def stage(self, images: Sequence[torch.Tensor]) -> None:
         """Put the newest F control images (one ``[F or 1, H, W, 3]`` batch per ControlNet) into the staging
-        buffers, through ``upload(src, dest)`` (the runtime's host I/O)."""
+        buffers, each through its own pinned host buffers (as the frames go through theirs)."""
         f = self.config.frames_per_step
         for unit, image in zip(self.units, images):
-            upload(image if image.shape[0] == f else image.expand(f, -1, -1, -1).contiguous(), unit.staging)
+            unit.host.upload(image if image.shape[0] == f else image.expand(f, -1, -1, -1).contiguous(), unit.staging)
 
     def advance(self) -> None:
         """Move each ring with the stream batch and take in the staged images (inside the captured step)."""

@@ -407,7 +407,7 @@ class Stream:
         buf = self.buffers
         txt2img = frames is None
         if self.control is not None:
-            self.control.stage(control, self.runtime.host.upload)
+            self.control.stage(control)
         if not txt2img:
             self.runtime.host.upload(frames, buf.frames_in)
             buf.image_in.copy_(buf.frames_in.permute(0, 3, 1, 2))

@@ -31,14 +31,15 @@ class PinnedPair:
 class HostIO:
     """Upload and download of ``[F, H, W, 3]`` float32 frames for one stream on ``device``.
 
-    On a CPU device every method is a plain copy.
+    On a CPU device every method is a plain copy. ``download=False``: an upload-only staging (a ControlNet's
+    control images), without the download buffers.
     """
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
+    def __init__(self, shape: tuple[int, ...], device: torch.device, *, download: bool = True) -> None:
         self.device = device
         self.pinned = device.type == "cuda"
         self._up = PinnedPair(shape) if self.pinned else None
-        self._down = PinnedPair(shape) if self.pinned else None
+        self._down = PinnedPair(shape) if self.pinned and download else None
         self._pending: tuple[int, torch.Tensor] | None = None
 
     def upload(self, frames: torch.Tensor, dest: torch.Tensor) -> None:
