@@ -12,6 +12,7 @@ whose strength is 0 is not called at all, so a stream whose ControlNets are all 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,16 @@ from typing import Any
 import torch
 
 from .config import StreamConfig
+from .frames import FiniteCheck, FrameError, as_rgb_frames
 
 logger = logging.getLogger(__name__)
+
+
+def check_strength(strength: float) -> float:
+    """``strength`` as a float, or a ValueError when it is not a finite number (NaN would reach every frame)."""
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ValueError(f"ControlNet strength must be a finite number, got {strength!r}")
+    return float(strength)
 
 
 @dataclass(eq=False)
@@ -41,6 +50,7 @@ class ControlNet:
     end: float = 1.0
 
     def __post_init__(self) -> None:
+        check_strength(self.strength)
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"ControlNet start/end must satisfy 0 <= start < end <= 1, got {self.start}/{self.end}")
 
@@ -95,22 +105,25 @@ class _Unit:
     host: Any                  # HostIO of its own: its uploads never wait on the frames' pinned buffers
 
 
-def check_control_images(images: Sequence[torch.Tensor], count: int, *, width: int,
-                         height: int) -> list[torch.Tensor]:
-    """The control batches as ``[count or 1, height, width, 3]`` views, or a ValueError naming the problem (not an
-    IMAGE batch, another size, another frame count; a single image is used for every frame)."""
+def check_control_images(images: Sequence[torch.Tensor], count: int, *, width: int, height: int,
+                         finite: FiniteCheck | None = None) -> list[torch.Tensor]:
+    """The control batches as ``[count or 1, height, width, 3]`` views, or a :class:`~streamrt.frames.FrameError`
+    naming the control image and the problem: what :func:`~streamrt.frames.as_rgb_frames` refuses for frames (not an
+    IMAGE batch, another size, NaN / inf), or another frame count (a single image is used for every frame)."""
     out = []
     for i, image in enumerate(images):
-        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] < 3:
-            shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(f"control image {i + 1}: expected an IMAGE batch [N, H, W, 3], got {shape}")
-        if tuple(image.shape[1:3]) != (height, width):
-            raise ValueError(f"control image {i + 1} is {image.shape[2]}x{image.shape[1]}, the stream runs at "
-                             f"{width}x{height}: resize the control image to the frames' size")
+        try:
+            image = as_rgb_frames(image, width=width, height=height, check_finite=False)
+        except FrameError as exc:
+            raise FrameError(f"control image {i + 1}: {exc}") from None
         if image.shape[0] not in (1, count):
-            raise ValueError(f"control image {i + 1} has {image.shape[0]} frames for {count} input frames: "
+            raise FrameError(f"control image {i + 1} has {image.shape[0]} frames for {count} input frames: "
                              "give one per frame, or a single image for all")
-        out.append(image[..., :3])
+        try:
+            (finite or FiniteCheck())(image)
+        except FrameError as exc:
+            raise FrameError(f"control image {i + 1}: {exc}") from None
+        out.append(image)
     return out
 
 
@@ -121,6 +134,7 @@ class ControlState:
     config: StreamConfig
     units: list[_Unit] = field(default_factory=list)
     residuals: ControlResiduals = field(default_factory=ControlResiduals)
+    finite: FiniteCheck = field(default_factory=FiniteCheck)
 
     @classmethod
     def allocate(cls, nets: Sequence[ControlNet], config: StreamConfig, *, device: torch.device,
@@ -159,9 +173,10 @@ class ControlState:
     def set_strength(self, index: int, strength: float) -> None:
         """Change one ControlNet's strength in place (0 stops calling it)."""
         unit = self.units[index]
+        strength = check_strength(strength)
         if strength == unit.net.strength:
             return
-        unit.net.strength = float(strength)
+        unit.net.strength = strength
         torch.mul(unit.steps, float(strength), out=unit.scale)  # in place: a captured step reads the new scale
 
     def check_images(self, images: Sequence[torch.Tensor] | None, count: int) -> list[torch.Tensor]:
@@ -170,7 +185,8 @@ class ControlState:
             given = 0 if images is None else len(images)
             raise ValueError(f"this stream has {len(self.units)} ControlNet(s) and was given {given} control "
                              "image batch(es): give one per ControlNet")
-        return check_control_images(images, count, width=self.config.width, height=self.config.height)
+        return check_control_images(images, count, width=self.config.width, height=self.config.height,
+                                    finite=self.finite)
 
     def stage(self, images: Sequence[torch.Tensor]) -> None:
         """Put the newest F control images (one ``[F or 1, H, W, 3]`` batch per ControlNet) into the staging

@@ -31,7 +31,7 @@ import torch
 
 from .config import StreamConfig
 from .controlnet import ControlInput, check_control_images
-from .frames import check_frames
+from .frames import FiniteCheck, check_frames
 from .models import StreamModels
 from .prompts import Prompt, PromptPart
 from .runtime import EngineSource, prepare
@@ -100,6 +100,7 @@ class StreamSessions:
         self._collect_pending = False
         self._controlnets: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()  # key -> (model, bytes), LRU
         self.max_controlnets = 4
+        self._finite = FiniteCheck()  # control images' NaN / inf check, without a new tensor per call
 
     # ControlNets -----------------------------------------------------------------------------------
     def controlnet(self, key: Hashable, load: Callable[[], Any]) -> Any:
@@ -221,13 +222,12 @@ class StreamSessions:
         cfg = request.config
         if frames is not None:
             frames = check_frames(frames, width=cfg.width, height=cfg.height, frames_per_step=cfg.frames_per_step)
-        check_control_images([c.image for c in request.controlnets],
-                             cfg.frames_per_step if frames is None else int(frames.shape[0]), width=cfg.width,
-                             height=cfg.height)  # before the stream changes
+        control = check_control_images([c.image for c in request.controlnets],  # before the stream changes
+                                       cfg.frames_per_step if frames is None else int(frames.shape[0]),
+                                       width=cfg.width, height=cfg.height, finite=self._finite) or None
         stream = self.stream(owner, models, request)
-        control = [c.image for c in request.controlnets] or None
         if frames is None:
-            return stream, stream.step(None, control=control)
+            return stream, stream.step(None, control=control, validated=True)
         if frames.shape[0] == cfg.frames_per_step:
             return stream, stream.step(frames, validated=True, control=control)
         return stream, stream.process_video(frames, progress=progress, preview=preview, validated=True,

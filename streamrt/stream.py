@@ -442,20 +442,24 @@ class Stream:
         The output is the result for the frames given ``latency`` calls earlier (the first ``latency``
         outputs come from the empty buffer). ``frames=None`` runs txt2img from the stream's noise.
         Returns a CPU float32 tensor ``[F, H, W, 3]`` (pinned on CUDA), or fills ``out``.
-        ``validated``: the caller already passed ``frames`` through :meth:`check_frames` (for this config).
+        ``validated``: the caller already passed ``frames`` through :meth:`check_frames` (for this config), and
+        ``control`` through :func:`streamrt.controlnet.check_control_images`.
         ``control``: with ControlNets, one control image batch ``[F or 1, H, W, 3]`` in [0, 1] per ControlNet,
         the control of these frames.
         """
         if frames is not None and not validated:
             frames = self.check_frames(frames, self.config.frames_per_step)
-        images = self._check_control(control, self.config.frames_per_step)
+        images = self._check_control(control, self.config.frames_per_step, validated)
         return self._output(self._call(frames, images), out, synchronize)
 
-    def _check_control(self, control: Sequence[torch.Tensor] | None, count: int) -> list[torch.Tensor] | None:
+    def _check_control(self, control: Sequence[torch.Tensor] | None, count: int,
+                       validated: bool = False) -> list[torch.Tensor] | None:
         if self.control is None:
             if control:
                 raise ValueError("control images were given but this stream has no ControlNet")
             return None
+        if validated and control is not None and len(control) == len(self.control):
+            return list(control)
         return self.control.check_images(control, count)
 
     def check_frames(self, frames: torch.Tensor, count: int | None = None) -> torch.Tensor:
@@ -484,7 +488,7 @@ class Stream:
         if not validated:
             frames = self.check_frames(frames)  # values checked once for the whole video
         total = frames.shape[0]
-        control = self._check_control(control, total)
+        control = self._check_control(control, total, validated)
         result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32)
         host = self.runtime.host
         overlapped = not self.similarity.enabled  # a skipped frame repeats a host-side output: no overlap then

@@ -201,6 +201,23 @@ def test_bad_control_input_is_refused_and_the_stream_goes_on(tiny_models, contro
     assert stream.step(frames, control=[make_frames(1, seed=13)]).shape == (1, SIZE, SIZE, 3)
     with pytest.raises(ValueError, match="start/end"):
         ControlNet(controlnets[0], 1.0, start=0.6, end=0.5)
+    with pytest.raises(ValueError, match="finite"):
+        ControlNet(controlnets[0], float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        stream.set_control_strength(0, float("inf"))
+    nan = make_frames(1, seed=14)
+    nan[0, 3, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="control image 1: .*NaN"):
+        stream.step(frames, control=[nan])
+    # a grey or RGBA control image is taken as RGB, as input frames are
+    grey = make_frames(1, seed=15)[..., :1]
+
+    def fresh():
+        return Stream(tiny_models, make_config(cfg_type="none"), prompt="a cat",
+                      controlnets=[ControlNet(controlnets[0], 1.0)])
+
+    torch.testing.assert_close(fresh().step(frames, control=[grey]),
+                               fresh().step(frames, control=[grey.expand(-1, -1, -1, 3)]), rtol=0, atol=0)
 
 
 def test_sdxl_stream_takes_a_controlnet_with_added_conditions():
