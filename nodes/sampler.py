@@ -61,7 +61,10 @@ def control_inputs(positive, negative, models: StreamModels, config: StreamConfi
             return controlnet_from_state_dict(control.state_dict(), dtype=models.dtype, device=models.device,
                                               family=models.family, unet_config=models.unet.config,
                                               what="the ControlNet of Apply ControlNet")
-        model = SESSIONS.controlnet((control.key, str(models.device), str(models.dtype)), load)
+        # the pipeline's device and dtype as its identity records them at load (StreamModels.device / .dtype ask
+        # diffusers, which walks the UNet's parameters: per execution, that is the realtime loop's cost)
+        where = (models.identity.get("device"), models.identity.get("dtype"))
+        model = SESSIONS.controlnet((control.key, *where), load)
         image = control.image
         if tuple(image.shape[1:3]) != (config.height, config.width):
             image = resize_frames(image, config.width, config.height)

@@ -230,20 +230,26 @@ def _tiny_unet(v_model: bool) -> dict[str, Any]:
     }
 
 
+#: what the full-size Stable Diffusion UNets (SD1.x, SD2.x, SDXL) share
+_FULL_UNET_COMMON: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+}
+
+
 def _full_unet(sd2: bool, sample_size: int, upcast_attention: bool = False) -> dict[str, Any]:
     config: dict[str, Any] = {
+        **_FULL_UNET_COMMON,
         "sample_size": sample_size,
-        "in_channels": 4,
-        "out_channels": 4,
         "block_out_channels": (320, 640, 1280, 1280),
-        "layers_per_block": 2,
         "down_block_types": _SD1_DOWN,
         "up_block_types": _SD1_UP,
-        "norm_num_groups": 32,
-        "act_fn": "silu",
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "downsample_padding": 1,
     }
     if sd2:
         config.update(
@@ -259,18 +265,12 @@ def _full_unet(sd2: bool, sample_size: int, upcast_attention: bool = False) -> d
 
 def _tiny_xl_unet() -> dict[str, Any]:
     return {
-        "sample_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "block_out_channels": (32, 64),
-        "layers_per_block": 1,
+        **_tiny_unet(True),
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
         "transformer_layers_per_block": (1, 2),
         "cross_attention_dim": 64,  # the two tiny text encoders' 32 + 32
         "attention_head_dim": (2, 4),
-        "norm_num_groups": 32,
-        "use_linear_projection": True,
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": 8,
         "projection_class_embeddings_input_dim": 6 * 8 + 32,  # time ids + pooled (text_encoder_2's projection)
@@ -279,11 +279,9 @@ def _tiny_xl_unet() -> dict[str, Any]:
 
 def _sdxl_unet(sample_size: int) -> dict[str, Any]:
     return {
+        **_FULL_UNET_COMMON,
         "sample_size": sample_size,
-        "in_channels": 4,
-        "out_channels": 4,
         "block_out_channels": (320, 640, 1280),
-        "layers_per_block": 2,
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         "transformer_layers_per_block": (1, 2, 10),
@@ -294,11 +292,6 @@ def _sdxl_unet(sample_size: int) -> dict[str, Any]:
         "addition_embed_type_num_heads": 64,
         "addition_time_embed_dim": 256,
         "projection_class_embeddings_input_dim": 2816,
-        "norm_num_groups": 32,
-        "act_fn": "silu",
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "downsample_padding": 1,
     }
 
 

@@ -126,6 +126,14 @@ def uid() -> str:
     return "t" + uuid.uuid4().hex[:8]
 
 
+def image_batch(g: Graph, names: list[str]):
+    """LoadImage for each name, joined by an ImageBatch chain into one IMAGE batch (a video); its output."""
+    batch = g.node("LoadImage", image=names[0]).out(0)
+    for name in names[1:]:
+        batch = g.node("ImageBatch", image1=batch, image2=g.node("LoadImage", image=name).out(0)).out(0)
+    return batch
+
+
 def save_conditioning(server: ComfyServer, embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> str:
     """A folder in the server's output directory that ComfyUI's LoadTrainingDataset reads back (its output 1) as the
     CONDITIONING ``[[embeds, {"pooled_output": pooled}]]``, what CLIPTextEncode gives; without ``pooled`` the entry

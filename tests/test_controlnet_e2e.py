@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_harness import ComfyServer, Graph, comfyui_dir
-from e2e_helpers import PNG_ATOL, add_sampler, as_tensor, frames, save_conditioning, uid
+from e2e_helpers import PNG_ATOL, add_sampler, as_tensor, frames, image_batch, save_conditioning, uid
 from model_files import (
     SD15_LAYOUT_CKPT,
     SD15_LAYOUT_UNET,
@@ -74,23 +74,16 @@ def _graph(server: ComfyServer, prefix: str, cond: str, images: list[str], contr
     on them with that control image batch."""
     g = Graph(prefix=prefix)
 
-    def batch(names):
-        loaded = [g.node("LoadImage", image=n).out(0) for n in names]
-        video = loaded[0]
-        for image in loaded[1:]:
-            video = g.node("ImageBatch", image1=video, image2=image).out(0)
-        return video
-
     dataset = g.node("LoadTrainingDataset", folder_name=cond)
     positive = negative = dataset.out(1)
     if controls is not None:
         net = g.node("ControlNetLoader", control_net_name=CONTROLNET)
         applied = g.node("ControlNetApplyAdvanced", positive=positive, negative=negative, control_net=net.out(0),
-                         image=batch(controls), strength=strength, start_percent=start, end_percent=end)
+                         image=image_batch(g, controls), strength=strength, start_percent=start, end_percent=end)
         positive, negative = applied.out(0), applied.out(1)
     pipe = g.node("StreamRTLoadPipeline", model=SD15_LAYOUT_CKPT, taesd="none (full VAE)", dtype="auto",
                   device="auto")
-    sampler = add_sampler(g, pipe.out(0), id=f"{prefix}sampler", image=batch(images), positive=positive,
+    sampler = add_sampler(g, pipe.out(0), id=f"{prefix}sampler", image=image_batch(g, images), positive=positive,
                           negative=negative, t_index_list=T_INDEX)
     g.node("SaveImage", id=f"{prefix}save", images=sampler.out(0), filename_prefix=f"{prefix}/f")
     return g

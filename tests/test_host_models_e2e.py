@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_harness import ComfyServer, ExecutionFailed, Graph
-from e2e_helpers import SAMPLER_DEFAULTS, add_sampler, frames, uid
+from e2e_helpers import SAMPLER_DEFAULTS, add_sampler, frames, image_batch, uid
 from model_files import SD15_LAYOUT_CKPT, SD15_LAYOUT_LORA, taesd_to_comfy, write_sd15_layout_checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -116,11 +116,7 @@ def batch(server: ComfyServer, route, names: list[str]) -> np.ndarray:
     """One execution over a video of the frames."""
     prefix = uid()
     g = Graph(prefix=prefix)
-    images = [g.node("LoadImage", image=n).out(0) for n in names]
-    video = images[0]
-    for image in images[1:]:
-        video = g.node("ImageBatch", image1=video, image2=image).out(0)
-    sampled(g, prefix, route(g, prefix), video)
+    sampled(g, prefix, route(g, prefix), image_batch(g, names))
     return np.stack(server.output_images(server.run(g, timeout=600), f"{prefix}save"))[..., :3]
 
 

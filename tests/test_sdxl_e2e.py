@@ -33,6 +33,7 @@ from e2e_helpers import (
     as_tensor,
     core_config,
     frames,
+    image_batch,
     own_server,
     save_conditioning,
     uid,
@@ -117,10 +118,7 @@ def graph(prefix: str, images: list[str], *, model: str = CKPT_XL, taesd: str = 
         inputs["loras"] = g.node("StreamRTLora", id=f"{prefix}lora", lora_name=LORA_XL, strength_model=lora[0],
                                  strength_clip=lora[1]).out(0)
     load = g.node("StreamRTLoadPipeline", id=f"{prefix}load", **inputs)
-    batch = g.node("LoadImage", image=images[0]).out(0)
-    for name in images[1:]:
-        batch = g.node("ImageBatch", image1=batch, image2=g.node("LoadImage", image=name).out(0)).out(0)
-    sampler = add_sampler(g, load.out(0), id=f"{prefix}sampler", image=batch, **options)
+    sampler = add_sampler(g, load.out(0), id=f"{prefix}sampler", image=image_batch(g, images), **options)
     g.node("SaveImage", id=f"{prefix}save", images=sampler.out(0), filename_prefix=f"{prefix}/f")
     return g
 
