@@ -224,9 +224,10 @@ class ControlState:
                                   conditioning_scale=unit.scale, return_dict=False, **kwargs)
             if down is None:
                 down, mid = list(d), m
-            else:
-                down = [a + c for a, c in zip(down, d)]
-                mid = mid + m
+            else:  # in place into the first ControlNet's outputs (fresh tensors of this call): no new ones
+                for total, part in zip(down, d):
+                    total.add_(part)
+                mid.add_(m)
         self.residuals.down, self.residuals.mid = down, mid
 
     def reset(self) -> None:
