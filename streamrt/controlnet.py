@@ -93,9 +93,25 @@ class ControlResiduals:
         return {"down_block_additional_residuals": self.down, "mid_block_additional_residual": self.mid}
 
 
+class TorchControlNet:
+    """One ControlNet's call on torch: the diffusers module, or a compiled copy of it (see
+    :meth:`streamrt.runtime.Runtime.controlnet`). ``call(sample, timesteps, embeds, cond, scale, added_cond_kwargs)
+    -> (down residuals, mid residual)``, the residuals already multiplied by ``scale`` (one value per UNet row)."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, cond: torch.Tensor,
+                 scale: torch.Tensor, added_cond_kwargs: dict | None) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
+        kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
+        return self.module(sample, timesteps, encoder_hidden_states=embeds, controlnet_cond=cond,
+                           conditioning_scale=scale, return_dict=False, **kwargs)
+
+
 @dataclass(eq=False)
 class _Unit:
     net: ControlNet
+    call: Any                  # the ControlNet's call (TorchControlNet or an engine's), made by the runtime
     ring: torch.Tensor         # [U + B, 3, H, W] model dtype: each UNet row's control image, in [0, 1]
     staging: torch.Tensor      # [F, H, W, 3] f32: the caller's newest control images
     scratch: torch.Tensor      # [B - F, 3, H, W] (or empty) for the in-place shift
@@ -138,8 +154,11 @@ class ControlState:
 
     @classmethod
     def allocate(cls, nets: Sequence[ControlNet], config: StreamConfig, *, device: torch.device,
-                 dtype: torch.dtype) -> ControlState:
-        """Zeroed rings and staging for ``nets`` (the rows follow ``config``: negative rows first)."""
+                 dtype: torch.dtype, calls: Sequence[Any] | None = None) -> ControlState:
+        """Zeroed rings and staging for ``nets`` (the rows follow ``config``: negative rows first); ``calls``: how
+        each is called (default: its module on torch, :class:`TorchControlNet`)."""
+        if calls is None:
+            calls = [TorchControlNet(net.model) for net in nets]
         from .runtime.host_io import HostIO  # here: the runtime package imports this module
 
         f, b, u, n = config.frames_per_step, config.batch_rows, config.uncond_rows, config.num_steps
@@ -150,11 +169,11 @@ class ControlState:
         elif u:
             step_of_row = torch.cat([step_of_row[:f], step_of_row])
         state = cls(config)
-        for net in nets:
+        for net, call in zip(nets, calls, strict=True):
             fraction = step_of_row.float() / n
             in_range = (fraction >= net.start) & (fraction < net.end)
             steps = in_range.to(dtype).view(-1, 1, 1, 1).to(device)
-            unit = _Unit(net=net, ring=torch.zeros(u + b, 3, h, w, device=device, dtype=dtype),
+            unit = _Unit(net=net, call=call, ring=torch.zeros(u + b, 3, h, w, device=device, dtype=dtype),
                          staging=torch.zeros(f, h, w, 3, device=device, dtype=torch.float32),
                          scratch=torch.zeros(b - f, 3, h, w, device=device, dtype=dtype),
                          steps=steps, scale=steps * net.strength, in_range=bool(in_range.any()),
@@ -219,12 +238,10 @@ class ControlState:
         for unit, on in zip(self.units, active):
             if not on:
                 continue
-            kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
-            d, m = unit.net.model(sample, timesteps, encoder_hidden_states=embeds, controlnet_cond=unit.ring,
-                                  conditioning_scale=unit.scale, return_dict=False, **kwargs)
+            d, m = unit.call(sample, timesteps, embeds, unit.ring, unit.scale, added_cond_kwargs)
             if down is None:
                 down, mid = list(d), m
-            else:  # in place into the first ControlNet's outputs (fresh tensors of this call): no new ones
+            else:  # in place into the first ControlNet's outputs (this call's, rewritten every call): no new ones
                 for total, part in zip(down, d):
                     total.add_(part)
                 mid.add_(m)

@@ -173,7 +173,8 @@ class Stream:
                  AddedConditions(text_embeds=self.buffers.pooled, time_ids=self.buffers.time_ids))
         self.control: ControlState | None = None
         if controlnets:
-            self.control = ControlState.allocate(controlnets, config, device=self.device, dtype=self.dtype)
+            self.control = ControlState.allocate(controlnets, config, device=self.device, dtype=self.dtype,
+                                                 calls=[self.runtime.controlnet(net.model) for net in controlnets])
         self._control_active: tuple[bool, ...] = self.control.active if self.control is not None else ()
         self.unet_extras = UNetExtras(kv_cache=self.kv, added_cond=added,
                                       control=self.control.residuals if self.control is not None else None)

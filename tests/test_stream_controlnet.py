@@ -272,3 +272,36 @@ def test_sessions_keep_the_stream_for_the_same_controlnets_and_apply_strength_li
     assert sessions.stream("owner", tiny_models, request(0.4, net=1, start=0.5)) is moved
     assert moved.frames_processed == before
     sessions.release()
+
+
+def test_compiled_stream_compiles_its_controlnet_once_and_matches_eager(tiny_models, controlnets):
+    """Under ``compile`` the ControlNet runs through its own compiled copy (shared by streams, kept on the module
+    so it goes with it) and the frames equal the eager stream's."""
+    import gc
+    import weakref
+
+    from test_runtime import CountingBackend
+
+    from streamrt.runtime import CompileOptions, prepare
+
+    net = tiny_controlnet(tiny_models.unet, seed=5)
+    config = make_config(cfg_type="self", t_index_list=(20, 35))
+    frames, control = make_frames(3, seed=30), make_frames(3, seed=31)
+    eager = Stream(tiny_models, config, prompt="a cat", controlnets=[ControlNet(net, 0.8)]).process_video(
+        frames, control=[control])
+    options = CompileOptions(backend=CountingBackend())
+    compiled_config = config.with_(acceleration="compile")
+
+    first, second = (Stream(tiny_models, compiled_config, prompt="a cat", controlnets=[ControlNet(net, 0.8)],
+                            runtime=prepare(tiny_models, compiled_config, compile_options=options, control=True))
+                     for _ in range(2))
+    copy = first.control.units[0].call.module
+    assert copy is not net and copy is second.control.units[0].call.module  # one compiled copy, shared
+    calls_before = options.backend.calls
+    out = first.process_video(frames, control=[control])
+    assert options.backend.calls - calls_before >= 4 * frames.shape[0]  # UNet, ControlNet, encode, decode per call
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-5)
+    alive = weakref.ref(net)
+    del net, first, second, copy
+    gc.collect()
+    assert alive() is None, "the compiled copy keeps the ControlNet alive"

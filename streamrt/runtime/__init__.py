@@ -9,7 +9,7 @@
 
 from ..config import Acceleration
 from ..cuda_graphs import capture_graph, graph_replay_ms
-from .compiled import CompileOptions, compile_problem, compiled_calls, use_compile_cache
+from .compiled import CompileOptions, compile_problem, compiled_calls, compiled_controlnet, use_compile_cache
 from .host_io import HostIO
 from .runtime import (
                       NO_EXTRAS,
@@ -28,5 +28,5 @@ from .runtime import (
 __all__ = [
     "Acceleration", "AccelerationUnavailable", "AddedConditions", "AttachResult", "CompileOptions", "EngineCallError",
     "EngineSource", "EngineUNet", "HostIO", "NO_EXTRAS", "Runtime", "TorchUNet", "UNetExtras", "capture_graph",
-    "compile_problem", "compiled_calls", "graph_replay_ms", "prepare", "use_compile_cache",
+    "compile_problem", "compiled_calls", "compiled_controlnet", "graph_replay_ms", "prepare", "use_compile_cache",
 ]

@@ -116,3 +116,24 @@ def compiled_calls(models: StreamModels, options: CompileOptions = CompileOption
         per_models[options] = calls
         logger.info("torch.compile (%s, mode=%s) copies of the UNet and VAE calls made", options.backend, options.mode)
         return calls
+
+
+def compiled_controlnet(module: torch.nn.Module, options: CompileOptions = CompileOptions()) -> torch.nn.Module:
+    """The compiled copy of a ControlNet ``module`` for ``options``, made on first use and shared by every stream
+    that uses that ControlNet. It is kept in the module's own ``__dict__`` (not as a submodule: its weights are
+    not counted twice), so it goes with the module; a weak-keyed table would keep the module alive through the
+    copy that holds it."""
+    with _lock:
+        per_options = module.__dict__.setdefault("_streamrt_compiled", {})
+        compiled = per_options.get(options)
+        if compiled is None:
+            if options.backend == "inductor":
+                use_compile_cache(options.cache_dir)
+            if next(module.parameters()).device.type == "cuda":
+                module.to(memory_format=torch.channels_last)
+            kwargs = dict(backend=options.backend, dynamic=False)
+            if options.backend == "inductor":
+                kwargs["mode"] = options.mode
+            compiled = per_options[options] = torch.compile(module, **kwargs)
+            logger.info("torch.compile (%s, mode=%s) copy of a ControlNet made", options.backend, options.mode)
+        return compiled

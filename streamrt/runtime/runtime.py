@@ -25,11 +25,11 @@ from typing import Any, Protocol
 import torch
 
 from ..config import Acceleration, StreamConfig
-from ..controlnet import ControlResiduals
+from ..controlnet import ControlResiduals, TorchControlNet
 from ..cuda_graphs import capture_graph
 from ..kv_cache import KVCache
 from ..models import StreamModels, decode_latents, encode_images, predict_noise
-from .compiled import CompileOptions, compile_problem, compiled_calls
+from .compiled import CompileOptions, compile_problem, compiled_calls, compiled_controlnet
 from .host_io import HostIO
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,8 @@ class Runtime:
     def __init__(self, *, requested: Acceleration, acceleration: Acceleration, device: torch.device,
                  unet: UNetCall, encode: Callable[[torch.Tensor], torch.Tensor],
                  decode: Callable[[torch.Tensor], torch.Tensor], parts: Mapping[str, str], captures: bool,
-                 host: HostIO, notes: Sequence[str] = (), closers: Sequence[Callable[[], None]] = ()) -> None:
+                 host: HostIO, notes: Sequence[str] = (), closers: Sequence[Callable[[], None]] = (),
+                 controlnet: Callable[[Any], Callable[..., Any]] = TorchControlNet) -> None:
         self.requested = requested
         self.acceleration = acceleration
         self.device = device
@@ -286,6 +287,13 @@ class Runtime:
         self.notes = tuple(notes)
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self._closers = list(closers)
+        self._controlnet = controlnet
+
+    def controlnet(self, module: Any) -> Callable[..., Any]:
+        """How this runtime calls the ControlNet ``module``: ``call(sample, timesteps, embeds, cond, scale,
+        added_cond_kwargs) -> (down residuals, mid residual)`` (see :class:`streamrt.controlnet.TorchControlNet`);
+        under ``compile``, through the ControlNet's compiled copy."""
+        return self._controlnet(module)
 
     def __repr__(self) -> str:
         return f"Runtime({self.describe()})"
@@ -400,7 +408,8 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
         return Runtime(requested=requested, acceleration=requested, device=device, unet=TorchUNet(calls.unet),
                        encode=calls.encode, decode=calls.decode,
                        parts={UNET: "compiled", VAE_ENCODER: "compiled", VAE_DECODER: "compiled"},
-                       captures=cuda, host=host, notes=notes)
+                       captures=cuda, host=host, notes=notes,
+                       controlnet=lambda module: TorchControlNet(compiled_controlnet(module, options)))
     raise ValueError(f"unknown acceleration {requested!r}")
 
 
