@@ -208,11 +208,10 @@ class ControlState:
                                     finite=self.finite)
 
     def stage(self, images: Sequence[torch.Tensor]) -> None:
-        """Put the newest F control images (one ``[F or 1, H, W, 3]`` batch per ControlNet) into the staging
-        buffers, each through its own pinned host buffers (as the frames go through theirs)."""
-        f = self.config.frames_per_step
+        """Put the newest F control images (one ``[F or 1, H, W, 3]`` batch per ControlNet; one image is used for all
+        F) into the staging buffers, each through its own pinned host buffers (as the frames go through theirs)."""
         for unit, image in zip(self.units, images):
-            unit.host.upload(image if image.shape[0] == f else image.expand(f, -1, -1, -1).contiguous(), unit.staging)
+            unit.host.upload(image, unit.staging)  # a single image is broadcast by the copy: no expanded tensor
 
     def advance(self) -> None:
         """Move each ring with the stream batch and take in the staged images (inside the captured step)."""

@@ -43,7 +43,9 @@ class HostIO:
         self._pending: tuple[int, torch.Tensor] | None = None
 
     def upload(self, frames: torch.Tensor, dest: torch.Tensor) -> None:
-        """Copy ``frames`` (any device, any memory) into the device buffer ``dest`` without stalling the GPU."""
+        """Copy ``frames`` (any device, any memory) into the device buffer ``dest`` without stalling the GPU;
+        ``frames`` may be anything that broadcasts to ``dest`` (one image for every row), with no copy made
+        to expand it."""
         if self._up is None or frames.device.type != "cpu" or frames.is_pinned():
             dest.copy_(frames, non_blocking=True)
             return
