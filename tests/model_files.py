@@ -410,6 +410,24 @@ def write_tiny_checkpoint(root: Path, name: str, preset: str, *, seed: int = 0, 
 # --------------------------------------------------------------------------- ControlNets
 
 
+SD15_LAYOUT_CONTROLNET = "streamrt-sd15-layout-controlnet.safetensors"
+
+
+def write_sd15_layout_controlnet(root: Path) -> Path:
+    """``<root>/controlnet/streamrt-sd15-layout-controlnet.safetensors``, once: a random ControlNet in ComfyUI's
+    (LDM) layout shaped like the reduced UNet of :func:`write_sd15_layout_checkpoint`, so that ComfyUI's
+    ControlNetLoader recognises it as an SD1.5 ControlNet; returns the file."""
+    path = root / "controlnet" / SD15_LAYOUT_CONTROLNET
+    if not path.is_file():
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_LAYOUT_UNET)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_controlnet(path, random_controlnet(unet, seed=21), "ldm", dtype=torch.float16)
+    return path
+
+
 def random_controlnet(unet, *, seed: int = 0, conditioning_embedding_out_channels=(16, 32, 96, 256)):
     """A diffusers ``ControlNetModel`` shaped after ``unet`` (``ControlNetModel.from_unet``) with random weights
     everywhere: diffusers starts the zero convolutions and the control encoder's last convolution at zero, which

@@ -18,10 +18,9 @@ from comfy_harness import ComfyServer, Graph, comfyui_dir
 from e2e_helpers import PNG_ATOL, add_sampler, as_tensor, frames, image_batch, save_conditioning, uid
 from model_files import (
     SD15_LAYOUT_CKPT,
-    SD15_LAYOUT_UNET,
-    random_controlnet,
-    write_controlnet,
+    SD15_LAYOUT_CONTROLNET,
     write_sd15_layout_checkpoint,
+    write_sd15_layout_controlnet,
 )
 
 from streamrt import Stream, StreamConfig, load_checkpoint
@@ -31,7 +30,7 @@ from streamrt.prompts import TextEmbedding
 
 pytestmark = pytest.mark.e2e
 
-CONTROLNET = "streamrt-sd15-layout-controlnet.safetensors"
+CONTROLNET = SD15_LAYOUT_CONTROLNET
 SIZE = 64
 T_INDEX = "20,35"
 STRENGTH = 0.8
@@ -39,17 +38,9 @@ STRENGTH = 0.8
 
 @pytest.fixture(scope="session")
 def e2e_tiny_models(streamrt_models_root: Path) -> Path:
-    root = streamrt_models_root
-    write_sd15_layout_checkpoint(root)
-    path = root / "controlnet" / CONTROLNET
-    if not path.is_file():
-        from diffusers import UNet2DConditionModel
-
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SD15_LAYOUT_UNET)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_controlnet(path, random_controlnet(unet, seed=21), "ldm", dtype=torch.float16)
-    return root
+    write_sd15_layout_checkpoint(streamrt_models_root)
+    write_sd15_layout_controlnet(streamrt_models_root)
+    return streamrt_models_root
 
 
 @pytest.fixture(scope="module")

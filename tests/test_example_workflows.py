@@ -57,7 +57,12 @@ from browser.build_example_workflow import EXAMPLES as BUILT_EXAMPLES
 from browser.page import ComfyPage, browser_missing_reason, prepare_user_settings
 from comfy_harness import ComfyServer, decode_preview, image_bytes_to_array
 from e2e_helpers import MODEL, TAESD
-from model_files import SD15_LAYOUT_CKPT, write_sd15_layout_checkpoint
+from model_files import (
+    SD15_LAYOUT_CKPT,
+    SD15_LAYOUT_CONTROLNET,
+    write_sd15_layout_checkpoint,
+    write_sd15_layout_controlnet,
+)
 from stream_helpers import first_cache_mode
 from workflows import UI_ONLY_NODES, declared_inputs, spec_opts, to_api_prompt, unknown_node_types, workflow_problems
 
@@ -115,10 +120,12 @@ def substitute(prompt: dict, class_type: str, **values: Any) -> list[str]:
 
 @pytest.fixture(scope="session")
 def e2e_tiny_models(streamrt_models_root: Path) -> Path:
-    """The tiny models, and a checkpoint Load Checkpoint recognises (for the batch example's route)."""
+    """The tiny models, a checkpoint Load Checkpoint recognises (for the batch example's route) and a ControlNet
+    ControlNetLoader recognises for it (the ControlNet example)."""
     from stream_helpers import write_e2e_models
 
     write_sd15_layout_checkpoint(streamrt_models_root)
+    write_sd15_layout_controlnet(streamrt_models_root)
     return write_e2e_models(streamrt_models_root)
 
 
@@ -252,6 +259,56 @@ def test_batch_video_graph(info: dict) -> None:
     for words in ("batch video mode", "aligned", "models/checkpoints", "Load VAE 'taesd'", "models/diffusers",
                   "auto", "cuda_graph", "compile", "eager", "frames_per_step to 4"):
         assert words in note.lower() or words in note, words
+
+
+def test_controlnet_graph(info: dict) -> None:
+    """The ControlNet example: the webcam frame feeds both Canny and the sampler; Canny's edges go through Apply
+    ControlNet (Advanced) on CLIP Text Encode's conditioning into the sampler's positive and negative."""
+    workflow = load_example(EXAMPLES_DIR / "ControlNet webcam (StreamRT).json")
+    types = {node["id"]: node["type"] for node in workflow["nodes"]}
+    edges = {(types[link[1]], link[5], types[link[3]],
+              next(n for n in workflow["nodes"] if n["id"] == link[3])["inputs"][link[4]]["name"])
+             for link in workflow["links"]}
+    assert {("WebcamCapture", "IMAGE", "Canny", "image"), ("WebcamCapture", "IMAGE", "StreamRTSampler", "image"),
+            ("Canny", "IMAGE", "ControlNetApplyAdvanced", "image"),
+            ("ControlNetLoader", "CONTROL_NET", "ControlNetApplyAdvanced", "control_net"),
+            ("CLIPTextEncode", "CONDITIONING", "ControlNetApplyAdvanced", "positive"),
+            ("CLIPTextEncode", "CONDITIONING", "ControlNetApplyAdvanced", "negative"),
+            ("ControlNetApplyAdvanced", "CONDITIONING", "StreamRTSampler", "positive"),
+            ("ControlNetApplyAdvanced", "CONDITIONING", "StreamRTSampler", "negative"),
+            ("StreamRTPipelineFromModel", "STREAMRT_PIPELINE", "StreamRTSampler", "pipeline"),
+            ("StreamRTSampler", "IMAGE", "StreamRTPreview", "images")} <= edges, edges
+    by_type = {node["class_type"]: node["inputs"] for node in to_api_prompt(workflow, info).values()}
+    assert by_type["ControlNetApplyAdvanced"]["strength"] == 0.8
+
+
+def test_controlnet_example_runs_and_applies_the_controlnet(server: ComfyServer, info: dict) -> None:
+    """As shipped (acceleration auto), with the tiny checkpoint and ControlNet substituted and an uploaded PNG as
+    the webcam's frame: it runs twice as a stream, and the ControlNet shapes the frames (strength 0, which Apply
+    ControlNet turns into no control, gives other frames)."""
+    rng = np.random.default_rng(5)
+    image = np.repeat(np.repeat(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
+    name = server.write_input_image(image, name=f"webcam_{uuid.uuid4().hex[:8]}.png")
+    prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "ControlNet webcam (StreamRT).json"), info),
+                            "example-cn-")
+    substitute(prompt, "WebcamCapture", image=name)
+    substitute(prompt, "CheckpointLoaderSimple", ckpt_name=SD15_LAYOUT_CKPT)
+    substitute(prompt, "ControlNetLoader", control_net_name=SD15_LAYOUT_CONTROLNET)
+    (sampler_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSampler"]
+    prompt["example-cn-out"] = {"class_type": "PreviewImage", "inputs": {"images": [sampler_id, 0]}}
+
+    def run(strength: float, reset: bool) -> np.ndarray:
+        graph = json.loads(json.dumps(prompt))
+        graph[sampler_id]["inputs"]["reset"] = reset
+        substitute(graph, "ControlNetApplyAdvanced", strength=strength)
+        (frame,) = server.output_images(server.run(graph, timeout=300), "example-cn-out")
+        return frame[..., :3].astype(np.float32)
+
+    first = run(0.8, reset=True)
+    second = run(0.8, reset=False)   # the stream goes on: frame 2 comes from other latents than frame 1
+    without = run(0.0, reset=True)   # a fresh stream without control, same input
+    assert np.abs(first - second).max() > 0
+    assert np.abs(first - without).max() > 0.1, "the ControlNet did not change the frame"  # values in [0, 1]
 
 
 # --------------------------------------------------------------------------------------------------

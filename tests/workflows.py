@@ -26,7 +26,7 @@ UI_ONLY_NODES = {"Note", "MarkdownNote"}
 #: combos whose options are the user's own files: a saved value need not be among this server's options
 USER_FILE_COMBOS = {("StreamRTLoadPipeline", "model"), ("StreamRTLoadPipeline", "taesd"),
                     ("StreamRTLora", "lora_name"), ("CheckpointLoaderSimple", "ckpt_name"),
-                    ("VAELoader", "vae_name"), ("LoraLoader", "lora_name")}
+                    ("VAELoader", "vae_name"), ("LoraLoader", "lora_name"), ("ControlNetLoader", "control_net_name")}
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 #: input types the frontend makes a widget for (a list of options is a combo too)

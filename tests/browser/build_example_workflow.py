@@ -15,7 +15,9 @@ Examples (``--workflow``): ``realtime`` ("Realtime webcam (StreamRT).json": Webc
 Sampler (with Stream Settings; pipeline and prompts from Load Checkpoint -> Stream Pipeline from Model and CLIP
 Text Encode) -> SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` ("TensorRT engines
 (StreamRT).json": Load Stream Pipeline -> Build Engines -> Realtime Sampler, one Stream Settings node into both
-(the engines' shapes), fed by WebcamCapture). The file names are the titles ComfyUI's template browser shows.
+(the engines' shapes), fed by WebcamCapture) and ``controlnet`` ("ControlNet webcam (StreamRT).json": WebcamCapture
+-> Canny -> Apply ControlNet (Advanced) on CLIP Text Encode's conditioning, Load Checkpoint -> Stream Pipeline
+from Model -> Realtime Sampler -> Stream Preview). The file names are the titles ComfyUI's template browser shows.
 
 Thumbnails (``<name>.jpg`` beside each file, what the template browser shows) are screenshots of these graphs:
 tests/browser/make_thumbnails.py.
@@ -277,6 +279,83 @@ sampler.connect(0, preview, "images");
 
 
 # ---------------------------------------------------------------------------------------------------
+# ControlNet webcam (StreamRT).json
+
+CONTROL_OUTPUT = EXAMPLES_DIR / "ControlNet webcam (StreamRT).json"
+CONTROL_WORKFLOW_ID = "c3a8e5f1-6b2d-4e9a-8f7c-2d1e0b9a8c7d"
+
+#: placeholders the frontend keeps (an SD1.5 checkpoint for few steps and a ControlNet for it)
+CONTROL_CHECKPOINT = "sd15_lcm.safetensors"
+CONTROL_NET_FILE = "control_v11p_sd15_canny_fp16.safetensors"
+
+CONTROL_NOTE = """Realtime webcam -> Canny -> ControlNet -> StreamRT
+
+The stream follows the edges of what the camera sees: every frame's own Canny image conditions that frame, \
+at every denoising step it goes through (the stream keeps each frame's control image with it).
+
+1. Models: Load Checkpoint takes a Stable Diffusion 1.x checkpoint made for few steps (an LCM or turbo \
+checkpoint, or SD1.5 with LCM-LoRA through a LoraLoader between Load Checkpoint and Stream Pipeline from \
+Model); sd15_lcm.safetensors is a placeholder. Load ControlNet Model takes a ControlNet for that family from \
+models/controlnet (single file or diffusers layout; a canny one here). SDXL checkpoints take SDXL ControlNets.
+2. Apply ControlNet (Advanced) works as with KSampler: strength is applied live (changing it keeps the stream \
+going; 0 runs no ControlNet at all), start/end select which of the stream's few steps get the control. Chain \
+several Apply ControlNet nodes to use several ControlNets. Any preprocessor's IMAGE works in place of Canny.
+3. Press "▶ Stream" on the Realtime Sampler (as in the Realtime webcam example). The control image is resized \
+to the stream's size like the frames.
+
+acceleration auto runs a CUDA graph on an NVIDIA GPU (ControlNet inside the captured step); compile (Stream \
+Settings) is faster: on an H200 one ControlNet costs about 1.36x the plain step."""
+
+#: what the ControlNet example sets, per node; everything else keeps the node's defaults
+CONTROL_VALUES = {
+    "WebcamCapture": {"width": 512, "height": 512, "capture_on_queue": True},
+    "CheckpointLoaderSimple": {"ckpt_name": CONTROL_CHECKPOINT},
+    "ControlNetLoader": {"control_net_name": CONTROL_NET_FILE},
+    "ControlNetApplyAdvanced": {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0},
+    "StreamRTPipelineFromModel": {"dtype": "auto"},
+    "StreamRTPreview": {"max_size": 0},
+}
+
+#: the texts of the CLIP Text Encode nodes, by node title
+CONTROL_TEXTS = {"Prompt": "a marble statue in a museum, soft light, detailed",
+                 "Negative prompt": "blurry, low quality, distorted"}
+
+CONTROL_BUILD_JS = _ADD_JS + """
+const cam = add("WebcamCapture", [40, 60], [330, 440]);
+const canny = add("Canny", [40, 560], [330, 0]);
+const ckpt = add("CheckpointLoaderSimple", [40, 720], [330, 0]);
+const positive = add("CLIPTextEncode", [410, 60], [400, 160]);
+const negative = add("CLIPTextEncode", [410, 260], [400, 160]);
+positive.title = "Prompt";
+negative.title = "Negative prompt";
+for (const node of [positive, negative]) node.widgets.find(w => w.name === "text").value = texts[node.title];
+const netLoader = add("ControlNetLoader", [410, 460], [400, 0]);
+const apply = add("ControlNetApplyAdvanced", [410, 580], [400, 0]);
+const pipe = add("StreamRTPipelineFromModel", [410, 820], [400, 0]);
+const sampler = add("StreamRTSampler", [850, 60], [400, 0]);
+const view = add("StreamRTPreview", [1290, 60], [520, 480]);
+const text = add("Note", [40, 880], [330, 560]);
+text.widgets[0].value = note;
+text.title = "How to use";
+cam.connect(0, canny, "image");
+cam.connect(0, sampler, "image");
+ckpt.connect(0, pipe, "model");
+ckpt.connect(1, pipe, "clip");
+ckpt.connect(2, pipe, "vae");
+ckpt.connect(1, positive, "clip");
+ckpt.connect(1, negative, "clip");
+positive.connect(0, apply, "positive");
+negative.connect(0, apply, "negative");
+netLoader.connect(0, apply, "control_net");
+canny.connect(0, apply, "image");
+apply.connect(0, sampler, "positive");
+apply.connect(1, sampler, "negative");
+pipe.connect(0, sampler, "pipeline");
+sampler.connect(0, view, "images");
+""" + _SAVE_JS
+
+
+# ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Example:
     output: Path
@@ -292,6 +371,8 @@ EXAMPLES: dict[str, Example] = {
     "realtime": Example(OUTPUT, WORKFLOW_ID, BUILD_JS, VALUES, NOTE),
     "batch_video": Example(BATCH_OUTPUT, BATCH_WORKFLOW_ID, BATCH_BUILD_JS, BATCH_VALUES, BATCH_NOTE, BATCH_TEXTS),
     "engine_build": Example(ENGINE_OUTPUT, ENGINE_WORKFLOW_ID, ENGINE_BUILD_JS, ENGINE_VALUES, ENGINE_NOTE),
+    "controlnet": Example(CONTROL_OUTPUT, CONTROL_WORKFLOW_ID, CONTROL_BUILD_JS, CONTROL_VALUES, CONTROL_NOTE,
+                          CONTROL_TEXTS),
 }
 
 
