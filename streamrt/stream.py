@@ -450,11 +450,13 @@ class Stream:
         """
         if frames is not None and not validated:
             frames = self.check_frames(frames, self.config.frames_per_step)
-        images = self._check_control(control, self.config.frames_per_step, validated)
+        images = self.check_control(control, self.config.frames_per_step, validated)
         return self._output(self._call(frames, images), out, synchronize)
 
-    def _check_control(self, control: Sequence[torch.Tensor] | None, count: int,
-                       validated: bool = False) -> list[torch.Tensor] | None:
+    def check_control(self, control: Sequence[torch.Tensor] | None, count: int,
+                      validated: bool = False) -> list[torch.Tensor] | None:
+        """``control`` (one batch per ControlNet, ``[count or 1, H, W, 3]``) as the step takes it, None for a
+        stream without ControlNets, or an error naming the problem; nothing of the stream changes."""
         if self.control is None:
             if control:
                 raise ValueError("control images were given but this stream has no ControlNet")
@@ -489,7 +491,7 @@ class Stream:
         if not validated:
             frames = self.check_frames(frames)  # values checked once for the whole video
         total = frames.shape[0]
-        control = self._check_control(control, total, validated)
+        control = self.check_control(control, total, validated)
         result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32)
         host = self.runtime.host
         overlapped = not self.similarity.enabled  # a skipped frame repeats a host-side output: no overlap then
