@@ -500,3 +500,21 @@ def test_text_encoder_graph_matches_eager_and_a_new_prompt_allocates_only_its_ca
     before = torch.cuda.memory_stats()["allocation.all.allocated"]
     encoder.encode("a brand new prompt about a lighthouse")
     assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 1  # the cache entry
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_parallel_video_over_two_gpus_equals_one_gpu(fp16_models):
+    """A batch video split over cuda:0 and cuda:1 (a copy of the pipeline on each, cuda_graph) gives one GPU's
+    frames, and each stream's buffers and graph live on its own device."""
+    from streamrt.parallel import process_video_parallel, replicate
+
+    models = fp16_models
+    other = replicate(models, "cuda:1")
+    assert other.device == torch.device("cuda:1") and other.unet is not models.unet
+    cfg = make_config("self", 2).with_(acceleration="cuda_graph")
+    video = make_frames(24, seed=9)
+    one = new_stream(models, cfg, "cuda_graph").process_video(video)
+    streams = [new_stream(m, cfg, "cuda_graph") for m in (models, other)]
+    split = process_video_parallel(streams, video)
+    assert streams[1].buffers.unet_in.device == torch.device("cuda:1")
+    assert torch.equal(split, one)

@@ -1,0 +1,76 @@
+"""Frames per second of a batch video on one GPU and split over every GPU of the machine (issue #18), one process.
+
+SD-turbo-sized UNet (random weights), TAESD, fp16, 512x512, 1 step (t_index 32), cfg none, N frames: one stream on
+cuda:0 runs the whole clip; then one stream per GPU, each on its own copy of the pipeline, runs one contiguous
+chunk (``streamrt.parallel.process_video_parallel``). Every stream is warmed up (captured / compiled) first. Rows
+report frames per second, the speed-up over one GPU and the largest difference between the two outputs::
+
+    python scripts/multi_gpu_video.py --frames 300 --accelerations cuda_graph,compile --out /tmp/multi.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+logger = logging.getLogger("multi_gpu_video")
+
+
+def main() -> None:
+    import torch
+
+    from streamrt import Stream, StreamConfig, StreamModels
+    from streamrt.kv_cache import KVCacheConfig
+    from streamrt.parallel import process_video_parallel, replicate
+    from streamrt.random_models import build_random_components
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--accelerations", default="cuda_graph,compile")
+    p.add_argument("--cached-attention", action="store_true", help="also rows with cached attention (window 4)")
+    p.add_argument("--out")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    gpus = torch.cuda.device_count()
+    parts = build_random_components("sd-turbo", dtype=torch.float16, device="cuda:0")
+    models = StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
+                          tokenizer=parts["tokenizer"], scheduler=parts["scheduler"])
+    replicas = [models] + [replicate(models, f"cuda:{i}") for i in range(1, gpus)]
+    video = torch.rand(args.frames, 512, 512, 3)
+    names = [torch.cuda.get_device_name(i) for i in range(gpus)]
+    variants = [("plain", {})]
+    if args.cached_attention:
+        variants.append(("cached attention 4", {"kv_cache": KVCacheConfig(enabled=True, max_frames=4, window=4)}))
+    rows = []
+    for acceleration in args.accelerations.split(","):
+        for label, changes in variants:
+            config = StreamConfig(width=512, height=512, t_index_list=(32,), cfg_type="none",
+                                  acceleration=acceleration, **changes)
+            streams = [Stream(m, config, prompt="a watercolor painting") for m in replicas]
+            for stream in streams:  # capture / compile each, one at a time
+                stream.process_video(video[:8])
+            for i in range(gpus):
+                torch.cuda.synchronize(i)
+            start = time.perf_counter()
+            one = streams[0].process_video(video)
+            one_s = time.perf_counter() - start
+            start = time.perf_counter()
+            split = process_video_parallel(streams, video)
+            split_s = time.perf_counter() - start
+            rows.append({"acceleration": acceleration, "variant": label, "frames": args.frames, "gpus": gpus,
+                         "gpu_names": names, "one_gpu_fps": round(args.frames / one_s, 1),
+                         "split_fps": round(args.frames / split_s, 1), "speedup": round(one_s / split_s, 2),
+                         "max_abs_diff": float((one - split).abs().max()),
+                         "identical": bool(torch.equal(one, split))})
+            logger.info("%s", rows[-1])
+            for stream in streams:
+                stream.close()
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
