@@ -65,11 +65,11 @@ def main() -> None:
                          "max_abs_diff": float((one - split).abs().max()),
                          "identical": bool(torch.equal(one, split))})
             logger.info("%s", rows[-1])
+            if args.out:  # after every row: a run cut short keeps what it measured
+                with open(args.out, "w", encoding="utf-8") as f:
+                    json.dump(rows, f, indent=1)
             for stream in streams:
                 stream.close()
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
