@@ -38,7 +38,8 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, *, warmup: int = 
     """
     saved = [t.clone() for t in preserve]
     current = torch.cuda.current_stream(device)
-    with guard() if guard is not None else contextlib.nullcontext():
+    # on ``device`` whichever device is current in this thread: torch.cuda.graph records on the current one
+    with torch.cuda.device(device), guard() if guard is not None else contextlib.nullcontext():
         side = torch.cuda.Stream(device)
         side.wait_stream(current)
         with torch.cuda.stream(side):

@@ -42,6 +42,11 @@ class HostIO:
         self._down = PinnedPair(shape) if self.pinned and download else None
         self._pending: tuple[int, torch.Tensor] | None = None
 
+    def _stream(self) -> torch.cuda.Stream:
+        """The stream the copies to and from this device run on (its current stream, whichever device is
+        current in the calling thread)."""
+        return torch.cuda.current_stream(self.device)
+
     def upload(self, frames: torch.Tensor, dest: torch.Tensor) -> None:
         """Copy ``frames`` (any device, any memory) into the device buffer ``dest`` without stalling the GPU;
         ``frames`` may be anything that broadcasts to ``dest`` (one image for every row), with no copy made
@@ -52,7 +57,7 @@ class HostIO:
         slot = self._up.take()
         self._up.buffers[slot].copy_(frames)
         dest.copy_(self._up.buffers[slot], non_blocking=True)
-        self._up.events[slot].record()
+        self._up.events[slot].record(self._stream())
 
     def download(self, src: torch.Tensor, out: torch.Tensor | None = None, *, synchronize: bool = True) -> torch.Tensor:
         """``src`` into ``out`` or a new CPU tensor (pinned on CUDA); with ``synchronize`` the copy is done
@@ -75,7 +80,7 @@ class HostIO:
             return
         slot = self._down.take()
         self._down.buffers[slot].copy_(src, non_blocking=True)
-        self._down.events[slot].record()
+        self._down.events[slot].record(self._stream())
         previous, self._pending = self._pending, (slot, dest)
         if previous is not None:
             self._finish(*previous)

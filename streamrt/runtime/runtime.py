@@ -319,15 +319,21 @@ class Runtime:
             guard: Callable[[], AbstractContextManager] | None = None) -> None:
         """Run ``step`` once: directly, or through its CUDA graph (captured on the first call of each
         ``variant``, with ``state`` kept as it was through the warm-up, which runs inside ``guard``)."""
-        if not self.captures:
+        if self.device.type != "cuda":
             step()
             return
-        graph = self._graphs.get(variant)
-        if graph is None:
-            graph, _ = capture_graph(step, self.device, preserve=state, guard=guard)
-            self._graphs[variant] = graph
-            logger.info("captured the stream step (%s) in a CUDA graph (%s)", variant, self.describe())
-        graph.replay()
+        # on the stream's device whichever is current in this thread (a stream on cuda:1 stepped from a thread
+        # whose current device is cuda:0): kernels, captures and replays go to the current device's stream
+        with torch.cuda.device(self.device):
+            if not self.captures:
+                step()
+                return
+            graph = self._graphs.get(variant)
+            if graph is None:
+                graph, _ = capture_graph(step, self.device, preserve=state, guard=guard)
+                self._graphs[variant] = graph
+                logger.info("captured the stream step (%s) in a CUDA graph (%s)", variant, self.describe())
+            graph.replay()
 
     def close(self) -> None:
         """Drop the captured graphs and release engine runners (the stream is going away)."""
