@@ -20,6 +20,21 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+_capture_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device to record captures on (created once: captures happen at setup, one at a time
+    per device)."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _capture_streams.get(device)
+    if stream is None:
+        stream = _capture_streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
 def capture_graph(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
                   preserve: Sequence[torch.Tensor] = (),
                   guard: Callable[[], AbstractContextManager] | None = None) -> tuple[torch.cuda.CUDAGraph, Any]:
@@ -53,7 +68,9 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, *, warmup: int = 
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(graph):
+            # torch.cuda.graph's default capture stream is made once, on the device current at its first use:
+            # a capture on another device must bring a stream of its own
+            with torch.cuda.graph(graph, stream=_capture_stream(device)):
                 result = fn()
         finally:
             if collecting:

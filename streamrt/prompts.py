@@ -324,7 +324,8 @@ class PromptEncoder:
                 return self._forward([i.to(device) for i in ids])
         for static, given in zip(self._ids_static, ids):
             static.copy_(given, non_blocking=True)
-        self._graph.replay()
+        with torch.cuda.device(device):  # a replay runs on the current device's stream
+            self._graph.replay()
         tokens, pooled = self._out_static
         return tokens.clone(), (None if pooled is None else pooled.clone())  # the cache entry
 
