@@ -93,6 +93,7 @@ def replicate(models: StreamModels, device: torch.device | str) -> StreamModels:
 ProgressCallback = Callable[[int, int], None]
 
 
+@torch.inference_mode()
 def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress: ProgressCallback | None = None,
                            control: Sequence[torch.Tensor] | None = None, poll_s: float = 0.05) -> torch.Tensor:
     """Run ``frames`` ``[N, H, W, 3]`` through ``streams`` (one per device, same config, prompt and seed), one
@@ -145,9 +146,9 @@ def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress:
             parts = None if control is None else [c if c.shape[0] == 1 else c[chunk.first:chunk.end]
                                                   for c in control]
             on_device = torch.cuda.device(stream.device) if stream.device.type == "cuda" else contextlib.nullcontext()
-            with on_device:
+            with on_device, torch.inference_mode():  # inference mode is per thread
                 out = stream.process_video(part, progress=report, control=parts, validated=True)
-            result[chunk.start:chunk.end] = out[chunk.preroll:]
+                result[chunk.start:chunk.end] = out[chunk.preroll:]
         except BaseException as exc:  # handed to the caller's thread
             errors[index] = exc
             stop.set()

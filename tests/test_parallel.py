@@ -94,6 +94,8 @@ def test_progress_counts_every_frame_and_a_raise_stops_every_worker(tiny_models)
     config = make_config(cfg_type="none", t_index_list=(20, 35))
     frames = make_frames(12, seed=8)
     streams = _streams(tiny_models, config, 2)
+    streams[0].process_video(frames[:2])  # buffers made in inference mode, then a split video (as a warm-up does)
+    streams[0].reset()
     seen: list[tuple[int, int]] = []
     out = process_video_parallel(streams, frames, progress=lambda done, total: seen.append((done, total)),
                                  poll_s=0.001)
