@@ -104,8 +104,8 @@ class OnnxRuntimeRunner:
         self.calls += 1
         self.bound.append({n: t.data_ptr() for n, t in zip(self.input_names, inputs)})
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs)}
-        out = self.session.run(list(self.output_names), feeds)
-        return torch.from_numpy(np.ascontiguousarray(out[0]))
+        out = [torch.from_numpy(np.ascontiguousarray(o)) for o in self.session.run(list(self.output_names), feeds)]
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 class OnnxEngines:
@@ -113,25 +113,46 @@ class OnnxEngines:
     engine cache + EngineRunner, which need an RTX-class GPU that no machine of this project has).
 
     ``components`` limits which engines exist; ``unet_component`` replaces the stock UNet component (an engine
-    built with other inputs than the pipeline's)."""
+    built with other inputs than the pipeline's). ``control``: the UNet engine takes ControlNet residuals, and each
+    of ``controlnets`` has an engine; :meth:`attach_controlnet` gives every call a runner of its own (kept in
+    ``controlnet_runners``), as the engine cache does."""
 
     key = "onnxruntime stand-in"
 
     def __init__(self, models: StreamModels, config: StreamConfig, folder: Path, components=None,
-                 unet_component=None, target: str = "SM89") -> None:
+                 unet_component=None, target: str = "SM89", control: bool = False, controlnets=()) -> None:
         self.runners = {}
-        for request in requests_for_stream(config, precision="fp32", target=target):
+        self.attached: list[bool] = []  # the control flag of every attach call
+        self.controlnets: dict[int, tuple[Path, list, list]] = {}
+        self.controlnet_runners: list[OnnxRuntimeRunner] = []
+        for request in requests_for_stream(config, precision="fp32", target=target, control=control):
+            if request.component == "controlnet":
+                for index, net in enumerate(controlnets):
+                    component = component_for(models, "controlnet", controlnet=net)
+                    exported = export_onnx(component, request.shapes, folder / f"controlnet{index}.onnx",
+                                           precision="fp32")
+                    self.controlnets[id(net)] = (exported.path, component.input_names, component.output_names)
+                continue
             if components is not None and request.component not in components:
                 continue
-            component = component_for(models, request.component)
+            component = component_for(models, request.component, control=request.control)
             if request.component == "unet" and unet_component is not None:
                 component = unet_component
             exported = export_onnx(component, request.shapes, folder / f"{request.component}.onnx", precision="fp32")
             self.runners[request.component] = OnnxRuntimeRunner(exported.path, component.input_names,
                                                                 component.output_names)
 
-    def attach(self, models, config) -> AttachResult:
+    def attach(self, models, config, control: bool = False) -> AttachResult:
+        self.attached.append(control)
         return AttachResult(runners=dict(self.runners), notes=["stand-in engines"])
+
+    def attach_controlnet(self, models, config, module):
+        entry = self.controlnets.get(id(module))
+        if entry is None:
+            return None, "no stand-in engine for this ControlNet"
+        runner = OnnxRuntimeRunner(*entry)
+        self.controlnet_runners.append(runner)
+        return runner, None
 
 
 class BuildSpy:

@@ -306,8 +306,9 @@ class EngineKey:
 
     def differences(self, other: EngineKey) -> list[str]:
         """``["target: SM86 != SM89", ...]`` for the fields where ``other`` differs from self."""
-        mine, theirs = self.to_json(), other.to_json()
-        return [f"{k}: {theirs[k]} != {mine[k]}" for k in mine if mine[k] != theirs.get(k)]
+        defaults = {"control": False}  # the fields left out of the JSON when unset (see the class docstring)
+        mine, theirs = {**defaults, **self.to_json()}, {**defaults, **other.to_json()}
+        return [f"{k}: {theirs[k]} != {mine[k]}" for k in mine if mine[k] != theirs[k]]
 
     def describe(self) -> str:
         window = f", cache window {self.cache_window}" if self.cache_window else ""
