@@ -90,13 +90,17 @@ class OnnxRuntimeRunner:
     """Stands in for EngineRunner (which needs an RTX GPU): same call contract, onnxruntime underneath.
 
     ``bound`` keeps, per call, the storage address of every input by name: what an EngineRunner would bind
-    (it rebinds only when an address changes), so a test can check that a stream hands over its own buffers."""
+    (it rebinds only when an address changes), so a test can check that a stream hands over its own buffers.
+    ``persistent``: return the same output tensors (and the same tuple) on every call, rewritten, as an
+    EngineRunner does with its bound output buffers (by default each call returns new tensors)."""
 
-    def __init__(self, path: Path, input_names, output_names) -> None:
+    def __init__(self, path: Path, input_names, output_names, persistent: bool = False) -> None:
         self.session = ort_session(path)
         self.input_names, self.output_names = tuple(input_names), tuple(output_names)
         self.calls = 0
         self.bound: list[dict[str, int]] = []
+        self.persistent = persistent
+        self._result = None
 
     def __call__(self, *inputs):
         if len(inputs) != len(self.input_names):
@@ -105,6 +109,13 @@ class OnnxRuntimeRunner:
         self.bound.append({n: t.data_ptr() for n, t in zip(self.input_names, inputs)})
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs)}
         out = [torch.from_numpy(np.ascontiguousarray(o)) for o in self.session.run(list(self.output_names), feeds)]
+        if self.persistent:
+            if self._result is None or [tuple(t.shape) for t in self._result] != [tuple(t.shape) for t in out]:
+                self._result = tuple(torch.empty_like(t) for t in out)
+            for buffer, value in zip(self._result, out):
+                buffer.copy_(value)
+            out = list(self._result)
+            return out[0] if len(out) == 1 else self._result
         return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -115,13 +126,16 @@ class OnnxEngines:
     ``components`` limits which engines exist; ``unet_component`` replaces the stock UNet component (an engine
     built with other inputs than the pipeline's). ``control``: the UNet engine takes ControlNet residuals, and each
     of ``controlnets`` has an engine; :meth:`attach_controlnet` gives every call a runner of its own (kept in
-    ``controlnet_runners``), as the engine cache does."""
+    ``controlnet_runners``), as the engine cache does; ``persistent``: those runners rewrite and return the same
+    output tensors every call, as EngineRunner does."""
 
     key = "onnxruntime stand-in"
 
     def __init__(self, models: StreamModels, config: StreamConfig, folder: Path, components=None,
-                 unet_component=None, target: str = "SM89", control: bool = False, controlnets=()) -> None:
+                 unet_component=None, target: str = "SM89", control: bool = False, controlnets=(),
+                 persistent: bool = False) -> None:
         self.runners = {}
+        self.persistent = persistent
         self.attached: list[bool] = []  # the control flag of every attach call
         self.controlnets: dict[int, tuple[Path, list, list]] = {}
         self.controlnet_runners: list[OnnxRuntimeRunner] = []
@@ -150,7 +164,7 @@ class OnnxEngines:
         entry = self.controlnets.get(id(module))
         if entry is None:
             return None, "no stand-in engine for this ControlNet"
-        runner = OnnxRuntimeRunner(*entry)
+        runner = OnnxRuntimeRunner(*entry, persistent=self.persistent)
         self.controlnet_runners.append(runner)
         return runner, None
 

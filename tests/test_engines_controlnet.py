@@ -315,6 +315,34 @@ def test_stream_with_controlnets_runs_through_engines(sd1, nets, tmp_path) -> No
     assert unet.calls == 7
 
 
+def test_controlnet_engine_buffers_are_summed_in_place_and_bound_once(sd1, nets, tmp_path) -> None:
+    """With ControlNet runners that rewrite the same output buffers every call (as EngineRunner does), the residuals
+    of several ControlNets are summed in place into the first one's buffers, which the UNet engine then reads: still
+    the torch stream's frames, with the UNet bound to the same residual tensors on every call (no rebinding, nothing
+    allocated). The same ControlNet applied twice gets two runners: one shared runner would have its first call's
+    outputs overwritten by the second before the sum (twice the second's residuals), which this comparison catches."""
+    cfg = config()
+    engines = OnnxEngines(sd1, cfg, tmp_path, control=True, controlnets=nets, persistent=True)
+    applied = [ControlNet(nets[0], 0.7), ControlNet(nets[1], 0.6), ControlNet(nets[0], 0.4)]
+    on_engines = Stream(sd1, cfg.with_(acceleration="tensorrt"), prompt=PROMPT, engines=engines,
+                        controlnets=[ControlNet(c.model, c.strength) for c in applied])
+    on_torch = Stream(sd1, cfg.with_(acceleration="eager"), prompt=PROMPT,
+                      controlnets=[ControlNet(c.model, c.strength) for c in applied])
+    assert on_engines.runtime.parts["controlnet"] == "engine" and len(engines.controlnet_runners) == 3
+    first = engines.controlnet_runners[0]
+    frames = make_frames(4, seed=11)
+    controls = [make_frames(4, seed=12 + k) for k in range(3)]
+    unet = engines.runners["unet"]
+    for i in range(4):
+        control = [c[i:i + 1] for c in controls]
+        got, want = on_engines.step(frames[i:i + 1], control=control), on_torch.step(frames[i:i + 1], control=control)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-2 if i == 0 else 1e-5,
+                                   msg=lambda m, i=i: f"frame {i}: {m}")
+    assert [unet.bound[-1][n] for n in RESIDUALS] == [t.data_ptr() for t in first._result]
+    assert all(b == unet.bound[-1] for b in unet.bound)
+    assert [r.calls for r in engines.controlnet_runners] == [4, 4, 4]
+
+
 def test_controlnet_without_an_engine_runs_on_torch_with_a_note(sd1, nets, tmp_path) -> None:
     cfg = config()
     engines = OnnxEngines(sd1, cfg, tmp_path, control=True, controlnets=nets[:1])
