@@ -343,6 +343,33 @@ def test_controlnet_engine_buffers_are_summed_in_place_and_bound_once(sd1, nets,
     assert [r.calls for r in engines.controlnet_runners] == [4, 4, 4]
 
 
+def test_sdxl_stream_with_a_controlnet_runs_through_engines(tmp_path) -> None:
+    """SDXL: the ControlNet engine takes the stream's pooled embeddings and size conditions after its own inputs,
+    the UNet engine its added conditions and then the residuals; with full CFG (negative rows) the frames are the
+    torch stream's, and the pooled embeddings reach the ControlNet engine (the stream's own buffers)."""
+    xl = tiny_xl_stream_models(seed=0)
+    net = tiny_controlnet(xl.unet, 4)
+    cfg = config(cfg_type="full")
+    engines = OnnxEngines(xl, cfg, tmp_path, control=True, controlnets=[net])
+
+    def stream(acceleration: str) -> Stream:
+        return Stream(xl, cfg.with_(acceleration=acceleration), prompt=PROMPT, negative_prompt="blurry photo",
+                      controlnets=[ControlNet(net, 0.9)], engines=engines if acceleration == "tensorrt" else None)
+
+    on_engines, on_torch = stream("tensorrt"), stream("eager")
+    assert on_engines.runtime.parts["unet"] == on_engines.runtime.parts["controlnet"] == "engine"
+    assert on_engines.runtime.unet.accepts == {"added_cond", "control"}
+    frames, controls = make_frames(3, seed=21), make_frames(3, seed=22)
+    for i in range(3):
+        torch.testing.assert_close(on_engines.step(frames[i:i + 1], control=[controls[i:i + 1]]),
+                                   on_torch.step(frames[i:i + 1], control=[controls[i:i + 1]]), rtol=0,
+                                   atol=1e-2 if i == 0 else 1e-5, msg=lambda m, i=i: f"frame {i}: {m}")
+    [runner] = engines.controlnet_runners
+    assert runner.calls == 3
+    assert runner.bound[-1]["text_embeds"] == on_engines.buffers.pooled.data_ptr()
+    assert runner.bound[-1]["time_ids"] == on_engines.buffers.time_ids.data_ptr()
+
+
 def test_controlnet_without_an_engine_runs_on_torch_with_a_note(sd1, nets, tmp_path) -> None:
     cfg = config()
     engines = OnnxEngines(sd1, cfg, tmp_path, control=True, controlnets=nets[:1])
