@@ -239,8 +239,8 @@ class EngineUNet:
 def zero_control_residuals(models: StreamModels, config: StreamConfig) -> tuple[torch.Tensor, ...]:
     """Zeros shaped like the ControlNet residuals of a stream of ``models`` with ``config`` (``unet_rows`` rows, the
     config's latent size; the down ones, then the mid one), in the models' dtype on their device: what a UNet engine
-    built for ControlNets is fed while none runs. Allocated once per stream (a few MB at 512x512 for SD1.5's
-    two rows of 12 + 1 residuals), they stay zero: the engine only reads them."""
+    built for ControlNets is fed while none runs. Allocated once per stream (about 27 MB at 512x512 for SD1.5's
+    12 + 1 residuals, two rows in fp16), they stay zero: the engine only reads them."""
     from ..engines.export import control_residual_specs  # here: the engines package imports this module
 
     sizes = {"rows": config.unet_rows, "latent_height": config.height // models.vae_scale_factor,
