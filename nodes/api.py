@@ -552,9 +552,6 @@ def conditioning_controls(positive, negative) -> list[ComfyControl]:
     """The ControlNets that Apply ControlNet (Advanced) put on the positive CONDITIONING (and the same ones on the
     negative), or a ValueError naming what the stream cannot run: T2I adapters, Control-LoRAs and other kinds,
     another strength type, a ControlNet on the negative prompt only."""
-    import comfy.cldm.cldm
-    import comfy.controlnet
-
     chain = _control_chain(positive)
     extra = [c for c in _control_chain(negative) if all(c is not p for p in chain)]
     if extra:
@@ -563,23 +560,34 @@ def conditioning_controls(positive, negative) -> list[ComfyControl]:
                          "negative outputs)")
     out = []
     for control in chain:
-        kind = type(control).__name__
-        model = getattr(control, "control_model", None)
-        if type(control) is not comfy.controlnet.ControlNet or not isinstance(model, comfy.cldm.cldm.ControlNet):
-            raise ValueError(f"the CONDITIONING carries a {kind} ({type(model).__name__}): the stream runs ControlNets "
-                             "(ControlNetLoader / DiffControlNetLoader files for SD1.x/SD2.x/SDXL), not T2I adapters, "
-                             "Control-LoRAs or other control models")
-        if getattr(control, "vae", None) is not None or getattr(control, "extra_concat_orig", None):
-            raise ValueError("this ControlNet takes a VAE or extra inputs (an SD3/Flux-style ControlNet), which the "
-                             "stream does not run")
-        if control.strength_type != comfy.controlnet.StrengthType.CONSTANT:
-            raise ValueError(f"this ControlNet scales its residuals by {control.strength_type.name}: the stream "
-                             "supports constant strength")
-        key = _control_keys.get(model)
-        if key is None:
-            key = _control_keys[model] = _fingerprint(control.control_model_wrapped)
+        key, state_dict = control_net_weights(control)
         start, end = control.timestep_percent_range
         image = control.cond_hint_original.movedim(1, -1)
-        out.append(ComfyControl(key, lambda m=model: m.state_dict(), image, float(control.strength), float(start),
-                                float(end)))
+        out.append(ComfyControl(key, state_dict, image, float(control.strength), float(start), float(end)))
     return out
+
+
+def control_net_weights(control) -> tuple[str, Callable[[], dict]]:
+    """``(key, state_dict)`` of a CONTROL_NET (ControlNetLoader / DiffControlNetLoader, or one of an Apply
+    ControlNet chain): the fingerprint of its weights (computed once per loaded ControlNet) and what gives them
+    (LDM layout), or a ValueError naming what the stream cannot run: T2I adapters, Control-LoRAs and other kinds,
+    SD3/Flux-style ControlNets, another strength type."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+
+    kind = type(control).__name__
+    model = getattr(control, "control_model", None)
+    if type(control) is not comfy.controlnet.ControlNet or not isinstance(model, comfy.cldm.cldm.ControlNet):
+        raise ValueError(f"the CONDITIONING carries a {kind} ({type(model).__name__}): the stream runs ControlNets "
+                         "(ControlNetLoader / DiffControlNetLoader files for SD1.x/SD2.x/SDXL), not T2I adapters, "
+                         "Control-LoRAs or other control models")
+    if getattr(control, "vae", None) is not None or getattr(control, "extra_concat_orig", None):
+        raise ValueError("this ControlNet takes a VAE or extra inputs (an SD3/Flux-style ControlNet), which the "
+                         "stream does not run")
+    if control.strength_type != comfy.controlnet.StrengthType.CONSTANT:
+        raise ValueError(f"this ControlNet scales its residuals by {control.strength_type.name}: the stream "
+                         "supports constant strength")
+    key = _control_keys.get(model)
+    if key is None:
+        key = _control_keys[model] = _fingerprint(control.control_model_wrapped)
+    return key, lambda m=model: m.state_dict()

@@ -15,6 +15,7 @@ from ..streamrt import StreamSettings
 from ..streamrt.engines import (
     BACKENDS,
     COMPONENTS,
+    CONTROLNET,
     TARGET_CHOICES,
     CachedEngines,
     EngineCache,
@@ -30,7 +31,7 @@ from ..streamrt.models import StreamModels
 from ..streamrt.runtime import Acceleration, Runtime
 from . import api
 from .api import io
-from .runtime import PipelineHandle
+from .runtime import PipelineHandle, converted_controlnet
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ class BuildEngines(io.ComfyNode):
                 "frames per step, size) and set steps as on the sampler. Reuses the engines already in the engine "
                 "cache (models/streamrt_engines; the pack's old engine_cache/ is still read). TensorRT-RTX builds "
                 "ahead of time on any machine, even without a GPU, for the GPU generation you choose; full TensorRT "
-                "builds for the local GPU. Builds take seconds to minutes. A sampler fed from the pipeline output "
+                "builds for the local GPU. With a ControlNet connected (the one the sampler's Apply ControlNet "
+                "gets), its engine and a UNet engine taking its residuals are built. Builds take seconds to minutes. "
+                "A sampler fed from the pipeline output "
                 "with acceleration 'auto' or 'tensorrt' runs on the engines that fit its shapes on this GPU, and "
                 "shows which parts do and why the others do not."),
             inputs=[
@@ -161,6 +164,11 @@ class BuildEngines(io.ComfyNode):
                                tooltip="Which engines to build. Text encoders always stay in PyTorch."),
                 io.Boolean.Input("rebuild", default=False,
                                  tooltip="Build again even when a valid engine is cached."),
+                io.ControlNet.Input("control_net", optional=True,
+                                    tooltip="The ControlNet the sampler's stream applies (from ControlNetLoader, the "
+                                            "one Apply ControlNet gets): builds its engine and a UNet engine that "
+                                            "takes its residuals (a stream with ControlNets runs only on such a "
+                                            "UNet engine). Needs a components choice with the unet."),
             ],
             outputs=[api.PIPELINE.Output(display_name="pipeline",
                                          tooltip="The pipeline, for samplers that should use these engines."),
@@ -178,15 +186,24 @@ class BuildEngines(io.ComfyNode):
     @classmethod
     def execute(cls, pipeline: PipelineHandle, steps: int, width: int, height: int, min_size: int, max_size: int,
                 backend: str, target: str, precision: str, components: str, rebuild: bool,
-                settings: StreamSettings | None = None) -> io.NodeOutput:
+                settings: StreamSettings | None = None, control_net=None) -> io.NodeOutput:
         models = pipeline.models()
         settings = settings if settings is not None else StreamSettings()
         config = settings.shapes_config(steps=steps, width=width, height=height)
-        requests = requests_for_stream(config, components=COMPONENT_SETS[components], precision=precision,
-                                       backend=backend, target=target, min_size=min_size, max_size=max_size)
+        parts = COMPONENT_SETS[components]
+        controlnets = []
+        if control_net is not None:
+            if "unet" not in parts:
+                raise ValueError(f"a ControlNet is connected but components is '{components}': its engines go with "
+                                 "the UNet's (choose 'unet + vae' or 'unet', or disconnect the ControlNet)")
+            key, state_dict = api.control_net_weights(control_net)
+            controlnets.append(converted_controlnet(key, state_dict, models))  # the sampler's very module
+            parts = (*parts, CONTROLNET)
+        requests = requests_for_stream(config, components=parts, precision=precision, backend=backend,
+                                       target=target, min_size=min_size, max_size=max_size, control=bool(controlnets))
         cache = engine_cache()
         progress = api.Progress(100 * len(requests), cls.hidden.unique_id)
-        results = build_engines(models, requests, cache, progress=progress, force=rebuild)
+        results = build_engines(models, requests, cache, progress=progress, force=rebuild, controlnets=controlnets)
         report = build_report(config, results)
         logger.info("%s", report)
         api.show_text(cls.hidden.unique_id, report)
@@ -203,8 +220,11 @@ def build_report(config, results) -> str:
              f"per step, cfg_type {cfg}"]
     for r in results:
         what = (f"built in {r.build_seconds:.1f} s (export {r.export_seconds:.1f} s)" if r.built else "reused")
-        lines.append(f"  {r.key.component:<12} {r.key.shapes.label():<28} {what:<34} {r.record.size / 1e6:8.1f} MB")
-    lines.append(f"Folder: {results[0].record.path.parent}")
+        name = f"{r.key.component}{'+control' if r.key.control else ''}"
+        line = f"  {name:<14} {r.key.shapes.label():<28} {what:<34} {r.record.size / 1e6:8.1f} MB"
+        lines.append(line + (f"  weights {r.key.weights}" if r.key.component == CONTROLNET else ""))
+    lines += [f"Folder: {folder}" for folder in dict.fromkeys(r.record.path.parent for r in results)]  # a
+    # ControlNet's engines have a folder of their own (its weights)
     if config.kv_cache.enabled:
         lines.append("Note: the settings turn cached attention on: the UNet runs on torch then (no engine takes the "
                      "attention cache yet); the VAE engines are used.")

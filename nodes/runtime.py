@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
+from ..streamrt.controlnet_loading import controlnet_from_state_dict
 from ..streamrt.loading import PipelineSpec
 from ..streamrt.models import StreamModels
 from ..streamrt.sessions import StreamSessions
@@ -24,6 +26,21 @@ def workflow_id(extra_pnginfo) -> str | None:
         wid = extra_pnginfo["workflow"].get("id")
         return str(wid) if wid is not None else None
     return None
+
+
+def converted_controlnet(key: str, state_dict: Callable[[], dict], models: StreamModels) -> Any:
+    """The diffusers ``ControlNetModel`` of a ComfyUI ControlNet (``key`` and ``state_dict`` from
+    :func:`nodes.api.control_net_weights`) for ``models``' pipeline: converted once per ControlNet, device and dtype
+    and kept with the pipelines, so the sampler and Build Engines share one module (and the fingerprint of its
+    weights that keys its engines, computed once on it)."""
+    def load():
+        return controlnet_from_state_dict(state_dict(), dtype=models.dtype, device=models.device,
+                                          family=models.family, unet_config=models.unet.config,
+                                          what="the ControlNet of Apply ControlNet")
+    # the pipeline's device and dtype as its identity records them at load (StreamModels.device / .dtype ask
+    # diffusers, which walks the UNet's parameters: per execution, that is the realtime loop's cost)
+    where = (models.identity.get("device"), models.identity.get("dtype"))
+    return SESSIONS.controlnet((key, *where), load)
 
 
 def report_memory() -> None:

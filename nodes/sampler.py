@@ -11,13 +11,12 @@ import torch
 from ..streamrt import StreamRequest, StreamSettings
 from ..streamrt.config import StreamConfig
 from ..streamrt.controlnet import ControlInput, ControlNet
-from ..streamrt.controlnet_loading import controlnet_from_state_dict
 from ..streamrt.frames import resize_frames
 from ..streamrt.models import StreamModels
 from . import api
 from .api import io
 from .engines import engine_note, engine_source
-from .runtime import SESSIONS, PipelineHandle, report_memory, workflow_id
+from .runtime import SESSIONS, PipelineHandle, converted_controlnet, report_memory, workflow_id
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +56,7 @@ def control_inputs(positive, negative, models: StreamModels, config: StreamConfi
         return ()
     out = []
     for control in api.conditioning_controls(positive, negative):
-        def load(control=control):
-            return controlnet_from_state_dict(control.state_dict(), dtype=models.dtype, device=models.device,
-                                              family=models.family, unet_config=models.unet.config,
-                                              what="the ControlNet of Apply ControlNet")
-        # the pipeline's device and dtype as its identity records them at load (StreamModels.device / .dtype ask
-        # diffusers, which walks the UNet's parameters: per execution, that is the realtime loop's cost)
-        where = (models.identity.get("device"), models.identity.get("dtype"))
-        model = SESSIONS.controlnet((control.key, *where), load)
+        model = converted_controlnet(control.key, control.state_dict, models)
         image = control.image
         if tuple(image.shape[1:3]) != (config.height, config.width):
             image = resize_frames(image, config.width, config.height)

@@ -90,13 +90,17 @@ class OnnxRuntimeRunner:
     """Stands in for EngineRunner (which needs an RTX GPU): same call contract, onnxruntime underneath.
 
     ``bound`` keeps, per call, the storage address of every input by name: what an EngineRunner would bind
-    (it rebinds only when an address changes), so a test can check that a stream hands over its own buffers."""
+    (it rebinds only when an address changes), so a test can check that a stream hands over its own buffers.
+    ``persistent``: return the same output tensors (and the same tuple) on every call, rewritten, as an
+    EngineRunner does with its bound output buffers (by default each call returns new tensors)."""
 
-    def __init__(self, path: Path, input_names, output_names) -> None:
+    def __init__(self, path: Path, input_names, output_names, persistent: bool = False) -> None:
         self.session = ort_session(path)
         self.input_names, self.output_names = tuple(input_names), tuple(output_names)
         self.calls = 0
         self.bound: list[dict[str, int]] = []
+        self.persistent = persistent
+        self._result = None
 
     def __call__(self, *inputs):
         if len(inputs) != len(self.input_names):
@@ -104,8 +108,15 @@ class OnnxRuntimeRunner:
         self.calls += 1
         self.bound.append({n: t.data_ptr() for n, t in zip(self.input_names, inputs)})
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs)}
-        out = self.session.run(list(self.output_names), feeds)
-        return torch.from_numpy(np.ascontiguousarray(out[0]))
+        out = [torch.from_numpy(np.ascontiguousarray(o)) for o in self.session.run(list(self.output_names), feeds)]
+        if self.persistent:
+            if self._result is None or [tuple(t.shape) for t in self._result] != [tuple(t.shape) for t in out]:
+                self._result = tuple(torch.empty_like(t) for t in out)
+            for buffer, value in zip(self._result, out):
+                buffer.copy_(value)
+            out = list(self._result)
+            return out[0] if len(out) == 1 else self._result
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 class OnnxEngines:
@@ -113,25 +124,49 @@ class OnnxEngines:
     engine cache + EngineRunner, which need an RTX-class GPU that no machine of this project has).
 
     ``components`` limits which engines exist; ``unet_component`` replaces the stock UNet component (an engine
-    built with other inputs than the pipeline's)."""
+    built with other inputs than the pipeline's). ``control``: the UNet engine takes ControlNet residuals, and each
+    of ``controlnets`` has an engine; :meth:`attach_controlnet` gives every call a runner of its own (kept in
+    ``controlnet_runners``), as the engine cache does; ``persistent``: those runners rewrite and return the same
+    output tensors every call, as EngineRunner does."""
 
     key = "onnxruntime stand-in"
 
     def __init__(self, models: StreamModels, config: StreamConfig, folder: Path, components=None,
-                 unet_component=None, target: str = "SM89") -> None:
+                 unet_component=None, target: str = "SM89", control: bool = False, controlnets=(),
+                 persistent: bool = False) -> None:
         self.runners = {}
-        for request in requests_for_stream(config, precision="fp32", target=target):
+        self.persistent = persistent
+        self.attached: list[bool] = []  # the control flag of every attach call
+        self.controlnets: dict[int, tuple[Path, list, list]] = {}
+        self.controlnet_runners: list[OnnxRuntimeRunner] = []
+        for request in requests_for_stream(config, precision="fp32", target=target, control=control):
+            if request.component == "controlnet":
+                for index, net in enumerate(controlnets):
+                    component = component_for(models, "controlnet", controlnet=net)
+                    exported = export_onnx(component, request.shapes, folder / f"controlnet{index}.onnx",
+                                           precision="fp32")
+                    self.controlnets[id(net)] = (exported.path, component.input_names, component.output_names)
+                continue
             if components is not None and request.component not in components:
                 continue
-            component = component_for(models, request.component)
+            component = component_for(models, request.component, control=request.control)
             if request.component == "unet" and unet_component is not None:
                 component = unet_component
             exported = export_onnx(component, request.shapes, folder / f"{request.component}.onnx", precision="fp32")
             self.runners[request.component] = OnnxRuntimeRunner(exported.path, component.input_names,
                                                                 component.output_names)
 
-    def attach(self, models, config) -> AttachResult:
+    def attach(self, models, config, control: bool = False) -> AttachResult:
+        self.attached.append(control)
         return AttachResult(runners=dict(self.runners), notes=["stand-in engines"])
+
+    def attach_controlnet(self, models, config, module):
+        entry = self.controlnets.get(id(module))
+        if entry is None:
+            return None, "no stand-in engine for this ControlNet"
+        runner = OnnxRuntimeRunner(*entry, persistent=self.persistent)
+        self.controlnet_runners.append(runner)
+        return runner, None
 
 
 class BuildSpy:

@@ -22,6 +22,7 @@ from model_files import (
     write_sd15_layout_checkpoint,
     write_sd15_layout_controlnet,
 )
+from stream_helpers import first_cache_mode
 
 from streamrt import Stream, StreamConfig, load_checkpoint
 from streamrt.controlnet import ControlNet
@@ -167,3 +168,45 @@ def test_canny_control_and_live_strength(server: ComfyServer, inputs) -> None:
                           negative=dataset.out(1), t_index_list=T_INDEX)
     g.node("SaveImage", id=f"{plain_prefix}save", images=sampler.out(0), filename_prefix=f"{plain_prefix}/f")
     np.testing.assert_array_equal(zero, _run(server, g, plain_prefix))
+
+
+# one cache mode: the engine cache is files shared by the session's servers, so a second mode would only reuse
+@pytest.mark.parametrize("comfy_server", [first_cache_mode()], indirect=True)
+def test_build_engines_takes_the_controlnet(server: ComfyServer) -> None:
+    """Build Engines with the ControlNetLoader's CONTROL_NET builds (TensorRT-RTX, SM89, ahead of time on this CPU
+    server) the UNet engine that takes the residuals and the ControlNet's own engine, keyed by its weights; the
+    same request again reuses both (the ControlNet's fingerprint is stable across executions); a ControlNet with
+    the VAE components only is refused naming the problem. Running the engines needs an RTX GPU."""
+    pytest.importorskip("polygraphy", reason="engine builds need polygraphy")
+    pytest.importorskip("tensorrt_rtx", reason="engine builds need TensorRT-RTX (pip install tensorrt-rtx)")
+    import json
+
+    from comfy_harness import ExecutionFailed
+
+    def build(prefix: str, components: str = "unet"):
+        g = Graph(prefix=prefix)
+        pipe = g.node("StreamRTLoadPipeline", model=SD15_LAYOUT_CKPT, taesd="none (full VAE)", dtype="auto",
+                      device="auto")
+        net = g.node("ControlNetLoader", control_net_name=CONTROLNET)
+        g.node("StreamRTBuildEngines", id=f"{prefix}build", pipeline=pipe.out(0), control_net=net.out(0), steps=2,
+               width=SIZE, height=SIZE, min_size=0, max_size=0, backend="tensorrt-rtx", target="SM89",
+               precision="fp16", components=components, rebuild=False)
+        return g
+
+    prefix = uid()
+    report = "\n".join(server.run(build(prefix), timeout=600)[f"{prefix}build"]["text"])
+    assert report.count("built in") == 2 and "unet+control" in report and "controlnet " in report, report
+    keys = [json.loads(p.read_text())["key"] for p in (server.models_dir / "engines").rglob("*.json")
+            if ".staging" not in p.parts and "timing" not in p.parts]
+    unet = [k for k in keys if k["component"] == "unet" and k.get("control")]
+    control = [k for k in keys if k["component"] == "controlnet"]
+    assert len(unet) == 1 and len(control) == 1, keys
+    assert control[0]["weights"].startswith("controlnet-") and control[0]["weights"] in report
+    assert all(f"Folder: {(server.models_dir / 'engines').resolve()}" in line for line in report.splitlines()
+               if line.startswith("Folder:")) and report.count("Folder:") == 2, report
+
+    prefix = uid()
+    again = "\n".join(server.run(build(prefix), timeout=600)[f"{prefix}build"]["text"])
+    assert again.count("reused") == 2 and "built in" not in again, again
+    with pytest.raises(ExecutionFailed, match="its engines go with the UNet's"):
+        server.run(build(uid(), components="vae"), timeout=120)

@@ -1,7 +1,8 @@
 """TensorRT / TensorRT-RTX engines for the stream's UNet and VAE (docs/DESIGN.md section 5).
 
 - :mod:`.spec`: shape ranges, components, backends, targets (plain data).
-- :mod:`.export`: ONNX export of the UNet and VAE encoder / decoder; the extension point for
+- :mod:`.export`: ONNX export of the UNet (plain or taking ControlNet residuals), VAE encoder / decoder and
+  ControlNets; the extension point for
   cached-attention I/O (:meth:`ExportComponent.with_io`).
 - :mod:`.build`: backend / target resolution, the polygraphy build in a child process, and
   :func:`ensure_engine` / :func:`build_engines` (get from the cache or build).
@@ -36,6 +37,7 @@ from .cache import (
                     EngineNameError,
                     EngineRecord,
                     InvalidEngineError,
+                    controlnet_fingerprint,
                     weights_fingerprint,
 )
 from .export import (
@@ -43,15 +45,26 @@ from .export import (
                     OnnxExport,
                     TensorSpec,
                     component_for,
+                    control_residual_specs,
+                    controlnet_component,
                     export_onnx,
                     unet_component,
                     vae_decoder_component,
                     vae_encoder_component,
 )
-from .runner import CachedEngines, EngineLoadError, EngineRunner, attach_engines, runtime_problem
+from .runner import (
+                    CachedEngines,
+                    EngineLoadError,
+                    EngineRunner,
+                    attach_controlnet_engine,
+                    attach_engines,
+                    runtime_problem,
+)
 from .spec import (
                     BACKENDS,
                     COMPONENTS,
+                    CONTROLNET,
+                    ENGINE_COMPONENTS,
                     ENGINE_FORMAT,
                     PRECISIONS,
                     RTX_TARGETS,
@@ -63,7 +76,9 @@ from .spec import (
 )
 
 __all__ = [
-    "BACKENDS", "CachedEngines", "BackendUnavailableError", "COMPONENTS", "CacheEntry", "DimRange", "ENGINE_FORMAT",
+    "BACKENDS", "CONTROLNET", "ENGINE_COMPONENTS", "attach_controlnet_engine", "control_residual_specs",
+    "controlnet_component", "controlnet_fingerprint", "CachedEngines",
+    "BackendUnavailableError", "COMPONENTS", "CacheEntry", "DimRange", "ENGINE_FORMAT",
     "EngineBuildError", "EngineCache", "EngineCacheError", "EngineKey", "EngineLoadError",
     "EngineNameError", "EngineRecord", "EngineRequest", "EngineResult", "EngineRunner", "EngineShapes",
     "ExportComponent", "InvalidEngineError", "OnnxExport", "PRECISIONS", "RTX_TARGETS", "TARGET_CHOICES",

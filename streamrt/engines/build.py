@@ -42,12 +42,14 @@ import torch
 from ..config import CfgType, StreamConfig
 from ..models import StreamModels
 from ..runtime.runtime import ADDED_COND_INPUTS
-from .cache import EngineCache, EngineKey, EngineRecord, weights_fingerprint
-from .export import ExportComponent, added_condition_specs, component_for, export_onnx
+from .cache import EngineCache, EngineKey, EngineRecord, controlnet_fingerprint, weights_fingerprint
+from .export import ExportComponent, added_condition_specs, component_for, control_residual_specs, export_onnx
 from .spec import (
     BACKEND_MODULES,
     BACKENDS,
     COMPONENTS,
+    CONTROLNET,
+    ENGINE_COMPONENTS,
     PRECISIONS,
     RTX_TARGETS,
     TENSORRT,
@@ -269,7 +271,10 @@ def run_build(job: BuildJob, progress: Callable[[float], None] | None = None, *,
 class EngineRequest:
     """One engine to have: which component, for which shapes, precision, backend and target.
 
-    ``target`` may be ``auto`` (the local GPU); it is resolved when the key is made.
+    ``target`` may be ``auto`` (the local GPU); it is resolved when the key is made. ``control``: a UNet that
+    takes the ControlNet residuals (for streams with ControlNets). A ``controlnet`` request is built for a
+    ControlNet module given alongside it (:func:`ensure_engine`'s ``controlnet``, :func:`build_engines`'
+    ``controlnets``).
     """
 
     component: str
@@ -277,30 +282,41 @@ class EngineRequest:
     precision: str = "fp16"
     backend: str = TENSORRT_RTX
     target: str = "auto"
+    control: bool = False
 
     def __post_init__(self) -> None:
-        if self.component not in COMPONENTS:
-            raise ValueError(f"unknown engine component {self.component!r}: use one of {', '.join(COMPONENTS)}")
+        if self.component not in ENGINE_COMPONENTS:
+            raise ValueError(f"unknown engine component {self.component!r}: use one of "
+                             f"{', '.join(ENGINE_COMPONENTS)}")
+        if self.control and self.component != UNET:
+            raise ValueError(f"only a UNet engine takes ControlNet residuals (control=True), not a {self.component}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown engine backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
 
 
-def engine_key(models: StreamModels, request: EngineRequest, *, cache_window: int = 0) -> EngineKey:
+def engine_key(models: StreamModels, request: EngineRequest, *, cache_window: int = 0,
+               controlnet: torch.nn.Module | None = None) -> EngineKey:
     """The cache key of ``request`` for these models (resolves the target and the backend version). The models'
-    family is part of it: an SD1 and an SDXL pipeline never share an engine."""
-    return EngineKey(weights=weights_fingerprint(models), family=models.family.name, component=request.component,
+    family is part of it: an SD1 and an SDXL pipeline never share an engine. A ``controlnet`` request is keyed
+    by the ``controlnet``'s own weights (:func:`~streamrt.engines.cache.controlnet_fingerprint`)."""
+    if (request.component == CONTROLNET) != (controlnet is not None):
+        raise ValueError("a controlnet engine's key needs its ControlNet module (controlnet=...)"
+                         if controlnet is None else f"a ControlNet module was given for a {request.component} key")
+    weights = controlnet_fingerprint(controlnet) if controlnet is not None else weights_fingerprint(models)
+    return EngineKey(weights=weights, family=models.family.name, component=request.component,
                      shapes=request.shapes, precision=request.precision, backend=request.backend,
                      backend_version=backend_version(request.backend),
                      target=resolve_target(request.backend, request.target, models.device),
-                     cache_window=int(cache_window))
+                     cache_window=int(cache_window), control=request.control)
 
 
-def check_unet_inputs(models: StreamModels, component: ExportComponent) -> None:
+def check_unet_inputs(models: StreamModels, component: ExportComponent, control: bool = False) -> None:
     """Raise ValueError when ``component`` is a UNet whose added-condition inputs are not those of ``models``'
-    family (:func:`~streamrt.engines.export.added_condition_specs`): such an engine could never run a stream of
-    this pipeline (the runtime refuses it), so it is not built."""
+    family (:func:`~streamrt.engines.export.added_condition_specs`), or whose ControlNet residual inputs are not
+    the UNet's (:func:`~streamrt.engines.export.control_residual_specs`) when ``control``, or present when not:
+    such an engine could never run the streams its key says (the runtime refuses it), so it is not built."""
     if component.name != UNET:
         return
     want = [spec.name for spec in added_condition_specs(models)]
@@ -308,6 +324,15 @@ def check_unet_inputs(models: StreamModels, component: ExportComponent) -> None:
     if have != want:
         raise ValueError(f"{models.family} UNet engines take the added conditions {want or 'none'}; this "
                          f"{component.name} component has {have or 'none'}")
+    residuals = [(t.name, t.dims) for t in control_residual_specs(models.unet)]
+    names = {name for name, _ in residuals}
+    have_res = [(t.name, t.dims) for t in component.inputs if t.name in names]
+    if control and have_res != residuals:
+        raise ValueError(f"a UNet engine for ControlNets takes the residuals {[n for n, _ in residuals]} with this "
+                         f"UNet's shapes; this component has {[n for n, _ in have_res] or 'none'}")
+    if not control and have_res:
+        raise ValueError(f"this UNet component takes ControlNet residuals ({have_res[0][0]}...): build it with "
+                         "control=True in its request (its key must say so)")
 
 
 def unet_rows(frames_per_step: int, denoising_steps: int, cfg_type: str | CfgType, guided: bool = True) -> int:
@@ -318,22 +343,30 @@ def unet_rows(frames_per_step: int, denoising_steps: int, cfg_type: str | CfgTyp
     return config.unet_rows
 
 
-def requests_for_stream(config: StreamConfig, *, components: Iterable[str] = COMPONENTS, precision: str = "fp16",
+def requests_for_stream(config: StreamConfig, *, components: Iterable[str] | None = None, precision: str = "fp16",
                         backend: str = TENSORRT_RTX, target: str = "auto", min_size: int = 0,
-                        max_size: int = 0) -> list[EngineRequest]:
+                        max_size: int = 0, control: bool = False) -> list[EngineRequest]:
     """The engines a stream with ``config`` runs on: UNet with ``config.unet_rows`` rows, VAE encoder and
     decoder with ``frames_per_step`` rows; static at the config's resolution, or any width and height in
-    ``[min_size, max_size]`` (tuned for the config's) when both are given."""
+    ``[min_size, max_size]`` (tuned for the config's) when both are given.
+
+    ``control``: the stream has ControlNets: its UNet takes their residuals (``control=True``), and a
+    ``controlnet`` request with the UNet's shapes is added (build it for each ControlNet: :func:`build_engines`'
+    ``controlnets``). ``components`` defaults to the pipeline's three, plus ``controlnet`` with ``control``."""
     if (min_size > 0) != (max_size > 0):
         raise ValueError("give both min_size and max_size for a resolution range (or neither for a static one)")
+    if components is None:
+        components = ENGINE_COMPONENTS if control else COMPONENTS
     requests = []
     for name in components:
-        rows = config.unet_rows if name == UNET else config.frames_per_step
+        if name == CONTROLNET and not control:
+            raise ValueError("a controlnet engine is for a stream with ControlNets: pass control=True")
+        rows = config.unet_rows if name in (UNET, CONTROLNET) else config.frames_per_step
         if min_size:
             shapes = EngineShapes.ranged(rows, config.width, config.height, min_size, max_size)
         else:
             shapes = EngineShapes.static(rows, config.width, config.height)
-        requests.append(EngineRequest(name, shapes, precision, backend, target))
+        requests.append(EngineRequest(name, shapes, precision, backend, target, control=control and name == UNET))
     return requests
 
 
@@ -365,19 +398,23 @@ def _scaled(progress: ProgressCallback | None, offset: int, span: int, total: in
 def ensure_engine(models: StreamModels, request: EngineRequest, cache: EngineCache, *,
                   progress: ProgressCallback | None = None, force: bool = False,
                   component: ExportComponent | None = None, external_data: bool | None = None,
-                  optimization_level: int | None = None, _offset: int = 0, _total: int = 100) -> EngineResult:
+                  optimization_level: int | None = None, controlnet: torch.nn.Module | None = None,
+                  _offset: int = 0, _total: int = 100) -> EngineResult:
     """The engine for ``request``: from the cache when a valid one is there, else exported and built.
 
     A stale or corrupt engine under the same key is rebuilt (the models are here). ``component``
     overrides the stock component (the cached-attention UNet passes its extended one; its
-    ``cache_window`` goes into the key). ``progress(done, total)`` may raise to interrupt: the build
-    process is killed and nothing is left under the engine's name.
+    ``cache_window`` goes into the key). ``controlnet``: the diffusers ``ControlNetModel`` a ``controlnet``
+    request is for (required there, refused elsewhere); its weights key the engine.
+    ``progress(done, total)`` may raise to interrupt: the build process is killed and nothing is left under
+    the engine's name.
     """
-    component = component if component is not None else component_for(models, request.component)
+    if component is None:
+        component = component_for(models, request.component, control=request.control, controlnet=controlnet)
     if component.name != request.component:
         raise ValueError(f"component {component.name!r} does not match the request's {request.component!r}")
-    check_unet_inputs(models, component)
-    key = engine_key(models, request, cache_window=component.cache_window)
+    check_unet_inputs(models, component, control=request.control)
+    key = engine_key(models, request, cache_window=component.cache_window, controlnet=controlnet)
     report = _scaled(progress, _offset, 100, _total)
     report(0.0)
     found = cache.lookup(key)
@@ -422,12 +459,23 @@ def ensure_engine(models: StreamModels, request: EngineRequest, cache: EngineCac
 
 
 def build_engines(models: StreamModels, requests: Sequence[EngineRequest], cache: EngineCache, *,
-                  progress: ProgressCallback | None = None, force: bool = False) -> list[EngineResult]:
-    """:func:`ensure_engine` for each request, with one progress range over all of them."""
-    total = 100 * max(len(requests), 1)
+                  progress: ProgressCallback | None = None, force: bool = False,
+                  controlnets: Sequence[torch.nn.Module] = ()) -> list[EngineResult]:
+    """:func:`ensure_engine` for each request, with one progress range over all of them. A ``controlnet`` request
+    is built once for each of ``controlnets`` (each module once, however often it is listed), in their order."""
+    unique = list({id(net): net for net in controlnets}.values())
+    jobs: list[tuple[EngineRequest, torch.nn.Module | None]] = []
+    for request in requests:
+        if request.component != CONTROLNET:
+            jobs.append((request, None))
+        elif not unique:
+            raise ValueError("a controlnet engine request needs the ControlNets to build it for (controlnets=...)")
+        else:
+            jobs += [(request, net) for net in unique]
+    total = 100 * max(len(jobs), 1)
     results = []
-    for index, request in enumerate(requests):
-        results.append(ensure_engine(models, request, cache, progress=progress, force=force,
+    for index, (request, net) in enumerate(jobs):
+        results.append(ensure_engine(models, request, cache, progress=progress, force=force, controlnet=net,
                                      _offset=100 * index, _total=total))
     if progress is not None:
         progress(total, total)

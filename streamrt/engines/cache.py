@@ -206,6 +206,32 @@ def weights_fingerprint(models: StreamModels) -> str:
     return fingerprint
 
 
+def controlnet_fingerprint(controlnet: torch.nn.Module) -> str:
+    """``controlnet-<16 hex>``: what a ControlNet's weights are, for its engines' key and folder.
+
+    A sha256 of its class, its config (without the ``_``-prefixed entries that say where it was loaded from) and
+    every tensor of its state dict (names, dtypes, shapes and bytes). Hashing reads the weights once (about a
+    second for an SD1.5 ControlNet's 700 MB in fp16); the result is kept on the module, so later calls are free.
+    It is only called where ControlNet engines are built or looked up. The module is taken as it is: the same
+    ControlNet loaded in another dtype hashes differently and gets its own engines. A module whose weights are
+    changed in place after the first call keeps its first fingerprint (StreamRT never changes a ControlNet's
+    weights; a host that does should load a new module).
+    """
+    memo = getattr(controlnet, "_streamrt_engine_fingerprint", None)
+    if isinstance(memo, str):
+        return memo
+    digest = hashlib.sha256(type(controlnet).__name__.encode())
+    config = getattr(controlnet, "config", None) or {}
+    digest.update(_canonical({k: v for k, v in dict(config).items() if not str(k).startswith("_")}).encode())
+    for name, tensor in sorted(controlnet.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    fingerprint = f"controlnet-{digest.hexdigest()[:16]}"
+    controlnet._streamrt_engine_fingerprint = fingerprint  # noqa: SLF001 - a memo on the shared module, see above
+    return fingerprint
+
+
 @dataclass(frozen=True)
 class EngineKey:
     """Everything that changes an engine's bytes.
@@ -223,6 +249,18 @@ class EngineKey:
         target (`str`): compute capability the engine runs on, e.g. ``SM89``.
         cache_window (`int`, defaults to `0`): cached-attention ring size in the engine's I/O.
         format (`int`): :data:`~streamrt.engines.spec.ENGINE_FORMAT`, StreamRT's export/build recipe.
+        control (`bool`, defaults to `False`): a UNet that takes the ControlNet residuals as inputs (built for
+            streams with ControlNets; a plain UNet engine cannot run those streams, nor this one a plain stream).
+
+    ``control`` is written into the key's JSON (and so into its digest and file name) only when set: the keys of
+    every engine built before it existed, all plain, keep their digests, so those engines stay valid without an
+    :data:`~streamrt.engines.spec.ENGINE_FORMAT` bump (which would rebuild them all for nothing: their bytes have
+    not changed), while a UNet with residual inputs can never share a key with a plain one. A StreamRT older
+    than this field refuses such an engine (its sidecar's key has a field it does not know).
+
+    A ControlNet's engine (component ``controlnet``) is keyed by the ControlNet's own weights
+    (:func:`controlnet_fingerprint` in ``weights``), the pipeline's family (its text width and added conditions
+    decide the engine's inputs) and the shapes, like any other.
     """
 
     weights: str
@@ -235,12 +273,16 @@ class EngineKey:
     target: str
     cache_window: int = 0
     format: int = ENGINE_FORMAT
+    control: bool = False
 
     def to_json(self) -> dict:
-        return {"weights": self.weights, "family": self.family, "component": self.component,
+        data = {"weights": self.weights, "family": self.family, "component": self.component,
                 "shapes": self.shapes.to_json(),
                 "precision": self.precision, "backend": self.backend, "backend_version": self.backend_version,
                 "target": self.target, "cache_window": self.cache_window, "format": self.format}
+        if self.control:  # left out when unset: the keys of plain engines keep their digests (see above)
+            data["control"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping) -> EngineKey:
@@ -248,14 +290,14 @@ class EngineKey:
                    shapes=EngineShapes.from_json(data["shapes"]), precision=str(data["precision"]),
                    backend=str(data["backend"]), backend_version=str(data["backend_version"]),
                    target=str(data["target"]), cache_window=int(data.get("cache_window", 0)),
-                   format=int(data.get("format", 0)))
+                   format=int(data.get("format", 0)), control=_flag(data.get("control", False), "control"))
 
     def digest(self) -> str:
         return hashlib.sha256(_canonical(self.to_json()).encode()).hexdigest()[:16]
 
     def file_name(self) -> str:
-        stem = (f"{self.component}_{self.shapes.label()}_{self.family}_{self.precision}_{self.backend}-"
-                f"{self.backend_version}_{self.target}_kv{self.cache_window}")
+        stem = (f"{self.component}{'-control' if self.control else ''}_{self.shapes.label()}_{self.family}_"
+                f"{self.precision}_{self.backend}-{self.backend_version}_{self.target}_kv{self.cache_window}")
         return f"{sanitize(stem, limit=150)}_{self.digest()[:10]}{ENGINE_SUFFIX}"
 
     def relative_name(self) -> str:
@@ -264,13 +306,22 @@ class EngineKey:
 
     def differences(self, other: EngineKey) -> list[str]:
         """``["target: SM86 != SM89", ...]`` for the fields where ``other`` differs from self."""
-        mine, theirs = self.to_json(), other.to_json()
-        return [f"{k}: {theirs[k]} != {mine[k]}" for k in mine if mine[k] != theirs.get(k)]
+        defaults = {"control": False}  # the fields left out of the JSON when unset (see the class docstring)
+        mine, theirs = {**defaults, **self.to_json()}, {**defaults, **other.to_json()}
+        return [f"{k}: {theirs[k]} != {mine[k]}" for k in mine if mine[k] != theirs[k]]
 
     def describe(self) -> str:
         window = f", cache window {self.cache_window}" if self.cache_window else ""
+        control = ", ControlNet residual inputs" if self.control else ""
         return (f"{self.component} ({self.family}, {self.shapes.label()}, {self.precision}, {self.backend} "
-                f"{self.backend_version}, {self.target}{window})")
+                f"{self.backend_version}, {self.target}{window}{control})")
+
+
+def _flag(value: Any, what: str) -> bool:
+    """A sidecar's boolean, refused (ValueError) when it is anything else (``"false"`` would be truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -580,10 +631,10 @@ class EngineCache:
 
     def find(self, weights: str, component: str, *, rows: int, width: int, height: int, precision: str | None = None,
              backend: str | None = None, backend_version: str | None = None, target: str | None = None,
-             cache_window: int = 0, family: str | None = None) -> list[EngineRecord]:
+             cache_window: int = 0, family: str | None = None, control: bool = False) -> list[EngineRecord]:
         """Valid engines that accept ``rows`` x ``width`` x ``height`` (inside their ranges, and multiples of
-        the size step a dynamic UNet needs), of ``family`` when given: exact static shapes first, then the
-        ranges tuned (``opt``) nearest to it."""
+        the size step a dynamic UNet needs), of ``family`` when given, with ControlNet residual inputs exactly
+        when ``control``: exact static shapes first, then the ranges tuned (``opt``) nearest to it."""
         found = []
         for entry in self.entries(weights):
             rec = entry.record
@@ -591,6 +642,7 @@ class EngineCache:
                 continue
             k = rec.key
             if (k.weights != weights or k.component != component or k.cache_window != cache_window
+                    or k.control != control
                     or (family and k.family != family)
                     or not k.shapes.covers(rows, width, height) or k.shapes.extra
                     or width % rec.pixel_multiple or height % rec.pixel_multiple

@@ -15,7 +15,16 @@ component      inputs                                                      outpu
                                                                            (TAESD latents; the mean of
                                                                            an AutoencoderKL, unscaled)
 ``vae_decoder``  ``latents [rows,c,lh,lw]`` (unscaled)                     ``images [rows,3,H,W]``
+``controlnet``   the UNet's three (and SDXL's two) inputs, then              ``down_residual_0..N-1``,
+                 ``controlnet_cond [rows,3,H,W]`` (control images in         ``mid_residual`` (already
+                 [0, 1]), ``conditioning_scale [rows,1,1,1]``                 times the scale)
 =============  ==========================================================  ============================
+
+A UNet built for ControlNets (``unet_component(models, control=True)``) takes the residuals as inputs after
+the others, under the same names, and adds them to its skip connections as diffusers'
+``down_block_additional_residuals`` / ``mid_block_additional_residual`` do. The residuals' sizes are the
+latent sizes divided by 2, 4... along the down path: shape symbols ``latent_height_div2`` and so on, derived
+from ``latent_height`` (:meth:`ExportComponent.check_shapes`), so they need no entry in the engine shapes.
 
 The UNet of a family with added conditions (``models.family.has_added_conditions``: SDXL) takes its
 pooled text embeddings and size conditions as two more named inputs, in the model dtype like the
@@ -38,6 +47,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -47,9 +57,17 @@ from pathlib import Path
 
 import torch
 
+from ..controlnet import TorchControlNet
 from ..models import StreamModels, decode_latents, encode_images, predict_noise
-from ..runtime.runtime import ADDED_COND_INPUTS, AddedConditions, UNetExtras
-from .spec import COMPONENTS, PRECISIONS, UNET, VAE_DECODER, VAE_ENCODER, DimRange, EngineShapes
+from ..runtime.runtime import (
+    ADDED_COND_INPUTS,
+    CONTROLNET_INPUTS,
+    MID_RESIDUAL,
+    AddedConditions,
+    UNetExtras,
+    down_residual_name,
+)
+from .spec import COMPONENTS, CONTROLNET, PRECISIONS, UNET, VAE_DECODER, VAE_ENCODER, DimRange, EngineShapes
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +76,10 @@ OPSET = 17
 #: the graph itself and constant-folded tensors need room too).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
+
+#: ``latent_height_div2`` -> (``latent_height``, 2): a symbol whose range is another's divided (see
+#: :meth:`ExportComponent.check_shapes`)
+_DERIVED = re.compile(r"^(.+)_div([1-9][0-9]*)$")
 
 _FIXED_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 
@@ -97,20 +119,54 @@ class UNetExport(torch.nn.Module):
 
     ``UNetExport(unet, added_conditions=True)`` takes ``text_embeds`` and ``time_ids`` too (SDXL), passed to the
     UNet as the torch runtime passes them (:attr:`streamrt.runtime.UNetExtras.torch_kwargs`).
+    ``control_residuals=N`` (N > 0) takes N down residuals and the mid residual after those, added to the skip
+    connections as diffusers' ``down_block_additional_residuals`` / ``mid_block_additional_residual`` (what
+    :class:`streamrt.runtime.TorchUNet` passes when ControlNets ran).
     """
 
-    def __init__(self, unet: torch.nn.Module, added_conditions: bool = False) -> None:
+    def __init__(self, unet: torch.nn.Module, added_conditions: bool = False, control_residuals: int = 0) -> None:
         super().__init__()
         self.unet = unet
         self.added_conditions = added_conditions
+        self.control_residuals = int(control_residuals)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *added: torch.Tensor) -> torch.Tensor:
-        if len(added) != (len(ADDED_COND_INPUTS) if self.added_conditions else 0):
-            raise TypeError(f"the UNet takes {'text_embeds and time_ids' if self.added_conditions else 'no'} "
-                            f"added conditions, got {len(added)} more inputs")
+                *more: torch.Tensor) -> torch.Tensor:
+        n_added = len(ADDED_COND_INPUTS) if self.added_conditions else 0
+        n_control = self.control_residuals + 1 if self.control_residuals else 0
+        if len(more) != n_added + n_control:
+            raise TypeError(f"the UNet takes {'text_embeds and time_ids' if self.added_conditions else 'no'} added "
+                            f"conditions and {n_control} ControlNet residuals, got {len(more)} more inputs")
+        added, residuals = more[:n_added], more[n_added:]
         extras = UNetExtras(added_cond=AddedConditions(*added)) if added else UNetExtras()
-        return predict_noise(self.unet, sample, timestep, encoder_hidden_states, **extras.torch_kwargs)
+        control = {}
+        if residuals:
+            control = {"down_block_additional_residuals": list(residuals[:-1]),
+                       "mid_block_additional_residual": residuals[-1]}
+        return predict_noise(self.unet, sample, timestep, encoder_hidden_states, **extras.torch_kwargs, **control)
+
+
+class ControlNetExport(torch.nn.Module):
+    """``ControlNet(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale[, text_embeds,
+    time_ids]) -> (*down residuals, mid residual)``: the stream's own ControlNet call
+    (:class:`streamrt.controlnet.TorchControlNet`), residuals already times ``conditioning_scale`` (one value per
+    row). ``added_conditions``: SDXL's pooled embeddings and size conditions, as for the UNet."""
+
+    def __init__(self, controlnet: torch.nn.Module, added_conditions: bool = False) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.added_conditions = added_conditions
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor,
+                *added: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(added) != (len(ADDED_COND_INPUTS) if self.added_conditions else 0):
+            raise TypeError(f"the ControlNet takes {'text_embeds and time_ids' if self.added_conditions else 'no'} "
+                            f"added conditions, got {len(added)} more inputs")
+        added_kwargs = dict(zip(ADDED_COND_INPUTS, added)) if added else None
+        down, mid = TorchControlNet(self.controlnet)(sample, timestep, encoder_hidden_states, controlnet_cond,
+                                                     conditioning_scale, added_kwargs)
+        return (*down, mid)
 
 
 class VaeEncoderExport(torch.nn.Module):
@@ -186,10 +242,18 @@ class ExportComponent:
 
     # shapes --------------------------------------------------------------------------------------
     def check_shapes(self, shapes: EngineShapes) -> dict[str, DimRange]:
-        """Validate ``shapes`` for this component; returns every symbol's range."""
+        """Validate ``shapes`` for this component; returns every symbol's range.
+
+        A symbol ``<name>_div<k>`` (the ControlNet residuals' ``latent_height_div2``...) is ``<name>``'s range
+        divided by ``k``; each bound must be a multiple of ``k`` (the component's ``pixel_multiple`` sees to it)."""
         for what, rng in (("height", shapes.height), ("width", shapes.width)):
             rng.divided(self.pixel_multiple, f"{self.name} {what}s")
         symbols = shapes.symbols(self.vae_scale)
+        for symbol in {s for t in (*self.inputs, *self.outputs) for s in t.symbols()} - set(symbols):
+            derived = _DERIVED.match(symbol)
+            if derived and derived.group(1) in symbols:
+                symbols[symbol] = symbols[derived.group(1)].divided(int(derived.group(2)),
+                                                                    f"{self.name} {derived.group(1)}")
         missing = sorted({s for t in (*self.inputs, *self.outputs) for s in t.symbols()} - set(symbols))
         if missing:
             raise ValueError(f"component {self.name} uses shape symbols {missing} that the engine shapes do not "
@@ -249,18 +313,87 @@ def added_condition_specs(models: StreamModels) -> tuple[TensorSpec, ...]:
     return (TensorSpec(text_embeds, ("rows", models.pooled_dim)), TensorSpec(time_ids, ("rows", models.time_ids)))
 
 
-def unet_component(models: StreamModels) -> ExportComponent:
+def _level_symbols(factor: int) -> tuple[str, str]:
+    if factor == 1:
+        return "latent_height", "latent_width"
+    return f"latent_height_div{factor}", f"latent_width_div{factor}"
+
+
+def control_residual_specs(model: torch.nn.Module) -> tuple[TensorSpec, ...]:
+    """The ControlNet residuals of a UNet's or ControlNet's architecture: ``down_residual_<i>`` for each skip
+    connection of the down path (the ``conv_in`` output, one per resnet layer of each block, one per downsampler,
+    in diffusers' order) and ``mid_residual``, as ``[rows, channels, latent_height_div<k>, latent_width_div<k>]``.
+
+    Read from ``model.config`` (``block_out_channels``, ``layers_per_block``): a ControlNet made for a UNet
+    (``ControlNetModel.from_unet`` or a checkpoint of the same base model) has the same ones, which is what lets
+    its outputs be the UNet engine's inputs."""
+    config = model.config
+    channels = list(config.block_out_channels)
+    layers = config.layers_per_block
+    layers = [int(layers)] * len(channels) if isinstance(layers, int) else [int(n) for n in layers]
+    levels: list[tuple[int, int]] = [(channels[0], 1)]  # (channels, downsampling factor)
+    for i, (width, count) in enumerate(zip(channels, layers)):
+        levels += [(width, 2 ** i)] * count
+        if i < len(channels) - 1:  # every block but the last ends with a downsampler
+            levels.append((width, 2 ** (i + 1)))
+    specs = [TensorSpec(down_residual_name(i), ("rows", width, *_level_symbols(factor)))
+             for i, (width, factor) in enumerate(levels)]
+    specs.append(TensorSpec(MID_RESIDUAL, ("rows", channels[-1], *_level_symbols(2 ** (len(channels) - 1)))))
+    return tuple(specs)
+
+
+def unet_component(models: StreamModels, control: bool = False) -> ExportComponent:
     """The UNet: ``(sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> noise_pred`` (the added
-    conditions when the family has them, see :func:`added_condition_specs`)."""
+    conditions when the family has them, see :func:`added_condition_specs`). ``control=True``: the ControlNet
+    residuals (:func:`control_residual_specs`) are inputs too, after the others."""
     c, scale = models.latent_channels, models.vae_scale_factor
     lat = ("rows", c, "latent_height", "latent_width")
     added = added_condition_specs(models)
+    residuals = control_residual_specs(models.unet) if control else ()
     return ExportComponent(
-        name=UNET, module=UNetExport(models.unet, added_conditions=bool(added)),
+        name=UNET, module=UNetExport(models.unet, added_conditions=bool(added),
+                                     control_residuals=max(len(residuals) - 1, 0)),
         inputs=(TensorSpec("sample", lat), TensorSpec("timestep", ("rows",), "int64"),
-                TensorSpec("encoder_hidden_states", ("rows", models.text_length, models.embed_dim)), *added),
+                TensorSpec("encoder_hidden_states", ("rows", models.text_length, models.embed_dim)), *added,
+                *residuals),
         outputs=(TensorSpec("noise_pred", lat),),
         vae_scale=scale, pixel_multiple=scale * _unet_downsampling(models.unet))
+
+
+def controlnet_component(models: StreamModels, controlnet: torch.nn.Module) -> ExportComponent:
+    """A diffusers ``ControlNetModel`` of ``models``' pipeline as an engine component (name ``controlnet``):
+    the UNet's inputs (and the family's added conditions), ``controlnet_cond [rows, 3, height, width]`` and
+    ``conditioning_scale [rows, 1, 1, 1]``; outputs the scaled residuals under the names the UNet engine built
+    for ControlNets takes (:func:`control_residual_specs`).
+
+    Raises ValueError when the ControlNet does not fit the pipeline's UNet (another latent channel count, text
+    width or down path): its residuals could not feed this UNet."""
+    config = controlnet.config
+    problems = []
+    if int(config.in_channels) != models.latent_channels:
+        problems.append(f"{config.in_channels} latent channels, the UNet {models.latent_channels}")
+    if int(config.cross_attention_dim) != models.embed_dim:
+        problems.append(f"text embeddings {config.cross_attention_dim} wide, the UNet's {models.embed_dim}")
+    residuals = control_residual_specs(controlnet)
+    if [t.dims for t in residuals] != [t.dims for t in control_residual_specs(models.unet)]:
+        problems.append("another down path (block channels / layers) than the UNet's")
+    blocks = getattr(controlnet, "controlnet_down_blocks", None)
+    if blocks is not None and len(blocks) != len(residuals) - 1:
+        problems.append(f"{len(blocks)} down residuals where its config gives {len(residuals) - 1}")
+    if problems:
+        raise ValueError(f"this ControlNet does not fit the {models.family} pipeline's UNet ({'; '.join(problems)}): "
+                         "use a ControlNet made for this base model")
+    scale = models.vae_scale_factor
+    added = added_condition_specs(models)
+    return ExportComponent(
+        name=CONTROLNET, module=ControlNetExport(controlnet, added_conditions=bool(added)),
+        inputs=(TensorSpec("sample", ("rows", models.latent_channels, "latent_height", "latent_width")),
+                TensorSpec("timestep", ("rows",), "int64"),
+                TensorSpec("encoder_hidden_states", ("rows", models.text_length, models.embed_dim)),
+                TensorSpec(CONTROLNET_INPUTS[0], ("rows", 3, "height", "width")),
+                TensorSpec(CONTROLNET_INPUTS[1], ("rows", 1, 1, 1)), *added),
+        outputs=residuals,
+        vae_scale=scale, pixel_multiple=scale * 2 ** (len(config.block_out_channels) - 1))
 
 
 def vae_encoder_component(models: StreamModels) -> ExportComponent:
@@ -283,12 +416,22 @@ def vae_decoder_component(models: StreamModels) -> ExportComponent:
         vae_scale=scale, pixel_multiple=scale)
 
 
-def component_for(models: StreamModels, name: str) -> ExportComponent:
-    """The stock component ``name`` (one of :data:`~streamrt.engines.spec.COMPONENTS`)."""
+def component_for(models: StreamModels, name: str, *, control: bool = False,
+                  controlnet: torch.nn.Module | None = None) -> ExportComponent:
+    """The stock component ``name`` (one of :data:`~streamrt.engines.spec.COMPONENTS`, or ``controlnet`` with the
+    ``controlnet`` module); ``control``: a UNet that takes the ControlNet residuals."""
+    if name == CONTROLNET:
+        if controlnet is None:
+            raise ValueError("a controlnet engine component needs the ControlNet module (controlnet=...)")
+        return controlnet_component(models, controlnet)
+    if controlnet is not None:
+        raise ValueError(f"a ControlNet module was given for the {name} component")
+    if control and name != UNET:
+        raise ValueError(f"only the UNet takes ControlNet residuals, not the {name}")
     makers = {UNET: unet_component, VAE_ENCODER: vae_encoder_component, VAE_DECODER: vae_decoder_component}
     if name not in makers:
-        raise ValueError(f"unknown engine component {name!r}: use one of {', '.join(COMPONENTS)}")
-    return makers[name](models)
+        raise ValueError(f"unknown engine component {name!r}: use one of {', '.join((*COMPONENTS, CONTROLNET))}")
+    return unet_component(models, control=True) if control else makers[name](models)
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from ..config import StreamConfig
 from ..models import StreamModels
 from ..runtime import AttachResult
 from .build import installed_backends, local_target
-from .cache import EngineCache, InvalidEngineError, weights_fingerprint
-from .spec import BACKEND_MODULES, BACKENDS, COMPONENTS, RTX_TARGETS, TENSORRT_RTX, UNET
+from .cache import EngineCache, EngineRecord, InvalidEngineError, controlnet_fingerprint, weights_fingerprint
+from .spec import BACKEND_MODULES, BACKENDS, COMPONENTS, CONTROLNET, RTX_TARGETS, TENSORRT_RTX, UNET
 
 logger = logging.getLogger(__name__)
 
@@ -327,29 +327,85 @@ class CachedEngines:
     def key(self) -> tuple:
         return tuple(str(root) for root in self.cache.roots), self.backend, self.precision
 
-    def attach(self, models: StreamModels, config: StreamConfig) -> AttachResult:
-        return attach_engines(models, config, self.cache, backend=self.backend, precision=self.precision)
+    def attach(self, models: StreamModels, config: StreamConfig, control: bool = False) -> AttachResult:
+        return attach_engines(models, config, self.cache, backend=self.backend, precision=self.precision,
+                              control=control)
+
+    def attach_controlnet(self, models: StreamModels, config: StreamConfig,
+                          controlnet: torch.nn.Module) -> tuple[EngineRunner | None, str | None]:
+        """A runner of its own for ``controlnet``'s engine, or why there is none (see
+        :func:`attach_controlnet_engine`)."""
+        runner, _, note = attach_controlnet_engine(models, config, self.cache, controlnet, backend=self.backend,
+                                                   precision=self.precision)
+        return runner, note
 
 
-def attach_engines(models: StreamModels, config: StreamConfig, cache: EngineCache, *, backend: str = "auto",
-                   precision: str | None = None) -> AttachResult:
-    """Runners for the cached engines that fit ``config`` on this machine, where there are any.
-
-    For each component, the best valid engine for this weights fingerprint and model family, batch rows,
-    resolution, an installed backend's version and this GPU's compute capability is loaded. Whether a UNet
-    engine takes the extras the stream gives (SDXL's added conditions) is checked by
-    :func:`streamrt.runtime.prepare`, which refuses one that does not, with a note. The result's notes say why a
-    component has none (the runtime then runs it on torch, or refuses ``tensorrt`` when nothing fits).
-    """
-    result = AttachResult()
-    backends = list(BACKENDS) if backend == "auto" else [backend]
+def _usable_backends(backend: str, device: torch.device, notes: list[str]) -> dict[str, str]:
+    """``{backend: version}`` of the backends (``auto``: any) whose engines run here; a note for each that does
+    not."""
     usable = {}
-    for name in backends:
-        problem = runtime_problem(name, models.device)
+    for name in list(BACKENDS) if backend == "auto" else [backend]:
+        problem = runtime_problem(name, device)
         if problem is None:
             usable[name] = installed_backends()[name]
         else:
-            result.notes.append(f"{name}: {problem}")
+            notes.append(f"{name}: {problem}")
+    return usable
+
+
+def _load(record: EngineRecord, cache: EngineCache, device: torch.device, here: str | None) -> EngineRunner:
+    runtime_cache = cache.root / "runtime" / f"{record.key.digest()}-{here}.rtcache"
+    return EngineRunner(record.path, backend=record.key.backend, device=device,
+                        input_names=[t[0] for t in record.meta.get("inputs", [])] or None, runtime_cache=runtime_cache)
+
+
+def attach_controlnet_engine(models: StreamModels, config: StreamConfig, cache: EngineCache,
+                             controlnet: torch.nn.Module, *, backend: str = "auto",
+                             precision: str | None = None) -> tuple[EngineRunner | None, EngineRecord | None,
+                                                                    str | None]:
+    """``(runner, record, None)`` for the best cached engine of ``controlnet`` (its weights fingerprint,
+    :func:`~streamrt.engines.cache.controlnet_fingerprint`; the models' family; ``config.unet_rows`` rows at the
+    config's resolution; a backend and compute capability that run here), or ``(None, None, why)``.
+
+    Each call loads a runner of its own (its own output buffers): a stream that uses one ControlNet twice sums
+    the residuals of two calls, which must not overwrite each other."""
+    notes: list[str] = []
+    usable = _usable_backends(backend, models.device, notes)
+    if not usable:
+        return None, None, "; ".join(notes)
+    if config.prompt_length not in (0, models.text_length):
+        return None, None, (f"prompts of {config.prompt_length} tokens (ControlNet engines take "
+                            f"{models.text_length})")
+    here = local_target(models.device)
+    weights = controlnet_fingerprint(controlnet)
+    found = [rec for name, version in usable.items()
+             for rec in cache.find(weights, CONTROLNET, rows=config.unet_rows, width=config.width,
+                                   height=config.height, precision=precision, backend=name, backend_version=version,
+                                   target=here, family=models.family.name)]
+    if not found:
+        return None, None, (f"no controlnet engine for {weights} with {config.unet_rows} rows at "
+                            f"{config.width}x{config.height} on {here} ({models.family})")
+    record = found[0]
+    try:
+        return _load(record, cache, models.device, here), record, None
+    except (EngineLoadError, InvalidEngineError, OSError) as exc:
+        return None, None, str(exc)
+
+
+def attach_engines(models: StreamModels, config: StreamConfig, cache: EngineCache, *, backend: str = "auto",
+                   precision: str | None = None, control: bool = False) -> AttachResult:
+    """Runners for the cached engines that fit ``config`` on this machine, where there are any.
+
+    For each component, the best valid engine for this weights fingerprint and model family, batch rows,
+    resolution, an installed backend's version and this GPU's compute capability is loaded; for the UNet, one
+    with the ControlNet residual inputs exactly when ``control`` (a stream with ControlNets). Whether a UNet
+    engine takes the extras the stream gives (SDXL's added conditions) is checked by
+    :func:`streamrt.runtime.prepare`, which refuses one that does not, with a note. The result's notes say why a
+    component has none (the runtime then runs it on torch, or refuses ``tensorrt`` when nothing fits).
+    ControlNets' own engines are attached one by one (:func:`attach_controlnet_engine`).
+    """
+    result = AttachResult()
+    usable = _usable_backends(backend, models.device, result.notes)
     if not usable:
         return result
     weights = weights_fingerprint(models)
@@ -369,17 +425,16 @@ def attach_engines(models: StreamModels, config: StreamConfig, cache: EngineCach
         found = [rec for name, version in usable.items()
                  for rec in cache.find(weights, component, rows=rows, width=config.width, height=config.height,
                                        precision=precision, backend=name, backend_version=version, target=here,
-                                       cache_window=0, family=models.family.name)]
+                                       cache_window=0, family=models.family.name,
+                                       control=control and component == UNET)]
         if not found:
-            result.notes.append(f"no {component} engine for {rows} rows at {config.width}x{config.height} on {here} "
+            kind = f"{component} engine for ControlNets" if control and component == UNET else f"{component} engine"
+            result.notes.append(f"no {kind} for {rows} rows at {config.width}x{config.height} on {here} "
                                 f"({models.family})")
             continue
         record = found[0]
         try:
-            runtime_cache = cache.root / "runtime" / f"{record.key.digest()}-{here}.rtcache"
-            result.runners[component] = EngineRunner(
-                record.path, backend=record.key.backend, device=models.device,
-                input_names=[t[0] for t in record.meta.get("inputs", [])] or None, runtime_cache=runtime_cache)
+            result.runners[component] = _load(record, cache, models.device, here)
             result.records[component] = record
         except (EngineLoadError, InvalidEngineError, OSError) as exc:
             result.notes.append(f"{component}: {exc}")

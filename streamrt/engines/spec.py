@@ -16,14 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime.runtime import UNET, VAE_DECODER, VAE_ENCODER  # the components, named once
+from ..runtime.runtime import CONTROLNET, UNET, VAE_DECODER, VAE_ENCODER  # the components, named once
 
 #: Bump when the export or build changes the bytes of an engine for an unchanged key, or the key gains a
 #: field: every engine built by an older format is then stale and gets rebuilt. 2: keys carry the model family
 #: (and SDXL UNets take their added conditions).
 ENGINE_FORMAT = 2
 
+#: The pipeline's own components (one engine each per stream config).
 COMPONENTS: tuple[str, ...] = (UNET, VAE_ENCODER, VAE_DECODER)
+#: Everything an engine can be built for: the pipeline's components and a ControlNet (see
+#: :func:`streamrt.engines.export.controlnet_component`).
+ENGINE_COMPONENTS: tuple[str, ...] = (*COMPONENTS, CONTROLNET)
 
 PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "fp32": torch.float32}
 

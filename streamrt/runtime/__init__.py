@@ -17,16 +17,19 @@ from .runtime import (
                       AddedConditions,
                       AttachResult,
                       EngineCallError,
+                      EngineControlNet,
                       EngineSource,
                       EngineUNet,
                       Runtime,
                       TorchUNet,
                       UNetExtras,
                       prepare,
+                      zero_control_residuals,
 )
 
 __all__ = [
     "Acceleration", "AccelerationUnavailable", "AddedConditions", "AttachResult", "CompileOptions", "EngineCallError",
-    "EngineSource", "EngineUNet", "HostIO", "NO_EXTRAS", "Runtime", "TorchUNet", "UNetExtras", "capture_graph",
-    "compile_problem", "compiled_calls", "compiled_controlnet", "graph_replay_ms", "prepare", "use_compile_cache",
+    "EngineControlNet", "EngineSource", "EngineUNet", "HostIO", "NO_EXTRAS", "Runtime", "TorchUNet", "UNetExtras",
+    "capture_graph", "compile_problem", "compiled_calls", "compiled_controlnet", "graph_replay_ms", "prepare",
+    "use_compile_cache", "zero_control_residuals",
 ]

@@ -35,12 +35,25 @@ from .host_io import HostIO
 logger = logging.getLogger(__name__)
 
 UNET, VAE_ENCODER, VAE_DECODER = "unet", "vae_encoder", "vae_decoder"
+#: A ControlNet's engine (one per ControlNet, keyed by its own weights): not one of the pipeline's components.
+CONTROLNET = "controlnet"
 
 #: The inputs of every UNet engine, in call order.
 UNET_INPUTS: tuple[str, ...] = ("sample", "timestep", "encoder_hidden_states")
 #: The engine inputs of :class:`AddedConditions`, in its field order (also diffusers' ``added_cond_kwargs`` keys):
 #: named once here, for the export (:mod:`streamrt.engines.export`) and :class:`EngineUNet`.
 ADDED_COND_INPUTS: tuple[str, ...] = ("text_embeds", "time_ids")
+#: The ControlNet residuals as engine tensors: outputs of a ControlNet engine, inputs of a UNet engine built for
+#: ControlNets. ``down_residual_<i>`` (one per skip connection of the UNet's down path, in diffusers'
+#: ``down_block_additional_residuals`` order) and ``mid_residual`` (``mid_block_additional_residual``).
+DOWN_RESIDUAL_PREFIX, MID_RESIDUAL = "down_residual_", "mid_residual"
+#: The inputs of every ControlNet engine besides its UNet-like ones (and SDXL's added conditions), in call order.
+CONTROLNET_INPUTS: tuple[str, ...] = ("controlnet_cond", "conditioning_scale")
+
+
+def down_residual_name(index: int) -> str:
+    """``down_residual_<index>``: the engine tensor of the ``index``-th down-path residual."""
+    return f"{DOWN_RESIDUAL_PREFIX}{index}"
 
 
 class AccelerationUnavailable(RuntimeError):
@@ -127,6 +140,19 @@ class TorchUNet:
         return predict_noise(self.module, sample, timesteps, embeds, **extras.torch_kwargs)
 
 
+def _residual_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The ControlNet residual names among ``names`` (``down_residual_<i>``, ``mid_residual``), and the problems
+    with them: the down ones must be ``0..N-1`` with none missing, and come with the mid one."""
+    down = sorted((n for n in names if n.startswith(DOWN_RESIDUAL_PREFIX)),
+                  key=lambda n: int(n[len(DOWN_RESIDUAL_PREFIX):]) if n[len(DOWN_RESIDUAL_PREFIX):].isdigit() else -1)
+    problems = []
+    if down != [down_residual_name(i) for i in range(len(down))]:
+        problems.append(f"down residuals {down} that are not {DOWN_RESIDUAL_PREFIX}0..{len(down) - 1}")
+    if bool(down) != (MID_RESIDUAL in names):
+        problems.append("down residuals without the mid one" if down else "a mid residual without the down ones")
+    return down, problems
+
+
 class EngineUNet:
     """The UNet through an engine runner.
 
@@ -135,33 +161,50 @@ class EngineUNet:
         name: how messages name the engine.
         input_names: the runner's inputs; by default its own ``input_names`` attribute (what
             :class:`~streamrt.engines.EngineRunner` read from the engine), else the stock three.
+        zero_residuals: for an engine built for ControlNets: the tensors it is fed (down ones, then the mid one)
+            on calls where no ControlNet ran (all at strength 0, or out of their step range): zeros the caller
+            allocates once (:func:`zero_control_residuals`), so such a call allocates nothing and adds nothing.
 
     The inputs are :data:`UNET_INPUTS` and, for an engine exported with SDXL's added conditions,
-    :data:`ADDED_COND_INPUTS` (then :attr:`accepts` holds ``"added_cond"``, and every call must give them). A call
-    hands the runner the tensors it was given, which are the stream's own buffers: a runner that binds by address
-    binds them once and then only enqueues, so nothing is allocated per frame.
+    :data:`ADDED_COND_INPUTS` (then :attr:`accepts` holds ``"added_cond"``, and every call must give them); an
+    engine built for ControlNets also takes the residuals (``down_residual_<i>``, ``mid_residual``; then
+    :attr:`accepts` holds ``"control"``). A call hands the runner the tensors it was given, which are the stream's
+    own buffers (and the ControlNet engines' output buffers): a runner that binds by address binds them once and
+    then only enqueues, so nothing is allocated per frame.
     """
 
     def __init__(self, runner: Callable[..., torch.Tensor], name: str = "the UNet engine",
-                 input_names: Sequence[str] | None = None) -> None:
+                 input_names: Sequence[str] | None = None,
+                 zero_residuals: Sequence[torch.Tensor] | None = None) -> None:
         self.runner = runner
         self.name = name
         if input_names is None:
             input_names = getattr(runner, "input_names", None) or UNET_INPUTS
         names = tuple(input_names)
-        known = UNET_INPUTS + ADDED_COND_INPUTS
+        down, residual_problems = _residual_names(names)
+        residuals = (*down, MID_RESIDUAL) if down else ()
+        known = UNET_INPUTS + ADDED_COND_INPUTS + residuals
         added = [n for n in ADDED_COND_INPUTS if n in names]
         problems = [f"no input {n}" for n in UNET_INPUTS if n not in names]
         problems += [f"an input {n} StreamRT does not feed" for n in names if n not in known]
         if added and len(added) != len(ADDED_COND_INPUTS):
             problems.append(f"only {added[0]} of the added conditions ({', '.join(ADDED_COND_INPUTS)})")
+        problems += residual_problems
         if problems or len(set(names)) != len(names):
             raise EngineCallError(f"{name} has inputs {list(names)} ({'; '.join(problems) or 'repeated names'}): "
                                   "it is not a StreamRT UNet engine; rebuild it with Build Engines")
         self.input_names = names
-        self.accepts: frozenset[str] = frozenset({"added_cond"}) if added else frozenset()
-        # position of each runner input among (sample, timestep, embeds, text_embeds, time_ids): worked out
-        # once, so a call only picks tensors
+        self.down_residuals = len(down)
+        self.accepts: frozenset[str] = frozenset({"added_cond"} if added else set()) | (
+            frozenset({"control"}) if down else frozenset())
+        self.zero_residuals: tuple[torch.Tensor, ...] | None = None
+        if zero_residuals is not None:
+            if not down or len(zero_residuals) != len(residuals):
+                raise EngineCallError(f"{name} takes {len(residuals)} ControlNet residuals, "
+                                      f"{len(zero_residuals)} zero residuals were given")
+            self.zero_residuals = tuple(zero_residuals)
+        # position of each runner input among (sample, timestep, embeds, text_embeds, time_ids, *residuals):
+        # worked out once, so a call only picks tensors
         self._order = tuple(known.index(n) for n in names)
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
@@ -173,13 +216,107 @@ class EngineUNet:
         lacking = self.accepts - extras.given
         if lacking:
             raise EngineCallError(f"{self.name} takes {', '.join(sorted(lacking))} "
-                                  f"({', '.join(ADDED_COND_INPUTS)}) and the call gave none; "
-                                  "prepare the runtime with the pipeline the engine was built for")
-        if extras.added_cond is None:
-            values: tuple[torch.Tensor, ...] = (sample, timesteps, embeds)
-        else:
-            values = (sample, timesteps, embeds, extras.added_cond.text_embeds, extras.added_cond.time_ids)
+                                  f"({', '.join(_EXTRA_LABELS[n] for n in sorted(lacking))}) and the call gave none; "
+                                  "prepare the runtime with the pipeline (and ControlNets) the engine was built for")
+        values: tuple[torch.Tensor | None, ...] = (sample, timesteps, embeds)
+        values += ((None, None) if extras.added_cond is None else
+                   (extras.added_cond.text_embeds, extras.added_cond.time_ids))
+        if extras.control is not None:
+            control = extras.control
+            if control.active:
+                if len(control.down) != self.down_residuals:
+                    raise EngineCallError(f"{self.name} takes {self.down_residuals} down residuals, the ControlNets "
+                                          f"gave {len(control.down)}: they were made for another UNet")
+                values += (*control.down, control.mid)
+            elif self.zero_residuals is not None:
+                values += self.zero_residuals
+            else:
+                raise EngineCallError(f"{self.name} has no zero residuals for a call where no ControlNet ran; "
+                                      "make it with zero_residuals (see zero_control_residuals)")
         return self.runner(*(values[i] for i in self._order))
+
+
+def zero_control_residuals(models: StreamModels, config: StreamConfig) -> tuple[torch.Tensor, ...]:
+    """Zeros shaped like the ControlNet residuals of a stream of ``models`` with ``config`` (``unet_rows`` rows, the
+    config's latent size; the down ones, then the mid one), in the models' dtype on their device: what a UNet engine
+    built for ControlNets is fed while none runs. Allocated once per stream (about 27 MB at 512x512 for SD1.5's
+    12 + 1 residuals, two rows in fp16), they stay zero: the engine only reads them."""
+    from ..engines.export import control_residual_specs  # here: the engines package imports this module
+
+    sizes = {"rows": config.unet_rows, "latent_height": config.height // models.vae_scale_factor,
+             "latent_width": config.width // models.vae_scale_factor}
+    out = []
+    for spec in control_residual_specs(models.unet):
+        shape = []
+        for dim in spec.dims:
+            if isinstance(dim, int):
+                shape.append(dim)
+            else:
+                base, _, factor = dim.partition("_div")
+                shape.append(sizes[base] // int(factor or 1))
+        out.append(torch.zeros(shape, dtype=models.dtype, device=models.device))
+    return tuple(out)
+
+
+class EngineControlNet:
+    """One ControlNet through its engine runner, with :class:`~streamrt.controlnet.TorchControlNet`'s signature:
+    ``call(sample, timesteps, embeds, cond, scale, added_cond_kwargs) -> (down residuals, mid residual)``.
+
+    Args:
+        runner: ``runner(*inputs) -> outputs`` (a tuple), with ``input_names`` and ``output_names`` attributes
+            (what :class:`~streamrt.engines.EngineRunner` read from the engine) or given here.
+        name: how messages name the engine.
+
+    The residuals returned are the runner's own output buffers, rewritten by every call (an EngineRunner binds
+    them once): :meth:`streamrt.controlnet.ControlState.compute` sums several ControlNets into the first one's
+    buffers in place, which is right because each call rewrites them; for the same reason two ControlNets must
+    not share one runner (the runtime gives each call object its own). Nothing is allocated per call: the
+    down list is made again only when the runner hands back other tensors (a shape change).
+    """
+
+    def __init__(self, runner: Callable[..., Any], name: str = "the ControlNet engine",
+                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None) -> None:
+        self.runner = runner
+        self.name = name
+        names = tuple(input_names if input_names is not None else getattr(runner, "input_names", ()))
+        outputs = tuple(output_names if output_names is not None else getattr(runner, "output_names", ()))
+        known = UNET_INPUTS + CONTROLNET_INPUTS + ADDED_COND_INPUTS
+        added = [n for n in ADDED_COND_INPUTS if n in names]
+        problems = [f"no input {n}" for n in UNET_INPUTS + CONTROLNET_INPUTS if n not in names]
+        problems += [f"an input {n} StreamRT does not feed" for n in names if n not in known]
+        if added and len(added) != len(ADDED_COND_INPUTS):
+            problems.append(f"only {added[0]} of the added conditions ({', '.join(ADDED_COND_INPUTS)})")
+        down, residual_problems = _residual_names(outputs)
+        problems += residual_problems
+        problems += [f"an output {n} that is no residual" for n in outputs if n not in (*down, MID_RESIDUAL)]
+        if not down:
+            problems.append("no residual outputs")
+        if problems or len(set(names)) != len(names):
+            raise EngineCallError(f"{name} has inputs {list(names)} and outputs {list(outputs)} "
+                                  f"({'; '.join(problems) or 'repeated names'}): it is not a StreamRT ControlNet "
+                                  "engine; rebuild it with Build Engines")
+        self.input_names, self.output_names = names, outputs
+        self.added_conditions = bool(added)
+        self._order = tuple(known.index(n) for n in names)
+        self._down_at = tuple(outputs.index(n) for n in down)
+        self._mid_at = outputs.index(MID_RESIDUAL)
+        self._last: Any = None
+        self._split: tuple[list[torch.Tensor], torch.Tensor] | None = None
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, cond: torch.Tensor,
+                 scale: torch.Tensor, added_cond_kwargs: dict | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if bool(added_cond_kwargs) != self.added_conditions:
+            raise EngineCallError(f"{self.name} takes {'the' if self.added_conditions else 'no'} added conditions "
+                                  f"({', '.join(ADDED_COND_INPUTS)}) and the call gave "
+                                  f"{'them' if added_cond_kwargs else 'none'}: it was built for another family")
+        added = ((added_cond_kwargs[ADDED_COND_INPUTS[0]], added_cond_kwargs[ADDED_COND_INPUTS[1]])
+                 if added_cond_kwargs else (None, None))
+        values = (sample, timesteps, embeds, cond, scale, *added)
+        out = self.runner(*(values[i] for i in self._order))
+        if out is not self._last:  # an EngineRunner hands back the same tuple of buffers until a shape changes
+            self._last = out
+            self._split = ([out[i] for i in self._down_at], out[self._mid_at])
+        return self._split
 
 
 def unet_extras_needed(models: StreamModels, config: StreamConfig, control: bool = False) -> frozenset[str]:
@@ -221,9 +358,20 @@ def _unet_engine(models: StreamModels, config: StreamConfig, found: AttachResult
             problem = f"{name} has no inputs for {what}, which this {models.family} stream gives every call"
             if "added_cond" in missing:
                 problem += f" (built without {models.family}'s added conditions: rebuild it with Build Engines)"
+            elif "control" in missing:
+                problem += " (a plain UNet engine: build one for ControlNets with Build Engines)"
         elif surplus:
             what = " and ".join(_EXTRA_LABELS[n] for n in sorted(surplus))
             problem = f"{name} takes {what}, which this {models.family} pipeline does not have"
+            if "control" in surplus:
+                problem = f"{name} takes {what}, and this {models.family} stream has no ControlNets"
+        elif control:
+            zeros = zero_control_residuals(models, config)
+            if unet.down_residuals != len(zeros) - 1:
+                problem = (f"{name} takes {unet.down_residuals} down residuals, this {models.family} UNet has "
+                           f"{len(zeros) - 1}: it was built for another UNet")
+            else:
+                unet.zero_residuals = zeros
     if problem is None:
         return unet
     found.runners.pop(UNET)
@@ -253,7 +401,12 @@ class EngineSource(Protocol):
         """What identifies this source (a stream is rebuilt when it changes)."""
 
     def attach(self, models: StreamModels, config: StreamConfig) -> AttachResult:
-        """Runners for the components that have an engine fitting ``config`` that runs here."""
+        """Runners for the components that have an engine fitting ``config`` that runs here. For a stream with
+        ControlNets it is called with ``control=True``: its UNet engine must then take their residuals.
+
+        A source may also have ``attach_controlnet(models, config, module) -> (runner or None, note or None)``: an
+        engine runner of its own (never shared) for one ControlNet, or why there is none; without that method
+        ControlNets run on torch."""
 
 
 class Runtime:
@@ -274,7 +427,8 @@ class Runtime:
                  unet: UNetCall, encode: Callable[[torch.Tensor], torch.Tensor],
                  decode: Callable[[torch.Tensor], torch.Tensor], parts: Mapping[str, str], captures: bool,
                  host: HostIO, notes: Sequence[str] = (), closers: Sequence[Callable[[], None]] = (),
-                 controlnet: Callable[[Any], Callable[..., Any]] = TorchControlNet) -> None:
+                 controlnet: Callable[[Any], Callable[..., Any]] = TorchControlNet,
+                 controlnet_engines: Callable[[Any], tuple[Any, str | None]] | None = None) -> None:
         self.requested = requested
         self.acceleration = acceleration
         self.device = device
@@ -288,11 +442,40 @@ class Runtime:
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self._closers = list(closers)
         self._controlnet = controlnet
+        self._controlnet_engines = controlnet_engines
+        self._controlnet_parts: list[str] = []
 
     def controlnet(self, module: Any) -> Callable[..., Any]:
         """How this runtime calls the ControlNet ``module``: ``call(sample, timesteps, embeds, cond, scale,
         added_cond_kwargs) -> (down residuals, mid residual)`` (see :class:`streamrt.controlnet.TorchControlNet`);
-        under ``compile``, through the ControlNet's compiled copy."""
+        under ``compile``, through the ControlNet's compiled copy; under engines, through its engine
+        (:class:`EngineControlNet`, a runner of its own for each call of this method, so that two ControlNets never
+        share output buffers) when the engine source has one, else on torch with a note saying why.
+        ``parts["controlnet"]`` then says ``engine`` when every ControlNet asked for so far runs on one."""
+        if self._controlnet_engines is None:
+            return self._controlnet(module)
+        runner, note = self._controlnet_engines(module)
+        call = None
+        if runner is not None:
+            try:
+                call = EngineControlNet(runner, f"the ControlNet engine {getattr(runner, 'path', '')}".rstrip())
+            except EngineCallError as exc:
+                note = str(exc)
+            close = getattr(runner, "close", None)
+            if call is None and callable(close):
+                close()
+            elif callable(close):
+                self._closers.append(close)
+            if call is not None and not getattr(runner, "is_stream_capturable", lambda: True)():
+                self.captures = False  # before the first step: no graph has been captured yet
+                self.notes = (*self.notes, "controlnet: its engine cannot be captured; the step runs uncaptured")
+        self._controlnet_parts.append("engine" if call is not None else "torch")
+        self.parts[CONTROLNET] = "engine" if all(p == "engine" for p in self._controlnet_parts) else "torch"
+        if call is not None:
+            return call
+        message = f"controlnet: {note or 'no engine'}; it runs on torch"
+        self.notes = (*self.notes, message)
+        logger.warning("StreamRT engines: %s", message)
         return self._controlnet(module)
 
     def __repr__(self) -> str:
@@ -360,7 +543,9 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
         acceleration: what to use; ``None`` takes ``config.acceleration``.
         engines: where ``tensorrt`` (and ``auto``) look for engines; without it there are none.
         compile_options: how ``compile`` compiles (default: :class:`CompileOptions`' defaults).
-        control: the stream has ControlNets (their residuals are UNet inputs no engine takes yet).
+        control: the stream has ControlNets: a UNet engine must take their residuals (and one that does is
+            refused for a stream without); the engine source is asked for ControlNet engines
+            (:meth:`Runtime.controlnet`).
 
     Raises:
         AccelerationUnavailable: ``cuda_graph`` without a CUDA device, ``compile`` where compiled kernels
@@ -382,11 +567,14 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
                        parts=torch_parts, captures=captures, host=host, notes=notes)
 
     if requested in (Acceleration.AUTO, Acceleration.TENSORRT):
-        found = engines.attach(models, config) if engines is not None else AttachResult()
+        if engines is None:
+            found = AttachResult()
+        else:  # asked for control only when it is there: sources without ControlNet engines keep working
+            found = engines.attach(models, config, control=True) if control else engines.attach(models, config)
         notes += found.notes
         unet = _unet_engine(models, config, found, notes, control)  # drops a UNet engine that cannot serve it
         if unet is not None or (requested is Acceleration.TENSORRT and found.runners):
-            return _engine_runtime(models, requested, found, unet, host, notes)
+            return _engine_runtime(models, config, requested, found, unet, host, notes, engines)
         if requested is Acceleration.TENSORRT:
             raise _unavailable(requested, "no engine fits this stream on this machine ("
                                + "; ".join(notes or ["none found"]) + "); build them with Build Engines")
@@ -419,10 +607,10 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
     raise ValueError(f"unknown acceleration {requested!r}")
 
 
-def _engine_runtime(models: StreamModels, requested: Acceleration, found: AttachResult, unet: UNetCall | None,
-                    host: HostIO, notes: list[str]) -> Runtime:
+def _engine_runtime(models: StreamModels, config: StreamConfig, requested: Acceleration, found: AttachResult,
+                    unet: UNetCall | None, host: HostIO, notes: list[str], engines: EngineSource | None) -> Runtime:
     """Engines for the components that have one (``unet``: the checked UNet engine, if any), the pipeline's
-    modules for the rest."""
+    modules for the rest; ControlNets through the source's ControlNet engines where it has them."""
     vae = models.vae
     runners = found.runners
     parts = {name: ("engine" if name in runners else "torch") for name in (UNET, VAE_ENCODER, VAE_DECODER)}
@@ -438,6 +626,13 @@ def _engine_runtime(models: StreamModels, requested: Acceleration, found: Attach
     captures = models.device.type == "cuda" and all(
         getattr(r, "is_stream_capturable", lambda: True)() for r in runners.values())
     closers = [r.close for r in runners.values() if callable(getattr(r, "close", None))]
+    attach_controlnet = getattr(engines, "attach_controlnet", None)
+    if attach_controlnet is None:
+        def controlnet_engines(module: Any) -> tuple[Any, str | None]:
+            return None, "this engine source has no ControlNet engines"
+    else:
+        def controlnet_engines(module: Any) -> tuple[Any, str | None]:
+            return attach_controlnet(models, config, module)
     return Runtime(requested=requested, acceleration=Acceleration.TENSORRT, device=models.device, unet=unet,
                    encode=encode, decode=decode, parts=parts, captures=captures, host=host, notes=notes,
-                   closers=closers)
+                   closers=closers, controlnet_engines=controlnet_engines)
