@@ -7,16 +7,16 @@ from .engines import BuildEngines, LoadEngines
 from .loaders import LoadStreamPipeline, StreamLora, StreamPipelineFromModel
 from .preview import StreamPreview
 from .sampler import StreamSampler
-from .settings import StreamCachedAttention, StreamSettingsNode, StreamSimilarityFilter
+from .settings import StreamCachedAttention, StreamDevices, StreamSettingsNode, StreamSimilarityFilter
 
 NODES: list[type[io.ComfyNode]] = [StreamPipelineFromModel, LoadStreamPipeline, StreamLora, StreamSampler,
                                    StreamPreview, StreamSettingsNode, StreamSimilarityFilter, StreamCachedAttention,
-                                   BuildEngines, LoadEngines]
+                                   StreamDevices, BuildEngines, LoadEngines]
 
 # Schemas that depend on nothing but the code are built once (ComfyUI asks for them several times per execution);
 # the loaders' schemas list model folders and are rebuilt when a listing changes (nodes/loaders.py).
 for _node in (StreamPipelineFromModel, StreamSampler, StreamPreview, StreamSettingsNode, StreamSimilarityFilter,
-              StreamCachedAttention, BuildEngines, LoadEngines):
+              StreamCachedAttention, StreamDevices, BuildEngines, LoadEngines):
     schema_built_once(_node)
 
 

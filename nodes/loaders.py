@@ -19,6 +19,14 @@ logger = logging.getLogger(__name__)
 NO_TAESD = "none (full VAE)"
 
 
+def device_options() -> list[str]:
+    """The loader's device choices: auto, cpu, cuda and, with several GPUs, each one by index."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return ["auto", "cpu", "cuda"] + ([f"cuda:{i}" for i in range(gpus)] if gpus > 1 else [])
+
+
 def resolve_model(name: str) -> str:
     """A diffusers folder (models/diffusers) or a single-file checkpoint (models/checkpoints)."""
     try:
@@ -70,8 +78,9 @@ def _pipeline_schema(models: tuple[str, ...], taesds: tuple[str, ...]) -> io.Sch
                                    "VAE, at a small cost in quality; it must match the model's family."),
             io.Combo.Input("dtype", options=["auto", "fp16", "bf16", "fp32"], default="auto",
                            tooltip="Weight precision. auto = fp16 on a GPU, fp32 on the CPU."),
-            io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto",
-                           tooltip="auto = the device ComfyUI computes on."),
+            io.Combo.Input("device", options=device_options(), default="auto",
+                           tooltip="auto = the device ComfyUI computes on; cuda:N = that GPU (several pipelines "
+                                   "can live on several GPUs of one ComfyUI)."),
             io.Combo.Input("prediction_type", options=list(PREDICTION_TYPES), default="auto", optional=True,
                            tooltip="What the model predicts. auto: a diffusers folder's scheduler config; for "
                                    "checkpoints epsilon for SD1.x, SDXL and SD2.x 512 models such as sd-turbo "

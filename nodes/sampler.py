@@ -149,7 +149,8 @@ class StreamSampler(io.ComfyNode):
         request = StreamRequest(config, prompt_input(positive, prompt, "positive", "prompt", notes),
                                 prompt_input(negative, negative_prompt, "negative", "negative_prompt", notes),
                                 reset=reset, engines=engine_source(pipeline),
-                                controlnets=control_inputs(positive, negative, models, config))
+                                controlnets=control_inputs(positive, negative, models, config),
+                                video_devices=settings.video_devices)
         node_id = cls.hidden.unique_id
         owner = (workflow_id(cls.hidden.extra_pnginfo), node_id)
         fresh = SESSIONS.frames_processed(owner) == 0
@@ -168,6 +169,9 @@ class StreamSampler(io.ComfyNode):
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
             "backend": runtime.describe(), "acceleration": runtime.acceleration.value, "parts": runtime.parts,
             "notes": list(runtime.notes) + notes, "device": str(stream.device),
+            # the devices a batch video was split over (Stream Devices), else the stream's own
+            "devices": list(request.video_devices) if video and len(request.video_devices) > 1 else [
+                str(stream.device)],
             "sessions": dict(zip(("pipelines", "streams"), SESSIONS.counts())),  # what the pack holds now
             "state": "reset" if reset else (
                 "warming" if fresh or stream.frames_processed <= stream.latency * config.frames_per_step

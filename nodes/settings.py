@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..streamrt import Acceleration, CfgType, SimilarityFilterConfig, StreamSettings
 from ..streamrt.kv_cache import KVCacheConfig
+from ..streamrt.parallel import parse_devices
 from . import api
 from .api import io
 
@@ -141,3 +142,33 @@ class StreamCachedAttention(io.ComfyNode):
                 ) -> io.NodeOutput:
         # The window cannot exceed the frames held: a larger one attends to all of them.
         return apply(settings, kv_cache=KVCacheConfig(True, max_frames, min(window, max_frames), interval))
+
+
+class StreamDevices(io.ComfyNode):
+    """Splits a batch video over several GPUs: one stream per GPU, each on its own copy of the pipeline."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamRTDevices",
+            display_name="Stream Devices, multi-GPU (StreamRT)",
+            category=SETTINGS_CATEGORY,
+            description="Batch video over several GPUs: a video (an IMAGE batch of more frames than frames per "
+                        "step) is split into one contiguous chunk per device, each run by a stream of its own on a "
+                        "copy of the pipeline on that GPU (made on the first video, kept with the pipeline), and "
+                        "the output is stitched in order, aligned as on one GPU. Without cached attention and the "
+                        "similarity filter the frames equal one GPU's; with them each chunk first runs the frames "
+                        "before it, and frames near a chunk border may differ slightly. One frame per execution "
+                        "(realtime) runs on the pipeline's device as before. ControlNets are not split yet.",
+            inputs=[
+                chain_input(),
+                io.String.Input("devices", default="all",
+                                tooltip="all: every CUDA GPU of this machine (nothing changes with one). Or a comma "
+                                        "list: GPU indices ('0,1') or device names ('cuda:0, cuda:2')."),
+            ],
+            outputs=[chain_output()],
+        )
+
+    @classmethod
+    def execute(cls, devices: str, settings: StreamSettings | None = None) -> io.NodeOutput:
+        return apply(settings, video_devices=parse_devices(devices))

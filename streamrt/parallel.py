@@ -90,6 +90,35 @@ def replicate(models: StreamModels, device: torch.device | str) -> StreamModels:
                         scheduler=copy.deepcopy(models.scheduler), identity=dict(models.identity))
 
 
+def parse_devices(text: str, gpus: int | None = None) -> tuple[str, ...]:
+    """The devices a batch video is split over, from a user's text: ``"all"`` (every CUDA GPU; none, i.e. the
+    pipeline's device alone, with fewer than two) or a comma list such as ``"cuda:0, cuda:1"`` or ``"0,1"`` (GPU
+    indices); ``"cpu"`` entries are allowed (tests). ``gpus``: how many CUDA GPUs there are (default: torch's
+    count). Raises ValueError naming an entry that is not a device or a GPU that does not exist."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    text = text.strip().lower()
+    if text in ("", "all"):
+        return tuple(f"cuda:{i}" for i in range(gpus)) if gpus > 1 else ()
+    devices = []
+    for entry in (e.strip() for e in text.split(",")):
+        name = f"cuda:{entry}" if entry.isdigit() else entry
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"devices: {entry!r} is not a device (use 'all', GPU indices such as '0,1', or "
+                             "names such as 'cuda:0, cuda:1')") from None
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"devices: {entry!r} is a {device.type} device; a stream runs on cuda or cpu")
+        if device.type == "cuda":
+            index = 0 if device.index is None else device.index
+            if index >= gpus:
+                raise ValueError(f"devices: {entry!r} does not exist here ({gpus} CUDA GPU(s): "
+                                 f"{', '.join(f'cuda:{i}' for i in range(gpus)) or 'none'})")
+            name = f"cuda:{index}"
+        devices.append(name)
+    return tuple(devices)
+
+
 ProgressCallback = Callable[[int, int], None]
 
 

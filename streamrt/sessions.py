@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .config import StreamConfig
 from .controlnet import ControlInput, check_control_images
 from .frames import FiniteCheck, check_frames
 from .models import StreamModels
+from .parallel import process_video_parallel, replicate
 from .prompts import Prompt, PromptPart
 from .runtime import EngineSource, prepare
 from .stream import PreviewCallback, ProgressCallback, Stream, check_fits, check_prompts, prompt_length
@@ -48,6 +50,8 @@ class StreamRequest:
     embeddings (see :mod:`streamrt.prompts`). Embeddings are taken as immutable: handing the same tensor again
     (or an equal one) changes nothing. ``controlnets``: the ControlNets of this call with their control images;
     the same set (by key, start and end) keeps the stream, a strength change is applied in place.
+    ``video_devices``: the devices a batch video is split over (one stream each, on a copy of the pipeline per
+    device, see :mod:`streamrt.parallel`); empty or one device: the pipeline's stream alone.
     """
 
     config: StreamConfig
@@ -56,6 +60,7 @@ class StreamRequest:
     reset: bool = False
     engines: EngineSource | None = None
     controlnets: tuple[ControlInput, ...] = ()
+    video_devices: tuple[str, ...] = ()
 
     def stream_config(self, models: StreamModels) -> StreamConfig:
         """The config of the stream for this request: ``config``, its ``prompt_length`` sized for these prompts
@@ -98,6 +103,10 @@ class StreamSessions:
         self._stream_bytes: dict[Hashable, int] = {}
         self.loads = 0
         self._collect_pending = False
+        # pipeline -> {device: its copy there} for videos split over devices; the copies do not reference the
+        # pipeline, so they go with it
+        self._replicas: weakref.WeakKeyDictionary[StreamModels, dict[str, StreamModels]] = (
+            weakref.WeakKeyDictionary())
         self._controlnets: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()  # key -> (model, bytes), LRU
         self.max_controlnets = 4
         self._finite = FiniteCheck()  # control images' NaN / inf check, without a new tensor per call
@@ -225,6 +234,8 @@ class StreamSessions:
         control = check_control_images([c.image for c in request.controlnets],  # before the stream changes
                                        cfg.frames_per_step if frames is None else int(frames.shape[0]),
                                        width=cfg.width, height=cfg.height, finite=self._finite) or None
+        if frames is not None and frames.shape[0] > cfg.frames_per_step and len(request.video_devices) > 1:
+            return self._run_split(owner, models, request, frames, progress, preview)
         stream = self.stream(owner, models, request)
         if frames is None:
             return stream, stream.step(None, control=control, validated=True)
@@ -232,6 +243,36 @@ class StreamSessions:
             return stream, stream.step(frames, validated=True, control=control)
         return stream, stream.process_video(frames, progress=progress, preview=preview, validated=True,
                                             control=control)
+
+    def replica(self, models: StreamModels, device: str) -> StreamModels:
+        """``models`` on ``device``: itself where it is, else a copy made once and kept with the pipeline (until it
+        is released, or :meth:`release`)."""
+        if torch.device(device) == models.device:
+            return models
+        with self._lock:
+            per_device = self._replicas.setdefault(models, {})
+            copy = per_device.get(device)
+            if copy is None:
+                logger.info("copying the pipeline to %s for a video split over devices", device)
+                copy = per_device[device] = replicate(models, device)
+            return copy
+
+    def _run_split(self, owner: Hashable, models: StreamModels, request: StreamRequest, frames: torch.Tensor,
+                   progress: ProgressCallback | None, preview: PreviewCallback | None) -> tuple[Stream, torch.Tensor]:
+        """A video split over ``request.video_devices``: the owner's stream on the first of them (the pipeline's
+        device where it is among them), one more stream per other device (owned by ``(owner, "device", i)``), one
+        chunk each."""
+        if request.controlnets:
+            raise ValueError("a batch video split over several devices does not take ControlNets yet: use one "
+                             "device (no Stream Devices node) with ControlNets")
+        devices = sorted(request.video_devices, key=lambda d: torch.device(d) != models.device)  # the pipeline's first
+        streams = [self.stream(owner if i == 0 else (owner, "device", i), self.replica(models, d), request)
+                   for i, d in enumerate(devices)]
+        logger.debug("video of %d frames split over %s (pipeline on %s)", frames.shape[0], devices, models.device)
+        result = process_video_parallel(streams, frames, progress=progress)
+        if preview is not None:
+            preview(result)
+        return streams[0], result
 
     def _drop(self, owner: Hashable) -> None:
         stream = self._streams.pop(owner, None)
@@ -284,6 +325,7 @@ class StreamSessions:
             had = bool(self._streams or self._pipelines or self._controlnets)
             self._holders.clear()
             self._controlnets.clear()
+            self._replicas.clear()
             for owner in list(self._streams):
                 self._drop(owner)
             self._pipelines.clear()

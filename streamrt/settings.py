@@ -46,6 +46,8 @@ class StreamSettings:
         schedule_length (`int`, defaults to `50`): LCM schedule length (``num_inference_steps``).
         similarity_filter (`SimilarityFilterConfig`): off unless set.
         kv_cache (`KVCacheConfig`): cached attention, off unless set.
+        video_devices (`tuple[str, ...]`, defaults to `()`): the devices a batch video is split over, one stream
+            each (see :mod:`streamrt.parallel`); empty: the pipeline's device alone.
     """
 
     cfg_type: CfgType = CfgType.SELF
@@ -58,6 +60,7 @@ class StreamSettings:
     schedule_length: int = 50
     similarity_filter: SimilarityFilterConfig = field(default_factory=SimilarityFilterConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    video_devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Checked here too (not only when the stream config is made), so the settings node with the bad

@@ -132,3 +132,45 @@ def test_bad_input_is_refused_before_any_work(tiny_models) -> None:
 
 def test_replicate_keeps_models_already_on_the_device(tiny_models) -> None:
     assert replicate(tiny_models, "cpu") is tiny_models
+
+
+def test_devices_from_a_users_text() -> None:
+    from streamrt.parallel import parse_devices
+
+    assert parse_devices("all", gpus=2) == ("cuda:0", "cuda:1")
+    assert parse_devices("all", gpus=1) == () and parse_devices("", gpus=0) == ()  # one GPU: nothing to split
+    assert parse_devices("0, 1", gpus=2) == ("cuda:0", "cuda:1")
+    assert parse_devices("cuda:1,cuda", gpus=2) == ("cuda:1", "cuda:0")
+    assert parse_devices("cpu, cpu", gpus=0) == ("cpu", "cpu")
+    with pytest.raises(ValueError, match=r"'cuda:2' does not exist here \(2 CUDA GPU"):
+        parse_devices("cuda:0, cuda:2", gpus=2)
+    with pytest.raises(ValueError, match="'gpu0' is not a device"):
+        parse_devices("gpu0", gpus=2)
+    with pytest.raises(ValueError, match="meta device"):
+        parse_devices("meta", gpus=2)
+
+
+def test_sessions_split_a_video_over_the_requested_devices(tiny_models) -> None:
+    """A host's batch video with ``video_devices``: one stream per device entry (here two on the CPU), kept across
+    calls, the frames equal the owner's single stream; one frame per call runs on the owner's stream alone;
+    ControlNets are refused by name before anything runs."""
+    from streamrt.controlnet import ControlInput
+    from streamrt.sessions import StreamRequest, StreamSessions
+
+    sessions = StreamSessions()
+    config = make_config(cfg_type="self", t_index_list=(10, 25, 40))
+    frames = make_frames(9, seed=12)
+    single, expected = StreamSessions().run("owner", tiny_models, StreamRequest(config, "a cat"), frames)
+    request = StreamRequest(config, "a cat", video_devices=("cpu", "cpu"))
+    stream, got = sessions.run("owner", tiny_models, request, frames)
+    assert torch.equal(got, expected)
+    assert sessions.counts() == (0, 2)  # the owner's stream and one more
+    again, got_again = sessions.run("owner", tiny_models, request, frames)
+    assert again is stream and torch.equal(got_again, expected)
+    _, one = sessions.run("owner", tiny_models, request, frames[:1])  # realtime: the owner's stream only
+    assert one.shape[0] == 1 and sessions.counts() == (0, 2)
+    net = tiny_controlnet(tiny_models.unet, seed=2)
+    with_control = StreamRequest(config, "a cat", video_devices=("cpu", "cpu"),
+                                 controlnets=(ControlInput("cn", ControlNet(net), frames),))
+    with pytest.raises(ValueError, match="does not take ControlNets"):
+        sessions.run("owner", tiny_models, with_control, frames)

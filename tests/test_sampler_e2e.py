@@ -181,6 +181,31 @@ def test_a_chain_of_settings_nodes_applies_all_of_them(server: ComfyServer, core
         assert_close(got[k], stream.step(as_tensor(clip[k:k + 1]))[0])
 
 
+def test_stream_devices_split_a_batch_video_and_refuse_devices_that_do_not_exist(server: ComfyServer) -> None:
+    """Stream Devices (multi-GPU) chained into the settings: a batch video split over two streams (here both on the
+    CPU, which this machine has) gives the frames of one stream, bit for bit; a GPU that does not exist is refused
+    by the node, naming it, and the next prompt runs."""
+    prefix, clip = uid(), frames(5, seed=48)
+    names = upload(server, clip, prefix)
+    plain = run_images(server, graph(prefix, names, reset=True), prefix)
+
+    def split(devices: str) -> Graph:
+        g = graph(prefix, names, reset=True)
+        node = g.node("StreamRTDevices", id=f"{prefix}devices", devices=devices)
+        g.nodes[f"{prefix}sampler"]["inputs"]["settings"] = node.out(0)
+        return g
+
+    with server.websocket() as ws:
+        np.testing.assert_array_equal(run_images(server, split("cpu, cpu"), prefix, ws), plain)
+        ws.wait_for(lambda kind, d: kind == "streamrt.status" and str(d.get("node")) == f"{prefix}sampler",
+                    timeout=30)
+        assert status_events(ws, prefix)[-1]["devices"] == ["cpu", "cpu"]  # it was split
+    with pytest.raises(ExecutionFailed) as failed:
+        server.run(split("cuda:7"), timeout=120)
+    assert failed.value.node_id == f"{prefix}devices" and "'cuda:7' does not exist here" in str(failed.value)
+    np.testing.assert_array_equal(run_images(server, graph(prefix, names, reset=True), prefix), plain)
+
+
 # ---------------------------------------------------------------------------------------------------
 # CONDITIONING
 
