@@ -159,7 +159,7 @@ class StreamDevices(io.ComfyNode):
                         "the output is stitched in order, aligned as on one GPU. Without cached attention and the "
                         "similarity filter the frames equal one GPU's; with them each chunk first runs the frames "
                         "before it, and frames near a chunk border may differ slightly. One frame per execution "
-                        "(realtime) runs on the pipeline's device as before. ControlNets are not split yet.",
+                        "(realtime) runs on the pipeline's device as before. ControlNets are copied to each GPU too.",
             inputs=[
                 chain_input(),
                 io.String.Input("devices", default="all",

@@ -19,19 +19,20 @@ A host application (the ComfyUI nodes) keeps one :class:`StreamSessions`.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from .config import StreamConfig
-from .controlnet import ControlInput, check_control_images
+from .controlnet import ControlInput, ControlNet, check_control_images
 from .frames import FiniteCheck, check_frames
 from .models import StreamModels
 from .parallel import process_video_parallel, replicate
@@ -257,19 +258,31 @@ class StreamSessions:
                 copy = per_device[device] = replicate(models, device)
             return copy
 
+    def _controlnets_on(self, controls: tuple[ControlInput, ...], device: str) -> tuple[ControlInput, ...]:
+        """``controls`` with their ControlNet modules on ``device`` (a copy made once per ControlNet and device,
+        cached with the converted ControlNets)."""
+        out = []
+        for control in controls:
+            model = control.net.model
+            if next(model.parameters()).device != torch.device(device):
+                model = self.controlnet((control.key, "device", device),
+                                        lambda model=model: copy.deepcopy(model).to(device))
+            net = ControlNet(model, control.net.strength, control.net.start, control.net.end)
+            out.append(ControlInput(control.key, net, control.image))
+        return tuple(out)
+
     def _run_split(self, owner: Hashable, models: StreamModels, request: StreamRequest, frames: torch.Tensor,
                    progress: ProgressCallback | None, preview: PreviewCallback | None) -> tuple[Stream, torch.Tensor]:
         """A video split over ``request.video_devices``: the owner's stream on the first of them (the pipeline's
         device where it is among them), one more stream per other device (owned by ``(owner, "device", i)``), one
         chunk each."""
-        if request.controlnets:
-            raise ValueError("a batch video split over several devices does not take ControlNets yet: use one "
-                             "device (no Stream Devices node) with ControlNets")
         devices = sorted(request.video_devices, key=lambda d: torch.device(d) != models.device)  # the pipeline's first
-        streams = [self.stream(owner if i == 0 else (owner, "device", i), self.replica(models, d), request)
+        streams = [self.stream(owner if i == 0 else (owner, "device", i), self.replica(models, d),
+                               replace(request, controlnets=self._controlnets_on(request.controlnets, d)))
                    for i, d in enumerate(devices)]
         logger.debug("video of %d frames split over %s (pipeline on %s)", frames.shape[0], devices, models.device)
-        result = process_video_parallel(streams, frames, progress=progress)
+        control = [c.image for c in request.controlnets] or None
+        result = process_video_parallel(streams, frames, progress=progress, control=control)
         if preview is not None:
             preview(result)
         return streams[0], result

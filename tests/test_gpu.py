@@ -518,3 +518,23 @@ def test_parallel_video_over_two_gpus_equals_one_gpu(fp16_models):
     split = process_video_parallel(streams, video)
     assert streams[1].buffers.unet_in.device == torch.device("cuda:1")
     assert torch.equal(split, one)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_sessions_split_a_controlnet_video_over_two_gpus(fp16_models):
+    """Through the sessions (what the sampler calls): a video with a ControlNet split over cuda:0 and cuda:1 (the
+    pipeline and the ControlNet copied to cuda:1 once) gives one GPU's frames."""
+    from streamrt.controlnet import ControlInput, ControlNet
+    from streamrt.sessions import StreamRequest, StreamSessions
+
+    net = _gpu_controlnet(fp16_models)
+    cfg = make_config("self", 2).with_(acceleration="cuda_graph")
+    video, control = make_frames(16, seed=10), make_frames(16, seed=11)
+    controls = (ControlInput("cn", ControlNet(net, 0.8), control),)
+    _, one = StreamSessions().run("a", fp16_models, StreamRequest(cfg, PROMPT, controlnets=controls), video)
+    sessions = StreamSessions()
+    request = StreamRequest(cfg, PROMPT, controlnets=controls, video_devices=("cuda:0", "cuda:1"))
+    _, split = sessions.run("a", fp16_models, request, video)
+    assert torch.equal(split, one)
+    other = sessions.stream(("a", "device", 1), sessions.replica(fp16_models, "cuda:1"), request)
+    assert other.device == torch.device("cuda:1")

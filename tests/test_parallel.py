@@ -152,8 +152,8 @@ def test_devices_from_a_users_text() -> None:
 
 def test_sessions_split_a_video_over_the_requested_devices(tiny_models) -> None:
     """A host's batch video with ``video_devices``: one stream per device entry (here two on the CPU), kept across
-    calls, the frames equal the owner's single stream; one frame per call runs on the owner's stream alone;
-    ControlNets are refused by name before anything runs."""
+    calls, the frames equal the owner's single stream; one frame per call runs on the owner's stream alone; with a
+    ControlNet the control frames go with their chunks."""
     from streamrt.controlnet import ControlInput
     from streamrt.sessions import StreamRequest, StreamSessions
 
@@ -170,7 +170,9 @@ def test_sessions_split_a_video_over_the_requested_devices(tiny_models) -> None:
     _, one = sessions.run("owner", tiny_models, request, frames[:1])  # realtime: the owner's stream only
     assert one.shape[0] == 1 and sessions.counts() == (0, 2)
     net = tiny_controlnet(tiny_models.unet, seed=2)
-    with_control = StreamRequest(config, "a cat", video_devices=("cpu", "cpu"),
-                                 controlnets=(ControlInput("cn", ControlNet(net), frames),))
-    with pytest.raises(ValueError, match="does not take ControlNets"):
-        sessions.run("owner", tiny_models, with_control, frames)
+    controls = (ControlInput("cn", ControlNet(net, 0.9), make_frames(9, seed=13)),)
+    _, with_one = StreamSessions().run("owner", tiny_models, StreamRequest(config, "a cat", controlnets=controls),
+                                       frames)
+    _, with_two = sessions.run("owner", tiny_models, StreamRequest(config, "a cat", video_devices=("cpu", "cpu"),
+                                                                   controlnets=controls), frames)
+    assert torch.equal(with_two, with_one) and not torch.equal(with_two, expected)
