@@ -8,10 +8,12 @@ Plain functions and classes, imported as a top-level module (``from engine_helpe
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from streamrt import StreamConfig, StreamModels
@@ -19,6 +21,13 @@ from streamrt.engines import TensorSpec, component_for, export_onnx, requests_fo
 from streamrt.engines import build as build_mod
 from streamrt.random_models import build_random_components
 from streamrt.runtime import AttachResult
+
+_MISSING = [name for name in ("polygraphy", "tensorrt_rtx") if importlib.util.find_spec(name) is None]
+#: on the tests that really build: skipped, with the reason, without the builder installed
+needs_builder = pytest.mark.skipif(bool(_MISSING), reason=f"engine builds need {' and '.join(_MISSING)} "
+                                                          "(pip install -r requirements.txt tensorrt-rtx)")
+#: the compute capability the CI builds for (TensorRT-RTX builds ahead of time, without a GPU)
+TARGET = "SM89"
 
 
 def tiny_stream_models(vae: str = "taesd", seed: int = 0, dtype: torch.dtype = torch.float32) -> StreamModels:

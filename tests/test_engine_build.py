@@ -11,7 +11,6 @@ times are printed with -s.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import BuildSpy, OnnxEngines, kv_component, tiny_stream_models
+from engine_helpers import TARGET, BuildSpy, OnnxEngines, kv_component, needs_builder, tiny_stream_models
 
 from streamrt import Acceleration, AccelerationUnavailable, Stream, StreamConfig, StreamModels
 from streamrt.engines import (
@@ -45,12 +44,6 @@ from streamrt.engines.spec import DimRange
 from streamrt.kv_cache import KVCacheConfig
 from streamrt.runtime import EngineCallError, UNetExtras
 
-_MISSING = [name for name in ("polygraphy", "tensorrt_rtx") if importlib.util.find_spec(name) is None]
-#: on the tests that really build: skipped, with the reason, without the builder installed
-needs_builder = pytest.mark.skipif(bool(_MISSING), reason=f"engine builds need {' and '.join(_MISSING)} "
-                                                          "(pip install -r requirements.txt tensorrt-rtx)")
-
-TARGET = "SM89"
 SIZE = 64
 
 

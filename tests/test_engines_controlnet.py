@@ -20,7 +20,6 @@ are far from zero), on the CPU in float32:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from dataclasses import replace
@@ -30,9 +29,11 @@ import onnx
 import pytest
 import torch
 from engine_helpers import (
+    TARGET,
     BuildSpy,
     OnnxEngines,
     OnnxRuntimeRunner,
+    needs_builder,
     ort_session,
     tiny_stream_models,
     tiny_xl_stream_models,
@@ -67,11 +68,6 @@ from streamrt.runtime.runtime import UNET_INPUTS
 
 pytest.importorskip("onnxruntime")
 
-_MISSING = [name for name in ("polygraphy", "tensorrt_rtx") if importlib.util.find_spec(name) is None]
-needs_builder = pytest.mark.skipif(bool(_MISSING), reason=f"engine builds need {' and '.join(_MISSING)} "
-                                                          "(pip install -r requirements.txt tensorrt-rtx)")
-
-TARGET = "SM89"
 SIZE = 64
 DYNAMIC = EngineShapes(rows=DimRange(1, 2, 3), height=DimRange(32, 64, 96), width=DimRange(32, 48, 96))
 #: tiny UNet (block channels 32, 64; one layer per block): conv_in, the block-0 layer, its downsampler, the

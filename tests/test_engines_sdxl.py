@@ -15,7 +15,6 @@ text/time added conditions; ``tiny``: SD1-shaped), on the CPU in float32:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from dataclasses import replace
@@ -26,9 +25,11 @@ import onnx
 import pytest
 import torch
 from engine_helpers import (
+    TARGET,
     BuildSpy,
     OnnxEngines,
     OnnxRuntimeRunner,
+    needs_builder,
     ort_session,
     tiny_stream_models,
     tiny_xl_stream_models,
@@ -58,11 +59,6 @@ from streamrt.runtime.runtime import ADDED_COND_INPUTS, UNET_INPUTS
 
 pytest.importorskip("onnxruntime")
 
-_MISSING = [name for name in ("polygraphy", "tensorrt_rtx") if importlib.util.find_spec(name) is None]
-needs_builder = pytest.mark.skipif(bool(_MISSING), reason=f"engine builds need {' and '.join(_MISSING)} "
-                                                          "(pip install -r requirements.txt tensorrt-rtx)")
-
-TARGET = "SM89"
 SIZE = 64
 STOCK = list(UNET_INPUTS)
 ADDED = list(ADDED_COND_INPUTS)

@@ -261,6 +261,13 @@ def test_batch_video_graph(info: dict) -> None:
         assert words in note.lower() or words in note, words
 
 
+def webcam_frame(server: ComfyServer, seed: int) -> str:
+    """An uploaded PNG of 8x8 random blocks standing in for WebcamCapture's frame (an API prompt has no camera)."""
+    rng = np.random.default_rng(seed)
+    image = np.repeat(np.repeat(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
+    return server.write_input_image(image, name=f"webcam_{uuid.uuid4().hex[:8]}.png")
+
+
 def test_controlnet_graph(info: dict) -> None:
     """The ControlNet example: the webcam frame feeds both Canny and the sampler; Canny's edges go through Apply
     ControlNet (Advanced) on CLIP Text Encode's conditioning into the sampler's positive and negative."""
@@ -286,9 +293,7 @@ def test_controlnet_example_runs_and_applies_the_controlnet(server: ComfyServer,
     """As shipped (acceleration auto), with the tiny checkpoint and ControlNet substituted and an uploaded PNG as
     the webcam's frame: it runs twice as a stream, and the ControlNet shapes the frames (strength 0, which Apply
     ControlNet turns into no control, gives other frames)."""
-    rng = np.random.default_rng(5)
-    image = np.repeat(np.repeat(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
-    name = server.write_input_image(image, name=f"webcam_{uuid.uuid4().hex[:8]}.png")
+    name = webcam_frame(server, seed=5)
     prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "ControlNet webcam (StreamRT).json"), info),
                             "example-cn-")
     substitute(prompt, "WebcamCapture", image=name)
@@ -364,10 +369,7 @@ def test_batch_video_example_runs(server: ComfyServer, info: dict) -> None:
 
 def test_realtime_example_runs_and_streams(server: ComfyServer, info: dict) -> None:
     """WebcamCapture is a LoadImage in the API: an uploaded PNG stands in for the camera."""
-    rng = np.random.default_rng(3)
-    image = np.repeat(np.repeat(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
-    name = server.write_input_image(image, name=f"webcam_{uuid.uuid4().hex[:8]}.png")
-
+    name = webcam_frame(server, seed=3)
     prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "Realtime webcam (StreamRT).json"), info),
                             "example-")
     substitute(prompt, "WebcamCapture", image=name)
