@@ -108,6 +108,7 @@ class StreamSessions:
         # pipeline, so they go with it
         self._replicas: weakref.WeakKeyDictionary[StreamModels, dict[str, StreamModels]] = (
             weakref.WeakKeyDictionary())
+        self._replica_bytes: dict[int, int] = {}  # id(copy) -> its weights' bytes, while the copy lives
         self._controlnets: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()  # key -> (model, bytes), LRU
         self.max_controlnets = 4
         self._finite = FiniteCheck()  # control images' NaN / inf check, without a new tensor per call
@@ -256,6 +257,8 @@ class StreamSessions:
             if copy is None:
                 logger.info("copying the pipeline to %s for a video split over devices", device)
                 copy = per_device[device] = replicate(models, device)
+                self._replica_bytes[id(copy)] = copy.weights_nbytes()  # once, at the copy
+                weakref.finalize(copy, self._replica_bytes.pop, id(copy), None)
             return copy
 
     def _controlnets_on(self, controls: tuple[ControlInput, ...], device: str) -> tuple[ControlInput, ...]:
@@ -315,7 +318,7 @@ class StreamSessions:
         """Device bytes held: every cached pipeline's weights and every live stream's buffers."""
         with self._lock:
             return (sum(self._pipeline_bytes.values()) + sum(self._stream_bytes.values())
-                    + sum(size for _, size in self._controlnets.values()))
+                    + sum(size for _, size in self._controlnets.values()) + sum(self._replica_bytes.values()))
 
     def _collect(self) -> None:
         self._collect_pending = False
