@@ -25,6 +25,23 @@ from .frames import FiniteCheck, FrameError, as_rgb_frames
 logger = logging.getLogger(__name__)
 
 
+def residual_levels(config: Any) -> list[tuple[int, int]]:
+    """``(channels, downsampling factor)`` of each ControlNet residual of a UNet's or ControlNet's architecture
+    (``config``: its diffusers config): the down path's skip connections in diffusers' order (the ``conv_in``
+    output, one per resnet layer of each block, one per downsampler), then the mid block's. A ControlNet made for
+    a UNet has the same ones, which is what lets its residuals be added to that UNet's skips."""
+    channels = list(config.block_out_channels)
+    layers = config.layers_per_block
+    layers = [int(layers)] * len(channels) if isinstance(layers, int) else [int(n) for n in layers]
+    levels: list[tuple[int, int]] = [(channels[0], 1)]
+    for i, (width, count) in enumerate(zip(channels, layers)):
+        levels += [(width, 2 ** i)] * count
+        if i < len(channels) - 1:  # every block but the last ends with a downsampler
+            levels.append((width, 2 ** (i + 1)))
+    levels.append((channels[-1], 2 ** (len(channels) - 1)))  # the mid block
+    return levels
+
+
 def check_strength(strength: float) -> float:
     """``strength`` as a float, or a ValueError when it is not a finite number (NaN would reach every frame)."""
     if not isinstance(strength, (int, float)) or not math.isfinite(strength):

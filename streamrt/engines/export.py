@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from ..controlnet import TorchControlNet
+from ..controlnet import TorchControlNet, residual_levels
 from ..models import StreamModels, decode_latents, encode_images, predict_noise
 from ..runtime.runtime import (
     ADDED_COND_INPUTS,
@@ -320,25 +320,13 @@ def _level_symbols(factor: int) -> tuple[str, str]:
 
 
 def control_residual_specs(model: torch.nn.Module) -> tuple[TensorSpec, ...]:
-    """The ControlNet residuals of a UNet's or ControlNet's architecture: ``down_residual_<i>`` for each skip
-    connection of the down path (the ``conv_in`` output, one per resnet layer of each block, one per downsampler,
-    in diffusers' order) and ``mid_residual``, as ``[rows, channels, latent_height_div<k>, latent_width_div<k>]``.
-
-    Read from ``model.config`` (``block_out_channels``, ``layers_per_block``): a ControlNet made for a UNet
-    (``ControlNetModel.from_unet`` or a checkpoint of the same base model) has the same ones, which is what lets
-    its outputs be the UNet engine's inputs."""
-    config = model.config
-    channels = list(config.block_out_channels)
-    layers = config.layers_per_block
-    layers = [int(layers)] * len(channels) if isinstance(layers, int) else [int(n) for n in layers]
-    levels: list[tuple[int, int]] = [(channels[0], 1)]  # (channels, downsampling factor)
-    for i, (width, count) in enumerate(zip(channels, layers)):
-        levels += [(width, 2 ** i)] * count
-        if i < len(channels) - 1:  # every block but the last ends with a downsampler
-            levels.append((width, 2 ** (i + 1)))
+    """The ControlNet residuals of a UNet's or ControlNet's architecture (:func:`streamrt.controlnet.residual_levels`)
+    as ``down_residual_<i>`` and ``mid_residual``, each ``[rows, channels, latent_height_div<k>,
+    latent_width_div<k>]``."""
+    *down, (mid_width, mid_factor) = residual_levels(model.config)
     specs = [TensorSpec(down_residual_name(i), ("rows", width, *_level_symbols(factor)))
-             for i, (width, factor) in enumerate(levels)]
-    specs.append(TensorSpec(MID_RESIDUAL, ("rows", channels[-1], *_level_symbols(2 ** (len(channels) - 1)))))
+             for i, (width, factor) in enumerate(down)]
+    specs.append(TensorSpec(MID_RESIDUAL, ("rows", mid_width, *_level_symbols(mid_factor))))
     return tuple(specs)
 
 

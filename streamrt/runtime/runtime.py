@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from ..config import Acceleration, StreamConfig
-from ..controlnet import ControlResiduals, TorchControlNet
+from ..controlnet import ControlResiduals, TorchControlNet, residual_levels
 from ..cuda_graphs import capture_graph
 from ..kv_cache import KVCache
 from ..models import StreamModels, decode_latents, encode_images, predict_noise
@@ -241,21 +241,10 @@ def zero_control_residuals(models: StreamModels, config: StreamConfig) -> tuple[
     config's latent size; the down ones, then the mid one), in the models' dtype on their device: what a UNet engine
     built for ControlNets is fed while none runs. Allocated once per stream (about 27 MB at 512x512 for SD1.5's
     12 + 1 residuals, two rows in fp16), they stay zero: the engine only reads them."""
-    from ..engines.export import control_residual_specs  # here: the engines package imports this module
-
-    sizes = {"rows": config.unet_rows, "latent_height": config.height // models.vae_scale_factor,
-             "latent_width": config.width // models.vae_scale_factor}
-    out = []
-    for spec in control_residual_specs(models.unet):
-        shape = []
-        for dim in spec.dims:
-            if isinstance(dim, int):
-                shape.append(dim)
-            else:
-                base, _, factor = dim.partition("_div")
-                shape.append(sizes[base] // int(factor or 1))
-        out.append(torch.zeros(shape, dtype=models.dtype, device=models.device))
-    return tuple(out)
+    latent_height, latent_width = config.height // models.vae_scale_factor, config.width // models.vae_scale_factor
+    return tuple(torch.zeros((config.unet_rows, width, latent_height // factor, latent_width // factor),
+                             dtype=models.dtype, device=models.device)
+                 for width, factor in residual_levels(models.unet.config))
 
 
 class EngineControlNet:
