@@ -124,6 +124,7 @@ ProgressCallback = Callable[[int, int], None]
 
 @torch.inference_mode()
 def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress: ProgressCallback | None = None,
+                           preview: Callable[[torch.Tensor], None] | None = None,
                            control: Sequence[torch.Tensor] | None = None, poll_s: float = 0.05) -> torch.Tensor:
     """Run ``frames`` ``[N, H, W, 3]`` through ``streams`` (one per device, same config, prompt and seed), one
     contiguous chunk each, and return the N outputs aligned with the input, as one stream's ``process_video``.
@@ -132,8 +133,10 @@ def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress:
     device works); the first call of each stream, which captures or compiles, runs one stream at a time.
     ``progress(done, total)`` is called from this thread with the frames finished on all devices and may raise
     to stop: every worker then stops after its current group and the exception propagates; the streams stay
-    usable. A worker's error stops the others the same way. ``control``: per ControlNet, ``[N, ...]`` control
-    frames (sliced with the frames) or a single image for all.
+    usable. A worker's error stops the others the same way. ``preview(finished)``, also from this thread, gets the
+    first chunk's output frames finished so far while the video runs (the clip's first frames, in order), then all
+    N at the end. ``control``: per ControlNet, ``[N, ...]`` control frames (sliced with the frames) or a single
+    image for all.
     """
     if not streams:
         raise ValueError("process_video_parallel needs at least one stream")
@@ -147,10 +150,11 @@ def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress:
     chunks = plan_chunks(total, len(streams), frames_per_step=config.frames_per_step,
                          preroll=preroll_frames(config))
     if len(chunks) == 1:
-        return streams[0].process_video(frames, progress=progress, control=control, validated=True)
+        return streams[0].process_video(frames, progress=progress, preview=preview, control=control, validated=True)
 
     result = torch.empty((total, config.height, config.width, 3), dtype=torch.float32)
     done = [0] * len(chunks)
+    first_finished: list[torch.Tensor | None] = [None]  # the first chunk's finished outputs (no pre-roll there)
     errors: list[BaseException | None] = [None] * len(chunks)
     stop = threading.Event()
     first_call = threading.Lock()  # capture / compile one stream at a time
@@ -175,8 +179,9 @@ def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress:
             parts = None if control is None else [c if c.shape[0] == 1 else c[chunk.first:chunk.end]
                                                   for c in control]
             on_device = torch.cuda.device(stream.device) if stream.device.type == "cuda" else contextlib.nullcontext()
+            shown = (lambda finished: first_finished.__setitem__(0, finished)) if index == 0 else None
             with on_device, torch.inference_mode():  # inference mode is per thread
-                out = stream.process_video(part, progress=report, control=parts, validated=True)
+                out = stream.process_video(part, progress=report, preview=shown, control=parts, validated=True)
                 result[chunk.start:chunk.end] = out[chunk.preroll:]
         except BaseException as exc:  # handed to the caller's thread
             errors[index] = exc
@@ -190,11 +195,16 @@ def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress:
     started = time.perf_counter()
     for thread in threads:
         thread.start()
+    shown = 0
     try:
         while any(t.is_alive() for t in threads):
             next(t for t in threads if t.is_alive()).join(poll_s)
             if progress is not None and not stop.is_set():
                 progress(min(sum(done), total), total)
+            finished = first_finished[0]
+            if preview is not None and finished is not None and finished.shape[0] > shown and not stop.is_set():
+                shown = finished.shape[0]
+                preview(finished)
     except BaseException:
         stop.set()
         for thread in threads:
@@ -207,6 +217,8 @@ def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress:
         raise failures[0]
     if progress is not None:
         progress(total, total)
+    if preview is not None:
+        preview(result)
     logger.debug("parallel video: %d frames over %d streams in %.3f s", total, len(chunks),
                  time.perf_counter() - started)
     return result

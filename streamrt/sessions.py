@@ -285,10 +285,7 @@ class StreamSessions:
                    for i, d in enumerate(devices)]
         logger.debug("video of %d frames split over %s (pipeline on %s)", frames.shape[0], devices, models.device)
         control = [c.image for c in request.controlnets] or None
-        result = process_video_parallel(streams, frames, progress=progress, control=control)
-        if preview is not None:
-            preview(result)
-        return streams[0], result
+        return streams[0], process_video_parallel(streams, frames, progress=progress, preview=preview, control=control)
 
     def _drop(self, owner: Hashable) -> None:
         stream = self._streams.pop(owner, None)

@@ -90,17 +90,21 @@ def test_control_frames_go_with_their_chunk(tiny_models) -> None:
     assert torch.equal(process_video_parallel(streams, frames, control=[control[:1]]), one)
 
 
-def test_progress_counts_every_frame_and_a_raise_stops_every_worker(tiny_models) -> None:
+def test_progress_and_previews_follow_the_video_and_a_raise_stops_every_worker(tiny_models) -> None:
     config = make_config(cfg_type="none", t_index_list=(20, 35))
     frames = make_frames(12, seed=8)
     streams = _streams(tiny_models, config, 2)
     streams[0].process_video(frames[:2])  # buffers made in inference mode, then a split video (as a warm-up does)
     streams[0].reset()
     seen: list[tuple[int, int]] = []
+    shown: list[torch.Tensor] = []
     out = process_video_parallel(streams, frames, progress=lambda done, total: seen.append((done, total)),
-                                 poll_s=0.001)
+                                 preview=lambda finished: shown.append(finished.clone()), poll_s=0.001)
     assert seen[-1] == (12, 12) and all(t == 12 for _, t in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # previews: the clip's first frames as they finish (in order, never more than the first chunk), then all
+    assert torch.equal(shown[-1], out) and len(shown) >= 2
+    assert all(0 < p.shape[0] <= 6 and torch.equal(p, out[:p.shape[0]]) for p in shown[:-1])
 
     class Interrupted(Exception):
         pass
