@@ -130,7 +130,8 @@ def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress:
     contiguous chunk each, and return the N outputs aligned with the input, as one stream's ``process_video``.
 
     Each stream runs in a thread of its own (a CUDA graph replay or an engine call releases the GIL while the
-    device works); the first call of each stream, which captures or compiles, runs one stream at a time.
+    device works). A stream that has never run is first run once on the clip's first frames in this thread (where
+    it captures or compiles, one stream at a time) and reset.
     ``progress(done, total)`` is called from this thread with the frames finished on all devices and may raise
     to stop: every worker then stops after its current group and the exception propagates; the streams stay
     usable. A worker's error stops the others the same way. ``preview(finished)``, also from this thread, gets the
@@ -152,24 +153,23 @@ def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress:
     if len(chunks) == 1:
         return streams[0].process_video(frames, progress=progress, preview=preview, control=control, validated=True)
 
+    f = config.frames_per_step
+    for stream in streams[:len(chunks)]:
+        if stream.device_calls == 0:  # capture / compile here, one stream at a time, then start it afresh
+            stream.step(frames[:f], validated=True,
+                        control=None if control is None else [c[:f] if c.shape[0] > 1 else c for c in control])
+            stream.reset()
     result = torch.empty((total, config.height, config.width, 3), dtype=torch.float32)
     done = [0] * len(chunks)
     first_finished: list[torch.Tensor | None] = [None]  # the first chunk's finished outputs (no pre-roll there)
     errors: list[BaseException | None] = [None] * len(chunks)
     stop = threading.Event()
-    first_call = threading.Lock()  # capture / compile one stream at a time
 
     class _Stopped(Exception):
         pass
 
     def work(index: int, stream, chunk: Chunk) -> None:
-        held = first_call.acquire()
-
         def report(finished: int, _total: int) -> None:
-            nonlocal held
-            if held:
-                first_call.release()
-                held = False
             done[index] = max(0, finished - chunk.preroll)
             if stop.is_set():
                 raise _Stopped
@@ -186,9 +186,6 @@ def process_video_parallel(streams: Sequence, frames: torch.Tensor, *, progress:
         except BaseException as exc:  # handed to the caller's thread
             errors[index] = exc
             stop.set()
-        finally:
-            if held:
-                first_call.release()
 
     threads = [threading.Thread(target=work, args=(i, s, c), name=f"streamrt-video-{i}", daemon=True)
                for i, (s, c) in enumerate(zip(streams, chunks))]

@@ -192,6 +192,7 @@ class Stream:
         self._prompt_method = "linear"
         self.embedding_writes = 0  # prompt embeddings written into the buffer (an unchanged prompt writes none)
         self.frames_processed = 0
+        self.device_calls = 0  # device steps run since the stream was made (a reset keeps it): 0 = nothing captured
         self._device_steps = {False: lambda: self.device_step(False), True: lambda: self.device_step(True)}
         self._redraw_noise()
         self._write_embeddings(self._prompt, self._negative, self._prompt_method)
@@ -423,6 +424,7 @@ class Stream:
         self.runtime.run((txt2img, unmasked, self._control_active), self._device_steps[txt2img], self._state,
                          self._capture_guard)
         self.frames_processed += self.config.frames_per_step
+        self.device_calls += 1
         return True
 
     def _output(self, ran: bool, out: torch.Tensor | None, synchronize: bool) -> torch.Tensor:
