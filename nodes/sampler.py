@@ -169,9 +169,8 @@ class StreamSampler(io.ComfyNode):
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
             "backend": runtime.describe(), "acceleration": runtime.acceleration.value, "parts": runtime.parts,
             "notes": list(runtime.notes) + notes, "device": str(stream.device),
-            # the devices a batch video was split over (Stream Devices), else the stream's own
-            "devices": list(request.video_devices) if video and len(request.video_devices) > 1 else [
-                str(stream.device)],
+            # where this call's streams ran: several GPUs for a video split over them (Stream Devices)
+            "devices": list(SESSIONS.ran_on.get(owner, (str(stream.device),))),
             "sessions": dict(zip(("pipelines", "streams"), SESSIONS.counts())),  # what the pack holds now
             "state": "reset" if reset else (
                 "warming" if fresh or stream.frames_processed <= stream.latency * config.frames_per_step

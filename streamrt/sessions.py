@@ -109,6 +109,8 @@ class StreamSessions:
         self._replicas: weakref.WeakKeyDictionary[StreamModels, dict[str, StreamModels]] = (
             weakref.WeakKeyDictionary())
         self._replica_bytes: dict[int, int] = {}  # id(copy) -> its weights' bytes, while the copy lives
+        #: owner -> the devices of the streams its last call ran on (several for a video split over devices)
+        self.ran_on: dict[Hashable, tuple[str, ...]] = {}
         self._controlnets: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()  # key -> (model, bytes), LRU
         self.max_controlnets = 4
         self._finite = FiniteCheck()  # control images' NaN / inf check, without a new tensor per call
@@ -239,6 +241,7 @@ class StreamSessions:
         if frames is not None and frames.shape[0] > cfg.frames_per_step and len(request.video_devices) > 1:
             return self._run_split(owner, models, request, frames, progress, preview)
         stream = self.stream(owner, models, request)
+        self.ran_on[owner] = (str(stream.device),)
         if frames is None:
             return stream, stream.step(None, control=control, validated=True)
         if frames.shape[0] == cfg.frames_per_step:
@@ -285,6 +288,7 @@ class StreamSessions:
                    for i, d in enumerate(devices)]
         logger.debug("video of %d frames split over %s (pipeline on %s)", frames.shape[0], devices, models.device)
         control = [c.image for c in request.controlnets] or None
+        self.ran_on[owner] = tuple(str(s.device) for s in streams)
         return streams[0], process_video_parallel(streams, frames, progress=progress, preview=preview, control=control)
 
     def _drop(self, owner: Hashable) -> None:
@@ -339,6 +343,7 @@ class StreamSessions:
             self._holders.clear()
             self._controlnets.clear()
             self._replicas.clear()
+            self.ran_on.clear()
             for owner in list(self._streams):
                 self._drop(owner)
             self._pipelines.clear()

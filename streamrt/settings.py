@@ -76,6 +76,10 @@ class StreamSettings:
             raise ValueError(f"frames_per_step must be >= 1, got {self.frames_per_step}")
         if self.schedule_length < 1:
             raise ValueError(f"schedule_length must be >= 1, got {self.schedule_length}")
+        if self.video_devices:  # devices that exist here, by name (the same check as the Stream Devices node's)
+            from .parallel import parse_devices
+
+            object.__setattr__(self, "video_devices", parse_devices(",".join(self.video_devices)))
 
     def with_(self, **changes) -> StreamSettings:
         """A copy with some fields changed (validated again): how a later settings node applies its fields."""

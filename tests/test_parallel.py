@@ -152,6 +152,11 @@ def test_devices_from_a_users_text() -> None:
         parse_devices("gpu0", gpus=2)
     with pytest.raises(ValueError, match="meta device"):
         parse_devices("meta", gpus=2)
+    from streamrt import StreamSettings
+
+    assert StreamSettings(video_devices=("cpu", "cpu")).video_devices == ("cpu", "cpu")
+    with pytest.raises(ValueError, match="'cuda:99' does not exist here"):  # the core's settings check it too
+        StreamSettings(video_devices=("cpu", "cuda:99"))
 
 
 def test_sessions_split_a_video_over_the_requested_devices(tiny_models) -> None:
@@ -169,10 +174,11 @@ def test_sessions_split_a_video_over_the_requested_devices(tiny_models) -> None:
     stream, got = sessions.run("owner", tiny_models, request, frames)
     assert torch.equal(got, expected)
     assert sessions.counts() == (0, 2)  # the owner's stream and one more
+    assert sessions.ran_on["owner"] == ("cpu", "cpu")
     again, got_again = sessions.run("owner", tiny_models, request, frames)
     assert again is stream and torch.equal(got_again, expected)
     _, one = sessions.run("owner", tiny_models, request, frames[:1])  # realtime: the owner's stream only
-    assert one.shape[0] == 1 and sessions.counts() == (0, 2)
+    assert one.shape[0] == 1 and sessions.counts() == (0, 2) and sessions.ran_on["owner"] == ("cpu",)
     net = tiny_controlnet(tiny_models.unet, seed=2)
     controls = (ControlInput("cn", ControlNet(net, 0.9), make_frames(9, seed=13)),)
     _, with_one = StreamSessions().run("owner", tiny_models, StreamRequest(config, "a cat", controlnets=controls),
