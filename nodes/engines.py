@@ -27,6 +27,7 @@ from ..streamrt.engines import (
     weights_fingerprint,
 )
 from ..streamrt.engines.cache import CacheEntry
+from ..streamrt.engines.spec import UNET
 from ..streamrt.models import StreamModels
 from ..streamrt.runtime import Acceleration, Runtime
 from . import api
@@ -191,9 +192,9 @@ class BuildEngines(io.ComfyNode):
         settings = settings if settings is not None else StreamSettings()
         config = settings.shapes_config(steps=steps, width=width, height=height)
         parts = COMPONENT_SETS[components]
-        controlnets = []
+        controlnets = []  # the connected ControlNet, converted as the sampler converts it
         if control_net is not None:
-            if "unet" not in parts:
+            if UNET not in parts:
                 raise ValueError(f"a ControlNet is connected but components is '{components}': its engines go with "
                                  "the UNet's (choose 'unet + vae' or 'unet', or disconnect the ControlNet)")
             key, state_dict = api.control_net_weights(control_net)
@@ -223,8 +224,8 @@ def build_report(config, results) -> str:
         name = f"{r.key.component}{'+control' if r.key.control else ''}"
         line = f"  {name:<14} {r.key.shapes.label():<28} {what:<34} {r.record.size / 1e6:8.1f} MB"
         lines.append(line + (f"  weights {r.key.weights}" if r.key.component == CONTROLNET else ""))
-    lines += [f"Folder: {folder}" for folder in dict.fromkeys(r.record.path.parent for r in results)]  # a
-    # ControlNet's engines have a folder of their own (its weights)
+    # a ControlNet's engines have a folder of their own (its weights)
+    lines += [f"Folder: {folder}" for folder in dict.fromkeys(r.record.path.parent for r in results)]
     if config.kv_cache.enabled:
         lines.append("Note: the settings turn cached attention on: the UNet runs on torch then (no engine takes the "
                      "attention cache yet); the VAE engines are used.")

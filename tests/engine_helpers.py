@@ -123,8 +123,7 @@ class OnnxRuntimeRunner:
                 self._result = tuple(torch.empty_like(t) for t in out)
             for buffer, value in zip(self._result, out):
                 buffer.copy_(value)
-            out = list(self._result)
-            return out[0] if len(out) == 1 else self._result
+            out = self._result
         return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -141,7 +140,7 @@ class OnnxEngines:
     key = "onnxruntime stand-in"
 
     def __init__(self, models: StreamModels, config: StreamConfig, folder: Path, components=None,
-                 unet_component=None, target: str = "SM89", control: bool = False, controlnets=(),
+                 unet_component=None, target: str = TARGET, control: bool = False, controlnets=(),
                  persistent: bool = False) -> None:
         self.runners = {}
         self.persistent = persistent

@@ -123,13 +123,18 @@ def _identity_label(identity: Mapping) -> str:
     return str(identity.get("kind", "model"))
 
 
+def _hash_state_dict(digest: Any, module: torch.nn.Module) -> None:
+    """Feed every tensor of ``module``'s state dict (name, dtype, shape and bytes, in name order) to ``digest``."""
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+
+
 def _hash_weights(models: StreamModels) -> str:
     digest = hashlib.sha256()
     for part in (models.unet, models.vae):
-        for name, tensor in sorted(part.state_dict().items()):
-            data = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
-            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        _hash_state_dict(digest, part)
     return digest.hexdigest()
 
 
@@ -223,10 +228,7 @@ def controlnet_fingerprint(controlnet: torch.nn.Module) -> str:
     digest = hashlib.sha256(type(controlnet).__name__.encode())
     config = getattr(controlnet, "config", None) or {}
     digest.update(_canonical({k: v for k, v in dict(config).items() if not str(k).startswith("_")}).encode())
-    for name, tensor in sorted(controlnet.state_dict().items()):
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    _hash_state_dict(digest, controlnet)
     fingerprint = f"controlnet-{digest.hexdigest()[:16]}"
     controlnet._streamrt_engine_fingerprint = fingerprint  # noqa: SLF001 - a memo on the shared module, see above
     return fingerprint

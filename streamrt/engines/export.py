@@ -67,7 +67,7 @@ from ..runtime.runtime import (
     UNetExtras,
     down_residual_name,
 )
-from .spec import COMPONENTS, CONTROLNET, PRECISIONS, UNET, VAE_DECODER, VAE_ENCODER, DimRange, EngineShapes
+from .spec import CONTROLNET, ENGINE_COMPONENTS, PRECISIONS, UNET, VAE_DECODER, VAE_ENCODER, DimRange, EngineShapes
 
 logger = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def controlnet_component(models: StreamModels, controlnet: torch.nn.Module) -> E
                 TensorSpec(CONTROLNET_INPUTS[0], ("rows", 3, "height", "width")),
                 TensorSpec(CONTROLNET_INPUTS[1], ("rows", 1, 1, 1)), *added),
         outputs=residuals,
-        vae_scale=scale, pixel_multiple=scale * 2 ** (len(config.block_out_channels) - 1))
+        vae_scale=scale, pixel_multiple=scale * _unet_downsampling(controlnet))
 
 
 def vae_encoder_component(models: StreamModels) -> ExportComponent:
@@ -416,10 +416,12 @@ def component_for(models: StreamModels, name: str, *, control: bool = False,
         raise ValueError(f"a ControlNet module was given for the {name} component")
     if control and name != UNET:
         raise ValueError(f"only the UNet takes ControlNet residuals, not the {name}")
-    makers = {UNET: unet_component, VAE_ENCODER: vae_encoder_component, VAE_DECODER: vae_decoder_component}
+    if name == UNET:
+        return unet_component(models, control=control)
+    makers = {VAE_ENCODER: vae_encoder_component, VAE_DECODER: vae_decoder_component}
     if name not in makers:
-        raise ValueError(f"unknown engine component {name!r}: use one of {', '.join((*COMPONENTS, CONTROLNET))}")
-    return unet_component(models, control=True) if control else makers[name](models)
+        raise ValueError(f"unknown engine component {name!r}: use one of {', '.join(ENGINE_COMPONENTS)}")
+    return makers[name](models)
 
 
 @dataclass(frozen=True)
