@@ -117,8 +117,8 @@ class StreamSessions:
 
     # ControlNets -----------------------------------------------------------------------------------
     def controlnet(self, key: Hashable, load: Callable[[], Any]) -> Any:
-        """The converted ControlNet for ``key``, made with ``load()`` only when it is not cached (the few most
-        recently used are kept; :meth:`release` lets them go with the pipelines)."""
+        """The converted ControlNet for ``key``, made with ``load()`` only when it is not cached (those live streams
+        use and the few most recently used others are kept; :meth:`release` lets them go with the pipelines)."""
         with self._lock:
             hit = self._controlnets.get(key)
             if hit is not None:
@@ -126,8 +126,14 @@ class StreamSessions:
                 return hit[0]
             model = load()
             self._controlnets[key] = (model, sum(p.numel() * p.element_size() for p in model.parameters()))
-            while len(self._controlnets) > self.max_controlnets:
-                self._controlnets.popitem(last=False)
+            # the least recently used beyond max_controlnets go, but never one a live stream uses: evicting it
+            # would convert it again on the next call (every frame, with more ControlNets in use than the limit)
+            in_use = {id(unit.net.model) for stream in self._streams.values() if stream.control is not None
+                      for unit in stream.control.units}
+            for old in [k for k, (m, _) in self._controlnets.items() if id(m) not in in_use and m is not model]:
+                if len(self._controlnets) <= self.max_controlnets:
+                    break
+                del self._controlnets[old]
             return model
 
     # pipelines -------------------------------------------------------------------------------------

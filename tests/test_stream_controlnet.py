@@ -274,6 +274,37 @@ def test_sessions_keep_the_stream_for_the_same_controlnets_and_apply_strength_li
     sessions.release()
 
 
+def test_sessions_never_evict_a_controlnet_a_live_stream_uses(tiny_models, controlnets):
+    """More ControlNets in use than the cache holds (max_controlnets 1, two chained): after the first calls settle,
+    a call converts nothing again (evicting one in use would convert it on every call, i.e. every frame)."""
+    from streamrt.controlnet import ControlInput
+    from streamrt.sessions import StreamRequest, StreamSessions
+
+    sessions = StreamSessions()
+    sessions.max_controlnets = 1
+    config = make_config(cfg_type="self", t_index_list=(20, 35))
+    frames, control = make_frames(1, seed=22), make_frames(1, seed=23)
+    loads: list[int] = []
+
+    def call():
+        nets = []
+        for index in (0, 1):
+            def load(index=index):
+                loads.append(index)
+                return controlnets[index]
+            nets.append(ControlInput(("cn", index), ControlNet(sessions.controlnet(("cn", index), load)), control))
+        return sessions.run("owner", tiny_models, StreamRequest(config, "a cat", controlnets=tuple(nets)), frames)
+
+    for _ in range(3):
+        call()
+    settled = len(loads)
+    stream, _ = call()
+    call()
+    assert len(loads) == settled, f"ControlNets converted again on every call: {loads}"
+    assert stream.control is not None and len(stream.control.units) == 2
+    sessions.release()
+
+
 def test_compiled_stream_compiles_its_controlnet_once_and_matches_eager(tiny_models, controlnets):
     """Under ``compile`` the ControlNet runs through its own compiled copy (shared by streams, kept on the module
     so it goes with it) and the frames equal the eager stream's."""
