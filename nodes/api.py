@@ -569,9 +569,10 @@ def conditioning_controls(positive, negative) -> list[ComfyControl]:
 
 def control_net_weights(control) -> tuple[str, Callable[[], dict]]:
     """``(key, state_dict)`` of a CONTROL_NET (ControlNetLoader / DiffControlNetLoader, or one of an Apply
-    ControlNet chain): the fingerprint of its weights (computed once per loaded ControlNet) and what gives them
-    (LDM layout), or a ValueError naming what the stream cannot run: T2I adapters, Control-LoRAs and other kinds,
-    SD3/Flux-style ControlNets, another strength type."""
+    ControlNet chain): the fingerprint of its weights (computed once per loaded ControlNet; ``+pooled`` for a
+    ControlNet whose residuals ComfyUI pools over the image, a shuffle one, see :func:`control_net_pooled`) and
+    what gives them (LDM layout), or a ValueError naming what the stream cannot run: T2I adapters, Control-LoRAs
+    and other kinds, SD3/Flux-style ControlNets, another strength type."""
     import comfy.cldm.cldm
     import comfy.controlnet
 
@@ -590,4 +591,10 @@ def control_net_weights(control) -> tuple[str, Callable[[], dict]]:
     key = _control_keys.get(model)
     if key is None:
         key = _control_keys[model] = _fingerprint(control.control_model_wrapped)
-    return key, lambda m=model: m.state_dict()
+    return key + ("+pooled" if control_net_pooled(control) else ""), lambda m=model: m.state_dict()
+
+
+def control_net_pooled(control) -> bool:
+    """Whether ComfyUI pools this ControlNet's residuals over the image (it decides it when loading the file: the
+    shuffle ControlNets), which the stream's conversion must do too."""
+    return bool(getattr(control, "global_average_pooling", False))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -30,17 +32,29 @@ def workflow_id(extra_pnginfo) -> str | None:
 
 def converted_controlnet(key: str, state_dict: Callable[[], dict], models: StreamModels) -> Any:
     """The diffusers ``ControlNetModel`` of a ComfyUI ControlNet (``key`` and ``state_dict`` from
-    :func:`nodes.api.control_net_weights`) for ``models``' pipeline: converted once per ControlNet, device and dtype
-    and kept with the pipelines, so the sampler and Build Engines share one module (and the fingerprint of its
-    weights that keys its engines, computed once on it)."""
+    :func:`nodes.api.control_net_weights`) for ``models``' pipeline: converted once per ControlNet and pipeline (its
+    family, UNet config, device and dtype decide the conversion) and kept with the pipelines, so the sampler and
+    Build Engines share one module (and the fingerprint of its weights that keys its engines, computed once on it)."""
     def load():
         return controlnet_from_state_dict(state_dict(), dtype=models.dtype, device=models.device,
                                           family=models.family, unet_config=models.unet.config,
+                                          global_pool_conditions=key.endswith("+pooled"),
                                           what="the ControlNet of Apply ControlNet")
-    # the pipeline's device and dtype as its identity records them at load (StreamModels.device / .dtype ask
-    # diffusers, which walks the UNet's parameters: per execution, that is the realtime loop's cost)
-    where = (models.identity.get("device"), models.identity.get("dtype"))
-    return SESSIONS.controlnet((key, *where), load)
+    return SESSIONS.controlnet((key, _conversion_key(models)), load)
+
+
+#: pipeline -> what its ControlNets' conversion depends on (made once per pipeline, not per execution)
+_conversion_keys: weakref.WeakKeyDictionary[StreamModels, tuple] = weakref.WeakKeyDictionary()
+
+
+def _conversion_key(models: StreamModels) -> tuple:
+    """The pipeline's UNet config, device and dtype as its identity recorded them at load (StreamModels.device /
+    .dtype ask diffusers, which walks the UNet's parameters: per execution, that is the realtime loop's cost)."""
+    key = _conversion_keys.get(models)
+    if key is None:
+        config = json.dumps(dict(models.unet.config), sort_keys=True, default=str)
+        key = _conversion_keys[models] = (config, models.identity.get("device"), models.identity.get("dtype"))
+    return key
 
 
 def report_memory() -> None:

@@ -50,9 +50,7 @@ def control_inputs(positive, negative, models: StreamModels, config: StreamConfi
     """The ControlNets Apply ControlNet put on the CONDITIONING, converted once per ControlNet (kept with the
     pipelines), with their control images at the stream's size."""
     if positive is None:
-        if negative is not None and api.conditioning_controls(None, negative):
-            raise ValueError("the negative CONDITIONING carries a ControlNet but no positive CONDITIONING is "
-                             "connected: apply the ControlNet to both")
+        api.conditioning_controls(None, negative)  # refuses a ControlNet on the negative prompt alone
         return ()
     out = []
     for control in api.conditioning_controls(positive, negative):

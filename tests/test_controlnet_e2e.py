@@ -9,6 +9,7 @@ LoadTrainingDataset), so the in-process stream gets exactly what the server's do
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from streamrt.prompts import TextEmbedding
 pytestmark = pytest.mark.e2e
 
 CONTROLNET = SD15_LAYOUT_CONTROLNET
+SHUFFLE = "streamrt-sd15-layout-controlnet_shuffle.safetensors"
 SIZE = 64
 T_INDEX = "20,35"
 STRENGTH = 0.8
@@ -40,7 +42,10 @@ STRENGTH = 0.8
 @pytest.fixture(scope="session")
 def e2e_tiny_models(streamrt_models_root: Path) -> Path:
     write_sd15_layout_checkpoint(streamrt_models_root)
-    write_sd15_layout_controlnet(streamrt_models_root)
+    path = write_sd15_layout_controlnet(streamrt_models_root)
+    shuffle = path.with_name(SHUFFLE)  # the same weights under a name ComfyUI reads as a shuffle ControlNet
+    if not shuffle.is_file():
+        shutil.copyfile(path, shuffle)
     return streamrt_models_root
 
 
@@ -61,7 +66,7 @@ def server(comfy_server: ComfyServer, e2e_tiny_models: Path) -> ComfyServer:
 
 
 def _graph(server: ComfyServer, prefix: str, cond: str, images: list[str], controls: list[str] | None,
-           strength: float = STRENGTH, start: float = 0.0, end: float = 1.0):
+           strength: float = STRENGTH, start: float = 0.0, end: float = 1.0, net_name: str = CONTROLNET):
     """Load Stream Pipeline -> sampler with CONDITIONING prompts; with ``controls``, Apply ControlNet (Advanced)
     on them with that control image batch."""
     g = Graph(prefix=prefix)
@@ -69,7 +74,7 @@ def _graph(server: ComfyServer, prefix: str, cond: str, images: list[str], contr
     dataset = g.node("LoadTrainingDataset", folder_name=cond)
     positive = negative = dataset.out(1)
     if controls is not None:
-        net = g.node("ControlNetLoader", control_net_name=CONTROLNET)
+        net = g.node("ControlNetLoader", control_net_name=net_name)
         applied = g.node("ControlNetApplyAdvanced", positive=positive, negative=negative, control_net=net.out(0),
                          image=image_batch(g, controls), strength=strength, start_percent=start, end_percent=end)
         positive, negative = applied.out(0), applied.out(1)
@@ -128,9 +133,31 @@ def test_realtime_and_batch_equal_the_in_process_stream(server: ComfyServer, loc
     assert np.abs(plain - video).max() > 10 * PNG_ATOL, "the ControlNet changed nothing: nothing was compared"
 
 
+def test_a_shuffle_controlnet_pools_its_residuals_as_comfyui_does(server: ComfyServer, local, inputs,
+                                                                 e2e_tiny_models: Path) -> None:
+    """ComfyUI's ControlNetLoader reads a file named ``*_shuffle`` as a ControlNet whose residuals are pooled over
+    the image; the sampler converts it so (the frames equal an in-process stream of the pooled ControlNet, and
+    differ from the same weights unpooled)."""
+    embeds, cond, images, controls, image_names, control_names = inputs
+    models, _ = local
+    pooled = load_controlnet(e2e_tiny_models / "controlnet" / SHUFFLE, dtype=torch.float32, device="cpu",
+                             family=models.family, unet_config=models.unet.config)
+    assert pooled.config.global_pool_conditions
+    prefix = uid()
+    video = _run(server, _graph(server, prefix, cond, image_names, control_names, net_name=SHUFFLE), prefix)
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35), guidance_scale=1.5, seed=7)
+    expected = Stream(models, config, prompt=TextEmbedding(embeds), negative_prompt=TextEmbedding(embeds),
+                      controlnets=[ControlNet(pooled, STRENGTH)]).process_video(_png(images), control=[_png(controls)])
+    np.testing.assert_allclose(video, expected.numpy(), atol=PNG_ATOL, rtol=0)
+    unpooled = _local_stream(local, embeds).process_video(_png(images), control=[_png(controls)]).numpy()
+    assert np.abs(unpooled - video).max() > 10 * PNG_ATOL, "pooling changed nothing: nothing was compared"
+
+
 def test_canny_control_and_live_strength(server: ComfyServer, inputs) -> None:
     """A control image from a core preprocessor (Canny); a strength change keeps the stream (its frame count goes
-    on) and changes the frames; strength 0 (Apply ControlNet then adds no control) gives the plain frames."""
+    on) and changes the frames. Strength 0: ComfyUI's Apply ControlNet then returns the conditioning without the
+    ControlNet, so this checks that route gives the plain frames; the stream's own strength-0 path (no ControlNet
+    call, bit for bit the plain step) is tests/test_stream_controlnet.py's."""
     _, cond, _, _, image_names, _ = inputs
 
     def graph(prefix, strength):
