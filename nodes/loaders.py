@@ -10,6 +10,7 @@ from typing import Any
 from ..streamrt.loading import PREDICTION_TYPES, ModelLoadError, PipelineSpec, load_ldm_weights, resolve_dtype
 from ..streamrt.lora import LoraSpec
 from ..streamrt.models import StreamModels
+from ..streamrt.parallel import parse_devices
 from . import api
 from .api import io
 from .runtime import PipelineHandle, report_memory, workflow_id
@@ -21,10 +22,7 @@ NO_TAESD = "none (full VAE)"
 
 def device_options() -> list[str]:
     """The loader's device choices: auto, cpu, cuda and, with several GPUs, each one by index."""
-    import torch
-
-    gpus = torch.cuda.device_count()
-    return ["auto", "cpu", "cuda"] + ([f"cuda:{i}" for i in range(gpus)] if gpus > 1 else [])
+    return ["auto", "cpu", "cuda", *parse_devices("all")]
 
 
 def resolve_model(name: str) -> str:

@@ -577,6 +577,9 @@ def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
                 raise ModelLoadError(f"{index} is not a readable weight index: {exc}") from None
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
+                if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+                    raise ModelLoadError(f"{index} names a shard {shard!r} outside its folder: only plain file "
+                                         "names are read")
                 state.update(read_weights(folder / shard))
             return state
     raise ModelLoadError(f"{folder} has no weights ({FOLDER_WEIGHTS[0]})")
