@@ -392,3 +392,18 @@ def test_ldm_state_dict_entry_point_takes_the_ldm_layout_only(controlnets):
         controlnet_from_ldm_state_dict(controlnets["tiny"].state_dict())
     model = controlnet_from_state_dict(controlnets["tiny"].state_dict(), dtype=torch.float32)
     assert_same_weights(model, controlnets["tiny"])
+
+
+def test_a_folder_index_may_not_name_shards_outside_the_folder(controlnets, tmp_path) -> None:
+    """A diffusers ControlNet folder's weight index is read for shard names: one that leaves the folder (``../``,
+    an absolute path) is refused by name, and nothing outside is read."""
+    import json
+
+    folder = write_controlnet(tmp_path / "cn", controlnets["tiny"], "folder")
+    for weights in folder.glob("diffusion_pytorch_model*.safetensors"):
+        weights.rename(tmp_path / weights.name)  # the weights now lie outside the folder
+    for shard in ("../diffusion_pytorch_model.safetensors", str(tmp_path / "diffusion_pytorch_model.safetensors")):
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"conv_in.weight": shard}}), encoding="utf-8")
+        with pytest.raises(ModelLoadError, match="outside its folder"):
+            load_controlnet(folder, dtype="fp32", device="cpu")
