@@ -148,7 +148,7 @@ class StreamSampler(io.ComfyNode):
                                 prompt_input(negative, negative_prompt, "negative", "negative_prompt", notes),
                                 reset=reset, engines=engine_source(pipeline),
                                 controlnets=control_inputs(positive, negative, models, config),
-                                video_devices=settings.video_devices)
+                                video_devices=settings.video_devices, step_devices=settings.step_devices)
         node_id = cls.hidden.unique_id
         owner = (workflow_id(cls.hidden.extra_pnginfo), node_id)
         fresh = SESSIONS.frames_processed(owner) == 0

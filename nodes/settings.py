@@ -145,7 +145,8 @@ class StreamCachedAttention(io.ComfyNode):
 
 
 class StreamDevices(io.ComfyNode):
-    """Splits a batch video over several GPUs: one stream per GPU, each on its own copy of the pipeline."""
+    """Runs the stream on several GPUs: a batch video split into chunks (one stream per GPU), or one stream's
+    denoising steps split over the GPUs (realtime frame rate)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -153,22 +154,33 @@ class StreamDevices(io.ComfyNode):
             node_id="StreamRTDevices",
             display_name="Stream Devices, multi-GPU (StreamRT)",
             category=SETTINGS_CATEGORY,
-            description="Batch video over several GPUs: a video (an IMAGE batch of more frames than frames per "
-                        "step) is split into one contiguous chunk per device, each run by a stream of its own on a "
-                        "copy of the pipeline on that GPU (made on the first video, kept with the pipeline), and "
-                        "the output is stitched in order, aligned as on one GPU. Without cached attention and the "
-                        "similarity filter the frames equal one GPU's; with them each chunk first runs the frames "
-                        "before it, and frames near a chunk border may differ slightly. One frame per execution "
-                        "(realtime) runs on the pipeline's device as before. ControlNets are copied to each GPU too.",
+            description="Several GPUs for one sampler, on copies of the pipeline (made once, kept with it). "
+                        "split 'video': a video (an IMAGE batch of more frames than frames per step) is split into "
+                        "one contiguous chunk per GPU, each run by a stream of its own, and stitched in order, aligned "
+                        "as on one GPU; without cached attention and the similarity filter the frames equal one "
+                        "GPU's (with them, frames near a chunk border may differ slightly); one frame per execution "
+                        "runs on the pipeline's GPU. ControlNets are copied to each GPU too. "
+                        "split 'steps': one stream whose denoising steps are shared out among the GPUs, which work "
+                        "side by side and hand each frame on after its steps: for 2 or more steps, more frames per "
+                        "second in realtime (and for videos) at the same latency; the frames equal one GPU's up to "
+                        "fp16 rounding. No ControlNets with this split yet.",
             inputs=[
                 chain_input(),
                 io.String.Input("devices", default="all",
                                 tooltip="all: every CUDA GPU of this machine (nothing changes with one). Or a comma "
                                         "list: GPU indices ('0,1') or device names ('cuda:0, cuda:2')."),
+                io.Combo.Input("split", options=["video", "steps"], default="video",
+                               tooltip="video: a batch video is cut into one chunk per GPU (realtime stays on one "
+                                       "GPU). steps: the denoising steps of one stream are shared out among the "
+                                       "GPUs (realtime frame rate with 2+ steps; videos run through it too)."),
             ],
             outputs=[chain_output()],
         )
 
     @classmethod
-    def execute(cls, devices: str, settings: StreamSettings | None = None) -> io.NodeOutput:
-        return apply(settings, video_devices=parse_devices(devices))
+    def execute(cls, devices: str, split: str = "video", settings: StreamSettings | None = None) -> io.NodeOutput:
+        if split not in ("video", "steps"):
+            raise ValueError(f"split must be 'video' or 'steps', got {split!r}")
+        chosen = parse_devices(devices)
+        return apply(settings, video_devices=chosen if split == "video" else (),
+                     step_devices=chosen if split == "steps" else ())

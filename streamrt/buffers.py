@@ -45,6 +45,11 @@ class StreamBuffers:
     delta: torch.Tensor          # 0-dim f32, live scalar
     pooled: torch.Tensor | None = None    # [U + B, P] model dtype, SDXL's pooled text embedding per row
     time_ids: torch.Tensor | None = None  # [U + B, 6] model dtype, SDXL's size conditions per row (constant)
+    # a stage of a step-parallel stream (docs/DESIGN.md section 12) that hands its oldest rows on:
+    carry_out: torch.Tensor | None = None    # [F, c, h, w] model dtype, those rows re-noised to the next stage's step
+    carry_noise: torch.Tensor | None = None  # [F] f32, the next stage's first rows of the stream noise
+    # a stage that takes rows over from the stage before it (with RCFG stock noise):
+    stock_in: torch.Tensor | None = None     # [F] f32, the previous stage's oldest rows of stock noise
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Name -> tensor, for checks that storage never moves."""
@@ -53,7 +58,8 @@ class StreamBuffers:
 
 def allocate_buffers(config: StreamConfig, schedule: StreamSchedule, *, latent_channels: int, vae_scale_factor: int,
                      text_length: int, embed_dim: int, device: torch.device, dtype: torch.dtype,
-                     pooled_dim: int = 0, time_ids: tuple[int, ...] = ()) -> StreamBuffers:
+                     pooled_dim: int = 0, time_ids: tuple[int, ...] = (), hands_on: bool = False,
+                     takes_stock: bool = False) -> StreamBuffers:
     """Zeroed buffers for ``config`` (the timesteps and size conditions filled in, uncond rows first).
 
     ``pooled_dim`` and ``time_ids`` are the UNet's added conditions (SDXL, docs/DESIGN.md section 9): a pooled
@@ -85,4 +91,7 @@ def allocate_buffers(config: StreamConfig, schedule: StreamSchedule, *, latent_c
         delta=torch.tensor(float(config.delta), device=device),
         pooled=torch.zeros(u + b, pooled_dim, device=device, dtype=dtype) if pooled_dim else None,
         time_ids=(torch.tensor([time_ids], dtype=dtype).repeat(u + b, 1).to(device) if time_ids else None),
+        carry_out=torch.zeros(f, c, h, w, device=device, dtype=dtype) if hands_on else None,
+        carry_noise=lat32(f) if hands_on else None,
+        stock_in=lat32(f) if takes_stock else None,
     )

@@ -206,3 +206,49 @@ class StreamConfig:
     def with_(self, **changes) -> StreamConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class StreamStage:
+    """Denoising steps ``[first, end)`` of a stream of ``steps`` steps: the part one device runs in a step-parallel
+    stream (docs/DESIGN.md section 12, :mod:`streamrt.stages`).
+
+    The first stage takes the new frames (encode, fresh noise); the last one hands out the finished frames
+    (decode); each stage but the last hands its oldest rows to the next stage after every call.
+    """
+
+    first: int
+    end: int
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.first < self.end <= self.steps:
+            raise ValueError(f"a stage covers steps [first, end) of the {self.steps} steps, with first < end; got "
+                             f"[{self.first}, {self.end})")
+
+    @property
+    def is_first(self) -> bool:
+        """Whether this stage takes the new frames."""
+        return self.first == 0
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this stage finishes frames."""
+        return self.end == self.steps
+
+    def rows(self, frames_per_step: int) -> slice:
+        """This stage's rows of the whole stream's batch (B = steps * F rows, noisiest step first)."""
+        return slice(self.first * frames_per_step, self.end * frames_per_step)
+
+    def config_of(self, config: StreamConfig) -> StreamConfig:
+        """The config of this stage's part of a stream with ``config``: its steps alone; ``initialize`` guidance's
+        negative-prompt rows belong to the first stage (the others compute ``self``'s virtual negative from the
+        stock noise they are handed), and only the first stage filters similar frames."""
+        if config.num_steps != self.steps:
+            raise ValueError(f"this stage belongs to a stream of {self.steps} steps, the config has {config.num_steps}")
+        changes: dict = {"t_index_list": config.t_index_list[self.first:self.end]}
+        if not self.is_first:
+            changes["similarity_filter"] = SimilarityFilterConfig()
+            if config.cfg_type is CfgType.INITIALIZE:
+                changes["cfg_type"] = CfgType.SELF
+        return config.with_(**changes)

@@ -73,6 +73,11 @@ class StreamSchedule:
         """The same schedule on another device."""
         return StreamSchedule(**{k: v.to(device) for k, v in self.__dict__.items()})
 
+    def rows(self, rows: slice) -> StreamSchedule:
+        """The constants of batch ``rows`` alone (a stage of a step-parallel stream: its ``a_next``/``b_next``
+        stay those of the step each row moves to, in the next stage for its oldest rows)."""
+        return StreamSchedule(**{k: v[rows] for k, v in self.__dict__.items()})
+
 
 def schedule_timesteps(scheduler, num_inference_steps: int) -> torch.Tensor:
     """The LCM inference timesteps (descending) for ``num_inference_steps``, from a diffusers LCMScheduler."""

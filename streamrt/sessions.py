@@ -38,9 +38,13 @@ from .models import StreamModels
 from .parallel import process_video_parallel, replicate
 from .prompts import Prompt, PromptPart
 from .runtime import EngineSource, prepare
+from .stages import StagedStream
 from .stream import PreviewCallback, ProgressCallback, Stream, check_fits, check_prompts, prompt_length
 
 logger = logging.getLogger(__name__)
+
+#: what an owner's stream is: on one device, or with its steps split over several
+LiveStream = Stream | StagedStream
 
 
 @dataclass(eq=False)
@@ -52,7 +56,9 @@ class StreamRequest:
     (or an equal one) changes nothing. ``controlnets``: the ControlNets of this call with their control images;
     the same set (by key, start and end) keeps the stream, a strength change is applied in place.
     ``video_devices``: the devices a batch video is split over (one stream each, on a copy of the pipeline per
-    device, see :mod:`streamrt.parallel`); empty or one device: the pipeline's stream alone.
+    device, see :mod:`streamrt.parallel`); empty or one device: the pipeline's stream alone. ``step_devices``: the
+    devices one stream's denoising steps are split over (a :class:`~streamrt.stages.StagedStream`, for realtime
+    frame rate; it runs videos too); empty, one device or one step: a one-device stream.
     """
 
     config: StreamConfig
@@ -62,6 +68,11 @@ class StreamRequest:
     engines: EngineSource | None = None
     controlnets: tuple[ControlInput, ...] = ()
     video_devices: tuple[str, ...] = ()
+    step_devices: tuple[str, ...] = ()
+
+    def staged(self) -> bool:
+        """Whether this request's stream splits its steps over several devices."""
+        return len(self.step_devices) > 1 and self.config.num_steps > 1
 
     def stream_config(self, models: StreamModels) -> StreamConfig:
         """The config of the stream for this request: ``config``, its ``prompt_length`` sized for these prompts
@@ -75,13 +86,16 @@ class StreamRequest:
         """What needs a new stream when it changes (the stream config's rebuild key, the engine source and the set
         of ControlNets)."""
         return (self.stream_config(models).rebuild_key(), None if self.engines is None else self.engines.key,
-                tuple(c.rebuild_key for c in self.controlnets))
+                tuple(c.rebuild_key for c in self.controlnets), self.step_devices if self.staged() else ())
 
     def check(self, models: StreamModels) -> None:
         """Raise ValueError naming what cannot be used (prompt texts, embeddings, weights), before anything
         changes."""
         check_prompts(models, self.prompt, self.negative_prompt)
         check_fits(models, self.stream_config(models), self.prompt, self.negative_prompt)
+        if self.staged() and self.controlnets:
+            raise ValueError("ControlNets do not run in a stream whose steps are split over GPUs yet: split the "
+                             "video instead, or run the ControlNet stream on one GPU (Stream Devices)")
 
 
 class StreamSessions:
@@ -99,7 +113,7 @@ class StreamSessions:
         self._pipelines: dict[Hashable, StreamModels] = {}
         self._pipeline_bytes: dict[Hashable, int] = {}
         self._holders: dict[Hashable, Hashable] = {}       # holder -> pipeline key
-        self._streams: OrderedDict[Hashable, Stream] = OrderedDict()  # least recently used first
+        self._streams: OrderedDict[Hashable, LiveStream] = OrderedDict()  # least recently used first
         self._keys: dict[Hashable, tuple] = {}
         self._stream_bytes: dict[Hashable, int] = {}
         self.loads = 0
@@ -180,7 +194,7 @@ class StreamSessions:
         return next((k for k, m in self._pipelines.items() if m is models), None)
 
     # streams ---------------------------------------------------------------------------------------
-    def stream(self, owner: Hashable, models: StreamModels, request: StreamRequest) -> Stream:
+    def stream(self, owner: Hashable, models: StreamModels, request: StreamRequest) -> LiveStream:
         """The owner's stream, created or updated so that it matches ``request``.
 
         Same models and same rebuild key (shapes, prompt-embedding length, similarity filter, acceleration,
@@ -195,18 +209,12 @@ class StreamSessions:
         with self._lock:
             stream = self._streams.get(owner)
             if stream is None or stream.models is not models or self._keys.get(owner) != key:
+                if request.staged():
+                    return self._new_staged(owner, models, request, cfg, key, stream)
                 # The runtime first: an acceleration that cannot run here is refused before the old stream goes.
                 runtime = prepare(models, cfg, engines=request.engines, control=bool(request.controlnets))
-                if stream is not None:
-                    logger.info("stream %s: config changed, building a new stream", owner)
-                    self._drop(owner)
-                    del stream  # free its buffers before allocating the new ones
-                while len(self._streams) >= self.max_streams:
-                    oldest = next(iter(self._streams))
-                    logger.info("stream %s: dropped, the least recently used of %d", oldest, self.max_streams)
-                    self._drop(oldest)
-                if self._collect_pending:  # a pipeline went with the old stream: free it before allocating
-                    self._collect()
+                self._make_room(owner, stream)
+                del stream  # free its buffers before allocating the new ones
                 try:
                     stream = Stream(models, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
                                     runtime=runtime, controlnets=[c.net for c in request.controlnets])
@@ -230,7 +238,7 @@ class StreamSessions:
 
     def run(self, owner: Hashable, models: StreamModels, request: StreamRequest, frames: torch.Tensor | None,
             progress: ProgressCallback | None = None, preview: PreviewCallback | None = None
-            ) -> tuple[Stream, torch.Tensor]:
+            ) -> tuple[LiveStream, torch.Tensor]:
         """One call of the owner's stream: txt2img without ``frames``, one step for ``frames_per_step``
         frames, an aligned video for more (``progress`` and ``preview`` as for :meth:`Stream.process_video`).
         Returns the stream and its output frames.
@@ -247,13 +255,49 @@ class StreamSessions:
         if frames is not None and frames.shape[0] > cfg.frames_per_step and len(request.video_devices) > 1:
             return self._run_split(owner, models, request, frames, progress, preview)
         stream = self.stream(owner, models, request)
-        self.ran_on[owner] = (str(stream.device),)
+        self.ran_on[owner] = tuple(str(d) for d in stream.devices)
         if frames is None:
             return stream, stream.step(None, control=control, validated=True)
         if frames.shape[0] == cfg.frames_per_step:
             return stream, stream.step(frames, validated=True, control=control)
         return stream, stream.process_video(frames, progress=progress, preview=preview, validated=True,
                                             control=control)
+
+    def _make_room(self, owner: Hashable, old: LiveStream | None) -> None:
+        """Drop the owner's old stream and the least recently used ones beyond ``max_streams`` (before a new stream
+        is made), and give their memory back."""
+        if old is not None:
+            logger.info("stream %s: config changed, building a new stream", owner)
+            self._drop(owner)
+        while len(self._streams) >= self.max_streams:
+            oldest = next(iter(self._streams))
+            logger.info("stream %s: dropped, the least recently used of %d", oldest, self.max_streams)
+            self._drop(oldest)
+        if self._collect_pending:  # a pipeline went with the old stream: free it before allocating
+            self._collect()
+
+    def _new_staged(self, owner: Hashable, models: StreamModels, request: StreamRequest, cfg: StreamConfig,
+                    key: tuple, old: LiveStream | None) -> StagedStream:
+        """A new stream for ``owner`` whose steps are split over ``request.step_devices`` (the pipeline's device
+        first where it is among them; a copy of the pipeline on each other one, kept with the pipeline)."""
+        devices = sorted(request.step_devices, key=lambda d: torch.device(d) != models.device)
+        stages = [self.replica(models, d) for d in devices[:cfg.num_steps]]
+        # the runtimes first: an acceleration that cannot run here is refused before the old stream goes
+        runtimes: list = []
+        try:
+            for stage_models, stage_cfg in zip(stages, StagedStream.stage_configs(cfg, len(stages))):
+                runtimes.append(prepare(stage_models, stage_cfg, engines=request.engines))
+            self._make_room(owner, old)
+            del old
+            stream = StagedStream(stages, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
+                                  runtimes=runtimes, source=models)
+        except BaseException:
+            for runtime in runtimes:
+                runtime.close()
+            raise
+        self._streams[owner], self._keys[owner] = stream, key
+        self._stream_bytes[owner] = stream.nbytes()
+        return stream
 
     def replica(self, models: StreamModels, device: str) -> StreamModels:
         """``models`` on ``device``: itself where it is, else a copy made once and kept with the pipeline (until it
@@ -264,7 +308,7 @@ class StreamSessions:
             per_device = self._replicas.setdefault(models, {})
             copy = per_device.get(device)
             if copy is None:
-                logger.info("copying the pipeline to %s for a video split over devices", device)
+                logger.info("copying the pipeline to %s (for a stream or video split over devices)", device)
                 copy = per_device[device] = replicate(models, device)
                 self._replica_bytes[id(copy)] = copy.weights_nbytes()  # once, at the copy
                 weakref.finalize(copy, self._replica_bytes.pop, id(copy), None)
@@ -284,7 +328,8 @@ class StreamSessions:
         return tuple(out)
 
     def _run_split(self, owner: Hashable, models: StreamModels, request: StreamRequest, frames: torch.Tensor,
-                   progress: ProgressCallback | None, preview: PreviewCallback | None) -> tuple[Stream, torch.Tensor]:
+                   progress: ProgressCallback | None, preview: PreviewCallback | None
+                   ) -> tuple[LiveStream, torch.Tensor]:
         """A video split over ``request.video_devices``: the owner's stream on the first of them (the pipeline's
         device where it is among them), one more stream per other device (owned by ``(owner, "device", i)``), one
         chunk each."""

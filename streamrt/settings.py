@@ -48,6 +48,8 @@ class StreamSettings:
         kv_cache (`KVCacheConfig`): cached attention, off unless set.
         video_devices (`tuple[str, ...]`, defaults to `()`): the devices a batch video is split over, one stream
             each (see :mod:`streamrt.parallel`); empty: the pipeline's device alone.
+        step_devices (`tuple[str, ...]`, defaults to `()`): the devices one stream's denoising steps are split over
+            (see :mod:`streamrt.stages`); empty: the pipeline's device alone.
     """
 
     cfg_type: CfgType = CfgType.SELF
@@ -61,6 +63,7 @@ class StreamSettings:
     similarity_filter: SimilarityFilterConfig = field(default_factory=SimilarityFilterConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     video_devices: tuple[str, ...] = ()
+    step_devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Checked here too (not only when the stream config is made), so the settings node with the bad
@@ -76,10 +79,11 @@ class StreamSettings:
             raise ValueError(f"frames_per_step must be >= 1, got {self.frames_per_step}")
         if self.schedule_length < 1:
             raise ValueError(f"schedule_length must be >= 1, got {self.schedule_length}")
-        if self.video_devices:  # devices that exist here, by name (the same check as the Stream Devices node's)
-            from .parallel import parse_devices
+        for name in ("video_devices", "step_devices"):
+            if getattr(self, name):  # devices that exist here, by name (the same check as the Stream Devices node's)
+                from .parallel import parse_devices
 
-            object.__setattr__(self, "video_devices", parse_devices(",".join(self.video_devices)))
+                object.__setattr__(self, name, parse_devices(",".join(getattr(self, name))))
 
     def with_(self, **changes) -> StreamSettings:
         """A copy with some fields changed (validated again): how a later settings node applies its fields."""

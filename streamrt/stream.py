@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .buffers import StreamBuffers, allocate_buffers
-from .config import Acceleration, CfgType, StreamConfig
+from .config import Acceleration, CfgType, StreamConfig, StreamStage
 from .controlnet import ControlNet, ControlState
 from .frames import FiniteCheck, check_frames
 from .kv_cache import KVCache, install_kv_processors
@@ -40,7 +40,7 @@ from .prompts import (
     same_prompt,
     token_length,
 )
-from .runtime import AddedConditions, EngineSource, Runtime, UNetExtras, prepare
+from .runtime import AddedConditions, EngineSource, HostIO, Runtime, UNetExtras, prepare
 from .schedule import StreamSchedule, build_schedule
 from .similarity import SimilarityFilter
 
@@ -113,7 +113,137 @@ def aligned_calls(groups: int, latency: int) -> Iterator[tuple[int, int]]:
         yield min(call, groups - 1), call - latency
 
 
-class Stream:
+class StreamCalls:
+    """How a stream is called: one step, an aligned video, txt2img, and the checks of their inputs.
+
+    :class:`Stream` and :class:`streamrt.stages.StagedStream` (a stream whose steps run on several devices) share
+    this protocol. A subclass provides ``config``, ``latency``, ``similarity``, ``control``, ``frames_processed``,
+    ``_check_finite``, ``_host`` (the host I/O of its finished frames), ``_frames_out`` (the device buffer they are
+    in) and ``_call(frames, control) -> bool`` (one call up to ``_frames_out``; False when the frame was skipped).
+    """
+
+    config: StreamConfig
+    similarity: SimilarityFilter
+    control: ControlState | None
+    latency: int
+    _check_finite: FiniteCheck
+    _host: HostIO
+    _frames_out: torch.Tensor
+
+    def _call(self, frames: torch.Tensor | None, control: list[torch.Tensor] | None = None) -> bool:
+        raise NotImplementedError
+
+    def _output(self, ran: bool, out: torch.Tensor | None, synchronize: bool) -> torch.Tensor:
+        """Hand this call's frames to the caller (the last output again for a skipped frame)."""
+        if not ran:
+            last = self.similarity.last_output
+            return last.clone() if out is None else out.copy_(last)
+        result = self._host.download(self._frames_out, out, synchronize=synchronize)
+        self.similarity.remember(result)
+        return result
+
+    @torch.inference_mode()
+    def step(self, frames: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+             synchronize: bool = True, validated: bool = False,
+             control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Run one call of the stream: F frames ``[F, H, W, C]`` in [0, 1] in, F frames out.
+
+        The output is the result for the frames given ``latency`` calls earlier (the first ``latency``
+        outputs come from the empty buffer). ``frames=None`` runs txt2img from the stream's noise.
+        Returns a CPU float32 tensor ``[F, H, W, 3]`` (pinned on CUDA), or fills ``out``.
+        ``validated``: the caller already passed ``frames`` through :meth:`check_frames` (for this config), and
+        ``control`` through :func:`streamrt.controlnet.check_control_images`.
+        ``control``: with ControlNets, one control image batch ``[F or 1, H, W, 3]`` in [0, 1] per ControlNet,
+        the control of these frames.
+        """
+        if frames is not None and not validated:
+            frames = self.check_frames(frames, self.config.frames_per_step)
+        images = self.check_control(control, self.config.frames_per_step, validated)
+        return self._output(self._call(frames, images), out, synchronize)
+
+    def check_control(self, control: Sequence[torch.Tensor] | None, count: int,
+                      validated: bool = False) -> list[torch.Tensor] | None:
+        """``control`` (one batch per ControlNet, ``[count or 1, H, W, 3]``) as the step takes it, None for a
+        stream without ControlNets, or an error naming the problem; nothing of the stream changes."""
+        if self.control is None:
+            if control:
+                raise ValueError("control images were given but this stream has no ControlNet")
+            return None
+        if validated and control is not None and len(control) == len(self.control):
+            return list(control)
+        return self.control.check_images(control, count)
+
+    def check_frames(self, frames: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """``frames`` as an ``[N, H, W, 3]`` view, or :class:`FrameError` naming what is wrong (size, count,
+        channels, NaN/inf); see :func:`streamrt.frames.check_frames`. Nothing of the stream changes."""
+        cfg = self.config
+        return check_frames(frames, width=cfg.width, height=cfg.height, frames_per_step=cfg.frames_per_step,
+                            count=count, finite=self._check_finite)
+
+    @torch.inference_mode()
+    def process_video(self, frames: torch.Tensor, *, progress: ProgressCallback | None = None,
+                      preview: PreviewCallback | None = None, validated: bool = False,
+                      control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Run N frames through the stream and return N frames **aligned** with the input.
+
+        Output k is the stream's result for input k (see :func:`aligned_calls`). The stream state carries
+        on afterwards, so consecutive videos stay coherent. ``progress(done, total)`` is called after each
+        group of F frames and may raise to stop (e.g. on a user interrupt); the stream stays usable.
+        ``preview(finished)`` is called before it with the output frames finished on the host so far (when
+        there are any), and once more with all N at the end: a caller can show the newest one while the
+        video runs. ``validated``: as for :meth:`step`. ``control``: with ControlNets, one control batch per
+        ControlNet, ``[N, H, W, 3]`` (control frame k belongs to input frame k) or ``[1, H, W, 3]`` (one image
+        for the whole video).
+        """
+        f = self.config.frames_per_step
+        if not validated:
+            frames = self.check_frames(frames)  # values checked once for the whole video
+        total = frames.shape[0]
+        control = self.check_control(control, total, validated)
+        result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32)
+        host = self._host
+        overlapped = not self.similarity.enabled  # a skipped frame repeats a host-side output: no overlap then
+        for group, target in aligned_calls(total // f, self.latency):
+            images = None if control is None else [c if c.shape[0] == 1 else c[group * f:(group + 1) * f]
+                                                    for c in control]
+            ran = self._call(frames[group * f:(group + 1) * f], images)
+            if target < 0:  # the pipeline is filling: this output belongs to an earlier call
+                if not overlapped:
+                    self._output(ran, None, synchronize=False)
+                continue
+            dest = result[target * f:(target + 1) * f]
+            if overlapped:
+                host.drain(self._frames_out, dest)
+            else:
+                self._output(ran, dest, synchronize=False)
+            if preview is not None:
+                # an overlapped drain on CUDA finishes a group's copy while the next group runs
+                # (docs/DESIGN.md section 4)
+                ready = target * f if overlapped and host.pinned else (target + 1) * f
+                if ready:
+                    preview(result[:ready])
+            if progress is not None:
+                progress((target + 1) * f, total)
+        host.flush()
+        if host.pinned:
+            torch.cuda.current_stream(host.device).synchronize()
+        if preview is not None:
+            preview(result)
+        return result
+
+    @torch.inference_mode()
+    def txt2img(self, count: int = 1) -> torch.Tensor:
+        """``count`` txt2img calls; returns the ``count * F`` frames, aligned like :meth:`process_video`."""
+        f = self.config.frames_per_step
+        result = torch.empty((count * f, self.config.height, self.config.width, 3), dtype=torch.float32)
+        for _, target in aligned_calls(count, self.latency):
+            self.step(None, out=result[target * f:(target + 1) * f] if target >= 0 else None, synchronize=False)
+        if self._host.pinned:
+            torch.cuda.current_stream(self._host.device).synchronize()
+        return result
+
+
+class Stream(StreamCalls):
     """A StreamDiffusion-style stream with its whole state pre-allocated.
 
     Args:
@@ -129,13 +259,17 @@ class Stream:
             :func:`streamrt.runtime.prepare` makes one from ``config.acceleration``).
         controlnets (`Sequence[ControlNet]`, optional): ControlNets whose residuals condition every UNet call
             (docs/DESIGN.md section 10); each call then takes one control image batch per ControlNet.
+        stage (`StreamStage`, optional): run only these steps of the stream of ``config``, as one device of a
+            step-parallel stream (:class:`streamrt.stages.StagedStream`, docs/DESIGN.md section 12). ``config``
+            stays the whole stream's; :attr:`config` becomes the stage's part of it.
 
     The stream state lives on between calls until :meth:`reset`.
     """
 
     def __init__(self, models: StreamModels, config: StreamConfig, *, prompt: Prompt = "",
                  negative_prompt: PromptPart = "", engines: EngineSource | None = None,
-                 runtime: Runtime | None = None, controlnets: Sequence[ControlNet] = ()) -> None:
+                 runtime: Runtime | None = None, controlnets: Sequence[ControlNet] = (),
+                 stage: StreamStage | None = None) -> None:
         scale = models.vae_scale_factor
         if config.width % scale or config.height % scale:
             raise ValueError(f"width and height must be multiples of {scale} for this VAE, "
@@ -148,18 +282,34 @@ class Stream:
         if not config.prompt_length:  # sized for the prompts it is made with
             config = config.with_(prompt_length=prompt_length(models, config, prompt, negative_prompt))
         check_fits(models, config, prompt, negative_prompt)
+        f = config.frames_per_step
+        whole = build_schedule(models.scheduler, config)
+        self.stage = stage if stage is not None else StreamStage(0, config.num_steps, config.num_steps)
+        self._steps = config.num_steps  # the whole stream's (a stage has fewer)
+        self._noise_shape = (config.batch_rows, models.latent_channels, config.height // scale, config.width // scale)
+        self._rows = self.stage.rows(f)
+        if stage is not None:
+            if controlnets:
+                raise ValueError("a step-parallel stream does not take ControlNets yet: run them on one GPU")
+            config = stage.config_of(config)
         self.config = config
         self.device = models.device
         self.dtype = models.dtype
         self.runtime = runtime if runtime is not None else prepare(models, config, engines=engines,
                                                                    control=bool(controlnets))
-        self.schedule: StreamSchedule = build_schedule(models.scheduler, config).to(self.device)
+        self.schedule: StreamSchedule = whole.rows(self._rows).to(self.device)
         self._an_over_bn = self.schedule.a_next / self.schedule.b_next
-        self._a0_scaled = self.schedule.a[: config.frames_per_step] * models.vae_scaling_factor
+        self._a0_scaled = self.schedule.a[:f] * models.vae_scaling_factor
+        hands_on = not self.stage.is_last
+        # a stage that hands rows on re-noises them to the next stage's first step itself (as the whole stream does
+        # for its carried rows), so the next stage starts from exactly what the whole stream would carry
+        self._carry_schedule = whole.rows(slice(self._rows.stop, self._rows.stop + f)).to(self.device) if hands_on \
+            else None
         self.buffers: StreamBuffers = allocate_buffers(
             config, self.schedule, latent_channels=models.latent_channels, vae_scale_factor=scale,
             text_length=config.prompt_length, embed_dim=models.embed_dim, device=self.device, dtype=self.dtype,
-            pooled_dim=models.pooled_dim, time_ids=models.family.time_ids_for(config.height, config.width))
+            pooled_dim=models.pooled_dim, time_ids=models.family.time_ids_for(config.height, config.width),
+            hands_on=hands_on, takes_stock=not self.stage.is_first and config.uses_stock_noise)
         self.similarity = SimilarityFilter(config.similarity_filter, tuple(self.buffers.image_in.shape),
                                            seed=config.seed, device=self.device, dtype=self.dtype)
         self.kv: KVCache | None = None
@@ -206,7 +356,20 @@ class Stream:
     @property
     def latency(self) -> int:
         """Calls between a frame going in and its result coming out (n - 1)."""
-        return self.config.num_steps - 1
+        return self._steps - 1
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """The devices this stream runs on (one; several for a :class:`streamrt.stages.StagedStream`)."""
+        return (self.device,)
+
+    @property
+    def _host(self) -> HostIO:
+        return self.runtime.host
+
+    @property
+    def _frames_out(self) -> torch.Tensor:
+        return self.buffers.frames_out
 
     # ------------------------------------------------------------------ state changes (not per frame)
     def reset(self) -> None:
@@ -217,6 +380,8 @@ class Stream:
         """
         self.buffers.unet_in.zero_()
         self.buffers.stock.zero_()
+        if self.buffers.stock_in is not None:
+            self.buffers.stock_in.zero_()
         self.similarity.reset()
         self.frames_processed = 0
         if self.kv is not None:
@@ -244,11 +409,14 @@ class Stream:
             self.kv.clear()  # cached K/V belong to the old noise
 
     def _redraw_noise(self) -> None:
-        buf, f = self.buffers, self.config.frames_per_step
-        noise = blended_noise(self._seeds, buf.init_noise.shape, self._seed_method)
-        buf.init_noise.copy_(noise)
-        buf.init_noise_rot[:-f].copy_(buf.init_noise[f:])
-        buf.init_noise_rot[-f:].copy_(buf.init_noise[:f])
+        """The whole stream's noise from the seed; a stage keeps its rows (and the next stage's first ones)."""
+        buf, f, rows = self.buffers, self.config.frames_per_step, self._rows
+        noise = blended_noise(self._seeds, self._noise_shape, self._seed_method).to(self.device)
+        buf.init_noise.copy_(noise[rows])
+        rotated = torch.roll(noise, -f, 0)  # row r moves on with the noise of row r + F (the last rows wrap around)
+        buf.init_noise_rot.copy_(rotated[rows])
+        if buf.carry_noise is not None:
+            buf.carry_noise.copy_(noise[rows.stop:rows.stop + f])
 
     def set_prompt(self, prompt: Prompt, negative_prompt: PromptPart | None = None, method: str = "linear") -> None:
         """Change the prompt: text, embeddings ``[1, L, D]`` or ``[(text or embeddings, weight), ...]`` blended
@@ -327,11 +495,14 @@ class Stream:
 
         Every op writes into a buffer allocated at construction; nothing here reads the host.
         """
-        cfg, buf, sch, run = self.config, self.buffers, self.schedule, self.runtime
+        cfg, buf, sch, run, stage = self.config, self.buffers, self.schedule, self.runtime, self.stage
         f, b, u, n = cfg.frames_per_step, cfg.batch_rows, cfg.uncond_rows, cfg.num_steps
 
-        # 2. New rows: x_t = a[0:F] * z * scaling + b[0:F] * noise[0:F] (txt2img: the fixed noise itself).
-        if txt2img:
+        # 2. New rows: x_t = a[0:F] * z * scaling + b[0:F] * noise[0:F] (txt2img: the fixed noise itself). A later
+        # stage of a step-parallel stream finds its first rows already written: the previous stage's hand-off.
+        if not stage.is_first:
+            pass
+        elif txt2img:
             buf.x_batch[:f].copy_(buf.init_noise[:f])
         else:
             x_t = buf.tmp32[:f]
@@ -339,11 +510,13 @@ class Stream:
             x_t.addcmul_(sch.b[:f], buf.init_noise[:f])
             buf.x_batch[:f].copy_(x_t)
 
-        # 3. The batch is [new rows | carried rows]; RCFG's stock noise moves down by F rows with it.
-        if n > 1 and cfg.uses_stock_noise:
-            buf.stock_scratch.copy_(buf.stock[:-f])
-            buf.stock[f:].copy_(buf.stock_scratch)
-            buf.stock[:f].copy_(buf.init_noise[:f])
+        # 3. The batch is [new rows | carried rows]; RCFG's stock noise moves down by F rows with it (into a later
+        # stage from the stage before it).
+        if self._steps > 1 and cfg.uses_stock_noise:
+            if n > 1:
+                buf.stock_scratch.copy_(buf.stock[:-f])
+                buf.stock[f:].copy_(buf.stock_scratch)
+            buf.stock[:f].copy_(buf.init_noise[:f] if stage.is_first else buf.stock_in)
 
         # 4. UNet on [uncond rows | batch] and the guided noise prediction; ControlNets (docs/DESIGN.md section 10)
         # see each row's own control image, moved with the batch like the latents.
@@ -387,16 +560,24 @@ class Stream:
             d.div_(sch.a).mul_(sch.c_out).addcmul_(sch.c_skip, scaled)
             torch.addcmul(buf.init_noise_rot, d, self._an_over_bn, out=buf.stock)
 
-        # 7. The oldest F rows are done; the others are re-noised to their next step and carried.
-        out = buf.tmp32[:f]
-        torch.mul(x0[-f:], 1.0 / self.models.vae_scaling_factor, out=out)
-        buf.latent_out.copy_(out)
+        # 7. The oldest F rows are done; the others are re-noised to their next step and carried. A stage that is
+        # not the last re-noises its oldest rows to the next stage's first step, for the hand-off.
         if n > 1:
             carried = buf.tmp32[f:]
             torch.mul(sch.a[f:], x0[:-f], out=carried)
             if cfg.do_add_noise:
                 carried.addcmul_(sch.b[f:], buf.init_noise[f:])
             buf.x_batch[f:].copy_(carried)
+        out = buf.tmp32[:f]
+        if not stage.is_last:
+            nxt = self._carry_schedule
+            torch.mul(nxt.a, x0[-f:], out=out)
+            if cfg.do_add_noise:
+                out.addcmul_(nxt.b, buf.carry_noise)
+            buf.carry_out.copy_(out)
+            return
+        torch.mul(x0[-f:], 1.0 / self.models.vae_scaling_factor, out=out)
+        buf.latent_out.copy_(out)
 
         # 8. Decode to [0, 1] frames in IMAGE layout.
         buf.frames_out.copy_(run.decode(buf.latent_out).permute(0, 2, 3, 1))
@@ -426,115 +607,6 @@ class Stream:
         self.frames_processed += self.config.frames_per_step
         self.device_calls += 1
         return True
-
-    def _output(self, ran: bool, out: torch.Tensor | None, synchronize: bool) -> torch.Tensor:
-        """Hand this call's frames to the caller (the last output again for a skipped frame)."""
-        if not ran:
-            last = self.similarity.last_output
-            return last.clone() if out is None else out.copy_(last)
-        result = self.runtime.host.download(self.buffers.frames_out, out, synchronize=synchronize)
-        self.similarity.remember(result)
-        return result
-
-    @torch.inference_mode()
-    def step(self, frames: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-             synchronize: bool = True, validated: bool = False,
-             control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """Run one call of the stream: F frames ``[F, H, W, C]`` in [0, 1] in, F frames out.
-
-        The output is the result for the frames given ``latency`` calls earlier (the first ``latency``
-        outputs come from the empty buffer). ``frames=None`` runs txt2img from the stream's noise.
-        Returns a CPU float32 tensor ``[F, H, W, 3]`` (pinned on CUDA), or fills ``out``.
-        ``validated``: the caller already passed ``frames`` through :meth:`check_frames` (for this config), and
-        ``control`` through :func:`streamrt.controlnet.check_control_images`.
-        ``control``: with ControlNets, one control image batch ``[F or 1, H, W, 3]`` in [0, 1] per ControlNet,
-        the control of these frames.
-        """
-        if frames is not None and not validated:
-            frames = self.check_frames(frames, self.config.frames_per_step)
-        images = self.check_control(control, self.config.frames_per_step, validated)
-        return self._output(self._call(frames, images), out, synchronize)
-
-    def check_control(self, control: Sequence[torch.Tensor] | None, count: int,
-                      validated: bool = False) -> list[torch.Tensor] | None:
-        """``control`` (one batch per ControlNet, ``[count or 1, H, W, 3]``) as the step takes it, None for a
-        stream without ControlNets, or an error naming the problem; nothing of the stream changes."""
-        if self.control is None:
-            if control:
-                raise ValueError("control images were given but this stream has no ControlNet")
-            return None
-        if validated and control is not None and len(control) == len(self.control):
-            return list(control)
-        return self.control.check_images(control, count)
-
-    def check_frames(self, frames: torch.Tensor, count: int | None = None) -> torch.Tensor:
-        """``frames`` as an ``[N, H, W, 3]`` view, or :class:`FrameError` naming what is wrong (size, count,
-        channels, NaN/inf); see :func:`streamrt.frames.check_frames`. Nothing of the stream changes."""
-        cfg = self.config
-        return check_frames(frames, width=cfg.width, height=cfg.height, frames_per_step=cfg.frames_per_step,
-                            count=count, finite=self._check_finite)
-
-    @torch.inference_mode()
-    def process_video(self, frames: torch.Tensor, *, progress: ProgressCallback | None = None,
-                      preview: PreviewCallback | None = None, validated: bool = False,
-                      control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """Run N frames through the stream and return N frames **aligned** with the input.
-
-        Output k is the stream's result for input k (see :func:`aligned_calls`). The stream state carries
-        on afterwards, so consecutive videos stay coherent. ``progress(done, total)`` is called after each
-        group of F frames and may raise to stop (e.g. on a user interrupt); the stream stays usable.
-        ``preview(finished)`` is called before it with the output frames finished on the host so far (when
-        there are any), and once more with all N at the end: a caller can show the newest one while the
-        video runs. ``validated``: as for :meth:`step`. ``control``: with ControlNets, one control batch per
-        ControlNet, ``[N, H, W, 3]`` (control frame k belongs to input frame k) or ``[1, H, W, 3]`` (one image
-        for the whole video).
-        """
-        f = self.config.frames_per_step
-        if not validated:
-            frames = self.check_frames(frames)  # values checked once for the whole video
-        total = frames.shape[0]
-        control = self.check_control(control, total, validated)
-        result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32)
-        host = self.runtime.host
-        overlapped = not self.similarity.enabled  # a skipped frame repeats a host-side output: no overlap then
-        for group, target in aligned_calls(total // f, self.latency):
-            images = None if control is None else [c if c.shape[0] == 1 else c[group * f:(group + 1) * f]
-                                                    for c in control]
-            ran = self._call(frames[group * f:(group + 1) * f], images)
-            if target < 0:  # the pipeline is filling: this output belongs to an earlier call
-                if not overlapped:
-                    self._output(ran, None, synchronize=False)
-                continue
-            dest = result[target * f:(target + 1) * f]
-            if overlapped:
-                host.drain(self.buffers.frames_out, dest)
-            else:
-                self._output(ran, dest, synchronize=False)
-            if preview is not None:
-                # an overlapped drain on CUDA finishes a group's copy while the next group runs
-                # (docs/DESIGN.md section 4)
-                ready = target * f if overlapped and host.pinned else (target + 1) * f
-                if ready:
-                    preview(result[:ready])
-            if progress is not None:
-                progress((target + 1) * f, total)
-        host.flush()
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        if preview is not None:
-            preview(result)
-        return result
-
-    @torch.inference_mode()
-    def txt2img(self, count: int = 1) -> torch.Tensor:
-        """``count`` txt2img calls; returns the ``count * F`` frames, aligned like :meth:`process_video`."""
-        f = self.config.frames_per_step
-        result = torch.empty((count * f, self.config.height, self.config.width, 3), dtype=torch.float32)
-        for _, target in aligned_calls(count, self.latency):
-            self.step(None, out=result[target * f:(target + 1) * f] if target >= 0 else None, synchronize=False)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return result
 
     def nbytes(self) -> int:
         """Device bytes this stream holds beyond the shared models: its buffers and attention cache

@@ -538,3 +538,48 @@ def test_sessions_split_a_controlnet_video_over_two_gpus(fp16_models):
     assert torch.equal(split, one)
     other = sessions.stream(("a", "device", 1), sessions.replica(fp16_models, "cuda:1"), request)
     assert other.device == torch.device("cuda:1")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("acceleration,cfg_type,n", [("cuda_graph", "self", 2), ("cuda_graph", "full", 3),
+                                                      ("cuda_graph", "initialize", 2), ("compile", "self", 2)])
+def test_step_parallel_stream_over_two_gpus(fp16_models, acceleration, cfg_type, n):
+    """A stream's steps split over cuda:0 and cuda:1 (StagedStream, each stage captured on its own GPU, the hand-off
+    a copy between them) gives one GPU's frames within fp16 rounding once the pipeline has filled, through prompt,
+    seed and guidance changes and a reset, with zero CUDA allocations per frame on either GPU."""
+    from streamrt.parallel import replicate
+    from streamrt.stages import StagedStream
+
+    cfg = make_config(cfg_type, n).with_(acceleration=acceleration)
+    one = new_stream(fp16_models, cfg, acceleration)
+    staged = StagedStream([fp16_models, replicate(fp16_models, "cuda:1")], cfg, prompt=PROMPT,
+                          negative_prompt=NEGATIVE)
+    assert [s.device for s in staged.stages] == [torch.device("cuda:0"), torch.device("cuda:1")]
+    assert staged.stages[1].buffers.unet_in.device == torch.device("cuda:1")
+    groups = frame_groups(24, seed=12)
+    for stream in (one, staged):
+        stream.set_prompt(PROMPT_2)  # encoded before the allocation window
+        stream.set_prompt(PROMPT)
+        for group in groups[:3]:  # captured (and compiled) before it too
+            stream.step(group)
+        stream.reset()
+    got, expected = [], []
+    before = [int(torch.cuda.memory_stats(i)["allocation.all.allocated"]) for i in range(2)]
+    for k, group in enumerate(groups):
+        if k == 8:
+            for stream in (one, staged):
+                stream.set_seed(5)
+                stream.set_prompt(PROMPT_2)
+        if k == 14:
+            for stream in (one, staged):
+                stream.set_guidance(1.8, 0.7)
+                stream.reset()
+        got.append(staged.step(group).clone())
+        expected.append(one.step(group).clone())
+    torch.cuda.synchronize(0)
+    torch.cuda.synchronize(1)
+    grown = [int(torch.cuda.memory_stats(i)["allocation.all.allocated"]) - before[i] for i in range(2)]
+    filled = [k for k in range(len(groups)) if not 14 <= k < 14 + staged.latency and k >= staged.latency]
+    tolerance = COMPILE_MAX_TOL if acceleration == "compile" else GRAPH_TOL[torch.float16]
+    assert_outputs_close([got[k] for k in filled], [expected[k] for k in filled], tolerance, "step-parallel")
+    assert grown == [0, 0], f"CUDA allocations over 24 frames per GPU: {grown}"

@@ -206,6 +206,39 @@ def test_stream_devices_split_a_batch_video_and_refuse_devices_that_do_not_exist
     np.testing.assert_array_equal(run_images(server, graph(prefix, names, reset=True), prefix), plain)
 
 
+def test_stream_devices_split_the_steps_of_one_stream(server: ComfyServer, core_models) -> None:
+    """Stream Devices with split 'steps' (here over 'cpu, cpu'): one stream whose two denoising steps run as two
+    stages, kept between executions. Realtime frames, once the pipeline has filled, and a batch video equal one
+    stream's; the status names both devices; a ControlNet-free sampler without the node runs on one device again."""
+    prefix, clip = uid(), frames(5, seed=49)
+    names = upload(server, clip, prefix)
+
+    def staged(images: list[str], **options) -> Graph:
+        g = graph(prefix, images, **options)
+        node = g.node("StreamRTDevices", id=f"{prefix}devices", devices="cpu, cpu", split="steps")
+        g.nodes[f"{prefix}sampler"]["inputs"]["settings"] = node.out(0)
+        return g
+
+    with server.websocket() as ws:
+        got = [run_images(server, staged([n]), prefix, ws)[0] for n in names]
+        ws.wait_for(lambda kind, d: kind == "streamrt.status" and len(status_events(ws, prefix)) == len(names),
+                    timeout=30)
+        events = status_events(ws, prefix)
+    assert [e["stream_frames"] for e in events] == [1, 2, 3, 4, 5]  # one stream all along
+    assert events[-1]["devices"] == ["cpu", "cpu"]
+    stream = core_stream(core_models)
+    for k in range(len(clip)):
+        expected = stream.step(as_tensor(clip[k:k + 1]))[0]
+        if k >= stream.latency:  # the empty buffer's outputs differ by rounding amplified (tests/test_stages.py)
+            assert_close(got[k], expected)
+    video = run_images(server, staged(names, reset=True), prefix)
+    assert_close(video, core_stream(core_models).process_video(as_tensor(clip)))
+    with server.websocket() as ws:
+        run_images(server, graph(prefix, names[:1]), prefix, ws)
+        ws.wait_for(lambda kind, d: kind == "streamrt.status" and len(status_events(ws, prefix)) == 1, timeout=30)
+        assert status_events(ws, prefix)[-1]["devices"] == ["cpu"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # CONDITIONING
 

@@ -1,0 +1,112 @@
+"""Realtime frames per second of one stream on one GPU and of the same stream with its steps split over two GPUs
+(issue #18's step-parallel stream, ``streamrt.stages.StagedStream``), one process, same run.
+
+SD-turbo-sized UNet (random weights), TAESD, fp16, 512x512, t_index_list 32,45 (2 steps), cfg self, F = 1: each
+call hands one CPU frame in and takes its result back (``Stream.step``, what one ComfyUI execution does). Per row:
+frames per second on cuda:0 alone and over cuda:0 + cuda:1, the speed-up, each stage's GPU time per call, the
+largest difference between the two outputs once the pipeline has filled, and the CUDA allocations of the staged
+calls on each GPU (zero expected)::
+
+    python scripts/step_parallel.py --frames 300 --accelerations cuda_graph,compile --out /tmp/steps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+
+logger = logging.getLogger("step_parallel")
+
+
+def main() -> None:
+    import torch
+
+    from streamrt import Stream, StreamConfig, StreamModels
+    from streamrt.parallel import replicate
+    from streamrt.random_models import build_random_components
+    from streamrt.stages import StagedStream
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--accelerations", default="cuda_graph,compile")
+    p.add_argument("--steps", default="32,45", help="t_index_list rows, ';' between rows (e.g. '32,45;16,32,45')")
+    p.add_argument("--cfg-types", default="self")
+    p.add_argument("--out")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if torch.cuda.device_count() < 2:
+        raise SystemExit("needs two GPUs")
+    parts = build_random_components("sd-turbo", dtype=torch.float16, device="cuda:0")
+    models = StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
+                          tokenizer=parts["tokenizer"], scheduler=parts["scheduler"])
+    # the one-GPU stream and the first stage share the pipeline on cuda:0 (compiled per batch shape: dynamic=False)
+    baseline_models = models
+    stage_models = [models, replicate(models, "cuda:1")]
+    names = [torch.cuda.get_device_name(i) for i in range(2)]
+    frames = torch.rand(args.frames, 512, 512, 3)
+
+    def realtime_s(stream) -> tuple[float, torch.Tensor]:
+        out = torch.empty(args.frames, 512, 512, 3)
+        for k in range(8):  # warm (capture, compile) and settle
+            stream.step(frames[k:k + 1])
+        stream.reset()
+        start = time.perf_counter()
+        for k in range(args.frames):
+            out[k] = stream.step(frames[k:k + 1])[0]
+        return time.perf_counter() - start, out
+
+    def stage_ms(staged: StagedStream, calls: int = 40) -> list[float]:
+        times: list[list[float]] = [[] for _ in staged.stages]
+        for _ in range(calls):
+            for index, stage in enumerate(staged.stages):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                with torch.cuda.device(stage.device):
+                    start.record()
+                    stage._call(frames[:1] if stage.stage.is_first else None)
+                    end.record()
+                end.synchronize()
+                times[index].append(start.elapsed_time(end))
+        staged.reset()
+        return [round(statistics.median(t), 3) for t in times]
+
+    def allocations(device: int) -> int:
+        return int(torch.cuda.memory_stats(device)["allocation.all.allocated"])
+
+    rows = []
+    for acceleration in args.accelerations.split(","):
+        for steps in args.steps.split(";"):
+            for cfg_type in args.cfg_types.split(","):
+                t_index = tuple(int(t) for t in steps.split(","))
+                config = StreamConfig(width=512, height=512, t_index_list=t_index, cfg_type=cfg_type,
+                                      guidance_scale=1.2, acceleration=acceleration)
+                one = Stream(baseline_models, config, prompt="a watercolor painting")
+                staged = StagedStream(stage_models, config, prompt="a watercolor painting")
+                one_s, one_out = realtime_s(one)
+                realtime_s(staged)  # warm
+                before = [allocations(i) for i in range(2)]
+                staged_s, staged_out = realtime_s(staged)
+                grown = [allocations(i) - before[i] for i in range(2)]
+                filled = staged.latency
+                rows.append({
+                    "acceleration": acceleration, "t_index_list": list(t_index), "cfg_type": cfg_type,
+                    "frames": args.frames, "gpu_names": names,
+                    "one_gpu_ms": round(1000 * one_s / args.frames, 3),
+                    "two_gpu_ms": round(1000 * staged_s / args.frames, 3),
+                    "one_gpu_fps": round(args.frames / one_s, 1), "two_gpu_fps": round(args.frames / staged_s, 1),
+                    "speedup": round(one_s / staged_s, 2),
+                    "stages": [[s.first, s.end] for s in staged.plan], "stage_gpu_ms": stage_ms(staged),
+                    "max_abs_diff_filled": float((one_out[filled:] - staged_out[filled:]).abs().max()),
+                    "allocations_per_gpu": grown})
+                logger.info("%s", rows[-1])
+                if args.out:  # after every row: a run cut short keeps what it measured
+                    with open(args.out, "w", encoding="utf-8") as f:
+                        json.dump(rows, f, indent=1)
+                one.close()
+                staged.close()
+
+
+if __name__ == "__main__":
+    main()
