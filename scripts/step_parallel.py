@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--accelerations", default="cuda_graph,compile")
     p.add_argument("--steps", default="32,45", help="t_index_list rows, ';' between rows (e.g. '32,45;16,32,45')")
     p.add_argument("--cfg-types", default="self")
+    p.add_argument("--frames-per-step", default="1", help="F values, comma-separated")
     p.add_argument("--out")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -48,64 +49,67 @@ def main() -> None:
     names = [torch.cuda.get_device_name(i) for i in range(2)]
     frames = torch.rand(args.frames, 512, 512, 3)
 
-    def realtime_s(stream) -> tuple[float, torch.Tensor]:
+    def realtime_s(stream, f: int) -> tuple[float, torch.Tensor]:
         out = torch.empty(args.frames, 512, 512, 3)
         for k in range(8):  # warm (capture, compile) and settle
-            stream.step(frames[k:k + 1])
+            stream.step(frames[k * f:(k + 1) * f])
         stream.reset()
         start = time.perf_counter()
-        for k in range(args.frames):
-            out[k] = stream.step(frames[k:k + 1])[0]
+        for k in range(args.frames // f):
+            out[k * f:(k + 1) * f] = stream.step(frames[k * f:(k + 1) * f])
         return time.perf_counter() - start, out
 
-    def stage_ms(staged: StagedStream, calls: int = 40) -> list[float]:
-        times: list[list[float]] = [[] for _ in staged.stages]
+    def gpu_ms(streams, f: int, calls: int = 40) -> list[float]:
+        """Median GPU time of one call of each stream (a Stream, or a stage of a staged one) alone."""
+        times: list[list[float]] = [[] for _ in streams]
         for _ in range(calls):
-            for index, stage in enumerate(staged.stages):
+            for index, stream in enumerate(streams):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                with torch.cuda.device(stage.device):
+                with torch.cuda.device(stream.device):
                     start.record()
-                    stage._call(frames[:1] if stage.stage.is_first else None)
+                    stream._call(frames[:f] if stream.stage.is_first else None)
                     end.record()
                 end.synchronize()
                 times[index].append(start.elapsed_time(end))
-        staged.reset()
+        for stream in streams:
+            stream.reset()
         return [round(statistics.median(t), 3) for t in times]
 
     def allocations(device: int) -> int:
         return int(torch.cuda.memory_stats(device)["allocation.all.allocated"])
 
     rows = []
-    for acceleration in args.accelerations.split(","):
-        for steps in args.steps.split(";"):
-            for cfg_type in args.cfg_types.split(","):
-                t_index = tuple(int(t) for t in steps.split(","))
-                config = StreamConfig(width=512, height=512, t_index_list=t_index, cfg_type=cfg_type,
-                                      guidance_scale=1.2, acceleration=acceleration)
-                one = Stream(baseline_models, config, prompt="a watercolor painting")
-                staged = StagedStream(stage_models, config, prompt="a watercolor painting")
-                one_s, one_out = realtime_s(one)
-                realtime_s(staged)  # warm
-                before = [allocations(i) for i in range(2)]
-                staged_s, staged_out = realtime_s(staged)
-                grown = [allocations(i) - before[i] for i in range(2)]
-                filled = staged.latency
-                rows.append({
-                    "acceleration": acceleration, "t_index_list": list(t_index), "cfg_type": cfg_type,
-                    "frames": args.frames, "gpu_names": names,
-                    "one_gpu_ms": round(1000 * one_s / args.frames, 3),
-                    "two_gpu_ms": round(1000 * staged_s / args.frames, 3),
-                    "one_gpu_fps": round(args.frames / one_s, 1), "two_gpu_fps": round(args.frames / staged_s, 1),
-                    "speedup": round(one_s / staged_s, 2),
-                    "stages": [[s.first, s.end] for s in staged.plan], "stage_gpu_ms": stage_ms(staged),
-                    "max_abs_diff_filled": float((one_out[filled:] - staged_out[filled:]).abs().max()),
-                    "allocations_per_gpu": grown})
-                logger.info("%s", rows[-1])
-                if args.out:  # after every row: a run cut short keeps what it measured
-                    with open(args.out, "w", encoding="utf-8") as f:
-                        json.dump(rows, f, indent=1)
-                one.close()
-                staged.close()
+    combos = [(a, s, c, int(f)) for a in args.accelerations.split(",") for s in args.steps.split(";")
+              for f in args.frames_per_step.split(",") for c in args.cfg_types.split(",")]
+    for acceleration, steps, cfg_type, f in combos:
+        t_index = tuple(int(t) for t in steps.split(","))
+        config = StreamConfig(width=512, height=512, t_index_list=t_index, cfg_type=cfg_type,
+                              guidance_scale=1.2, acceleration=acceleration, frames_per_step=f)
+        one = Stream(baseline_models, config, prompt="a watercolor painting")
+        staged = StagedStream(stage_models, config, prompt="a watercolor painting")
+        one_s, one_out = realtime_s(one, f)
+        realtime_s(staged, f)  # warm
+        before = [allocations(i) for i in range(2)]
+        staged_s, staged_out = realtime_s(staged, f)
+        grown = [allocations(i) - before[i] for i in range(2)]
+        filled = staged.latency * f
+        rows.append({
+            "acceleration": acceleration, "t_index_list": list(t_index), "cfg_type": cfg_type,
+            "frames_per_step": f, "frames": args.frames, "gpu_names": names,
+            "one_gpu_ms": round(1000 * one_s / args.frames, 3),
+            "two_gpu_ms": round(1000 * staged_s / args.frames, 3),
+            "one_gpu_fps": round(args.frames / one_s, 1), "two_gpu_fps": round(args.frames / staged_s, 1),
+            "speedup": round(one_s / staged_s, 2),
+            "stages": [[s.first, s.end] for s in staged.plan], "one_gpu_call_ms": gpu_ms([one], f)[0],
+            "stage_gpu_call_ms": gpu_ms(staged.stages, f),
+            "max_abs_diff_filled": float((one_out[filled:] - staged_out[filled:]).abs().max()),
+            "allocations_per_gpu": grown})
+        logger.info("%s", rows[-1])
+        if args.out:  # after every row: a run cut short keeps what it measured
+            with open(args.out, "w", encoding="utf-8") as handle:
+                json.dump(rows, handle, indent=1)
+        one.close()
+        staged.close()
 
 
 if __name__ == "__main__":

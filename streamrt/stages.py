@@ -194,10 +194,16 @@ class StagedStream(StreamCalls):
             raise ValueError("control images were given but this stream has no ControlNet")
         first, *later = self.stages
         self._hand_off()
-        if not first._call(frames):  # the similarity filter skipped the frame: no stage runs
-            return False
-        for stage in later:
-            stage._call(None)
+        if first.similarity.enabled:
+            if not first._call(frames):  # the filter skipped the frame: no stage runs
+                return False
+            for stage in later:
+                stage._call(None)
+        else:
+            # the later stages need only the hand-off: queued first, they start while the frames upload
+            for stage in later:
+                stage._call(None)
+            first._call(frames)
         self._handoff_pending = True
         return True
 

@@ -411,7 +411,8 @@ class Stream(StreamCalls):
     def _redraw_noise(self) -> None:
         """The whole stream's noise from the seed; a stage keeps its rows (and the next stage's first ones)."""
         buf, f, rows = self.buffers, self.config.frames_per_step, self._rows
-        noise = blended_noise(self._seeds, self._noise_shape, self._seed_method).to(self.device)
+        # drawn and rotated on the host: copied into the buffers, so a seed change allocates nothing on the device
+        noise = blended_noise(self._seeds, self._noise_shape, self._seed_method)
         buf.init_noise.copy_(noise[rows])
         rotated = torch.roll(noise, -f, 0)  # row r moves on with the noise of row r + F (the last rows wrap around)
         buf.init_noise_rot.copy_(rotated[rows])
