@@ -169,7 +169,7 @@ class StreamDevices(io.ComfyNode):
                 io.String.Input("devices", default="all",
                                 tooltip="all: every CUDA GPU of this machine (nothing changes with one). Or a comma "
                                         "list: GPU indices ('0,1') or device names ('cuda:0, cuda:2')."),
-                io.Combo.Input("split", options=["video", "steps"], default="video",
+                io.Combo.Input("split", options=["video", "steps"], default="video", optional=True,
                                tooltip="video: a batch video is cut into one chunk per GPU (realtime stays on one "
                                        "GPU). steps: the denoising steps of one stream are shared out among the "
                                        "GPUs (realtime frame rate with 2+ steps; videos run through it too)."),

@@ -136,6 +136,7 @@ class _Unit:
     scale: torch.Tensor        # [U + B, 1, 1, 1] model dtype: strength * steps (live)
     in_range: bool             # some row's step is in [start, end)
     host: Any                  # HostIO of its own: its uploads never wait on the frames' pinned buffers
+    ring_in: torch.Tensor | None = None  # [F, 3, H, W]: a later stage's newest rows, handed on by the stage before
 
 
 def check_control_images(images: Sequence[torch.Tensor], count: int, *, width: int, height: int,
@@ -171,16 +172,20 @@ class ControlState:
 
     @classmethod
     def allocate(cls, nets: Sequence[ControlNet], config: StreamConfig, *, device: torch.device,
-                 dtype: torch.dtype, calls: Sequence[Any] | None = None) -> ControlState:
+                 dtype: torch.dtype, calls: Sequence[Any] | None = None, first_step: int = 0,
+                 steps: int | None = None) -> ControlState:
         """Zeroed rings and staging for ``nets`` (the rows follow ``config``: negative rows first); ``calls``: how
-        each is called (default: its module on torch, :class:`TorchControlNet`)."""
+        each is called (default: its module on torch, :class:`TorchControlNet`). A stage of a step-parallel stream
+        (``config`` its part) gives where its steps start among the whole stream's ``steps``: a ControlNet's
+        ``[start, end)`` is a fraction of those, and a later stage takes its newest rows from the stage before."""
         if calls is None:
             calls = [TorchControlNet(net.model) for net in nets]
         from .runtime.host_io import HostIO  # here: the runtime package imports this module
 
-        f, b, u, n = config.frames_per_step, config.batch_rows, config.uncond_rows, config.num_steps
+        f, b, u = config.frames_per_step, config.batch_rows, config.uncond_rows
+        n = config.num_steps if steps is None else steps
         h, w = config.height, config.width
-        step_of_row = torch.arange(b) // f  # batch row r is at step r // F
+        step_of_row = torch.arange(b) // f + first_step  # batch row r is at step r // F (of its stage)
         if u == b:
             step_of_row = torch.cat([step_of_row, step_of_row])
         elif u:
@@ -194,7 +199,8 @@ class ControlState:
                          staging=torch.zeros(f, h, w, 3, device=device, dtype=torch.float32),
                          scratch=torch.zeros(b - f, 3, h, w, device=device, dtype=dtype),
                          steps=steps, scale=steps * net.strength, in_range=bool(in_range.any()),
-                         host=HostIO((f, h, w, 3), device, download=False))
+                         host=HostIO((f, h, w, 3), device, download=False),
+                         ring_in=torch.zeros(f, 3, h, w, device=device, dtype=dtype) if first_step else None)
             state.units.append(unit)
         return state
 
@@ -239,7 +245,7 @@ class ControlState:
             if b > f:
                 unit.scratch.copy_(batch[:-f])
                 batch[f:].copy_(unit.scratch)
-            batch[:f].copy_(unit.staging.permute(0, 3, 1, 2))
+            batch[:f].copy_(unit.staging.permute(0, 3, 1, 2) if unit.ring_in is None else unit.ring_in)
             if u == b:
                 unit.ring[:u].copy_(batch)
             elif u:
@@ -267,6 +273,8 @@ class ControlState:
         """Forget the control images of earlier frames (with the stream's latents)."""
         for unit in self.units:
             unit.ring.zero_()
+            if unit.ring_in is not None:
+                unit.ring_in.zero_()
 
     @property
     def rings(self) -> tuple[torch.Tensor, ...]:
@@ -275,4 +283,5 @@ class ControlState:
 
     def nbytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for unit in self.units
-                   for t in (unit.ring, unit.staging, unit.scratch, unit.steps, unit.scale))
+                   for t in (unit.ring, unit.staging, unit.scratch, unit.steps, unit.scale, unit.ring_in)
+                   if t is not None)

@@ -93,9 +93,6 @@ class StreamRequest:
         changes."""
         check_prompts(models, self.prompt, self.negative_prompt)
         check_fits(models, self.stream_config(models), self.prompt, self.negative_prompt)
-        if self.staged() and self.controlnets:
-            raise ValueError("ControlNets do not run in a stream whose steps are split over GPUs yet: split the "
-                             "video instead, or run the ControlNet stream on one GPU (Stream Devices)")
 
 
 class StreamSessions:
@@ -142,8 +139,9 @@ class StreamSessions:
             self._controlnets[key] = (model, sum(p.numel() * p.element_size() for p in model.parameters()))
             # the least recently used beyond max_controlnets go, but never one a live stream uses: evicting it
             # would convert it again on the next call (every frame, with more ControlNets in use than the limit)
-            in_use = {id(unit.net.model) for stream in self._streams.values() if stream.control is not None
-                      for unit in stream.control.units}
+            in_use = {id(unit.net.model) for stream in self._streams.values()
+                      for part in getattr(stream, "stages", (stream,)) if part.control is not None
+                      for unit in part.control.units}
             for old in [k for k, (m, _) in self._controlnets.items() if id(m) not in in_use and m is not model]:
                 if len(self._controlnets) <= self.max_controlnets:
                     break
@@ -210,11 +208,15 @@ class StreamSessions:
             stream = self._streams.get(owner)
             if stream is None or stream.models is not models or self._keys.get(owner) != key:
                 if request.staged():
-                    return self._new_staged(owner, models, request, cfg, key, stream)
+                    replacing = stream is not None
+                    del stream  # held by the registry alone: it goes with its entry
+                    return self._new_staged(owner, models, request, cfg, key, replacing)
                 # The runtime first: an acceleration that cannot run here is refused before the old stream goes.
                 runtime = prepare(models, cfg, engines=request.engines, control=bool(request.controlnets))
-                self._make_room(owner, stream)
+                if stream is not None:
+                    self._drop_replaced(owner)
                 del stream  # free its buffers before allocating the new ones
+                self._make_room()
                 try:
                     stream = Stream(models, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
                                     runtime=runtime, controlnets=[c.net for c in request.controlnets])
@@ -263,12 +265,13 @@ class StreamSessions:
         return stream, stream.process_video(frames, progress=progress, preview=preview, validated=True,
                                             control=control)
 
-    def _make_room(self, owner: Hashable, old: LiveStream | None) -> None:
-        """Drop the owner's old stream and the least recently used ones beyond ``max_streams`` (before a new stream
-        is made), and give their memory back."""
-        if old is not None:
-            logger.info("stream %s: config changed, building a new stream", owner)
-            self._drop(owner)
+    def _drop_replaced(self, owner: Hashable) -> None:
+        logger.info("stream %s: config changed, building a new stream", owner)
+        self._drop(owner)
+
+    def _make_room(self) -> None:
+        """Drop the least recently used streams beyond ``max_streams`` (before a new stream is made), and give the
+        memory of what went back."""
         while len(self._streams) >= self.max_streams:
             oldest = next(iter(self._streams))
             logger.info("stream %s: dropped, the least recently used of %d", oldest, self.max_streams)
@@ -277,7 +280,7 @@ class StreamSessions:
             self._collect()
 
     def _new_staged(self, owner: Hashable, models: StreamModels, request: StreamRequest, cfg: StreamConfig,
-                    key: tuple, old: LiveStream | None) -> StagedStream:
+                    key: tuple, replacing: bool) -> StagedStream:
         """A new stream for ``owner`` whose steps are split over ``request.step_devices`` (the pipeline's device
         first where it is among them; a copy of the pipeline on each other one, kept with the pipeline)."""
         devices = sorted(request.step_devices, key=lambda d: torch.device(d) != models.device)
@@ -286,11 +289,14 @@ class StreamSessions:
         runtimes: list = []
         try:
             for stage_models, stage_cfg in zip(stages, StagedStream.stage_configs(cfg, len(stages))):
-                runtimes.append(prepare(stage_models, stage_cfg, engines=request.engines))
-            self._make_room(owner, old)
-            del old
+                runtimes.append(prepare(stage_models, stage_cfg, engines=request.engines,
+                                        control=bool(request.controlnets)))
+            nets = [[c.net for c in self._controlnets_on(request.controlnets, d)] for d in devices[:len(stages)]]
+            if replacing:
+                self._drop_replaced(owner)
+            self._make_room()
             stream = StagedStream(stages, cfg, prompt=request.prompt, negative_prompt=request.negative_prompt,
-                                  runtimes=runtimes, source=models)
+                                  runtimes=runtimes, source=models, controlnets=nets if request.controlnets else ())
         except BaseException:
             for runtime in runtimes:
                 runtime.close()

@@ -20,13 +20,14 @@ whole stream's, sliced.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
 import torch
 
 from .config import Acceleration, StreamConfig, StreamStage
-from .controlnet import ControlState
+from .controlnet import ControlNet, ControlState
 from .frames import FiniteCheck
 from .models import StreamModels
 from .prompts import Prompt, PromptPart
@@ -68,11 +69,15 @@ class StagedStream(StreamCalls):
         runtimes (`Sequence[Runtime]`, optional): prepared runtimes, one per stage (see :meth:`stage_configs`).
         source (`StreamModels`, optional): the pipeline the stages' models were copied from, which this stream
             keeps in use (:attr:`models`); defaults to the first stage's models.
+        controlnets (`Sequence[Sequence[ControlNet]]`, optional): the stream's ControlNets, one list per stage
+            with the modules on that stage's device (the same ControlNets in the same order). Each stage runs them
+            on its rows; the control images move from stage to stage with the rows, as the latents do.
     """
 
     def __init__(self, models: Sequence[StreamModels], config: StreamConfig, *, prompt: Prompt = "",
                  negative_prompt: PromptPart = "", engines: EngineSource | None = None,
-                 runtimes: Sequence[Runtime] | None = None, source: StreamModels | None = None) -> None:
+                 runtimes: Sequence[Runtime] | None = None, source: StreamModels | None = None,
+                 controlnets: Sequence[Sequence[ControlNet]] = ()) -> None:
         if not models:
             raise ValueError("a staged stream needs the pipeline on at least one device")
         if not config.prompt_length:
@@ -81,11 +86,15 @@ class StagedStream(StreamCalls):
         self.plan = plan_stages(config.num_steps, len(models))
         if runtimes is not None and len(runtimes) != len(self.plan):
             raise ValueError(f"{len(self.plan)} stage(s) need as many runtimes, got {len(runtimes)}")
+        if controlnets and (len(controlnets) < len(self.plan) or len({len(nets) for nets in controlnets}) != 1):
+            raise ValueError(f"{len(self.plan)} stage(s) need a list of the same ControlNets each")
         self.stages: list[Stream] = []
         try:
             for index, stage in enumerate(self.plan):
+                # each stage its own ControlNet records: a strength is applied per stage (set_control_strength)
+                nets = [dataclasses.replace(net) for net in controlnets[index]] if controlnets else ()
                 self.stages.append(Stream(models[index], config, prompt=prompt, negative_prompt=negative_prompt,
-                                          engines=engines, stage=stage,
+                                          engines=engines, stage=stage, controlnets=nets,
                                           runtime=None if runtimes is None else runtimes[index]))
         except BaseException:
             self.close()
@@ -94,7 +103,7 @@ class StagedStream(StreamCalls):
         self.models: StreamModels = source if source is not None else first.models
         self.device: torch.device = first.device
         self.similarity: SimilarityFilter = first.similarity
-        self.control: ControlState | None = None
+        self.control: ControlState | None = first.control  # what check_control asks: count, sizes
         self._check_finite = FiniteCheck()
         self._host: HostIO = last.runtime.host
         self._frames_out: torch.Tensor = last.buffers.frames_out
@@ -107,6 +116,9 @@ class StagedStream(StreamCalls):
             self._handoffs.append((sender.buffers.carry_out, receiver.buffers.x_batch[:f]))
             if receiver.buffers.stock_in is not None:
                 self._handoffs.append((sender.buffers.stock[-f:], receiver.buffers.stock_in))
+            if receiver.control is not None:  # each ControlNet's control images of the rows handed on
+                self._handoffs += [(out.ring[-f:], into.ring_in)
+                                   for out, into in zip(sender.control.units, receiver.control.units)]
         logger.info("step-parallel stream: steps %s on %s", [(s.first, s.end) for s in self.plan],
                     [str(s.device) for s in self.stages])
 
@@ -184,18 +196,17 @@ class StagedStream(StreamCalls):
         self.config = self.config.with_(kv_cache=self.stages[0].config.kv_cache)
 
     def set_control_strength(self, index: int, strength: float) -> None:
-        """A staged stream has no ControlNets."""
-        raise ValueError("this stream has no ControlNet")
+        """As :meth:`Stream.set_control_strength` (every stage; the first one checks ``index`` and ``strength``)."""
+        for stage in self.stages:
+            stage.set_control_strength(index, strength)
 
     # ------------------------------------------------------------------ one call
     def _call(self, frames: torch.Tensor | None, control: list[torch.Tensor] | None = None) -> bool:
         """Every stage's step, side by side on their devices, then the hand-offs (queued, not waited for)."""
-        if control:
-            raise ValueError("control images were given but this stream has no ControlNet")
         first, *later = self.stages
         self._hand_off()
         if first.similarity.enabled:
-            if not first._call(frames):  # the filter skipped the frame: no stage runs
+            if not first._call(frames, control):  # the filter skipped the frame: no stage runs
                 return False
             for stage in later:
                 stage._call(None)
@@ -203,7 +214,7 @@ class StagedStream(StreamCalls):
             # the later stages need only the hand-off: queued first, they start while the frames upload
             for stage in later:
                 stage._call(None)
-            first._call(frames)
+            first._call(frames, control)
         self._handoff_pending = True
         return True
 

@@ -289,8 +289,6 @@ class Stream(StreamCalls):
         self._noise_shape = (config.batch_rows, models.latent_channels, config.height // scale, config.width // scale)
         self._rows = self.stage.rows(f)
         if stage is not None:
-            if controlnets:
-                raise ValueError("a step-parallel stream does not take ControlNets yet: run them on one GPU")
             config = stage.config_of(config)
         self.config = config
         self.device = models.device
@@ -324,7 +322,8 @@ class Stream(StreamCalls):
         self.control: ControlState | None = None
         if controlnets:
             self.control = ControlState.allocate(controlnets, config, device=self.device, dtype=self.dtype,
-                                                 calls=[self.runtime.controlnet(net.model) for net in controlnets])
+                                                 calls=[self.runtime.controlnet(net.model) for net in controlnets],
+                                                 first_step=self.stage.first, steps=self.stage.steps)
         self._control_active: tuple[bool, ...] = self.control.active if self.control is not None else ()
         self.unet_extras = UNetExtras(kv_cache=self.kv, added_cond=added,
                                       control=self.control.residuals if self.control is not None else None)
@@ -590,7 +589,7 @@ class Stream(StreamCalls):
         then the device step. Returns False when the frame was skipped."""
         buf = self.buffers
         txt2img = frames is None
-        if self.control is not None:
+        if self.control is not None and self.stage.is_first:  # a later stage's images come from the stage before
             self.control.stage(control)
         if not txt2img:
             self.runtime.host.upload(frames, buf.frames_in)

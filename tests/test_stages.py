@@ -162,6 +162,46 @@ def test_similarity_filter_decides_on_the_first_stage(tiny_models) -> None:
     assert staged.device_calls == one.device_calls < 6  # skipped the same frames
 
 
+@pytest.mark.parametrize("cfg_type", ["self", "full"])
+def test_controlnets_run_in_every_stage_with_their_rows_images(tiny_models, cfg_type) -> None:
+    """Two ControlNets, one over all steps and one over the first third only (so the last stage never calls it):
+    the staged stream's frames equal one stream's, through a live strength change and a strength of 0; the control
+    images are handed on with the rows (a stage that kept taking the newest images would differ)."""
+    from test_stream_controlnet import tiny_controlnet
+
+    from streamrt.controlnet import ControlNet
+
+    nets = [ControlNet(tiny_controlnet(tiny_models.unet, seed=5), 0.8),
+            ControlNet(tiny_controlnet(tiny_models.unet, seed=6), 1.2, 0.0, 0.34)]
+    config = make_config(cfg_type=cfg_type, t_index_list=(10, 25, 40), guidance_scale=1.4)
+    one = Stream(tiny_models, config, prompt=PROMPT, negative_prompt=NEGATIVE,
+                 controlnets=[ControlNet(n.model, n.strength, n.start, n.end) for n in nets])
+    staged = StagedStream([tiny_models] * 2, config, prompt=PROMPT, negative_prompt=NEGATIVE,
+                          controlnets=[nets, nets])
+    assert staged.stages[1].control.active == (True, False)  # the second ControlNet's steps are all in stage 1
+    frames, control_a, control_b = make_frames(8, seed=13), make_frames(8, seed=14), make_frames(8, seed=15)
+    video = (frames[:6], [control_a[:6], control_b[:6]])
+    assert _close(staged.process_video(video[0], control=video[1]),
+                  one.process_video(video[0], control=video[1])) < TOLERANCE
+    for stream in (one, staged):
+        stream.set_control_strength(0, 0.0)
+        stream.set_control_strength(1, 0.5)
+    assert all(stage.control.units[1].net.strength == 0.5 for stage in staged.stages)
+    for k in range(6, 8):
+        control = [control_a[k:k + 1], control_b[k:k + 1]]
+        assert _close(staged.step(frames[k:k + 1], control=control),
+                      one.step(frames[k:k + 1], control=control)) < TOLERANCE
+    with pytest.raises(ValueError, match="2 ControlNet"):
+        staged.step(frames[:1], control=[control_a[:1]])
+    # the images really travel: without their hand-off the second stage sees other control images
+    broken = StagedStream([tiny_models] * 2, config, prompt=PROMPT, negative_prompt=NEGATIVE, controlnets=[nets, nets])
+    broken._handoffs = [h for h in broken._handoffs if h[1].dim() != 4 or h[1].shape[1] != 3]
+    reference = Stream(tiny_models, config, prompt=PROMPT, negative_prompt=NEGATIVE,
+                       controlnets=[ControlNet(n.model, n.strength, n.start, n.end) for n in nets])
+    assert _close(broken.process_video(video[0], control=video[1]),
+                  reference.process_video(video[0], control=video[1])) > 1e-4
+
+
 def test_refusals(tiny_models) -> None:
     config = make_config()
     staged = StagedStream([tiny_models] * 2, config, prompt=PROMPT)
@@ -169,6 +209,8 @@ def test_refusals(tiny_models) -> None:
         staged.step(make_frames(1, seed=1), control=[make_frames(1, seed=2)])
     with pytest.raises(ValueError, match="no ControlNet"):
         staged.set_control_strength(0, 0.5)
+    with pytest.raises(ValueError, match="a list of the same ControlNets each"):
+        StagedStream([tiny_models] * 2, config, controlnets=[[]])
     with pytest.raises(ValueError, match="at least one device"):
         StagedStream([], config)
     with pytest.raises(ValueError, match="2 stage"):
@@ -178,8 +220,8 @@ def test_refusals(tiny_models) -> None:
 
 def test_sessions_keep_a_staged_stream_and_refuse_what_it_cannot_run(tiny_models) -> None:
     """Through the sessions (what the sampler calls): step_devices make the owner's stream a staged one, kept
-    between calls and updated in place; dropping step_devices makes a one-device stream; a ControlNet is refused
-    before the old stream changes."""
+    between calls and updated in place (a ControlNet strength too); dropping step_devices makes a one-device
+    stream."""
     from test_stream_controlnet import tiny_controlnet
 
     from streamrt.controlnet import ControlInput, ControlNet
@@ -203,10 +245,24 @@ def test_sessions_keep_a_staged_stream_and_refuse_what_it_cannot_run(tiny_models
     reference.reset()
     assert _close(video, reference.process_video(frames)) < TOLERANCE
     net = tiny_controlnet(tiny_models.unet, seed=3)
-    with pytest.raises(ValueError, match="ControlNets do not run in a stream whose steps are split"):
-        sessions.run("a", tiny_models, StreamRequest(config, PROMPT, step_devices=("cpu", "cpu"), controlnets=(
-            ControlInput("cn", ControlNet(net, 1.0), make_frames(1, seed=12)),)), frames[:1])
-    assert sessions.stream("a", tiny_models, request) is stream
+    control = make_frames(6, seed=12)
+
+    def with_control(strength: float) -> StreamRequest:
+        return StreamRequest(config, PROMPT, NEGATIVE, step_devices=("cpu", "cpu"),
+                             controlnets=(ControlInput("cn", ControlNet(net, strength), control),))
+
+    _, first = sessions.run("c", tiny_models, with_control(1.0), frames)
+    controlled = sessions.stream("c", tiny_models, with_control(1.0))
+    assert isinstance(controlled, StagedStream) and controlled.stages[1].control is not None
+    _, second = sessions.run("c", tiny_models, with_control(0.4), frames)
+    assert sessions.stream("c", tiny_models, with_control(0.4)) is controlled  # the strength changed in place
+    expected = Stream(tiny_models, config, prompt=PROMPT, negative_prompt=NEGATIVE, controlnets=[ControlNet(net, 1.0)])
+    assert _close(first, expected.process_video(frames, control=[control])) < TOLERANCE
+    expected.set_control_strength(0, 0.4)
+    assert _close(second, expected.process_video(frames, control=[control])) < TOLERANCE
+    sessions.release()
+    sessions.run("a", tiny_models, request, frames[:1])
+    stream = sessions.stream("a", tiny_models, request)
     single = sessions.stream("a", tiny_models, StreamRequest(config, PROMPT, NEGATIVE))
     assert isinstance(single, Stream) and sessions.counts() == (0, 1)
     one_step = sessions.stream("b", tiny_models, StreamRequest(make_config(t_index_list=(30,)), PROMPT,
