@@ -163,7 +163,7 @@ class StreamDevices(io.ComfyNode):
                         "split 'steps': one stream whose denoising steps are shared out among the GPUs, which work "
                         "side by side and hand each frame on after its steps: for 2 or more steps, more frames per "
                         "second in realtime (and for videos) at the same latency; the frames equal one GPU's up to "
-                        "fp16 rounding. No ControlNets with this split yet.",
+                        "fp16 rounding. ControlNets run on every GPU, each on its own steps.",
             inputs=[
                 chain_input(),
                 io.String.Input("devices", default="all",

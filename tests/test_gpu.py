@@ -583,3 +583,38 @@ def test_step_parallel_stream_over_two_gpus(fp16_models, acceleration, cfg_type,
     tolerance = COMPILE_MAX_TOL if acceleration == "compile" else GRAPH_TOL[torch.float16]
     assert_outputs_close([got[k] for k in filled], [expected[k] for k in filled], tolerance, "step-parallel")
     assert grown == [0, 0], f"CUDA allocations over 24 frames per GPU: {grown}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_sessions_run_a_controlnet_stream_with_its_steps_over_two_gpus(fp16_models):
+    """Through the sessions: a realtime ControlNet stream whose two steps run on cuda:0 and cuda:1 (pipeline and
+    ControlNet copied to cuda:1 once, control images handed on with the rows) gives one GPU's frames once filled,
+    with zero allocations per frame on either GPU while the control image and strength change."""
+    from streamrt.controlnet import ControlInput, ControlNet
+    from streamrt.sessions import StreamRequest, StreamSessions
+    from streamrt.stages import StagedStream
+
+    net = _gpu_controlnet(fp16_models)
+    cfg = make_config("self", 2).with_(acceleration="cuda_graph")
+    groups, controls = frame_groups(20, seed=13), frame_groups(20, seed=14)
+
+    def request(k: int, staged: bool) -> StreamRequest:
+        strength = 0.8 if k < 12 else 0.3
+        return StreamRequest(cfg, PROMPT, controlnets=(ControlInput("cn", ControlNet(net, strength), controls[k]),),
+                             step_devices=("cuda:0", "cuda:1") if staged else ())
+
+    one, split = StreamSessions(), StreamSessions()
+    for k in range(3):  # captured before the window
+        split.run("a", fp16_models, request(k, True), groups[k])
+    stream = split.stream("a", fp16_models, request(0, True))
+    assert isinstance(stream, StagedStream) and stream.devices == (torch.device("cuda:0"), torch.device("cuda:1"))
+    stream.reset()
+    before = [int(torch.cuda.memory_stats(i)["allocation.all.allocated"]) for i in range(2)]
+    got = [split.run("a", fp16_models, request(k, True), g)[1].clone() for k, g in enumerate(groups)]
+    torch.cuda.synchronize(0)
+    torch.cuda.synchronize(1)
+    grown = [int(torch.cuda.memory_stats(i)["allocation.all.allocated"]) - before[i] for i in range(2)]
+    expected = [one.run("a", fp16_models, request(k, False), g)[1].clone() for k, g in enumerate(groups)]
+    assert_outputs_close(got[1:], expected[1:], GRAPH_TOL[torch.float16], "step-parallel ControlNet")
+    # each call's CPU result tensor is the host's (pinned, cached): nothing on either GPU
+    assert grown == [0, 0], f"CUDA allocations over 20 frames per GPU: {grown}"
