@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--steps", default="32,45", help="t_index_list rows, ';' between rows (e.g. '32,45;16,32,45')")
     p.add_argument("--cfg-types", default="self")
     p.add_argument("--frames-per-step", default="1", help="F values, comma-separated")
+    p.add_argument("--profile", action="store_true",
+                   help="print where the host's time goes in 50 realtime calls of each (torch.profiler, CPU side)")
     p.add_argument("--out")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -105,6 +107,13 @@ def main() -> None:
             "max_abs_diff_filled": float((one_out[filled:] - staged_out[filled:]).abs().max()),
             "allocations_per_gpu": grown})
         logger.info("%s", rows[-1])
+        if args.profile:
+            for label, stream in (("one GPU", one), ("two GPUs", staged)):
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    for k in range(50):
+                        frames[:f].copy_(stream.step(frames[k * f:(k + 1) * f]))
+                logger.info("host profile, %s:\n%s", label,
+                            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
         if args.out:  # after every row: a run cut short keeps what it measured
             with open(args.out, "w", encoding="utf-8") as handle:
                 json.dump(rows, handle, indent=1)
