@@ -5,7 +5,7 @@ SD-turbo-sized UNet (random weights), TAESD, fp16, 512x512, t_index_list 32,45 (
 call hands one CPU frame in and takes its result back (``Stream.step``, what one ComfyUI execution does). Per row:
 frames per second on cuda:0 alone and over cuda:0 + cuda:1, the speed-up, each stage's GPU time per call, the
 largest difference between the two outputs once the pipeline has filled, and the CUDA allocations of the staged
-calls on each GPU (zero expected)::
+calls on each GPU (zero expected). Timed in rounds, one GPU and two GPUs alternating; medians::
 
     python scripts/step_parallel.py --frames 300 --accelerations cuda_graph,compile --out /tmp/steps.json
 """
@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--steps", default="32,45", help="t_index_list rows, ';' between rows (e.g. '32,45;16,32,45')")
     p.add_argument("--cfg-types", default="self")
     p.add_argument("--frames-per-step", default="1", help="F values, comma-separated")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed rounds of --frames calls, one GPU and two GPUs alternating; the medians are reported")
     p.add_argument("--profile", action="store_true",
                    help="print where the host's time goes in 50 realtime calls of each (torch.profiler, CPU side)")
     p.add_argument("--out")
@@ -89,11 +91,17 @@ def main() -> None:
                               guidance_scale=1.2, acceleration=acceleration, frames_per_step=f)
         one = Stream(baseline_models, config, prompt="a watercolor painting")
         staged = StagedStream(stage_models, config, prompt="a watercolor painting")
-        one_s, one_out = realtime_s(one, f)
-        realtime_s(staged, f)  # warm
+        realtime_s(one, f)  # warm (capture, compile)
+        realtime_s(staged, f)
+        one_times, staged_times = [], []
         before = [allocations(i) for i in range(2)]
-        staged_s, staged_out = realtime_s(staged, f)
-        grown = [allocations(i) - before[i] for i in range(2)]
+        for _ in range(args.rounds):  # alternating: a slow spell of the machine hits both
+            one_s, one_out = realtime_s(one, f)
+            staged_s, staged_out = realtime_s(staged, f)
+            one_times.append(one_s)
+            staged_times.append(staged_s)
+        grown = [allocations(i) - before[i] for i in range(2)]  # the one-GPU stream's on cuda:0 too: none expected
+        one_s, staged_s = statistics.median(one_times), statistics.median(staged_times)
         filled = staged.latency * f
         rows.append({
             "acceleration": acceleration, "t_index_list": list(t_index), "cfg_type": cfg_type,
@@ -102,6 +110,7 @@ def main() -> None:
             "two_gpu_ms": round(1000 * staged_s / args.frames, 3),
             "one_gpu_fps": round(args.frames / one_s, 1), "two_gpu_fps": round(args.frames / staged_s, 1),
             "speedup": round(one_s / staged_s, 2),
+            "speedup_per_round": [round(a / b, 2) for a, b in zip(one_times, staged_times)],
             "stages": [[s.first, s.end] for s in staged.plan], "one_gpu_call_ms": gpu_ms([one], f)[0],
             "stage_gpu_call_ms": gpu_ms(staged.stages, f),
             "max_abs_diff_filled": float((one_out[filled:] - staged_out[filled:]).abs().max()),
