@@ -522,15 +522,20 @@ class ComfyControl:
     """One ControlNet of an Apply ControlNet chain, as the stream needs it.
 
     ``key`` identifies the weights (a fingerprint, computed once per loaded ControlNet); ``state_dict`` gives them
-    (LDM layout, ComfyUI's ``comfy.cldm.cldm.ControlNet``); ``image`` is the control image batch ``[N, H, W, 3]``.
+    (LDM layout, ComfyUI's ``comfy.cldm.cldm.ControlNet``); ``hint`` is the control image batch as Apply ControlNet
+    keeps it, ``[N, 3, H, W]`` (:func:`control_image` gives it at a stream's size); ``negative``: it is on the
+    negative CONDITIONING too (or no negative CONDITIONING was given); ``upscale``: how ComfyUI resizes its control
+    image to the latent's pixel size (after a center crop to that aspect).
     """
 
     key: str
     state_dict: Callable[[], dict]
-    image: torch.Tensor
+    hint: torch.Tensor
     strength: float
     start: float
     end: float
+    negative: bool = True
+    upscale: str = "nearest-exact"
 
 
 #: control model -> fingerprint of its weights (computed once per loaded ControlNet, not per execution)
@@ -552,8 +557,8 @@ def conditioning_controls(positive, negative) -> list[ComfyControl]:
     """The ControlNets that Apply ControlNet (Advanced) put on the positive CONDITIONING (and the same ones on the
     negative), or a ValueError naming what the stream cannot run: T2I adapters, Control-LoRAs and other kinds,
     another strength type, a ControlNet on the negative prompt only."""
-    chain = _control_chain(positive)
-    extra = [c for c in _control_chain(negative) if all(c is not p for p in chain)]
+    chain, negative_chain = _control_chain(positive), _control_chain(negative)
+    extra = [c for c in negative_chain if all(c is not p for p in chain)]
     if extra:
         raise ValueError("the negative CONDITIONING carries a ControlNet the positive one does not: a stream applies "
                          "its ControlNets to every row; apply them with Apply ControlNet to both (its positive and "
@@ -562,9 +567,33 @@ def conditioning_controls(positive, negative) -> list[ComfyControl]:
     for control in chain:
         key, state_dict = control_net_weights(control)
         start, end = control.timestep_percent_range
-        image = control.cond_hint_original.movedim(1, -1)
-        out.append(ComfyControl(key, state_dict, image, float(control.strength), float(start), float(end)))
+        # the older Apply ControlNet conditions the positive prompt alone: ComfyUI runs the negative without it
+        on_negative = negative is None or any(c is control for c in negative_chain)
+        out.append(ComfyControl(key, state_dict, control.cond_hint_original, float(control.strength), float(start),
+                                float(end), on_negative, str(getattr(control, "upscale_algorithm", "nearest-exact"))))
     return out
+
+
+#: control hint -> ((width, height, method), the hint at that size): an unchanged control image is resized once
+_sized_hints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def control_image(control: ComfyControl, width: int, height: int) -> torch.Tensor:
+    """``control``'s images ``[N, height, width, 3]`` as ComfyUI's ControlNet sizes them for a latent of that pixel
+    size: a center crop to the stream's aspect, then its upscale method (nearest-exact for most ControlNets). The
+    same hint at the same size is resized once (Apply ControlNet's output is cached between executions)."""
+    import comfy.utils
+
+    hint = control.hint
+    if tuple(hint.shape[-2:]) == (height, width):
+        return hint.movedim(1, -1)
+    want = (width, height, control.upscale)
+    cached = _sized_hints.get(hint)
+    if cached is not None and cached[0] == want:
+        return cached[1]
+    sized = comfy.utils.common_upscale(hint, width, height, control.upscale, "center").movedim(1, -1).contiguous()
+    _sized_hints[hint] = (want, sized)
+    return sized
 
 
 def control_net_weights(control) -> tuple[str, Callable[[], dict]]:

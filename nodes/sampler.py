@@ -11,7 +11,6 @@ import torch
 from ..streamrt import StreamRequest, StreamSettings
 from ..streamrt.config import StreamConfig
 from ..streamrt.controlnet import ControlInput, ControlNet
-from ..streamrt.frames import resize_frames
 from ..streamrt.models import StreamModels
 from . import api
 from .api import io
@@ -48,17 +47,16 @@ def prompt_input(conditioning, text: str, what: str, text_name: str, notes: list
 
 def control_inputs(positive, negative, models: StreamModels, config: StreamConfig) -> tuple[ControlInput, ...]:
     """The ControlNets Apply ControlNet put on the CONDITIONING, converted once per ControlNet (kept with the
-    pipelines), with their control images at the stream's size."""
+    pipelines), with their control images at the stream's size as ComfyUI sizes them (center crop, the
+    ControlNet's upscale method), and on the negative rows only where they are on the negative CONDITIONING."""
     if positive is None:
         api.conditioning_controls(None, negative)  # refuses a ControlNet on the negative prompt alone
         return ()
     out = []
     for control in api.conditioning_controls(positive, negative):
         model = converted_controlnet(control.key, control.state_dict, models)
-        image = control.image
-        if tuple(image.shape[1:3]) != (config.height, config.width):
-            image = resize_frames(image, config.width, config.height)
-        out.append(ControlInput(control.key, ControlNet(model, control.strength, control.start, control.end), image))
+        net = ControlNet(model, control.strength, control.start, control.end, control.negative)
+        out.append(ControlInput(control.key, net, api.control_image(control, config.width, config.height)))
     return tuple(out)
 
 

@@ -59,12 +59,16 @@ class ControlNet:
         start (`float`, defaults to `0.0`), end (`float`, defaults to `1.0`): the part of the stream's denoising
             steps it applies to, as fractions: step k of n (0 is the noisiest) applies when ``start <= k / n < end``
             (ComfyUI's Apply ControlNet start/end percent over the stream's few steps).
+        negative (`bool`, defaults to `True`): it also conditions the negative-prompt rows (``full`` and
+            ``initialize`` guidance). ComfyUI's Apply ControlNet (Advanced) puts a ControlNet on both conditionings;
+            the older Apply ControlNet on the positive one only, and ComfyUI then runs the negative without it.
     """
 
     model: Any
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    negative: bool = True
 
     def __post_init__(self) -> None:
         check_strength(self.strength)
@@ -89,7 +93,7 @@ class ControlInput:
 
     @property
     def rebuild_key(self) -> tuple:
-        return self.key, self.net.start, self.net.end
+        return self.key, self.net.start, self.net.end, self.net.negative
 
 
 @dataclass(eq=False)
@@ -132,9 +136,9 @@ class _Unit:
     ring: torch.Tensor         # [U + B, 3, H, W] model dtype: each UNet row's control image, in [0, 1]
     staging: torch.Tensor      # [F, H, W, 3] f32: the caller's newest control images
     scratch: torch.Tensor      # [B - F, 3, H, W] (or empty) for the in-place shift
-    steps: torch.Tensor        # [U + B, 1, 1, 1] model dtype: 1 where the row's step is in [start, end), else 0
+    steps: torch.Tensor        # [U + B, 1, 1, 1] model dtype: 1 on the rows it applies to (step in range), else 0
     scale: torch.Tensor        # [U + B, 1, 1, 1] model dtype: strength * steps (live)
-    in_range: bool             # some row's step is in [start, end)
+    in_range: bool             # it applies to some row
     host: Any                  # HostIO of its own: its uploads never wait on the frames' pinned buffers
     ring_in: torch.Tensor | None = None  # [F, 3, H, W]: a later stage's newest rows, handed on by the stage before
 
@@ -190,15 +194,16 @@ class ControlState:
             step_of_row = torch.cat([step_of_row, step_of_row])
         elif u:
             step_of_row = torch.cat([step_of_row[:f], step_of_row])
+        negative_row = torch.arange(u + b) < u
         state = cls(config)
         for net, call in zip(nets, calls, strict=True):
             fraction = step_of_row.float() / n
-            in_range = (fraction >= net.start) & (fraction < net.end)
-            steps = in_range.to(dtype).view(-1, 1, 1, 1).to(device)
+            in_range = (fraction >= net.start) & (fraction < net.end) & (net.negative | ~negative_row)
+            applies = in_range.to(dtype).view(-1, 1, 1, 1).to(device)
             unit = _Unit(net=net, call=call, ring=torch.zeros(u + b, 3, h, w, device=device, dtype=dtype),
                          staging=torch.zeros(f, h, w, 3, device=device, dtype=torch.float32),
                          scratch=torch.zeros(b - f, 3, h, w, device=device, dtype=dtype),
-                         steps=steps, scale=steps * net.strength, in_range=bool(in_range.any()),
+                         steps=applies, scale=applies * net.strength, in_range=bool(in_range.any()),
                          host=HostIO((f, h, w, 3), device, download=False),
                          ring_in=torch.zeros(f, 3, h, w, device=device, dtype=dtype) if first_step else None)
             state.units.append(unit)

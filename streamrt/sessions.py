@@ -20,6 +20,7 @@ A host application (the ComfyUI nodes) keeps one :class:`StreamSessions`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 import threading
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from .config import StreamConfig
-from .controlnet import ControlInput, ControlNet, check_control_images
+from .controlnet import ControlInput, check_control_images
 from .frames import FiniteCheck, check_frames
 from .models import StreamModels
 from .parallel import process_video_parallel, replicate
@@ -329,8 +330,7 @@ class StreamSessions:
             if next(model.parameters()).device != torch.device(device):
                 model = self.controlnet((control.key, "device", device),
                                         lambda model=model: copy.deepcopy(model).to(device))
-            net = ControlNet(model, control.net.strength, control.net.start, control.net.end)
-            out.append(ControlInput(control.key, net, control.image))
+            out.append(ControlInput(control.key, dataclasses.replace(control.net, model=model), control.image))
         return tuple(out)
 
     def _run_split(self, owner: Hashable, models: StreamModels, request: StreamRequest, frames: torch.Tensor,

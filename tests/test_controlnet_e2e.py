@@ -101,11 +101,13 @@ def inputs(server: ComfyServer, local):
             [server.write_input_image(c, name=f"{uid()}.png") for c in controls])
 
 
-def _local_stream(local, embeds, strength=STRENGTH, start=0.0, end=1.0) -> Stream:
+def _local_stream(local, embeds, strength=STRENGTH, start=0.0, end=1.0, cfg_type="self",
+                  negative=True) -> Stream:
     models, net = local
-    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35), guidance_scale=1.5, seed=7)
+    config = StreamConfig(width=SIZE, height=SIZE, t_index_list=(20, 35), guidance_scale=1.5, seed=7,
+                          cfg_type=cfg_type)
     return Stream(models, config, prompt=TextEmbedding(embeds), negative_prompt=TextEmbedding(embeds),
-                  controlnets=[ControlNet(net, strength, start, end)])
+                  controlnets=[ControlNet(net, strength, start, end, negative)])
 
 
 def _png(images) -> torch.Tensor:
@@ -151,6 +153,50 @@ def test_a_shuffle_controlnet_pools_its_residuals_as_comfyui_does(server: ComfyS
     np.testing.assert_allclose(video, expected.numpy(), atol=PNG_ATOL, rtol=0)
     unpooled = _local_stream(local, embeds).process_video(_png(images), control=[_png(controls)]).numpy()
     assert np.abs(unpooled - video).max() > 10 * PNG_ATOL, "pooling changed nothing: nothing was compared"
+
+
+def test_control_images_are_sized_as_comfyui_sizes_them(server: ComfyServer, local, inputs) -> None:
+    """Control images of another size and aspect (80x48 for a 64x64 stream) are center-cropped to the stream's
+    aspect and scaled nearest-exact, as ComfyUI's ControlNet sizes its hint for a latent (not stretched)."""
+    embeds, cond, images, _, image_names, _ = inputs
+    rng = np.random.default_rng(43)
+    wide = np.repeat(np.repeat(rng.integers(0, 256, size=(3, 6, 10, 3)).astype(np.uint8), 8, axis=1), 8, axis=2)
+    names = [server.write_input_image(c, name=f"{uid()}.png") for c in wide]
+    prefix = uid()
+    video = _run(server, _graph(server, prefix, cond, image_names, names), prefix)
+    # 80x48 -> the 48x48 middle (columns 16..63) -> 64x64, nearest-exact
+    cropped = _png(wide)[:, :, 16:64].movedim(-1, 1)
+    sized = torch.nn.functional.interpolate(cropped, size=(SIZE, SIZE), mode="nearest-exact").movedim(1, -1)
+    expected = _local_stream(local, embeds).process_video(_png(images), control=[sized])
+    np.testing.assert_allclose(video, expected.numpy(), atol=PNG_ATOL, rtol=0)
+    stretched = torch.nn.functional.interpolate(_png(wide).movedim(-1, 1), size=(SIZE, SIZE), mode="bilinear")
+    other = _local_stream(local, embeds).process_video(_png(images), control=[stretched.movedim(1, -1)])
+    # stretched control images give other frames (by more than the tolerance the crop passed with)
+    assert np.abs(other.numpy() - video).max() > 3 * PNG_ATOL, "stretching changed nothing: nothing was compared"
+
+
+def test_the_older_apply_controlnet_leaves_the_negative_prompt_alone(server: ComfyServer, local, inputs) -> None:
+    """Apply ControlNet (OLD) puts the ControlNet on the positive CONDITIONING only; with cfg full the negative rows
+    then run without it, as ComfyUI's own samplers run the negative (frames equal an in-process stream whose
+    ControlNet leaves the negative rows alone, and differ from one that conditions them)."""
+    embeds, cond, images, controls, image_names, control_names = inputs
+    prefix = uid()
+    g = Graph(prefix=prefix)
+    dataset = g.node("LoadTrainingDataset", folder_name=cond)
+    net = g.node("ControlNetLoader", control_net_name=CONTROLNET)
+    applied = g.node("ControlNetApply", conditioning=dataset.out(1), control_net=net.out(0),
+                     image=image_batch(g, control_names), strength=STRENGTH)
+    pipe = g.node("StreamRTLoadPipeline", model=SD15_LAYOUT_CKPT, taesd="none (full VAE)", dtype="auto",
+                  device="auto")
+    sampler = add_sampler(g, pipe.out(0), id=f"{prefix}sampler", image=image_batch(g, image_names),
+                          positive=applied.out(0), negative=dataset.out(1), t_index_list=T_INDEX, cfg_type="full")
+    g.node("SaveImage", id=f"{prefix}save", images=sampler.out(0), filename_prefix=f"{prefix}/f")
+    video = _run(server, g, prefix)
+    expected = _local_stream(local, embeds, cfg_type="full", negative=False).process_video(
+        _png(images), control=[_png(controls)])
+    np.testing.assert_allclose(video, expected.numpy(), atol=PNG_ATOL, rtol=0)
+    both = _local_stream(local, embeds, cfg_type="full").process_video(_png(images), control=[_png(controls)])
+    assert np.abs(both.numpy() - video).max() > 10 * PNG_ATOL, "the negative rows made no difference"
 
 
 def test_canny_control_and_live_strength(server: ComfyServer, inputs) -> None:

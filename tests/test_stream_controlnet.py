@@ -48,7 +48,9 @@ def controlnets(tiny_models):
 
 
 class ControlReference(ReferenceStream):
-    """The reference stream with ControlNets: ``nets`` are ``(model, strength, start, end)``."""
+    """The reference stream with ControlNets: ``nets`` are ``(model, strength, start, end[, negative])``: with
+    ``negative`` False a ControlNet leaves the negative-prompt rows alone (ComfyUI's positive-only Apply
+    ControlNet)."""
 
     def __init__(self, models, nets, **kwargs):
         super().__init__(models, **kwargs)
@@ -64,7 +66,7 @@ class ControlReference(ReferenceStream):
     def batch_control(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Control images ``[B, 3, H, W]`` and scales ``[B, 1, 1, 1]`` of the batch rows for ControlNet ``index``."""
         F, n = self.F, self.n
-        model, strength, start, end = self.nets[index]
+        model, strength, start, end = self.nets[index][:4]
         rows, scales = [], []
         for r in range(n * F):
             step, frame = divmod(r, F)
@@ -77,14 +79,16 @@ class ControlReference(ReferenceStream):
     def unet(self, x, t, embeds, pooled=None):
         B, F = self.n * self.F, self.F
         down, mid = None, None
-        for index, (model, strength, _, _) in enumerate(self.nets):
+        for index, (model, strength, *rest) in enumerate(self.nets):
             if strength == 0:
                 continue
+            on_negative = rest[2] if len(rest) > 2 else True
             images, scales = self.batch_control(index)
+            negative_scales = scales if on_negative else torch.zeros_like(scales)
             if x.shape[0] == 2 * B:      # full: the negative rows repeat the batch
-                images, scales = torch.cat([images, images]), torch.cat([scales, scales])
+                images, scales = torch.cat([images, images]), torch.cat([negative_scales, scales])
             elif x.shape[0] == F + B:    # initialize: negative rows for the newest F frames
-                images, scales = torch.cat([images[:F], images]), torch.cat([scales[:F], scales])
+                images, scales = torch.cat([images[:F], images]), torch.cat([negative_scales[:F], scales])
             d, m = model(x, t, encoder_hidden_states=embeds, controlnet_cond=images, return_dict=False)
             d = [s * scales for s in d]
             m = m * scales
@@ -99,7 +103,7 @@ class ControlReference(ReferenceStream):
 def _pair(models, nets, **cfg):
     config = make_config(**cfg)
     stream = Stream(models, config, prompt="a photo of a cat", negative_prompt=NEGATIVE,
-                    controlnets=[ControlNet(m, s, a, b) for m, s, a, b in nets])
+                    controlnets=[ControlNet(*net) for net in nets])
     ref = ControlReference(models, nets, t_index_list=config.t_index_list,
                            num_inference_steps=config.num_inference_steps, frames_per_step=config.frames_per_step,
                            cfg_type=config.cfg_type.value, guidance_scale=config.guidance_scale, delta=config.delta,
@@ -126,6 +130,23 @@ def test_control_images_move_with_the_batch(tiny_models, controlnets, cfg_type, 
                         frames_per_step=frames_per_step, guidance_scale=1.5)
     compare(stream, ref, frame_groups(CALLS, frames_per_step, seed=n),
             controls=_controls(CALLS, frames_per_step, 1, seed=40))
+
+
+@pytest.mark.parametrize("cfg_type", ["full", "initialize"])
+def test_a_positive_only_controlnet_leaves_the_negative_rows_alone(tiny_models, controlnets, cfg_type):
+    """ComfyUI's older Apply ControlNet conditions the positive prompt only: the negative-prompt rows then run
+    without its residuals (against the reference), which changes the frames (against the same ControlNet on
+    every row)."""
+    groups, controls = frame_groups(CALLS, 1, seed=4), _controls(CALLS, 1, 1, seed=60)
+    stream, ref = _pair(tiny_models, [(controlnets[0], 0.9, 0.0, 1.0, False)], cfg_type=cfg_type,
+                        t_index_list=(20, 35), guidance_scale=1.8)
+    assert stream.control.units[0].scale[:stream.config.uncond_rows].abs().sum() == 0
+    compare(stream, ref, groups, controls=controls)
+    both, _ = _pair(tiny_models, [(controlnets[0], 0.9, 0.0, 1.0, True)], cfg_type=cfg_type,
+                    t_index_list=(20, 35), guidance_scale=1.8)
+    stream.reset()
+    outputs = [(stream.step(g, control=c) - both.step(g, control=c)).abs().max() for g, c in zip(groups, controls)]
+    assert max(outputs) > 1e-3
 
 
 def test_two_controlnets_sum_their_residuals_and_start_end_select_steps(tiny_models, controlnets):
