@@ -21,9 +21,9 @@ def main() -> None:
     import torch
     from diffusers import ControlNetModel
 
-    from streamrt import Stream, StreamConfig, StreamModels
+    from streamrt import Stream, StreamConfig
     from streamrt.controlnet import ControlNet
-    from streamrt.random_models import build_random_components
+    from streamrt.random_models import random_stream_models
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=100)
@@ -32,9 +32,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     device, dtype = torch.device("cuda"), torch.float16
-    parts = build_random_components("sd-turbo", dtype=dtype, device=device)
-    models = StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
-                          tokenizer=parts["tokenizer"], scheduler=parts["scheduler"])
+    models = random_stream_models("sd-turbo", dtype=dtype, device=device)
     nets = []
     for seed in (1, 2):
         torch.manual_seed(seed)

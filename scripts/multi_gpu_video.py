@@ -21,10 +21,10 @@ logger = logging.getLogger("multi_gpu_video")
 def main() -> None:
     import torch
 
-    from streamrt import Stream, StreamConfig, StreamModels
+    from streamrt import Stream, StreamConfig
     from streamrt.kv_cache import KVCacheConfig
     from streamrt.parallel import process_video_parallel, replicate
-    from streamrt.random_models import build_random_components
+    from streamrt.random_models import random_stream_models
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=300)
@@ -34,9 +34,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     gpus = torch.cuda.device_count()
-    parts = build_random_components("sd-turbo", dtype=torch.float16, device="cuda:0")
-    models = StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
-                          tokenizer=parts["tokenizer"], scheduler=parts["scheduler"])
+    models = random_stream_models("sd-turbo", dtype=torch.float16, device="cuda:0")
     replicas = [models] + [replicate(models, f"cuda:{i}") for i in range(1, gpus)]
     video = torch.rand(args.frames, 512, 512, 3)
     names = [torch.cuda.get_device_name(i) for i in range(gpus)]

@@ -24,9 +24,9 @@ logger = logging.getLogger("step_parallel")
 def main() -> None:
     import torch
 
-    from streamrt import Stream, StreamConfig, StreamModels
+    from streamrt import Stream, StreamConfig
     from streamrt.parallel import replicate
-    from streamrt.random_models import build_random_components
+    from streamrt.random_models import random_stream_models
     from streamrt.stages import StagedStream
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,9 +44,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if torch.cuda.device_count() < 2:
         raise SystemExit("needs two GPUs")
-    parts = build_random_components("sd-turbo", dtype=torch.float16, device="cuda:0")
-    models = StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
-                          tokenizer=parts["tokenizer"], scheduler=parts["scheduler"])
+    models = random_stream_models("sd-turbo", dtype=torch.float16, device="cuda:0")
     # the one-GPU stream and the first stage share the pipeline on cuda:0 (compiled per batch shape: dynamic=False)
     baseline_models = models
     stage_models = [models, replicate(models, "cuda:1")]

@@ -573,3 +573,22 @@ def write_random_pipeline(
         logger.info("wrote random %r TAESD to %s", preset, taesd_folder)
     logger.info("wrote random %r pipeline (seed=%d) to %s", preset, seed, folder)
     return folder
+
+
+def random_stream_models(components: dict[str, object] | str = "tiny", *, seed: int = 0,
+                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", vae: str = "taesd",
+                         identity: dict | None = None):
+    """A :class:`~streamrt.models.StreamModels` of random components: ``components`` from
+    :func:`build_random_components`, or a preset name to build them (with ``seed``, ``dtype``, ``device``). ``vae``:
+    ``"taesd"`` (the tiny autoencoder, as the benchmarks run) or ``"kl"`` (the full VAE); the second text encoder
+    where the preset has one."""
+    from .models import StreamModels
+
+    parts = (build_random_components(components, seed=seed, dtype=dtype, device=device, taesd=vae == "taesd")
+             if isinstance(components, str) else components)
+    if vae not in ("taesd", "kl"):
+        raise ValueError(f"vae must be 'taesd' or 'kl', got {vae!r}")
+    return StreamModels(unet=parts["unet"], vae=parts["taesd"] if vae == "taesd" else parts["vae"],
+                        text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                        scheduler=parts["scheduler"], text_encoder_2=parts.get("text_encoder_2"),
+                        tokenizer_2=parts.get("tokenizer_2"), **({} if identity is None else {"identity": identity}))

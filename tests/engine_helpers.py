@@ -19,7 +19,7 @@ import torch
 from streamrt import StreamConfig, StreamModels
 from streamrt.engines import TensorSpec, component_for, export_onnx, requests_for_stream
 from streamrt.engines import build as build_mod
-from streamrt.random_models import build_random_components
+from streamrt.random_models import build_random_components, random_stream_models
 from streamrt.runtime import AttachResult
 
 _MISSING = [name for name in ("polygraphy", "tensorrt_rtx") if importlib.util.find_spec(name) is None]
@@ -32,11 +32,8 @@ TARGET = "SM89"
 
 def tiny_stream_models(vae: str = "taesd", seed: int = 0, dtype: torch.dtype = torch.float32) -> StreamModels:
     """Tiny random pipeline as ``StreamModels`` (``vae``: ``taesd`` or ``kl``), with an identity."""
-    parts = build_random_components("tiny", seed=seed, dtype=dtype, taesd=vae == "taesd")
-    return StreamModels(unet=parts["unet"], vae=parts["taesd"] if vae == "taesd" else parts["vae"],
-                        text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
-                        scheduler=parts["scheduler"], identity={"kind": "random", "preset": "tiny", "vae": vae,
-                                                                "seed": seed})
+    return random_stream_models("tiny", seed=seed, dtype=dtype, vae=vae,
+                                identity={"kind": "random", "preset": "tiny", "vae": vae, "seed": seed})
 
 
 def tiny_xl_stream_models(seed: int = 0, dtype: torch.dtype = torch.float32, identity: dict | None = None,

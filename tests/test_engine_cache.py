@@ -579,11 +579,9 @@ def test_remove(cache) -> None:
 
 # ------------------------------------------------------------------------------------------- weights
 def _models(identity: dict, seed: int = 0) -> StreamModels:
-    from streamrt.random_models import build_random_components
+    from streamrt.random_models import random_stream_models
 
-    parts = build_random_components("tiny", seed=seed)
-    return StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
-                        tokenizer=parts["tokenizer"], scheduler=parts["scheduler"], identity=identity)
+    return random_stream_models("tiny", seed=seed, identity=identity)
 
 
 def test_weights_fingerprint() -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from streamrt import Acceleration, Stream, StreamConfig, StreamModels
-from streamrt.random_models import build_random_components
+from streamrt.random_models import random_stream_models
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
 
@@ -41,10 +41,7 @@ COMPILE_MAX_TOL, COMPILE_MEAN_TOL = 2.5e-2, 2e-3
 
 # ---------------------------------------------------------------------------------------------- helpers
 def build_models(dtype: torch.dtype, *, taesd: bool = True, seed: int = 0, preset: str = "tiny") -> StreamModels:
-    c = build_random_components(preset, seed=seed, dtype=dtype, device="cuda", taesd=taesd)
-    return StreamModels(unet=c["unet"], vae=c["taesd"] if taesd else c["vae"], text_encoder=c["text_encoder"],
-                        tokenizer=c["tokenizer"], scheduler=c["scheduler"], text_encoder_2=c.get("text_encoder_2"),
-                        tokenizer_2=c.get("tokenizer_2"))
+    return random_stream_models(preset, seed=seed, dtype=dtype, device="cuda", vae="taesd" if taesd else "kl")
 
 
 def make_config(cfg_type: str, n: int, frames_per_step: int = 1, **changes) -> StreamConfig:

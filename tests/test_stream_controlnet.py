@@ -17,7 +17,7 @@ from test_stream_reference import ReferenceStream, compare
 
 from streamrt import Stream
 from streamrt.controlnet import ControlNet
-from streamrt.random_models import build_random_components
+from streamrt.random_models import random_stream_models
 
 
 def tiny_controlnet(unet, seed: int):
@@ -245,12 +245,8 @@ def test_sdxl_stream_takes_a_controlnet_with_added_conditions():
     """An SDXL ControlNet gets the stream's pooled embeddings and size conditions like the UNet."""
     from diffusers import ControlNetModel
 
-    from streamrt import StreamModels
 
-    parts = build_random_components("tiny-xl", seed=3)
-    models = StreamModels(unet=parts["unet"], vae=parts["taesd"], text_encoder=parts["text_encoder"],
-                          tokenizer=parts["tokenizer"], scheduler=parts["scheduler"],
-                          text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"])
+    models = random_stream_models("tiny-xl", seed=3)
     torch.manual_seed(4)
     net = ControlNetModel.from_unet(models.unet, conditioning_embedding_out_channels=(8, 8, 16, 16),
                                     load_weights_from_unet=False).eval().requires_grad_(False)

@@ -17,15 +17,11 @@ from test_stream_reference import CALLS, T_INDEX, _pair, compare
 from streamrt import Stream, StreamModels
 from streamrt.families import SDXL
 from streamrt.prompts import TextEmbedding
-from streamrt.random_models import build_random_components
+from streamrt.random_models import random_stream_models
 
 
 def _models(vae: str = "full") -> StreamModels:
-    parts = build_random_components("tiny-xl", seed=3)
-    return StreamModels(unet=parts["unet"], vae=parts["taesd"] if vae == "taesd" else parts["vae"],
-                        text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
-                        scheduler=parts["scheduler"], text_encoder_2=parts["text_encoder_2"],
-                        tokenizer_2=parts["tokenizer_2"])
+    return random_stream_models("tiny-xl", seed=3, vae="kl" if vae == "full" else vae)
 
 
 @pytest.fixture(scope="module")

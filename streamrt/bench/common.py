@@ -16,7 +16,7 @@ import torch
 from ..config import Acceleration, StreamConfig
 from ..kv_cache import KVCacheConfig
 from ..models import StreamModels
-from ..random_models import build_random_components
+from ..random_models import build_random_components, random_stream_models
 from ..runtime import CompileOptions, prepare
 from ..stream import Stream
 
@@ -321,10 +321,7 @@ class BenchContext:
         """A fresh :class:`StreamModels` (its own prompt cache, so encoder calls count per row) over the run's
         shared modules of ``sc``'s family, the TAESD as the VAE. Compiled copies are made per
         :class:`StreamModels` (:func:`streamrt.runtime.compiled_calls`), so each compile row compiles its own."""
-        c = self.components(sc)
-        return StreamModels(unet=c["unet"], vae=c["taesd"], text_encoder=c["text_encoder"],
-                            tokenizer=c["tokenizer"], scheduler=c["scheduler"],
-                            text_encoder_2=c.get("text_encoder_2"), tokenizer_2=c.get("tokenizer_2"))
+        return random_stream_models(self.components(sc))
 
     def stream(self, acceleration: str, sc: Scenario, **kwargs) -> Stream:
         """A stream of the scenario with ``acceleration``, through :func:`streamrt.runtime.prepare`."""
