@@ -147,6 +147,8 @@ class StreamSampler(io.ComfyNode):
                                 reset=reset, engines=engine_source(pipeline),
                                 controlnets=control_inputs(positive, negative, models, config),
                                 video_devices=settings.video_devices, step_devices=settings.step_devices)
+        if len(settings.step_devices) > 1 and config.num_steps == 1:
+            notes.append("Stream Devices splits the denoising steps, and this stream has one: it runs on one GPU")
         node_id = cls.hidden.unique_id
         owner = (workflow_id(cls.hidden.extra_pnginfo), node_id)
         fresh = SESSIONS.frames_processed(owner) == 0

@@ -237,6 +237,11 @@ def test_stream_devices_split_the_steps_of_one_stream(server: ComfyServer, core_
         run_images(server, graph(prefix, names[:1]), prefix, ws)
         ws.wait_for(lambda kind, d: kind == "streamrt.status" and len(status_events(ws, prefix)) == 1, timeout=30)
         assert status_events(ws, prefix)[-1]["devices"] == ["cpu"]
+    with server.websocket() as ws:  # one step: nothing to split, and the status says so
+        run_images(server, staged(names[:1], t_index_list="30"), prefix, ws)
+        ws.wait_for(lambda kind, d: kind == "streamrt.status" and len(status_events(ws, prefix)) == 1, timeout=30)
+        event = status_events(ws, prefix)[-1]
+        assert event["devices"] == ["cpu"] and any("this stream has one" in note for note in event["notes"])
 
 
 # ---------------------------------------------------------------------------------------------------
