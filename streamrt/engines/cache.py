@@ -282,8 +282,9 @@ class EngineKey:
                 "shapes": self.shapes.to_json(),
                 "precision": self.precision, "backend": self.backend, "backend_version": self.backend_version,
                 "target": self.target, "cache_window": self.cache_window, "format": self.format}
-        if self.control:  # left out when unset: the keys of plain engines keep their digests (see above)
-            data["control"] = True
+        # fields added later are left out at their default: the keys of older engines keep their digests (see above)
+        data.update({name: getattr(self, name) for name, default in _LEFT_OUT_AT_DEFAULT.items()
+                     if getattr(self, name) != default})
         return data
 
     @classmethod
@@ -292,7 +293,8 @@ class EngineKey:
                    shapes=EngineShapes.from_json(data["shapes"]), precision=str(data["precision"]),
                    backend=str(data["backend"]), backend_version=str(data["backend_version"]),
                    target=str(data["target"]), cache_window=int(data.get("cache_window", 0)),
-                   format=int(data.get("format", 0)), control=_flag(data.get("control", False), "control"))
+                   format=int(data.get("format", 0)),
+                   control=_flag(data.get("control", _LEFT_OUT_AT_DEFAULT["control"]), "control"))
 
     def digest(self) -> str:
         return hashlib.sha256(_canonical(self.to_json()).encode()).hexdigest()[:16]
@@ -308,8 +310,7 @@ class EngineKey:
 
     def differences(self, other: EngineKey) -> list[str]:
         """``["target: SM86 != SM89", ...]`` for the fields where ``other`` differs from self."""
-        defaults = {"control": False}  # the fields left out of the JSON when unset (see the class docstring)
-        mine, theirs = {**defaults, **self.to_json()}, {**defaults, **other.to_json()}
+        mine, theirs = {**_LEFT_OUT_AT_DEFAULT, **self.to_json()}, {**_LEFT_OUT_AT_DEFAULT, **other.to_json()}
         return [f"{k}: {theirs[k]} != {mine[k]}" for k in mine if mine[k] != theirs[k]]
 
     def describe(self) -> str:
@@ -317,6 +318,10 @@ class EngineKey:
         control = ", ControlNet residual inputs" if self.control else ""
         return (f"{self.component} ({self.family}, {self.shapes.label()}, {self.precision}, {self.backend} "
                 f"{self.backend_version}, {self.target}{window}{control})")
+
+
+#: EngineKey fields written into its JSON only when they differ from these defaults (added after engines existed)
+_LEFT_OUT_AT_DEFAULT: dict[str, Any] = {"control": False}
 
 
 def _flag(value: Any, what: str) -> bool:
