@@ -369,6 +369,7 @@ class StreamSessions:
         with self._lock:
             return {owner: {"frames": s.frames_processed, "width": s.config.width, "height": s.config.height,
                             "steps": s.config.num_steps, "device": str(s.device),
+                            "devices": [str(d) for d in s.devices],
                             "acceleration": s.runtime.describe()}
                     for owner, s in self._streams.items()}
 

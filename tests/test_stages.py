@@ -236,6 +236,7 @@ def test_sessions_keep_a_staged_stream_and_refuse_what_it_cannot_run(tiny_models
     stream = sessions.stream("a", tiny_models, request)
     assert isinstance(stream, StagedStream) and stream.models is tiny_models and len(stream.stages) == 2
     assert sessions.ran_on["a"] == ("cpu", "cpu") and stream.frames_processed == 3
+    assert sessions.live_streams()["a"]["devices"] == ["cpu", "cpu"]
     for k, got in enumerate(outputs):
         assert _close(got, reference.step(frames[k:k + 1])) < (FILLING if k < 2 else TOLERANCE)
     _, video = sessions.run("a", tiny_models, StreamRequest(config, "a red dog", NEGATIVE, reset=True,
