@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from .families import FAMILIES, ModelFamily, family_named
+from .families import FAMILIES, ModelFamily, as_family, family_named, known_families
 from .weights import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -122,16 +122,6 @@ def projects_pooled(family: ModelFamily, index: int) -> bool:
     """Whether text encoder ``index`` of ``family`` keeps its text projection: the last one does when the UNet
     takes a pooled embedding (SDXL's OpenCLIP-bigG, a ``CLIPTextModelWithProjection``)."""
     return family.pooled_dim > 0 and index == family.text_encoders - 1
-
-
-def _family(family: str | ModelFamily) -> ModelFamily:
-    return family if isinstance(family, ModelFamily) else family_named(family)
-
-
-def _known() -> str:
-    """The families StreamRT streams, for messages: ``SD1.x, SD2.x and SDXL``."""
-    labels = [f.label for f in FAMILIES.values()]
-    return ", ".join(labels[:-1]) + " and " + labels[-1]
 
 
 @dataclass(frozen=True)
@@ -222,7 +212,7 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]], *, check_widths: bo
             widths.
     """
     keys = list(shapes)
-    known = _known()
+    known = known_families()
     if any(k.startswith((UNET + "joint_blocks.", "joint_blocks.")) for k in keys):
         raise ModelLoadError(f"this is a Stable Diffusion 3 checkpoint: StreamRT streams {known}")
     if any(k.startswith((UNET + "double_blocks.", "double_blocks.")) for k in keys):
@@ -307,7 +297,7 @@ def auto_prediction_type(arch: Architecture, file_name: str,
 def shipped_config_dir(family: str | ModelFamily, prediction_type: str) -> Path:
     """The pack's config folder for a family and prediction type (:meth:`ModelFamily.config_folder`)."""
     try:
-        return CONFIG_ROOT / _family(family).config_folder(prediction_type)
+        return CONFIG_ROOT / as_family(family).config_folder(prediction_type)
     except (ValueError, StopIteration):
         raise ModelLoadError(f"no shipped configs for {family!r}") from None
 
@@ -365,7 +355,7 @@ def text_encoder_state_dict(state_dict: Mapping[str, torch.Tensor], family: str 
     """
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
-    tower = TEXT_TOWERS[_family(family).name][index]
+    tower = TEXT_TOWERS[as_family(family).name][index]
     kept = {k: v for k, v in state_dict.items() if k.startswith(tower.prefix)}
     if not tower.open_clip:
         text = convert_ldm_clip_checkpoint(kept, remove_prefix=tower.prefix)
@@ -481,7 +471,7 @@ def build_components(state_dict: Mapping[str, torch.Tensor], family: str | Model
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    family = _family(family)
+    family = as_family(family)
     parts: dict[str, object] = {
         "unet": build_unet(state_dict, UNet2DConditionModel.load_config(config_dir, subfolder="unet",
                                                                         local_files_only=True)),
@@ -609,7 +599,7 @@ def check_taesd_name(name: str, family: ModelFamily | None, source: str | os.Pat
     if name in OTHER_TAESD:
         wanted = " or ".join(sorted({f.taesd for f in FAMILIES.values()}))
         raise ModelLoadError(f"{source} is {name}, the tiny autoencoder for {OTHER_TAESD[name]}; StreamRT streams "
-                             f"{_known()} models, which need {wanted}")
+                             f"{known_families()} models, which need {wanted}")
     owners = taesd_families(name)
     if family is None or not owners or family in owners:
         return
@@ -666,7 +656,7 @@ def comfy_taesd_to_diffusers(encoder: Mapping[str, torch.Tensor],
     dec_blocks.pop()
     dec_in = int(decoder[f"{min(dec_kinds) + 1}.weight"].shape[1])
     if latent_channels != 4 or dec_in != 4:
-        raise ModelLoadError(f"this TAESD has {latent_channels} latent channels, {_known()} use 4 (a TAESD3 / "
+        raise ModelLoadError(f"this TAESD has {latent_channels} latent channels, {known_families()} use 4 (a TAESD3 / "
                              "TAEF1 file?)")
     config = {
         "in_channels": int(encoder["0.weight"].shape[1]),

@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from .families import FAMILIES, ModelFamily, family_named, family_of_unet
+from .families import FAMILIES, ModelFamily, as_family, family_named, family_of_unet, known_families
 from .weights import SAFETENSORS_SUFFIXES, ModelLoadError, check_weight_file, read_shapes, read_weights
 
 logger = logging.getLogger(__name__)
@@ -106,11 +106,6 @@ _NOT_CONTROLNETS: tuple[tuple[Any, str], ...] = (
      or ".lora_A." in k or ".lora_B." in k,
      "a LoRA, not a ControlNet: put it in models/loras and add it with the StreamRT LoRA node"),
 )
-
-
-def _known() -> str:
-    labels = [f.label for f in FAMILIES.values()]
-    return ", ".join(labels[:-1]) + " and " + labels[-1]
 
 
 def _prefix_summary(keys: Sequence[str], depth: int = 2, limit: int = 8) -> str:
@@ -200,7 +195,7 @@ def detect_controlnet(shapes: Mapping[str, Any]) -> ControlNetArchitecture:
     # SDXL's added embedding is label_emb.0.0/0.2 (LDM) or add_embedding (diffusers); a class embedding is not
     if prefix + "label_emb.weight" in shapes or any(k.startswith("class_embedding.") for k in ours):
         raise ModelLoadError("the ControlNet has a class embedding (an unCLIP or upscaler ControlNet): only "
-                             f"text-to-image {_known()} ControlNets can stream")
+                             f"text-to-image {known_families()} ControlNets can stream")
     added = prefix + ("label_emb.0.0.weight" if ldm else "add_embedding.linear_1.weight")
     context = next((_shape(shapes[k])[1] for k in ours if k.endswith(".attn2.to_k.weight")), 0)
     if not context:
@@ -432,7 +427,7 @@ def _derive_config(shapes: Mapping[str, tuple[int, ...]], arch: ControlNetArchit
 def _check_family(arch_family: str, family: str | ModelFamily | None, what: str) -> None:
     if family is None:
         return
-    wanted = family if isinstance(family, ModelFamily) else family_named(family)
+    wanted = as_family(family)
     if arch_family != wanted.name:
         found = family_named(arch_family)
         raise ModelLoadError(f"{what} is an {found.label} ControlNet; this {wanted.label} pipeline needs an "
@@ -596,7 +591,7 @@ def _load_file(path: Path, *, dtype, device, family, unet_config, base_unet):
         config = dict(ControlNetModel.load_config(path, local_files_only=True))
         if config.get("_class_name") not in (None, "ControlNetModel"):
             raise ModelLoadError(f"{path} holds a {config['_class_name']}, not a ControlNetModel: StreamRT takes "
-                                 f"{_known()} ControlNets")
+                                 f"{known_families()} ControlNets")
         return _from_state(_folder_weights(path), what=what, dtype=dtype, device=device, family=family,
                            unet_config=unet_config, base_unet=base_unet, global_pool_conditions=global_pool,
                            copy=False, config=config)
