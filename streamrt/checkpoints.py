@@ -53,7 +53,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +61,7 @@ from typing import Any
 import torch
 
 from .families import FAMILIES, ModelFamily, as_family, family_named, known_families
+from .state_dicts import context_width, prefix_summary
 from .weights import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -177,22 +177,7 @@ def normalize_keys(keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _prefix_summary(keys: Sequence[str], depth: int = 2, limit: int = 8) -> str:
-    counts = Counter(".".join(k.split(".")[:depth]) for k in keys)
-    return ", ".join(f"{prefix}.* ({n})" for prefix, n in counts.most_common(limit)) or "no keys at all"
-
-
 # --------------------------------------------------------------------------- detection
-
-
-def _context_width(shapes: Mapping[str, Sequence[int]]) -> int:
-    """The UNet's cross-attention context width (the input width of its first ``attn2.to_k``), 0 without one.
-
-    Searched rather than read at a fixed block: SDXL's first level has no attention."""
-    for key, shape in shapes.items():
-        if key.startswith(UNET) and key.endswith(".attn2.to_k.weight"):
-            return int(shape[1])
-    return 0
 
 
 def detect_architecture(shapes: Mapping[str, Sequence[int]], *, check_widths: bool = True) -> Architecture:
@@ -227,7 +212,7 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]], *, check_widths: bo
                              "base, SDXL-turbo and their fine-tunes")
     if _UNET_IN not in shapes:
         raise ModelLoadError(f"not a {known} checkpoint: no UNet (model.diffusion_model.*) was found; keys found: "
-                             f"{_prefix_summary(keys)}")
+                             f"{prefix_summary(keys)}")
     found = [name for name, towers in TEXT_TOWERS.items() if all(t.token_embedding in shapes for t in towers)]
     # SDXL's towers include none of SD1's or SD2's prefixes, so a file matches one family or is malformed.
     if len(found) != 1:
@@ -246,11 +231,11 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]], *, check_widths: bo
         layouts = "; ".join(f"{family_named(n).label}: " + " + ".join(t.prefix + "*" for t in towers)
                             for n, towers in TEXT_TOWERS.items())
         raise ModelLoadError(f"not a {known} checkpoint: it has {what} ({layouts}); keys found: "
-                             f"{_prefix_summary(keys)}")
+                             f"{prefix_summary(keys)}")
     family = family_named(found[0])
     text_widths = tuple(int(shapes[t.token_embedding][1]) for t in TEXT_TOWERS[family.name])
     in_channels = int(shapes[_UNET_IN][1])
-    context_dim = _context_width(shapes) or sum(text_widths)
+    context_dim = context_width(shapes, UNET) or sum(text_widths)
     if _LABEL_EMB in shapes and not family.has_added_conditions:
         raise ModelLoadError(f"the UNet has class embeddings (an SD2 unCLIP or upscaler model): only text-to-image "
                              f"{known} models can stream")

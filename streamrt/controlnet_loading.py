@@ -54,7 +54,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +62,7 @@ from typing import Any
 import torch
 
 from .families import FAMILIES, ModelFamily, as_family, family_named, family_of_unet, known_families
+from .state_dicts import context_width, prefix_summary, shape_of
 from .weights import SAFETENSORS_SUFFIXES, ModelLoadError, check_weight_file, read_shapes, read_weights
 
 logger = logging.getLogger(__name__)
@@ -108,16 +108,6 @@ _NOT_CONTROLNETS: tuple[tuple[Any, str], ...] = (
 )
 
 
-def _prefix_summary(keys: Sequence[str], depth: int = 2, limit: int = 8) -> str:
-    counts = Counter(".".join(k.split(".")[:depth]) for k in keys)
-    return ", ".join(f"{prefix}.* ({n})" for prefix, n in counts.most_common(limit)) or "no keys at all"
-
-
-def _shape(value) -> tuple[int, ...]:
-    """A tensor's shape, or a shape given as is (a safetensors header's)."""
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
-
-
 @dataclass(frozen=True)
 class ControlNetArchitecture:
     """What a ControlNet's weights are, read from their keys and shapes (:func:`detect_controlnet`).
@@ -152,7 +142,7 @@ def _refuse_others(keys: Sequence[str]) -> None:
     for test, what in _NOT_CONTROLNETS:
         found = [k for k in keys if test(k)]
         if found:
-            raise ModelLoadError(f"this is {what} (keys like {found[0]!r}; found: {_prefix_summary(keys)})")
+            raise ModelLoadError(f"this is {what} (keys like {found[0]!r}; found: {prefix_summary(keys)})")
 
 
 def detect_controlnet(shapes: Mapping[str, Any]) -> ControlNetArchitecture:
@@ -183,24 +173,24 @@ def detect_controlnet(shapes: Mapping[str, Any]) -> ControlNetArchitecture:
         raise ModelLoadError("this is a diffusers UNet (up_blocks.*), not a ControlNet")
     else:
         raise ModelLoadError(f"not a ControlNet: no control image encoder (input_hint_block.* or "
-                             f"controlnet_cond_embedding.*) was found; keys found: {_prefix_summary(keys)}")
+                             f"controlnet_cond_embedding.*) was found; keys found: {prefix_summary(keys)}")
     ldm = layout == "ldm"
     hint = prefix + (_LDM_HINT_IN if ldm else _DIFFUSERS_HINT_IN)
     conv_in = prefix + ("input_blocks.0.0.weight" if ldm else "conv_in.weight")
     if hint not in shapes or conv_in not in shapes:
         missing = hint if hint not in shapes else conv_in
         raise ModelLoadError(f"the ControlNet has no {missing}: the file is incomplete or of another architecture; "
-                             f"keys found: {_prefix_summary(keys)}")
+                             f"keys found: {prefix_summary(keys)}")
     ours = [k for k in keys if k.startswith(prefix)]
     # SDXL's added embedding is label_emb.0.0/0.2 (LDM) or add_embedding (diffusers); a class embedding is not
     if prefix + "label_emb.weight" in shapes or any(k.startswith("class_embedding.") for k in ours):
         raise ModelLoadError("the ControlNet has a class embedding (an unCLIP or upscaler ControlNet): only "
                              f"text-to-image {known_families()} ControlNets can stream")
     added = prefix + ("label_emb.0.0.weight" if ldm else "add_embedding.linear_1.weight")
-    context = next((_shape(shapes[k])[1] for k in ours if k.endswith(".attn2.to_k.weight")), 0)
+    context = context_width(shapes, prefix)
     if not context:
         raise ModelLoadError("the ControlNet has no cross-attention (attn2): not an SD1.x/SD2.x/SDXL ControlNet")
-    in_channels = _shape(shapes[conv_in])[1]
+    in_channels = shape_of(shapes[conv_in])[1]
     if in_channels != 4:
         raise ModelLoadError(f"the ControlNet takes {in_channels} latent channels (one for an inpainting or instruct "
                              "UNet): only ControlNets of 4-channel text-to-image models can stream")
@@ -209,8 +199,8 @@ def detect_controlnet(shapes: Mapping[str, Any]) -> ControlNetArchitecture:
     if context == 2048 and not family.has_added_conditions:
         raise ModelLoadError("the ControlNet has SDXL's 2048-wide context but no added embedding (label_emb / "
                              "add_embedding): the file is incomplete or of another architecture")
-    return ControlNetArchitecture(layout=layout, prefix=prefix, family=family.name, context_dim=int(context),
-                                  conditioning_channels=int(_shape(shapes[hint])[1]), in_channels=int(in_channels),
+    return ControlNetArchitecture(layout=layout, prefix=prefix, family=family.name, context_dim=context,
+                                  conditioning_channels=int(shape_of(shapes[hint])[1]), in_channels=int(in_channels),
                                   diff=DIFF_KEY in shapes)
 
 
@@ -284,7 +274,7 @@ def _to_diffusers(state: Mapping[str, Any], arch: ControlNetArchitecture) -> dic
                              f"{unused[:3]})")
     others = [k for k in state if not k.startswith(arch.prefix)]
     if others:
-        logger.info("ignoring %d tensors outside %s* (%s)", len(others), arch.prefix, _prefix_summary(others))
+        logger.info("ignoring %d tensors outside %s* (%s)", len(others), arch.prefix, prefix_summary(others))
     return {new: state[old] for new, old in mapping.items()}
 
 
@@ -336,7 +326,7 @@ def controlnet_config_from_state_dict(state_dict: Mapping[str, Any], *,
             ``unet_config``.
     """
     arch = detect_controlnet(state_dict)
-    shapes = {k: _shape(v) for k, v in _to_diffusers(state_dict, arch).items()}
+    shapes = {k: shape_of(v) for k, v in _to_diffusers(state_dict, arch).items()}
     return _derive_config(shapes, arch, unet_config, global_pool_conditions)
 
 
@@ -495,7 +485,7 @@ def _from_state(state: Mapping[str, torch.Tensor], *, what: str, dtype, device, 
     _check_usable(arch, what=what, family=family, unet_config=unet_config, base_unet=base_unet)
     renamed = _to_diffusers(state, arch)
     if config is None:
-        shapes = {k: _shape(v) for k, v in renamed.items()}
+        shapes = {k: shape_of(v) for k, v in renamed.items()}
         config = _derive_config(shapes, arch, unet_config, global_pool_conditions)
     elif unet_config is not None:
         _fit_unet(dict(config), unet_config)
