@@ -510,6 +510,8 @@ def controlnet_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, dtype:
 
     Args:
         state_dict: the ControlNet's tensors (LDM names with or without ``control_model.``, or diffusers names).
+            ComfyUI's ``CONTROL_NET`` holds LDM names without the prefix (``control_model.state_dict()`` of a
+            ``comfy.cldm.cldm.ControlNet``; a DiffControlNetLoader's already holds the sums).
         dtype: the model's dtype (None: the tensors' own).
         device: where the model lives (None: where the tensors are).
         family: the pipeline's family: a ControlNet of another is refused (None: any, or ``unet_config``'s).
@@ -528,25 +530,6 @@ def controlnet_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, dtype:
     with _load_errors(what):
         return _from_state(state_dict, what=what, dtype=dtype, device=target, family=family, unet_config=unet_config,
                            base_unet=base_unet, global_pool_conditions=global_pool_conditions, copy=True)
-
-
-def controlnet_from_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], **kwargs):
-    """A diffusers ``ControlNetModel`` from LDM-layout ControlNet weights in memory: what ComfyUI's ``CONTROL_NET``
-    holds (``control_net.control_model.state_dict()``: a ``comfy.cldm.cldm.ControlNet``'s keys, ``input_blocks.*``,
-    ``zero_convs.*``, ``input_hint_block.*``, ``middle_block_out.*``, no ``control_model.`` prefix; a
-    DiffControlNetLoader's already holds the sums). Keyword arguments as :func:`controlnet_from_state_dict`.
-
-    Raises:
-        ModelLoadError: diffusers-layout weights (use :func:`controlnet_from_state_dict`), and as
-            :func:`controlnet_from_state_dict`.
-    """
-    what = kwargs.get("what", "the ControlNet")
-    from .loading import _load_errors
-
-    with _load_errors(what):
-        if detect_controlnet(state_dict).layout != "ldm":
-            raise ModelLoadError(f"{what} has diffusers' key names, not the original (LDM) ones")
-    return controlnet_from_state_dict(state_dict, **kwargs)
 
 
 def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:

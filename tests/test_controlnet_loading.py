@@ -31,7 +31,6 @@ from safetensors.torch import save_file
 from streamrt.controlnet_loading import (
     ControlNetArchitecture,
     controlnet_config_from_state_dict,
-    controlnet_from_ldm_state_dict,
     controlnet_from_state_dict,
     detect_controlnet,
     load_controlnet,
@@ -145,7 +144,7 @@ def test_comfyui_controlnet_weights_give_comfyuis_residuals(tmp_path, unets, con
         pytest.skip(f"no ComfyUI source at {COMFYUI}")
     ref = comfy_controlnet_reference(COMFYUI, tmp_path / "comfy.safetensors", COMFY_PARAMS[preset], seed=3)
     unet_config = unets[preset].config
-    in_memory = controlnet_from_ldm_state_dict(ref["sd"], unet_config=unet_config, what="ComfyUI's ControlNet")
+    in_memory = controlnet_from_state_dict(ref["sd"], unet_config=unet_config, what="ComfyUI's ControlNet")
     path = tmp_path / "control.safetensors"
     save_file({"control_model." + k: v for k, v in ref["sd"].items()}, str(path))
     from_file = load_controlnet(path, dtype=torch.float32, device=CPU, unet_config=unet_config)
@@ -243,7 +242,7 @@ def test_fp16_files_are_cast_and_in_memory_weights_are_copied(tmp_path, controln
         assert torch.equal(as_fp32.state_dict()[key], value.half().float()), key
         assert as_fp16.state_dict()[key].dtype == torch.float16
     sd = controlnet_to_ldm({k: v.clone() for k, v in reference.state_dict().items()}, reference.config, prefix="")
-    model = controlnet_from_ldm_state_dict(sd)
+    model = controlnet_from_state_dict(sd)
     sd["zero_convs.0.0.weight"].zero_()  # the host changes its tensors: the model keeps its own
     assert_same_weights(model, reference)
 
@@ -295,8 +294,8 @@ def test_controlnets_of_another_family_are_refused_naming_both(tmp_path, unets, 
     with pytest.raises(ModelLoadError, match=r"is an SD1\.x ControlNet; this SDXL pipeline"):
         load_controlnet(sd1, dtype=torch.float32, device=CPU, unet_config=unets["tiny-xl"].config)
     with pytest.raises(ModelLoadError, match=r"the ComfyUI ControlNet is an SD1\.x ControlNet; this SDXL"):
-        controlnet_from_ldm_state_dict(controlnet_to_ldm(controlnets["tiny"].state_dict(), controlnets["tiny"].config,
-                                                         prefix=""), family=SDXL, what="the ComfyUI ControlNet")
+        controlnet_from_state_dict(controlnet_to_ldm(controlnets["tiny"].state_dict(), controlnets["tiny"].config,
+                                                     prefix=""), family=SDXL, what="the ComfyUI ControlNet")
     assert load_controlnet(sd2, dtype=torch.float32, device=CPU, family=SD2).config.cross_attention_dim == 1024
 
 
@@ -387,9 +386,7 @@ def test_loading_is_strict(tmp_path, controlnets):
     assert_same_weights(load_controlnet(bundled, dtype=torch.float32, device=CPU), controlnets["tiny"])
 
 
-def test_ldm_state_dict_entry_point_takes_the_ldm_layout_only(controlnets):
-    with pytest.raises(ModelLoadError, match="diffusers' key names"):
-        controlnet_from_ldm_state_dict(controlnets["tiny"].state_dict())
+def test_diffusers_named_weights_load_from_memory_too(controlnets):
     model = controlnet_from_state_dict(controlnets["tiny"].state_dict(), dtype=torch.float32)
     assert_same_weights(model, controlnets["tiny"])
 
