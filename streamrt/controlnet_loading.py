@@ -17,10 +17,9 @@ layout          keys
 ==============  ===========================================================================================
 
 **Architecture from the weights.** Single files carry no config. Everything a diffusers config needs is read
-from the keys and shapes (:func:`controlnet_config_from_state_dict`): block widths, blocks per level,
-transformer depth per level and in the middle block, cross-attention width, linear or convolutional
-projections, the control image encoder's widths, SDXL's added embedding. So a pruned or small ControlNet
-gets its own config. Two things are not in the weights:
+from the keys and shapes: block widths, blocks per level, transformer depth per level and in the middle block,
+cross-attention width, linear or convolutional projections, the control image encoder's widths, SDXL's added
+embedding. So a pruned or small ControlNet gets its own config. Two things are not in the weights:
 
 - the number of attention heads: taken from the pipeline's UNet config when one is given (a ControlNet is
   a copy of its base UNet's encoder, heads included), else by the families' convention, the one ComfyUI's
@@ -306,32 +305,11 @@ def _fit_unet(config: dict[str, Any], unet_config: Mapping[str, Any]) -> None:
                              "text + size) embedding and the other not")
 
 
-def controlnet_config_from_state_dict(state_dict: Mapping[str, Any], *,
-                                      unet_config: Mapping[str, Any] | None = None,
-                                      global_pool_conditions: bool = False) -> dict[str, Any]:
-    """A diffusers ``ControlNetModel`` config for ControlNet weights, read from their keys and shapes.
-
-    Args:
-        state_dict: key -> tensor (or shape), in either layout (:func:`detect_controlnet`).
-        unet_config: the pipeline's ``UNet2DConditionModel`` config: the attention heads, SDXL's size-embedding
-            width and the constants no weight shows (``upcast_attention``, norm groups...) are taken from it, and
-            the ControlNet must fit it (same block widths, blocks per level, context width). None: the families'
-            conventions (module docstring).
-        global_pool_conditions: pool the residuals over the image (ControlNet 1.1 shuffle).
-
-    Raises:
-        ModelLoadError: weights that are no ControlNet (:func:`detect_controlnet`), layouts a diffusers ControlNet
-            cannot express (uneven blocks per level, attention in some blocks of a level only), head counts the
-            conventions cannot give (a non-standard width: pass ``unet_config``), a ControlNet that does not fit
-            ``unet_config``.
-    """
-    arch = detect_controlnet(state_dict)
-    shapes = {k: shape_of(v) for k, v in _to_diffusers(state_dict, arch).items()}
-    return _derive_config(shapes, arch, unet_config, global_pool_conditions)
-
-
 def _derive_config(shapes: Mapping[str, tuple[int, ...]], arch: ControlNetArchitecture,
                    unet_config: Mapping[str, Any] | None, global_pool_conditions: bool) -> dict[str, Any]:
+    """A diffusers ``ControlNetModel`` config from the ControlNet's shapes under diffusers' names (module docstring:
+    what comes from ``unet_config``, what from the families' conventions). Refuses layouts a diffusers ControlNet
+    cannot express, head counts the conventions cannot give, and a ControlNet that does not fit ``unet_config``."""
     keys = list(shapes)
     levels = _indices(keys, "down_blocks.")
     if not levels or levels != list(range(len(levels))):
@@ -515,13 +493,19 @@ def controlnet_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, dtype:
         dtype: the model's dtype (None: the tensors' own).
         device: where the model lives (None: where the tensors are).
         family: the pipeline's family: a ControlNet of another is refused (None: any, or ``unet_config``'s).
-        unet_config: the pipeline's UNet config (see :func:`controlnet_config_from_state_dict`).
+        unet_config: the pipeline's ``UNet2DConditionModel`` config: the attention heads, SDXL's size-embedding
+            width and the constants no weight shows (``upcast_attention``, norm groups...) are taken from it, and
+            the ControlNet must fit it (same block widths, blocks per level, context width). None: the families'
+            conventions (module docstring).
         base_unet: for "diff" ControlNets, the base UNet (a diffusers ``UNet2DConditionModel`` or its state dict).
         global_pool_conditions: pool the residuals over the image (shuffle ControlNets).
         what: how messages name the weights.
 
     Raises:
-        ModelLoadError: naming ``what``: not a ControlNet, another family, weights that do not fit the config.
+        ModelLoadError: naming ``what``: not a ControlNet (:func:`detect_controlnet`), another family, layouts a
+            diffusers ControlNet cannot express (uneven blocks per level, attention in some blocks of a level only),
+            head counts the conventions cannot give (a non-standard width: pass ``unet_config``), a ControlNet that
+            does not fit ``unet_config``, weights that do not fit the config.
     """
     from .loading import _load_errors, resolve_dtype
 
@@ -591,7 +575,7 @@ def load_controlnet(path: str | os.PathLike, *, dtype: torch.dtype | str, device
         family: the pipeline's family (a :class:`~streamrt.families.ModelFamily` or its name): a ControlNet of
             another family is refused, naming both. None: ``unet_config``'s family, or any.
         unet_config: the pipeline's UNet config: heads and the constants no weight shows come from it, and the
-            ControlNet must fit it (:func:`controlnet_config_from_state_dict`).
+            ControlNet must fit it (:func:`controlnet_from_state_dict`).
         base_unet: the base UNet for "diff" ControlNets (a ``UNet2DConditionModel`` or its diffusers state dict).
 
     Raises:

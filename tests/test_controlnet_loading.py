@@ -30,7 +30,6 @@ from safetensors.torch import save_file
 
 from streamrt.controlnet_loading import (
     ControlNetArchitecture,
-    controlnet_config_from_state_dict,
     controlnet_from_state_dict,
     detect_controlnet,
     load_controlnet,
@@ -192,13 +191,13 @@ def _plain(value):
 @pytest.mark.parametrize("layout", ("diffusers", "ldm"))
 @pytest.mark.parametrize("name", FULL_SIZE)
 def test_derived_config_builds_the_full_size_controlnets(name, layout):
-    """From key shapes alone (no UNet config), in both layouts: the same tensors, heads and config as diffusers'."""
+    """From the weights alone (meta tensors, no UNet config), in both layouts: the same tensors, heads and config as
+    diffusers'."""
     reference = _meta_controlnet(**FULL_SIZE[name])
-    shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    weights = reference.state_dict()
     if layout == "ldm":
-        shapes = controlnet_to_ldm(shapes, reference.config)
-    config = controlnet_config_from_state_dict(shapes)
-    ours = _meta_controlnet(**config)
+        weights = controlnet_to_ldm(weights, reference.config)
+    ours = controlnet_from_state_dict(weights)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
     assert heads(ours) == heads(reference)
     for key in ("block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
@@ -207,8 +206,8 @@ def test_derived_config_builds_the_full_size_controlnets(name, layout):
                 "mid_block_type"):
         assert _plain(ours.config[key]) == _plain(reference.config[key]), key
     if name == "sd15":
-        assert tuple(config["block_out_channels"]) == (320, 640, 1280, 1280)
-        assert tuple(config["conditioning_embedding_out_channels"]) == (16, 32, 96, 256)
+        assert tuple(ours.config.block_out_channels) == (320, 640, 1280, 1280)
+        assert tuple(ours.config.conditioning_embedding_out_channels) == (16, 32, 96, 256)
 
 
 def test_a_small_controlnet_gets_its_own_config(tmp_path, unets):
