@@ -53,7 +53,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,8 @@ from typing import Any
 
 import torch
 
-from .families import FAMILIES, ModelFamily, family_named
+from .families import FAMILIES, ModelFamily, as_family, family_named, known_families
+from .state_dicts import context_width, prefix_summary
 from .weights import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -124,16 +124,6 @@ def projects_pooled(family: ModelFamily, index: int) -> bool:
     return family.pooled_dim > 0 and index == family.text_encoders - 1
 
 
-def _family(family: str | ModelFamily) -> ModelFamily:
-    return family if isinstance(family, ModelFamily) else family_named(family)
-
-
-def _known() -> str:
-    """The families StreamRT streams, for messages: ``SD1.x, SD2.x and SDXL``."""
-    labels = [f.label for f in FAMILIES.values()]
-    return ", ".join(labels[:-1]) + " and " + labels[-1]
-
-
 @dataclass(frozen=True)
 class Architecture:
     """What a single-file checkpoint holds, read from its keys and shapes.
@@ -187,22 +177,7 @@ def normalize_keys(keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _prefix_summary(keys: Sequence[str], depth: int = 2, limit: int = 8) -> str:
-    counts = Counter(".".join(k.split(".")[:depth]) for k in keys)
-    return ", ".join(f"{prefix}.* ({n})" for prefix, n in counts.most_common(limit)) or "no keys at all"
-
-
 # --------------------------------------------------------------------------- detection
-
-
-def _context_width(shapes: Mapping[str, Sequence[int]]) -> int:
-    """The UNet's cross-attention context width (the input width of its first ``attn2.to_k``), 0 without one.
-
-    Searched rather than read at a fixed block: SDXL's first level has no attention."""
-    for key, shape in shapes.items():
-        if key.startswith(UNET) and key.endswith(".attn2.to_k.weight"):
-            return int(shape[1])
-    return 0
 
 
 def detect_architecture(shapes: Mapping[str, Sequence[int]], *, check_widths: bool = True) -> Architecture:
@@ -222,7 +197,7 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]], *, check_widths: bo
             widths.
     """
     keys = list(shapes)
-    known = _known()
+    known = known_families()
     if any(k.startswith((UNET + "joint_blocks.", "joint_blocks.")) for k in keys):
         raise ModelLoadError(f"this is a Stable Diffusion 3 checkpoint: StreamRT streams {known}")
     if any(k.startswith((UNET + "double_blocks.", "double_blocks.")) for k in keys):
@@ -237,7 +212,7 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]], *, check_widths: bo
                              "base, SDXL-turbo and their fine-tunes")
     if _UNET_IN not in shapes:
         raise ModelLoadError(f"not a {known} checkpoint: no UNet (model.diffusion_model.*) was found; keys found: "
-                             f"{_prefix_summary(keys)}")
+                             f"{prefix_summary(keys)}")
     found = [name for name, towers in TEXT_TOWERS.items() if all(t.token_embedding in shapes for t in towers)]
     # SDXL's towers include none of SD1's or SD2's prefixes, so a file matches one family or is malformed.
     if len(found) != 1:
@@ -256,11 +231,11 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]], *, check_widths: bo
         layouts = "; ".join(f"{family_named(n).label}: " + " + ".join(t.prefix + "*" for t in towers)
                             for n, towers in TEXT_TOWERS.items())
         raise ModelLoadError(f"not a {known} checkpoint: it has {what} ({layouts}); keys found: "
-                             f"{_prefix_summary(keys)}")
+                             f"{prefix_summary(keys)}")
     family = family_named(found[0])
     text_widths = tuple(int(shapes[t.token_embedding][1]) for t in TEXT_TOWERS[family.name])
     in_channels = int(shapes[_UNET_IN][1])
-    context_dim = _context_width(shapes) or sum(text_widths)
+    context_dim = context_width(shapes, UNET) or sum(text_widths)
     if _LABEL_EMB in shapes and not family.has_added_conditions:
         raise ModelLoadError(f"the UNet has class embeddings (an SD2 unCLIP or upscaler model): only text-to-image "
                              f"{known} models can stream")
@@ -307,7 +282,7 @@ def auto_prediction_type(arch: Architecture, file_name: str,
 def shipped_config_dir(family: str | ModelFamily, prediction_type: str) -> Path:
     """The pack's config folder for a family and prediction type (:meth:`ModelFamily.config_folder`)."""
     try:
-        return CONFIG_ROOT / _family(family).config_folder(prediction_type)
+        return CONFIG_ROOT / as_family(family).config_folder(prediction_type)
     except (ValueError, StopIteration):
         raise ModelLoadError(f"no shipped configs for {family!r}") from None
 
@@ -365,7 +340,7 @@ def text_encoder_state_dict(state_dict: Mapping[str, torch.Tensor], family: str 
     """
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
-    tower = TEXT_TOWERS[_family(family).name][index]
+    tower = TEXT_TOWERS[as_family(family).name][index]
     kept = {k: v for k, v in state_dict.items() if k.startswith(tower.prefix)}
     if not tower.open_clip:
         text = convert_ldm_clip_checkpoint(kept, remove_prefix=tower.prefix)
@@ -481,7 +456,7 @@ def build_components(state_dict: Mapping[str, torch.Tensor], family: str | Model
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    family = _family(family)
+    family = as_family(family)
     parts: dict[str, object] = {
         "unet": build_unet(state_dict, UNet2DConditionModel.load_config(config_dir, subfolder="unet",
                                                                         local_files_only=True)),
@@ -609,7 +584,7 @@ def check_taesd_name(name: str, family: ModelFamily | None, source: str | os.Pat
     if name in OTHER_TAESD:
         wanted = " or ".join(sorted({f.taesd for f in FAMILIES.values()}))
         raise ModelLoadError(f"{source} is {name}, the tiny autoencoder for {OTHER_TAESD[name]}; StreamRT streams "
-                             f"{_known()} models, which need {wanted}")
+                             f"{known_families()} models, which need {wanted}")
     owners = taesd_families(name)
     if family is None or not owners or family in owners:
         return
@@ -666,7 +641,7 @@ def comfy_taesd_to_diffusers(encoder: Mapping[str, torch.Tensor],
     dec_blocks.pop()
     dec_in = int(decoder[f"{min(dec_kinds) + 1}.weight"].shape[1])
     if latent_channels != 4 or dec_in != 4:
-        raise ModelLoadError(f"this TAESD has {latent_channels} latent channels, {_known()} use 4 (a TAESD3 / "
+        raise ModelLoadError(f"this TAESD has {latent_channels} latent channels, {known_families()} use 4 (a TAESD3 / "
                              "TAEF1 file?)")
     config = {
         "in_channels": int(encoder["0.weight"].shape[1]),

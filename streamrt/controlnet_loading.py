@@ -17,10 +17,9 @@ layout          keys
 ==============  ===========================================================================================
 
 **Architecture from the weights.** Single files carry no config. Everything a diffusers config needs is read
-from the keys and shapes (:func:`controlnet_config_from_state_dict`): block widths, blocks per level,
-transformer depth per level and in the middle block, cross-attention width, linear or convolutional
-projections, the control image encoder's widths, SDXL's added embedding. So a pruned or small ControlNet
-gets its own config. Two things are not in the weights:
+from the keys and shapes: block widths, blocks per level, transformer depth per level and in the middle block,
+cross-attention width, linear or convolutional projections, the control image encoder's widths, SDXL's added
+embedding. So a pruned or small ControlNet gets its own config. Two things are not in the weights:
 
 - the number of attention heads: taken from the pipeline's UNet config when one is given (a ControlNet is
   a copy of its base UNet's encoder, heads included), else by the families' convention, the one ComfyUI's
@@ -54,7 +53,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +60,8 @@ from typing import Any
 
 import torch
 
-from .families import FAMILIES, ModelFamily, family_named, family_of_unet
+from .families import FAMILIES, ModelFamily, as_family, family_named, family_of_unet, known_families
+from .state_dicts import context_width, prefix_summary, shape_of
 from .weights import SAFETENSORS_SUFFIXES, ModelLoadError, check_weight_file, read_shapes, read_weights
 
 logger = logging.getLogger(__name__)
@@ -108,21 +107,6 @@ _NOT_CONTROLNETS: tuple[tuple[Any, str], ...] = (
 )
 
 
-def _known() -> str:
-    labels = [f.label for f in FAMILIES.values()]
-    return ", ".join(labels[:-1]) + " and " + labels[-1]
-
-
-def _prefix_summary(keys: Sequence[str], depth: int = 2, limit: int = 8) -> str:
-    counts = Counter(".".join(k.split(".")[:depth]) for k in keys)
-    return ", ".join(f"{prefix}.* ({n})" for prefix, n in counts.most_common(limit)) or "no keys at all"
-
-
-def _shape(value) -> tuple[int, ...]:
-    """A tensor's shape, or a shape given as is (a safetensors header's)."""
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
-
-
 @dataclass(frozen=True)
 class ControlNetArchitecture:
     """What a ControlNet's weights are, read from their keys and shapes (:func:`detect_controlnet`).
@@ -157,7 +141,7 @@ def _refuse_others(keys: Sequence[str]) -> None:
     for test, what in _NOT_CONTROLNETS:
         found = [k for k in keys if test(k)]
         if found:
-            raise ModelLoadError(f"this is {what} (keys like {found[0]!r}; found: {_prefix_summary(keys)})")
+            raise ModelLoadError(f"this is {what} (keys like {found[0]!r}; found: {prefix_summary(keys)})")
 
 
 def detect_controlnet(shapes: Mapping[str, Any]) -> ControlNetArchitecture:
@@ -188,24 +172,24 @@ def detect_controlnet(shapes: Mapping[str, Any]) -> ControlNetArchitecture:
         raise ModelLoadError("this is a diffusers UNet (up_blocks.*), not a ControlNet")
     else:
         raise ModelLoadError(f"not a ControlNet: no control image encoder (input_hint_block.* or "
-                             f"controlnet_cond_embedding.*) was found; keys found: {_prefix_summary(keys)}")
+                             f"controlnet_cond_embedding.*) was found; keys found: {prefix_summary(keys)}")
     ldm = layout == "ldm"
     hint = prefix + (_LDM_HINT_IN if ldm else _DIFFUSERS_HINT_IN)
     conv_in = prefix + ("input_blocks.0.0.weight" if ldm else "conv_in.weight")
     if hint not in shapes or conv_in not in shapes:
         missing = hint if hint not in shapes else conv_in
         raise ModelLoadError(f"the ControlNet has no {missing}: the file is incomplete or of another architecture; "
-                             f"keys found: {_prefix_summary(keys)}")
+                             f"keys found: {prefix_summary(keys)}")
     ours = [k for k in keys if k.startswith(prefix)]
     # SDXL's added embedding is label_emb.0.0/0.2 (LDM) or add_embedding (diffusers); a class embedding is not
     if prefix + "label_emb.weight" in shapes or any(k.startswith("class_embedding.") for k in ours):
         raise ModelLoadError("the ControlNet has a class embedding (an unCLIP or upscaler ControlNet): only "
-                             f"text-to-image {_known()} ControlNets can stream")
+                             f"text-to-image {known_families()} ControlNets can stream")
     added = prefix + ("label_emb.0.0.weight" if ldm else "add_embedding.linear_1.weight")
-    context = next((_shape(shapes[k])[1] for k in ours if k.endswith(".attn2.to_k.weight")), 0)
+    context = context_width(shapes, prefix)
     if not context:
         raise ModelLoadError("the ControlNet has no cross-attention (attn2): not an SD1.x/SD2.x/SDXL ControlNet")
-    in_channels = _shape(shapes[conv_in])[1]
+    in_channels = shape_of(shapes[conv_in])[1]
     if in_channels != 4:
         raise ModelLoadError(f"the ControlNet takes {in_channels} latent channels (one for an inpainting or instruct "
                              "UNet): only ControlNets of 4-channel text-to-image models can stream")
@@ -214,8 +198,8 @@ def detect_controlnet(shapes: Mapping[str, Any]) -> ControlNetArchitecture:
     if context == 2048 and not family.has_added_conditions:
         raise ModelLoadError("the ControlNet has SDXL's 2048-wide context but no added embedding (label_emb / "
                              "add_embedding): the file is incomplete or of another architecture")
-    return ControlNetArchitecture(layout=layout, prefix=prefix, family=family.name, context_dim=int(context),
-                                  conditioning_channels=int(_shape(shapes[hint])[1]), in_channels=int(in_channels),
+    return ControlNetArchitecture(layout=layout, prefix=prefix, family=family.name, context_dim=context,
+                                  conditioning_channels=int(shape_of(shapes[hint])[1]), in_channels=int(in_channels),
                                   diff=DIFF_KEY in shapes)
 
 
@@ -289,7 +273,7 @@ def _to_diffusers(state: Mapping[str, Any], arch: ControlNetArchitecture) -> dic
                              f"{unused[:3]})")
     others = [k for k in state if not k.startswith(arch.prefix)]
     if others:
-        logger.info("ignoring %d tensors outside %s* (%s)", len(others), arch.prefix, _prefix_summary(others))
+        logger.info("ignoring %d tensors outside %s* (%s)", len(others), arch.prefix, prefix_summary(others))
     return {new: state[old] for new, old in mapping.items()}
 
 
@@ -321,32 +305,11 @@ def _fit_unet(config: dict[str, Any], unet_config: Mapping[str, Any]) -> None:
                              "text + size) embedding and the other not")
 
 
-def controlnet_config_from_state_dict(state_dict: Mapping[str, Any], *,
-                                      unet_config: Mapping[str, Any] | None = None,
-                                      global_pool_conditions: bool = False) -> dict[str, Any]:
-    """A diffusers ``ControlNetModel`` config for ControlNet weights, read from their keys and shapes.
-
-    Args:
-        state_dict: key -> tensor (or shape), in either layout (:func:`detect_controlnet`).
-        unet_config: the pipeline's ``UNet2DConditionModel`` config: the attention heads, SDXL's size-embedding
-            width and the constants no weight shows (``upcast_attention``, norm groups...) are taken from it, and
-            the ControlNet must fit it (same block widths, blocks per level, context width). None: the families'
-            conventions (module docstring).
-        global_pool_conditions: pool the residuals over the image (ControlNet 1.1 shuffle).
-
-    Raises:
-        ModelLoadError: weights that are no ControlNet (:func:`detect_controlnet`), layouts a diffusers ControlNet
-            cannot express (uneven blocks per level, attention in some blocks of a level only), head counts the
-            conventions cannot give (a non-standard width: pass ``unet_config``), a ControlNet that does not fit
-            ``unet_config``.
-    """
-    arch = detect_controlnet(state_dict)
-    shapes = {k: _shape(v) for k, v in _to_diffusers(state_dict, arch).items()}
-    return _derive_config(shapes, arch, unet_config, global_pool_conditions)
-
-
 def _derive_config(shapes: Mapping[str, tuple[int, ...]], arch: ControlNetArchitecture,
                    unet_config: Mapping[str, Any] | None, global_pool_conditions: bool) -> dict[str, Any]:
+    """A diffusers ``ControlNetModel`` config from the ControlNet's shapes under diffusers' names (module docstring:
+    what comes from ``unet_config``, what from the families' conventions). Refuses layouts a diffusers ControlNet
+    cannot express, head counts the conventions cannot give, and a ControlNet that does not fit ``unet_config``."""
     keys = list(shapes)
     levels = _indices(keys, "down_blocks.")
     if not levels or levels != list(range(len(levels))):
@@ -432,7 +395,7 @@ def _derive_config(shapes: Mapping[str, tuple[int, ...]], arch: ControlNetArchit
 def _check_family(arch_family: str, family: str | ModelFamily | None, what: str) -> None:
     if family is None:
         return
-    wanted = family if isinstance(family, ModelFamily) else family_named(family)
+    wanted = as_family(family)
     if arch_family != wanted.name:
         found = family_named(arch_family)
         raise ModelLoadError(f"{what} is an {found.label} ControlNet; this {wanted.label} pipeline needs an "
@@ -500,7 +463,7 @@ def _from_state(state: Mapping[str, torch.Tensor], *, what: str, dtype, device, 
     _check_usable(arch, what=what, family=family, unet_config=unet_config, base_unet=base_unet)
     renamed = _to_diffusers(state, arch)
     if config is None:
-        shapes = {k: _shape(v) for k, v in renamed.items()}
+        shapes = {k: shape_of(v) for k, v in renamed.items()}
         config = _derive_config(shapes, arch, unet_config, global_pool_conditions)
     elif unet_config is not None:
         _fit_unet(dict(config), unet_config)
@@ -525,16 +488,24 @@ def controlnet_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, dtype:
 
     Args:
         state_dict: the ControlNet's tensors (LDM names with or without ``control_model.``, or diffusers names).
+            ComfyUI's ``CONTROL_NET`` holds LDM names without the prefix (``control_model.state_dict()`` of a
+            ``comfy.cldm.cldm.ControlNet``; a DiffControlNetLoader's already holds the sums).
         dtype: the model's dtype (None: the tensors' own).
         device: where the model lives (None: where the tensors are).
         family: the pipeline's family: a ControlNet of another is refused (None: any, or ``unet_config``'s).
-        unet_config: the pipeline's UNet config (see :func:`controlnet_config_from_state_dict`).
+        unet_config: the pipeline's ``UNet2DConditionModel`` config: the attention heads, SDXL's size-embedding
+            width and the constants no weight shows (``upcast_attention``, norm groups...) are taken from it, and
+            the ControlNet must fit it (same block widths, blocks per level, context width). None: the families'
+            conventions (module docstring).
         base_unet: for "diff" ControlNets, the base UNet (a diffusers ``UNet2DConditionModel`` or its state dict).
         global_pool_conditions: pool the residuals over the image (shuffle ControlNets).
         what: how messages name the weights.
 
     Raises:
-        ModelLoadError: naming ``what``: not a ControlNet, another family, weights that do not fit the config.
+        ModelLoadError: naming ``what``: not a ControlNet (:func:`detect_controlnet`), another family, layouts a
+            diffusers ControlNet cannot express (uneven blocks per level, attention in some blocks of a level only),
+            head counts the conventions cannot give (a non-standard width: pass ``unet_config``), a ControlNet that
+            does not fit ``unet_config``, weights that do not fit the config.
     """
     from .loading import _load_errors, resolve_dtype
 
@@ -543,25 +514,6 @@ def controlnet_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, dtype:
     with _load_errors(what):
         return _from_state(state_dict, what=what, dtype=dtype, device=target, family=family, unet_config=unet_config,
                            base_unet=base_unet, global_pool_conditions=global_pool_conditions, copy=True)
-
-
-def controlnet_from_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], **kwargs):
-    """A diffusers ``ControlNetModel`` from LDM-layout ControlNet weights in memory: what ComfyUI's ``CONTROL_NET``
-    holds (``control_net.control_model.state_dict()``: a ``comfy.cldm.cldm.ControlNet``'s keys, ``input_blocks.*``,
-    ``zero_convs.*``, ``input_hint_block.*``, ``middle_block_out.*``, no ``control_model.`` prefix; a
-    DiffControlNetLoader's already holds the sums). Keyword arguments as :func:`controlnet_from_state_dict`.
-
-    Raises:
-        ModelLoadError: diffusers-layout weights (use :func:`controlnet_from_state_dict`), and as
-            :func:`controlnet_from_state_dict`.
-    """
-    what = kwargs.get("what", "the ControlNet")
-    from .loading import _load_errors
-
-    with _load_errors(what):
-        if detect_controlnet(state_dict).layout != "ldm":
-            raise ModelLoadError(f"{what} has diffusers' key names, not the original (LDM) ones")
-    return controlnet_from_state_dict(state_dict, **kwargs)
 
 
 def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -596,7 +548,7 @@ def _load_file(path: Path, *, dtype, device, family, unet_config, base_unet):
         config = dict(ControlNetModel.load_config(path, local_files_only=True))
         if config.get("_class_name") not in (None, "ControlNetModel"):
             raise ModelLoadError(f"{path} holds a {config['_class_name']}, not a ControlNetModel: StreamRT takes "
-                                 f"{_known()} ControlNets")
+                                 f"{known_families()} ControlNets")
         return _from_state(_folder_weights(path), what=what, dtype=dtype, device=device, family=family,
                            unet_config=unet_config, base_unet=base_unet, global_pool_conditions=global_pool,
                            copy=False, config=config)
@@ -623,7 +575,7 @@ def load_controlnet(path: str | os.PathLike, *, dtype: torch.dtype | str, device
         family: the pipeline's family (a :class:`~streamrt.families.ModelFamily` or its name): a ControlNet of
             another family is refused, naming both. None: ``unet_config``'s family, or any.
         unet_config: the pipeline's UNet config: heads and the constants no weight shows come from it, and the
-            ControlNet must fit it (:func:`controlnet_config_from_state_dict`).
+            ControlNet must fit it (:func:`controlnet_from_state_dict`).
         base_unet: the base UNet for "diff" ControlNets (a ``UNet2DConditionModel`` or its diffusers state dict).
 
     Raises:

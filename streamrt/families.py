@@ -102,6 +102,17 @@ def family_named(name: str) -> ModelFamily:
         raise ValueError(f"unknown model family {name!r}: StreamRT knows {', '.join(FAMILIES)}") from None
 
 
+def as_family(family: str | ModelFamily) -> ModelFamily:
+    """``family`` itself, or the family it names (:func:`family_named`)."""
+    return family if isinstance(family, ModelFamily) else family_named(family)
+
+
+def known_families() -> str:
+    """The families StreamRT streams, for messages: ``SD1.x, SD2.x and SDXL``."""
+    labels = [f.label for f in FAMILIES.values()]
+    return ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
 def family_of_unet(unet_config: Mapping[str, Any]) -> ModelFamily:
     """The family of a diffusers ``UNet2DConditionModel`` config: SDXL when it takes text and time added
     conditions, SD2 for a 1024-wide context, else SD1 (which also covers the small test models)."""

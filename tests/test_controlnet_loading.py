@@ -30,8 +30,6 @@ from safetensors.torch import save_file
 
 from streamrt.controlnet_loading import (
     ControlNetArchitecture,
-    controlnet_config_from_state_dict,
-    controlnet_from_ldm_state_dict,
     controlnet_from_state_dict,
     detect_controlnet,
     load_controlnet,
@@ -145,7 +143,7 @@ def test_comfyui_controlnet_weights_give_comfyuis_residuals(tmp_path, unets, con
         pytest.skip(f"no ComfyUI source at {COMFYUI}")
     ref = comfy_controlnet_reference(COMFYUI, tmp_path / "comfy.safetensors", COMFY_PARAMS[preset], seed=3)
     unet_config = unets[preset].config
-    in_memory = controlnet_from_ldm_state_dict(ref["sd"], unet_config=unet_config, what="ComfyUI's ControlNet")
+    in_memory = controlnet_from_state_dict(ref["sd"], unet_config=unet_config, what="ComfyUI's ControlNet")
     path = tmp_path / "control.safetensors"
     save_file({"control_model." + k: v for k, v in ref["sd"].items()}, str(path))
     from_file = load_controlnet(path, dtype=torch.float32, device=CPU, unet_config=unet_config)
@@ -193,13 +191,13 @@ def _plain(value):
 @pytest.mark.parametrize("layout", ("diffusers", "ldm"))
 @pytest.mark.parametrize("name", FULL_SIZE)
 def test_derived_config_builds_the_full_size_controlnets(name, layout):
-    """From key shapes alone (no UNet config), in both layouts: the same tensors, heads and config as diffusers'."""
+    """From the weights alone (meta tensors, no UNet config), in both layouts: the same tensors, heads and config as
+    diffusers'."""
     reference = _meta_controlnet(**FULL_SIZE[name])
-    shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    weights = reference.state_dict()
     if layout == "ldm":
-        shapes = controlnet_to_ldm(shapes, reference.config)
-    config = controlnet_config_from_state_dict(shapes)
-    ours = _meta_controlnet(**config)
+        weights = controlnet_to_ldm(weights, reference.config)
+    ours = controlnet_from_state_dict(weights)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
     assert heads(ours) == heads(reference)
     for key in ("block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
@@ -208,8 +206,8 @@ def test_derived_config_builds_the_full_size_controlnets(name, layout):
                 "mid_block_type"):
         assert _plain(ours.config[key]) == _plain(reference.config[key]), key
     if name == "sd15":
-        assert tuple(config["block_out_channels"]) == (320, 640, 1280, 1280)
-        assert tuple(config["conditioning_embedding_out_channels"]) == (16, 32, 96, 256)
+        assert tuple(ours.config.block_out_channels) == (320, 640, 1280, 1280)
+        assert tuple(ours.config.conditioning_embedding_out_channels) == (16, 32, 96, 256)
 
 
 def test_a_small_controlnet_gets_its_own_config(tmp_path, unets):
@@ -243,7 +241,7 @@ def test_fp16_files_are_cast_and_in_memory_weights_are_copied(tmp_path, controln
         assert torch.equal(as_fp32.state_dict()[key], value.half().float()), key
         assert as_fp16.state_dict()[key].dtype == torch.float16
     sd = controlnet_to_ldm({k: v.clone() for k, v in reference.state_dict().items()}, reference.config, prefix="")
-    model = controlnet_from_ldm_state_dict(sd)
+    model = controlnet_from_state_dict(sd)
     sd["zero_convs.0.0.weight"].zero_()  # the host changes its tensors: the model keeps its own
     assert_same_weights(model, reference)
 
@@ -295,8 +293,8 @@ def test_controlnets_of_another_family_are_refused_naming_both(tmp_path, unets, 
     with pytest.raises(ModelLoadError, match=r"is an SD1\.x ControlNet; this SDXL pipeline"):
         load_controlnet(sd1, dtype=torch.float32, device=CPU, unet_config=unets["tiny-xl"].config)
     with pytest.raises(ModelLoadError, match=r"the ComfyUI ControlNet is an SD1\.x ControlNet; this SDXL"):
-        controlnet_from_ldm_state_dict(controlnet_to_ldm(controlnets["tiny"].state_dict(), controlnets["tiny"].config,
-                                                         prefix=""), family=SDXL, what="the ComfyUI ControlNet")
+        controlnet_from_state_dict(controlnet_to_ldm(controlnets["tiny"].state_dict(), controlnets["tiny"].config,
+                                                     prefix=""), family=SDXL, what="the ComfyUI ControlNet")
     assert load_controlnet(sd2, dtype=torch.float32, device=CPU, family=SD2).config.cross_attention_dim == 1024
 
 
@@ -387,9 +385,7 @@ def test_loading_is_strict(tmp_path, controlnets):
     assert_same_weights(load_controlnet(bundled, dtype=torch.float32, device=CPU), controlnets["tiny"])
 
 
-def test_ldm_state_dict_entry_point_takes_the_ldm_layout_only(controlnets):
-    with pytest.raises(ModelLoadError, match="diffusers' key names"):
-        controlnet_from_ldm_state_dict(controlnets["tiny"].state_dict())
+def test_diffusers_named_weights_load_from_memory_too(controlnets):
     model = controlnet_from_state_dict(controlnets["tiny"].state_dict(), dtype=torch.float32)
     assert_same_weights(model, controlnets["tiny"])
 
