@@ -155,6 +155,30 @@ def test_a_shuffle_controlnet_pools_its_residuals_as_comfyui_does(server: ComfyS
     assert np.abs(unpooled - video).max() > 10 * PNG_ATOL, "pooling changed nothing: nothing was compared"
 
 
+def test_a_controlnet_stream_with_its_steps_split_over_devices(server: ComfyServer, local, inputs) -> None:
+    """Stream Devices with split 'steps' (over 'cpu, cpu' here): the ControlNet runs in both stages, its control
+    images handed on with the rows; realtime frames (once the pipeline has filled) and a batch video equal the
+    in-process one-device stream."""
+    embeds, cond, images, controls, image_names, control_names = inputs
+    prefix = uid()
+
+    def split(g: Graph) -> Graph:
+        node = g.node("StreamRTDevices", id=f"{prefix}devices", devices="cpu, cpu", split="steps")
+        g.nodes[f"{prefix}sampler"]["inputs"]["settings"] = node.out(0)
+        return g
+
+    realtime = [_run(server, split(_graph(server, prefix, cond, [i], [c])), prefix)[0]
+                for i, c in zip(image_names, control_names)]
+    stream = _local_stream(local, embeds)
+    expected = [stream.step(_png([i]), control=[_png([c])])[0].numpy() for i, c in zip(images, controls)]
+    # the first output comes from the empty buffer, where a smaller UNet batch's rounding shows (tests/test_stages.py)
+    np.testing.assert_allclose(np.stack(realtime[1:]), np.stack(expected[1:]), atol=PNG_ATOL, rtol=0)
+    prefix = uid()
+    video = _run(server, split(_graph(server, prefix, cond, image_names, control_names)), prefix)
+    expected_video = _local_stream(local, embeds).process_video(_png(images), control=[_png(controls)]).numpy()
+    np.testing.assert_allclose(video, expected_video, atol=PNG_ATOL, rtol=0)
+
+
 def test_control_images_are_sized_as_comfyui_sizes_them(server: ComfyServer, local, inputs) -> None:
     """Control images of another size and aspect (80x48 for a 64x64 stream) are center-cropped to the stream's
     aspect and scaled nearest-exact, as ComfyUI's ControlNet sizes its hint for a latent (not stretched)."""
