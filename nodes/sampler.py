@@ -45,6 +45,15 @@ def prompt_input(conditioning, text: str, what: str, text_name: str, notes: list
     return api.conditioning_embeddings(conditioning, what)
 
 
+def runtime_notes(stream) -> list[str]:
+    """What the stream's runtime says (an engine not found, a fallback); for a stream whose steps are split over
+    devices, what each device's says, named by the device."""
+    stages = getattr(stream, "stages", None)
+    if not stages:
+        return list(stream.runtime.notes)
+    return list(dict.fromkeys(f"{stage.device}: {note}" for stage in stages for note in stage.runtime.notes))
+
+
 def control_inputs(positive, negative, models: StreamModels, config: StreamConfig) -> tuple[ControlInput, ...]:
     """The ControlNets Apply ControlNet put on the CONDITIONING, converted once per ControlNet (kept with the
     pipelines), with their control images at the stream's size as ComfyUI sizes them (center crop, the
@@ -166,7 +175,7 @@ class StreamSampler(io.ComfyNode):
             "ms_per_frame": 1000.0 * seconds / count,
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
             "backend": runtime.describe(), "acceleration": runtime.acceleration.value, "parts": runtime.parts,
-            "notes": list(runtime.notes) + notes, "device": str(stream.device),
+            "notes": runtime_notes(stream) + notes, "device": str(stream.device),
             # where this call's streams ran: several GPUs for a video split over them (Stream Devices)
             "devices": list(SESSIONS.ran_on.get(owner, (str(stream.device),))),
             "sessions": dict(zip(("pipelines", "streams"), SESSIONS.counts())),  # what the pack holds now
