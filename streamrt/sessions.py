@@ -20,7 +20,6 @@ A host application (the ComfyUI nodes) keeps one :class:`StreamSessions`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import logging
 import threading
@@ -330,7 +329,7 @@ class StreamSessions:
             if next(model.parameters()).device != torch.device(device):
                 model = self.controlnet((control.key, "device", device),
                                         lambda model=model: copy.deepcopy(model).to(device))
-            out.append(ControlInput(control.key, dataclasses.replace(control.net, model=model), control.image))
+            out.append(ControlInput(control.key, replace(control.net, model=model), control.image))
         return tuple(out)
 
     def _run_split(self, owner: Hashable, models: StreamModels, request: StreamRequest, frames: torch.Tensor,
