@@ -60,6 +60,13 @@ def preroll_frames(config: StreamConfig) -> int:
     return calls * f
 
 
+def even_parts(total: int, parts: int) -> list[int]:
+    """The sizes of ``min(parts, total)`` contiguous parts of ``total`` whole units, as even as they go (the
+    earlier parts take the extra units); at least one part."""
+    count = max(1, min(parts, total))
+    return [total // count + (index < total % count) for index in range(count)]
+
+
 def plan_chunks(total: int, workers: int, *, frames_per_step: int = 1, preroll: int = 0) -> list[Chunk]:
     """Contiguous chunks of ``total`` frames for up to ``workers`` streams, as even as whole groups of
     ``frames_per_step`` allow (fewer chunks than workers for a short clip); each chunk but the first is pre-rolled
@@ -68,11 +75,9 @@ def plan_chunks(total: int, workers: int, *, frames_per_step: int = 1, preroll: 
         raise ValueError(f"need at least one worker, got {workers}")
     if total % frames_per_step:
         raise ValueError(f"{total} frames are not a multiple of frames_per_step={frames_per_step}")
-    groups = total // frames_per_step
-    count = max(1, min(workers, groups))
     chunks, start = [], 0
-    for index in range(count):
-        size = (groups // count + (index < groups % count)) * frames_per_step
+    for groups in even_parts(total // frames_per_step, workers):
+        size = groups * frames_per_step
         chunks.append(Chunk(start, start + size, min(preroll, start)))
         start += size
     return chunks

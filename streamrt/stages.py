@@ -30,6 +30,7 @@ from .config import Acceleration, StreamConfig, StreamStage
 from .controlnet import ControlNet, ControlState
 from .frames import FiniteCheck
 from .models import StreamModels
+from .parallel import even_parts
 from .prompts import Prompt, PromptPart
 from .runtime import EngineSource, HostIO, Runtime
 from .similarity import SimilarityFilter
@@ -45,10 +46,8 @@ def plan_stages(steps: int, devices: int) -> list[StreamStage]:
         raise ValueError(f"need at least one device, got {devices}")
     if steps < 1:
         raise ValueError(f"need at least one step, got {steps}")
-    count = min(devices, steps)
     stages, first = [], 0
-    for index in range(count):
-        size = steps // count + (index < steps % count)
+    for size in even_parts(steps, devices):
         stages.append(StreamStage(first, first + size, steps))
         first += size
     return stages
