@@ -48,10 +48,9 @@ def prompt_input(conditioning, text: str, what: str, text_name: str, notes: list
 def runtime_notes(stream) -> list[str]:
     """What the stream's runtime says (an engine not found, a fallback); for a stream whose steps are split over
     devices, what each device's says, named by the device."""
-    stages = getattr(stream, "stages", None)
-    if not stages:
+    if len(stream.stages) == 1:
         return list(stream.runtime.notes)
-    return list(dict.fromkeys(f"{stage.device}: {note}" for stage in stages for note in stage.runtime.notes))
+    return list(dict.fromkeys(f"{stage.device}: {note}" for stage in stream.stages for note in stage.runtime.notes))
 
 
 def control_inputs(positive, negative, models: StreamModels, config: StreamConfig) -> tuple[ControlInput, ...]:

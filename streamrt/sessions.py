@@ -140,7 +140,7 @@ class StreamSessions:
             # the least recently used beyond max_controlnets go, but never one a live stream uses: evicting it
             # would convert it again on the next call (every frame, with more ControlNets in use than the limit)
             in_use = {id(unit.net.model) for stream in self._streams.values()
-                      for part in getattr(stream, "stages", (stream,)) if part.control is not None
+                      for part in stream.stages if part.control is not None
                       for unit in part.control.units}
             for old in [k for k, (m, _) in self._controlnets.items() if id(m) not in in_use and m is not model]:
                 if len(self._controlnets) <= self.max_controlnets:

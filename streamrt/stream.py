@@ -363,6 +363,12 @@ class Stream(StreamCalls):
         return (self.device,)
 
     @property
+    def stages(self) -> tuple[Stream, ...]:
+        """The one-device streams this stream is made of: itself (a :class:`streamrt.stages.StagedStream` has one
+        per device)."""
+        return (self,)
+
+    @property
     def _host(self) -> HostIO:
         return self.runtime.host
 
