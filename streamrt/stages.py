@@ -99,6 +99,7 @@ class StagedStream(StreamCalls):
             self.close()
             raise
         first, last = self.stages[0], self.stages[-1]
+        self._later = tuple(self.stages[1:])  # run before the first stage on every call (see _call)
         self.models: StreamModels = source if source is not None else first.models
         self.device: torch.device = first.device
         self.similarity: SimilarityFilter = first.similarity
@@ -202,7 +203,7 @@ class StagedStream(StreamCalls):
     # ------------------------------------------------------------------ one call
     def _call(self, frames: torch.Tensor | None, control: list[torch.Tensor] | None = None) -> bool:
         """Every stage's step, side by side on their devices, then the hand-offs (queued, not waited for)."""
-        first, *later = self.stages
+        first, later = self.stages[0], self._later
         self._hand_off()
         if first.similarity.enabled:
             if not first._call(frames, control):  # the filter skipped the frame: no stage runs
