@@ -1,15 +1,20 @@
-"""Where a UNet call's GPU time goes, and what inductor settings change it (GPU machine only).
+"""Where a UNet (or TAESD) call's GPU time goes, and what settings change it (GPU machine only).
 
-For one preset and frame size, each variant compiles the UNet (random weights, fp16, channels-last, the
-stream's call with its added conditions) in its own process, times it alone in a CUDA graph, and the first
-variant is profiled (kernel time by kind: GEMM, convolution, attention, normalisation, elementwise, copies).
-The VAE is left out: the question is the UNet. Results go to ``--out`` as JSON and a markdown table::
+For one preset and frame size, each variant compiles the part (random weights, fp16; for the UNet the
+stream's call with its added conditions, for ``--part vae`` TAESD's encode then decode of one frame) in its
+own process, times it alone in a CUDA graph, and the variant named by ``--profile`` is profiled (kernel time
+by kind: GEMM, convolution, attention, normalisation, elementwise, copies). Results go to ``--out`` as JSON
+and a markdown table::
 
     python scripts/unet_levers.py --preset sdxl-turbo --size 512 --variants default,tuned --out /tmp/levers
+    python scripts/unet_levers.py --preset sd-turbo --part vae --variants default,cl,cl+cudnn --out /tmp/vae
 
-Variants: ``eager`` (the module in a CUDA graph), ``default`` (torch.compile), ``tuned`` (torch.compile with
-inductor's ``coordinate_descent_tuning`` and ``conv_1x1_as_mm``), ``autotune`` (mode
-``max-autotune-no-cudagraphs``: GEMM/convolution templates benchmarked per shape).
+A variant is ``eager`` (the module in a CUDA graph) or levers joined by ``+`` on top of torch.compile:
+``default`` (none), ``tuned`` (inductor's ``coordinate_descent_tuning`` and ``conv_1x1_as_mm``),
+``autotune`` (mode ``max-autotune-no-cudagraphs``: GEMM/convolution templates benchmarked per shape),
+``freeze`` (inductor's ``freezing``: weights folded in as constants), ``qkv`` (diffusers'
+``fuse_qkv_projections``), ``cudnn`` (``cudnn.benchmark`` on while compiling and capturing), ``cl`` (the
+module's weights in channels-last; the UNet always is, as the runtime does).
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from pathlib import Path
 
 logger = logging.getLogger("unet_levers")
 
-VARIANTS = ("eager", "default", "tuned", "autotune")
-KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")), ("gemm", ("gemm", "sm90", "cutlass", "matmul", "mm_")),
-         ("convolution", ("conv", "implicit", "dgrad", "fprop", "sm80_xmma")),
+LEVERS = ("eager", "default", "tuned", "autotune", "freeze", "qkv", "cudnn", "cl")
+KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
+         ("convolution", ("fprop", "dgrad", "implicit_gemm")),  # cuDNN's convolutions are "implicit GEMMs"
+         ("gemm", ("gemm", "nvjet", "sm90", "cutlass", "matmul", "mm_")),
          ("normalisation", ("norm", "red_", "reduction", "per_fused_native_group_norm")),
          ("copy", ("copy", "memcpy", "memset", "transpose")))
 
@@ -41,49 +47,68 @@ def kernel_kind(name: str) -> str:
     return "elementwise / fused"
 
 
-def run_variant(variant: str, preset: str, size: int, rows: int, profile: bool) -> dict:
+def run_variant(variant: str, preset: str, size: int, rows: int, profile: bool, part: str = "unet") -> dict:
     """Compile and time one variant in this process."""
     import torch
+    import torch._inductor.config as inductor_config
 
     from streamrt.cuda_graphs import graph_replay_ms
     from streamrt.families import pooled_dim_of_unet
+    from streamrt.models import decode_latents, encode_images
     from streamrt.random_models import build_random_components
 
-    if variant == "tuned":
-        import torch._inductor.config as inductor_config
-
+    levers = set(variant.split("+"))
+    torch.backends.cudnn.benchmark = "cudnn" in levers  # off unless asked: ComfyUI leaves it off by default
+    if "tuned" in levers:
         inductor_config.coordinate_descent_tuning = True
         inductor_config.conv_1x1_as_mm = True
+    if "freeze" in levers:
+        inductor_config.freezing = True
     device = torch.device("cuda")
-    unet = build_random_components(preset, dtype=torch.float16, device=device, taesd=False)["unet"]
-    unet.to(memory_format=torch.channels_last)
-    cfg = unet.config
+    parts = build_random_components(preset, dtype=torch.float16, device=device, taesd=part == "vae")
     latent = size // 8
-    sample = torch.randn(rows, 4, latent, latent, device=device, dtype=torch.float16)
-    timesteps = torch.full((rows,), 499, device=device, dtype=torch.long)
-    embeds = torch.randn(rows, 77, cfg.cross_attention_dim, device=device, dtype=torch.float16)
-    kwargs = {}
-    pooled = pooled_dim_of_unet(cfg)
-    if pooled:
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(rows, pooled, device=device, dtype=torch.float16),
-            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * rows, device=device, dtype=torch.float16)}
-    module = unet
-    start = time.perf_counter()
-    if variant != "eager":
-        mode = "max-autotune-no-cudagraphs" if variant == "autotune" else "default"
-        module = torch.compile(unet, mode=mode, dynamic=False)
+    if part == "vae":
+        vae = parts["taesd"]
+        if "cl" in levers:
+            vae.to(memory_format=torch.channels_last)
+        images = torch.rand(rows, 3, size, size, device=device, dtype=torch.float16) * 2 - 1
 
-    def call():
-        return module(sample, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+        def forward():
+            return decode_latents(vae, encode_images(vae, images))
+    else:
+        unet = parts["unet"]
+        unet.to(memory_format=torch.channels_last)
+        if "qkv" in levers:
+            unet.fuse_qkv_projections()
+        cfg = unet.config
+        sample = torch.randn(rows, 4, latent, latent, device=device, dtype=torch.float16)
+        timesteps = torch.full((rows,), 499, device=device, dtype=torch.long)
+        embeds = torch.randn(rows, 77, cfg.cross_attention_dim, device=device, dtype=torch.float16)
+        kwargs = {}
+        pooled = pooled_dim_of_unet(cfg)
+        if pooled:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(rows, pooled, device=device, dtype=torch.float16),
+                "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * rows, device=device,
+                                         dtype=torch.float16)}
+
+        def forward():
+            return unet(sample, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+
+    call = forward
+    start = time.perf_counter()
+    if "eager" not in levers:
+        mode = "max-autotune-no-cudagraphs" if "autotune" in levers else "default"
+        call = torch.compile(forward, mode=mode, dynamic=False)
 
     with torch.inference_mode():
         call()
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - start
         ms = graph_replay_ms(call, device, replays=100)
-        result = {"variant": variant, "preset": preset, "size": size, "rows": rows, "unet_ms": round(ms, 3),
-                  "compile_s": round(compile_s, 1), "gpu": torch.cuda.get_device_name()}
+        result = {"variant": variant, "part": part, "preset": preset, "size": size, "rows": rows,
+                  "ms": round(ms, 3), "compile_s": round(compile_s, 1), "gpu": torch.cuda.get_device_name(),
+                  "torch": torch.__version__}
         if profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
@@ -109,6 +134,7 @@ def main() -> None:
     p.add_argument("--preset", default="sdxl-turbo")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--rows", type=int, default=1, help="UNet batch rows (F x steps x guidance rows)")
+    p.add_argument("--part", choices=("unet", "vae"), default="unet", help="the UNet, or TAESD encode + decode")
     p.add_argument("--variants", default="default,tuned")
     p.add_argument("--profile", default="default", help="variant to profile (kernel time by kind)")
     p.add_argument("--out", required=True)
@@ -118,21 +144,27 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.one:
-        result = run_variant(args.one, args.preset, args.size, args.rows, profile=args.one == args.profile)
+        result = run_variant(args.one, args.preset, args.size, args.rows, profile=args.one == args.profile,
+                             part=args.part)
         (out / f"{args.one}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         return
     results = []
     for variant in args.variants.split(","):
-        if variant not in VARIANTS:
-            raise SystemExit(f"unknown variant {variant!r}: use {', '.join(VARIANTS)}")
+        unknown = set(variant.split("+")) - set(LEVERS)
+        if unknown:
+            raise SystemExit(f"unknown lever(s) {sorted(unknown)} in {variant!r}: use {', '.join(LEVERS)}")
         # a process per variant: inductor's settings are process-wide
         cmd = [sys.executable, __file__, "--one", variant, "--preset", args.preset, "--size", str(args.size),
-               "--rows", str(args.rows), "--profile", args.profile, "--out", str(out)]
-        subprocess.run(cmd, check=True)
+               "--rows", str(args.rows), "--profile", args.profile, "--part", args.part, "--out", str(out)]
+        done = subprocess.run(cmd)
+        if done.returncode:  # one variant failing (e.g. a lever this torch lacks) leaves the others measured
+            logger.warning("variant %s failed (exit %d)", variant, done.returncode)
+            continue
         results.append(json.loads((out / f"{variant}.json").read_text(encoding="utf-8")))
         logger.info("%s", results[-1])
-    lines = [f"| {args.preset} UNet, {args.size}², {args.rows} row(s), fp16 | UNet ms (CUDA graph) | first call s |",
-             "|---|---|---|"] + [f"| {r['variant']} | {r['unet_ms']:.2f} | {r['compile_s']:.0f} |" for r in results]
+    what = "UNet" if args.part == "unet" else "TAESD encode + decode"
+    lines = [f"| {args.preset} {what}, {args.size}², {args.rows} row(s), fp16 | ms (CUDA graph) | first call s |",
+             "|---|---|---|"] + [f"| {r['variant']} | {r['ms']:.2f} | {r['compile_s']:.0f} |" for r in results]
     (out / "levers.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "levers.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     print("\n".join(lines))  # the script's report

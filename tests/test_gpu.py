@@ -213,6 +213,12 @@ def test_compiled_cuda_graph_matches_eager():
     torch.cuda.synchronize()
     assert allocations() - before == 0
 
+    # the layout lever (docs/DESIGN.md section 6): the shared UNet's and VAE's convolution weights became
+    # channels-last when the compiled copies were made (values unchanged: the eager check below)
+    for name, module in (("unet", models.unet), ("vae", models.vae)):
+        convs = [p for p in module.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs), name
+
     # the pipeline was not replaced by its compiled copy: an eager stream runs the plain module, as before
     assert models.unet is unet and not isinstance(models.unet, torch._dynamo.eval_frame.OptimizedModule)
     eager = new_stream(models, cfg, "eager")
