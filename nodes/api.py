@@ -20,6 +20,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
 import folder_paths
+import numpy as np
 import torch
 from comfy.cli_args import args as comfy_args
 from comfy_api.latest import ComfyExtension, io  # noqa: F401  (re-exported for the node modules)
@@ -165,7 +166,8 @@ def preview_image(frame: torch.Tensor, max_size: int | None = None) -> tuple[str
     """A frame ``[H, W, 3]`` in [0, 1] as ComfyUI's preview ``("JPEG", image, max_size)``: what a progress bar
     carries to the browser over the websocket; no file is written. A frame larger than ``max_size`` (its longest
     side; 0 or None: any size) is scaled down by the server."""
-    pixels = frame.detach().to("cpu", torch.float32).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    # numpy, as Preview Image converts: on this thread, not torch's OpenMP pool (streamrt.runtime.host_io.host_copy)
+    pixels = np.rint(np.clip(frame.detach().to("cpu", torch.float32).numpy(), 0.0, 1.0) * 255.0).astype(np.uint8)
     larger = max_size and max(pixels.shape[0], pixels.shape[1]) > max_size
     return "JPEG", Image.fromarray(pixels[..., :3]), int(max_size) if larger else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -97,13 +98,20 @@ class FiniteCheck:
     """Refuses NaN / inf frames before they reach a stream's state, without allocating per call.
 
     NaN and inf survive a sum, which is written into a scalar kept per device. For frames on the CPU
-    (ComfyUI's IMAGE) this never touches the GPU; frames already on the GPU cost one host sync.
+    (ComfyUI's IMAGE) this never touches the GPU, and numpy sums them on the calling thread (torch's sum would
+    wake its OpenMP pool: see :func:`streamrt.runtime.host_io.host_copy`); frames already on the GPU cost one
+    host sync.
     """
 
     def __init__(self) -> None:
         self._totals: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, frames: torch.Tensor) -> None:
+        if frames.device.type == "cpu" and frames.dtype in (torch.float32, torch.float16) and not frames.requires_grad:
+            # float32 accumulation, as below; numpy reads the tensor's memory through a view
+            if not math.isfinite(float(np.add.reduce(frames.numpy(), axis=None, dtype=np.float32))):
+                raise FrameError("frames contain NaN or infinite values")
+            return
         total = self._totals.get(frames.device)
         if total is None:
             total = self._totals[frames.device] = torch.zeros((), device=frames.device, dtype=torch.float32)

@@ -140,3 +140,21 @@ def test_process_video_accepts_grey(tiny_models):
     a, b = _two_streams(tiny_models)
     grey = make_frames(4, seed=5, channels=1)
     assert torch.equal(a.process_video(grey), b.process_video(grey.expand(4, 64, 64, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_finite_check_sees_every_rgb_value_of_a_strided_frame_and_only_those(dtype):
+    """NaN / inf in the RGB values of an RGBA frame (a strided view once alpha is dropped) are refused, in every
+    float dtype (numpy sums float32 / float16 on the CPU, torch the others); a NaN in the dropped alpha is not."""
+    from streamrt.frames import FiniteCheck, check_frames
+
+    rgba = torch.rand(2, 16, 16, 4).to(dtype)
+    rgba[1, 3, 5, 3] = float("nan")  # alpha: dropped, not checked
+    check = FiniteCheck()
+    frames = check_frames(rgba, width=16, height=16, frames_per_step=2, finite=check)
+    assert not frames.is_contiguous() and torch.isfinite(frames).all()
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = rgba.clone()
+        bad[1, 15, 15, 2] = value  # the last RGB value of the batch
+        with pytest.raises(FrameError, match="NaN or infinite"):
+            check_frames(bad, width=16, height=16, frames_per_step=2, finite=check)
