@@ -5,6 +5,7 @@
 #   here:   bash scripts/gpu_comfyui.sh prepare            -> .gpu/ComfyUI and .gpu/wheels (git-ignored)
 #   there:  bash scripts/gpu_comfyui.sh soak [soak args]   (carry .gpu and .whl; see scripts/soak.py)
 #           bash scripts/gpu_comfyui.sh pytest [pytest args] (e2e tests with the server on the GPU)
+#           bash scripts/gpu_comfyui.sh overhead [args]      (scripts/node_overhead.py with the server on the GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -16,14 +17,15 @@ prepare)
   (cd .gpu/ComfyUI && rm -rf tests tests-unit comfy_api_nodes .git \
      comfy/text_encoders/*_tokenizer comfy/text_encoders/t5_pile_tokenizer && find . -name __pycache__ -prune -exec rm -rf {} +)
   # ComfyUI's start needs av (comfy_api) and torchsde (samplers); pydantic-settings (comfy_config), the
-  # database (alembic, SQLAlchemy), kornia and spandrel are optional or only used by extra nodes.
+  # database (alembic, SQLAlchemy), kornia and spandrel are optional or only used by extra nodes; websocket-client
+  # drives the server in the e2e tests and scripts/node_overhead.py.
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d .gpu/wheels av==18.1.0 torchsde==0.2.6 trampoline==0.1.2
+    --platform any -d .gpu/wheels av==18.1.0 torchsde==0.2.6 trampoline==0.1.2 websocket-client==1.9.2
   [ -f .whl/diffusers-0.42.1-py3-none-any.whl ] || bash ../shared/device/wheels.sh
   du -sh .gpu .gpu/ComfyUI .gpu/wheels
   ;;
-soak|pytest)
+soak|pytest|overhead)
   what=$1
   shift
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -32,13 +34,15 @@ soak|pytest)
   mkdir -p /tmp/streamrt-frontend
   if [ "$what" = soak ]; then
     python3 scripts/soak.py --front-end-root /tmp/streamrt-frontend "$@"
+  elif [ "$what" = overhead ]; then
+    python3 scripts/node_overhead.py --server-arg=--front-end-root --server-arg=/tmp/streamrt-frontend "$@"
   else
     STREAMRT_SERVER_GPU=1 STREAMRT_SERVER_ARGS="--front-end-root /tmp/streamrt-frontend ${STREAMRT_SERVER_ARGS:-}" \
       STREAMRT_CACHE_MODES=default python3 -m pytest -q -p no:cacheprovider "$@"
   fi
   ;;
 *)
-  echo "usage: $0 prepare | soak [scripts/soak.py arguments] | pytest [pytest arguments]" >&2
+  echo "usage: $0 prepare | soak [scripts/soak.py arguments] | pytest [pytest arguments] | overhead [scripts/node_overhead.py arguments]" >&2
   exit 2
   ;;
 esac

@@ -2,10 +2,12 @@
 
 SD-turbo-sized UNet (random weights), TAESD, fp16, 512x512, 1 step (t_index 32), cfg none, N frames: one stream on
 cuda:0 runs the whole clip; then one stream per GPU, each on its own copy of the pipeline, runs one contiguous
-chunk (``streamrt.parallel.process_video_parallel``). Every stream is warmed up (captured / compiled) first. Rows
-report frames per second, the speed-up over one GPU and the largest difference between the two outputs::
+chunk (``streamrt.parallel.process_video_parallel``). Every stream is warmed up (captured / compiled) first; with
+``--rounds R`` one GPU and the split alternate R times and the rows give medians (and each round's speed-up).
+Rows report frames per second, the speed-up over one GPU and the largest difference between the two outputs
+(of the first round)::
 
-    python scripts/multi_gpu_video.py --frames 300 --accelerations cuda_graph,compile --out /tmp/multi.json
+    python scripts/multi_gpu_video.py --frames 300 --accelerations cuda_graph,compile --rounds 3 --out /tmp/multi.json
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 
 logger = logging.getLogger("multi_gpu_video")
@@ -30,6 +33,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=300)
     p.add_argument("--accelerations", default="cuda_graph,compile")
     p.add_argument("--cached-attention", action="store_true", help="also rows with cached attention (window 4)")
+    p.add_argument("--rounds", type=int, default=1, help="alternating timed rounds (default 1); medians reported")
     p.add_argument("--out")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -51,15 +55,22 @@ def main() -> None:
                 stream.process_video(video[:8])
             for i in range(gpus):
                 torch.cuda.synchronize(i)
-            start = time.perf_counter()
-            one = streams[0].process_video(video)
-            one_s = time.perf_counter() - start
-            start = time.perf_counter()
-            split = process_video_parallel(streams, video)
-            split_s = time.perf_counter() - start
+            one_times, split_times, first = [], [], None
+            for _ in range(args.rounds):
+                start = time.perf_counter()
+                one = streams[0].process_video(video)
+                one_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                split = process_video_parallel(streams, video)
+                split_times.append(time.perf_counter() - start)
+                if first is None:  # later rounds start from a state the first one left: compare the first
+                    first = (one, split)
+            one, split = first
+            one_s, split_s = statistics.median(one_times), statistics.median(split_times)
             rows.append({"acceleration": acceleration, "variant": label, "frames": args.frames, "gpus": gpus,
-                         "gpu_names": names, "one_gpu_fps": round(args.frames / one_s, 1),
+                         "gpu_names": names, "rounds": args.rounds, "one_gpu_fps": round(args.frames / one_s, 1),
                          "split_fps": round(args.frames / split_s, 1), "speedup": round(one_s / split_s, 2),
+                         "speedup_per_round": [round(a / b, 2) for a, b in zip(one_times, split_times)],
                          "max_abs_diff": float((one - split).abs().max()),
                          "identical": bool(torch.equal(one, split))})
             logger.info("%s", rows[-1])

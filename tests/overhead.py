@@ -56,28 +56,39 @@ SINK = "PreviewImage"
 GRAPHS = ("trivial", "trivial_v3", "shaped", "realtime", "bare")  # realtime before bare: bare steps its stream
 
 
-def sampler_nodes(prefix: str, acceleration: str = "auto") -> dict[str, dict]:
+def sampler_nodes(prefix: str, acceleration: str = "auto", **options) -> dict[str, dict]:
     """The sampler (node ``<prefix>x``, fed by ``<prefix>load`` and ``<prefix>img``) and the settings nodes it
-    needs, as the e2e tests build them (:func:`e2e_helpers.add_sampler` from :data:`e2e_helpers.SAMPLER_DEFAULTS`):
-    the one place that follows the sampler's inputs. ``auto`` needs no settings node (the webcam graph)."""
+    needs, as the e2e tests build them (:func:`e2e_helpers.add_sampler` from :data:`e2e_helpers.SAMPLER_DEFAULTS`,
+    ``options`` on top): the one place that follows the sampler's inputs. ``auto`` needs no settings node (the
+    webcam graph)."""
     g = Graph(prefix=f"{prefix}s")
-    add_sampler(g, [f"{prefix}load", 0], id=f"{prefix}x", image=[f"{prefix}img", 0], acceleration=acceleration)
+    add_sampler(g, [f"{prefix}load", 0], id=f"{prefix}x", image=[f"{prefix}img", 0], acceleration=acceleration,
+                **options)
     return g.to_dict()
 
 
-def sampler_inputs(acceleration: str = "auto") -> dict:
+def sampler_inputs(acceleration: str = "auto", **options) -> dict:
     """The sampler's widget values in the measurement (for the report)."""
-    nodes = sampler_nodes("", acceleration)
+    nodes = sampler_nodes("", acceleration, **options)
     return {k: v for k, v in nodes["x"]["inputs"].items() if not isinstance(v, list)}
 
 
-def build_graphs(prefix: str, image: str, model: str, taesd: str, acceleration: str) -> dict[str, dict]:
-    """API-format prompts of the graphs (node ids prefixed, so the sampler's stream is this run's own)."""
+def sink_node(kind: str, images: list) -> dict:
+    """The graphs' sink: ``PreviewImage`` (a PNG per execution) or ``StreamRTPreview`` (the stream view: the
+    frame over the websocket, nothing written)."""
+    inputs = {"images": images} if kind == "PreviewImage" else {"images": images, "max_size": 0}
+    return {"class_type": kind, "inputs": inputs}
+
+
+def build_graphs(prefix: str, image: str, model: str, taesd: str, acceleration: str, *, sink: str = SINK,
+                 **sampler_options) -> dict[str, dict]:
+    """API-format prompts of the graphs (node ids prefixed, so the sampler's stream is this run's own);
+    ``sampler_options`` as for :func:`sampler_nodes`."""
     load = {"class_type": "LoadImage", "inputs": {"image": image}}
-    sink = {"class_type": SINK, "inputs": {"images": [f"{prefix}x", 0]}}
+    sink = sink_node(sink, [f"{prefix}x", 0])
     loader = {"class_type": "StreamRTLoadPipeline",
               "inputs": {"model": model, "taesd": taesd, "dtype": "auto", "device": "auto"}}
-    sampler = sampler_nodes(prefix, acceleration)
+    sampler = sampler_nodes(prefix, acceleration, **sampler_options)
     settings = {k: v for k, v in sampler.items() if k != f"{prefix}x"}  # settings nodes, when any
     sampler_like = sampler[f"{prefix}x"]["inputs"]
     graphs = {
