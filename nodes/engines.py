@@ -113,7 +113,7 @@ class BuildEngines(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return api.Schema(
             node_id="StreamRTBuildEngines",
             display_name="Build Engines (TensorRT, StreamRT)",
             category=api.CATEGORY,
@@ -237,7 +237,7 @@ class LoadEngines(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return api.Schema(
             node_id="StreamRTLoadEngines",
             display_name="Load Engines (TensorRT, StreamRT)",
             category=api.CATEGORY,

@@ -55,7 +55,7 @@ def resolve_taesd(name: str) -> str | tuple[str, str] | None:
 @functools.lru_cache(maxsize=1)
 def _pipeline_schema(models: tuple[str, ...], taesds: tuple[str, ...]) -> io.Schema:
     """Load Stream Pipeline's schema offering these models and TAESDs."""
-    return io.Schema(
+    return api.Schema(
         node_id="StreamRTLoadPipeline",
         display_name="Load Stream Pipeline (StreamRT)",
         category=api.CATEGORY,
@@ -122,7 +122,7 @@ class StreamLora(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return api.Schema(
             node_id="StreamRTLora",
             display_name="StreamRT LoRA",
             category=api.CATEGORY,
@@ -177,7 +177,7 @@ class StreamPipelineFromModel(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return api.Schema(
             node_id="StreamRTPipelineFromModel",
             display_name="Stream Pipeline from Model (StreamRT)",
             category=api.CATEGORY,

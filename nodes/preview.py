@@ -13,7 +13,7 @@ class StreamPreview(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return api.Schema(
             node_id="StreamRTPreview",
             display_name="Stream Preview (StreamRT)",
             category=api.CATEGORY,

@@ -73,7 +73,7 @@ class StreamSampler(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return api.Schema(
             node_id="StreamRTSampler",
             display_name=DISPLAY_NAME,
             category=api.CATEGORY,

@@ -37,7 +37,7 @@ class StreamSettingsNode(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return api.Schema(
             node_id="StreamRTSettings",
             display_name="Stream Settings (StreamRT)",
             category=SETTINGS_CATEGORY,
@@ -90,7 +90,7 @@ class StreamSimilarityFilter(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return api.Schema(
             node_id="StreamRTSimilarityFilter",
             display_name="Stream Similarity Filter (StreamRT)",
             category=SETTINGS_CATEGORY,
@@ -117,7 +117,7 @@ class StreamCachedAttention(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return api.Schema(
             node_id="StreamRTCachedAttention",
             display_name="Stream Cached Attention (StreamRT)",
             category=SETTINGS_CATEGORY,
@@ -150,7 +150,7 @@ class StreamDevices(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return api.Schema(
             node_id="StreamRTDevices",
             display_name="Stream Devices, multi-GPU (StreamRT)",
             category=SETTINGS_CATEGORY,

@@ -83,6 +83,25 @@ def test_no_load_time_work_per_execution(probe_server: ComfyServer):
     assert sum(stats.values()) <= LISTING_STATS_BOUND, stats
 
 
+def test_the_pack_schemas_classic_form_is_computed_once(probe_server: ComfyServer):
+    """ComfyUI converts a V3 schema to the classic ``INPUT_TYPES`` form whenever it needs a node's inputs, several
+    times per execution; the pack's schemas keep theirs (``nodes/api.py``, ``Schema``). Steady-state executions of
+    the realtime graph, whose other nodes are classic ones, convert nothing, and the sampler still gets its hidden
+    input (its node id, named in its status event) although ``INPUT_TYPES(include_hidden=False)`` removes
+    ``hidden`` from what it returns."""
+    graphs = graphs_for(probe_server)
+    overhead.probe_install(probe_server, "step", "timers")
+    overhead.per_execution(probe_server, graphs["realtime"], 2)  # the first executions convert each schema once
+    records = overhead.per_execution(probe_server, graphs["realtime"], 5)
+    assert [len(r["timers"].get("comfy.v3.get_v1_info", [])) for r in records] == [0] * 5, records[-1]["timers"]
+    assert all(len(r["timers"].get("step", [])) == 1 for r in records)  # each execution stepped the stream
+    sampler_id = next(k for k, v in graphs["realtime"].items() if v["class_type"] == "StreamRTSampler")
+    with probe_server.websocket() as ws:
+        for _ in range(2):
+            _, events = overhead.run_once(probe_server, ws, graphs["realtime"])
+            assert events and all(e.get("node") == sampler_id for e in events), (sampler_id, events)
+
+
 def test_overhead_bound(probe_server: ComfyServer):
     graphs = graphs_for(probe_server)
     chosen = {name: graphs[name] for name in ("trivial", "shaped", "realtime")}
