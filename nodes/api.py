@@ -55,7 +55,10 @@ class Schema(io.Schema):
     def get_v1_info(self, cls, *args, **kwargs):
         cache = self.__dict__.setdefault("_v1_info", {})
         key = (cls, args, tuple(sorted(kwargs.items())))
-        info = cache.get(key)
+        try:
+            info = cache.get(key)
+        except TypeError:  # arguments a later ComfyUI may pass that cannot key a cache: convert every time
+            return super().get_v1_info(cls, *args, **kwargs)
         if info is None:
             info = cache[key] = super().get_v1_info(cls, *args, **kwargs)
         return replace(info, input=dict(info.input))
