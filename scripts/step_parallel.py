@@ -17,6 +17,7 @@ import json
 import logging
 import statistics
 import time
+from pathlib import Path
 
 logger = logging.getLogger("step_parallel")
 
@@ -38,7 +39,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="timed rounds of --frames calls, one GPU and two GPUs alternating; the medians are reported")
     p.add_argument("--profile", action="store_true",
-                   help="print where the host's time goes in 50 realtime calls of each (torch.profiler, CPU side)")
+                   help="where the host's time goes in 50 realtime calls of each (torch.profiler, CPU and CUDA "
+                        "activity; the table is kept in the row)")
+    p.add_argument("--trace", default=None, help="with --profile: a folder for each profile's chrome trace")
     p.add_argument("--out")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -115,13 +118,20 @@ def main() -> None:
             "allocations_per_gpu": grown})
         logger.info("%s", rows[-1])
         if args.profile:
+            rows[-1]["host_profile"] = {}
             for label, stream in (("one GPU", one), ("two GPUs", staged)):
                 sink = torch.empty(f, 512, 512, 3)
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                with torch.profiler.profile(activities=activities) as prof:
                     for k in range(50):
                         sink.copy_(stream.step(frames[k * f:(k + 1) * f]))
-                logger.info("host profile, %s:\n%s", label,
-                            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+                rows[-1]["host_profile"][label] = table  # kept with the row, not only logged
+                logger.info("host profile, %s:\n%s", label, table)
+                if args.trace:  # the timeline of the 50 calls, for chrome://tracing or Perfetto
+                    Path(args.trace).mkdir(parents=True, exist_ok=True)
+                    name = f"{acceleration}_F{f}_{label.replace(' ', '_')}.json"
+                    prof.export_chrome_trace(str(Path(args.trace) / name))
         if args.out:  # after every row: a run cut short keeps what it measured
             with open(args.out, "w", encoding="utf-8") as handle:
                 json.dump(rows, handle, indent=1)
