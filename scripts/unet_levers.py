@@ -14,7 +14,9 @@ A variant is ``eager`` (the module in a CUDA graph) or levers joined by ``+`` on
 ``autotune`` (mode ``max-autotune-no-cudagraphs``: GEMM/convolution templates benchmarked per shape),
 ``freeze`` (inductor's ``freezing``: weights folded in as constants), ``qkv`` (diffusers'
 ``fuse_qkv_projections``), ``cudnn`` (``cudnn.benchmark`` on while compiling and capturing), ``cl`` (the
-module's weights in channels-last; the UNet always is, as the runtime does).
+module's weights in channels-last; the UNet always is, as the runtime does), ``xkv`` (every cross-attention layer
+reads keys and values computed once from the prompt embeddings, as a per-prompt cache would hold them: what the
+two projections per layer cost per call; the result records the largest difference from the plain UNet).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 logger = logging.getLogger("unet_levers")
 
-LEVERS = ("eager", "default", "tuned", "autotune", "freeze", "qkv", "cudnn", "cl")
+LEVERS = ("eager", "default", "tuned", "autotune", "freeze", "qkv", "cudnn", "cl", "xkv")
 KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
          ("convolution", ("fprop", "dgrad", "implicit_gemm")),  # cuDNN's convolutions are "implicit GEMMs"
          ("gemm", ("gemm", "nvjet", "sm90", "cutlass", "matmul", "mm_")),
@@ -47,6 +49,44 @@ def kernel_kind(name: str) -> str:
     return "elementwise / fused"
 
 
+class PrecomputedCrossKV:
+    """A cross-attention processor whose keys and values were computed once from the prompt embeddings (what a
+    per-prompt cache in the stream would hold), for measuring what the two projections cost per UNet call. The
+    rest is diffusers' ``AttnProcessor2_0`` for the layers SD and SDXL UNets have (no spatial or group norm, no
+    cross norm, no q/k norm). Measurement only."""
+
+    def __init__(self, attn, embeds):
+        import torch
+
+        if attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross or attn.norm_k is not None:
+            raise ValueError("PrecomputedCrossKV: a cross-attention layer with norms this measurement does not model")
+        rows, length = embeds.shape[:2]
+        self.head_dim = attn.to_k.out_features // attn.heads
+        with torch.inference_mode():
+            self.key, self.value = (proj(embeds).view(rows, length, attn.heads, self.head_dim).transpose(1, 2)
+                                    .contiguous() for proj in (attn.to_k, attn.to_v))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        import torch.nn.functional as F
+
+        residual, rows = hidden_states, hidden_states.shape[0]
+        query = attn.to_q(hidden_states).view(rows, -1, attn.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, self.key, self.value)
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(rows, -1, attn.heads * self.head_dim)))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def precompute_cross_attention(unet, embeds) -> int:
+    """Give every cross-attention layer (``attn2``) of ``unet`` a :class:`PrecomputedCrossKV` for ``embeds``; the
+    number of layers."""
+    layers = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+    for attn in layers:
+        attn.set_processor(PrecomputedCrossKV(attn, embeds))
+    return len(layers)
+
+
 def run_variant(variant: str, preset: str, size: int, rows: int, profile: bool, part: str = "unet") -> dict:
     """Compile and time one variant in this process."""
     import torch
@@ -58,6 +98,7 @@ def run_variant(variant: str, preset: str, size: int, rows: int, profile: bool, 
     from streamrt.random_models import build_random_components
 
     levers = set(variant.split("+"))
+    extra: dict = {}  # what a lever adds to the result
     torch.backends.cudnn.benchmark = "cudnn" in levers  # off unless asked: ComfyUI leaves it off by default
     if "tuned" in levers:
         inductor_config.coordinate_descent_tuning = True
@@ -95,6 +136,12 @@ def run_variant(variant: str, preset: str, size: int, rows: int, profile: bool, 
         def forward():
             return unet(sample, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
 
+        if "xkv" in levers:
+            with torch.inference_mode():
+                plain = forward()
+                layers = precompute_cross_attention(unet, embeds)
+                extra = {"xkv_layers": layers, "max_abs_diff_vs_plain": float((forward() - plain).abs().max())}
+
     call = forward
     start = time.perf_counter()
     if "eager" not in levers:
@@ -108,7 +155,7 @@ def run_variant(variant: str, preset: str, size: int, rows: int, profile: bool, 
         ms = graph_replay_ms(call, device, replays=100)
         result = {"variant": variant, "part": part, "preset": preset, "size": size, "rows": rows,
                   "ms": round(ms, 3), "compile_s": round(compile_s, 1), "gpu": torch.cuda.get_device_name(),
-                  "torch": torch.__version__}
+                  "torch": torch.__version__, **extra}
         if profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
