@@ -285,9 +285,9 @@ class Stream(StreamCalls):
         f = config.frames_per_step
         whole = build_schedule(models.scheduler, config)
         self.stage = stage if stage is not None else StreamStage(0, config.num_steps, config.num_steps)
-        self._steps = config.num_steps  # the whole stream's (a stage has fewer)
+        # the whole stream's noise (a stage keeps its rows of it: _redraw_noise)
         self._noise_shape = (config.batch_rows, models.latent_channels, config.height // scale, config.width // scale)
-        self._rows = self.stage.rows(f)
+        rows = self.stage.rows(f)
         if stage is not None:
             config = stage.config_of(config)
         self.config = config
@@ -295,14 +295,13 @@ class Stream(StreamCalls):
         self.dtype = models.dtype
         self.runtime = runtime if runtime is not None else prepare(models, config, engines=engines,
                                                                    control=bool(controlnets))
-        self.schedule: StreamSchedule = whole.rows(self._rows).to(self.device)
+        self.schedule: StreamSchedule = whole.rows(rows).to(self.device)
         self._an_over_bn = self.schedule.a_next / self.schedule.b_next
         self._a0_scaled = self.schedule.a[:f] * models.vae_scaling_factor
         hands_on = not self.stage.is_last
         # a stage that hands rows on re-noises them to the next stage's first step itself (as the whole stream does
         # for its carried rows), so the next stage starts from exactly what the whole stream would carry
-        self._carry_schedule = whole.rows(slice(self._rows.stop, self._rows.stop + f)).to(self.device) if hands_on \
-            else None
+        self._carry_schedule = whole.rows(slice(rows.stop, rows.stop + f)).to(self.device) if hands_on else None
         self.buffers: StreamBuffers = allocate_buffers(
             config, self.schedule, latent_channels=models.latent_channels, vae_scale_factor=scale,
             text_length=config.prompt_length, embed_dim=models.embed_dim, device=self.device, dtype=self.dtype,
@@ -355,7 +354,7 @@ class Stream(StreamCalls):
     @property
     def latency(self) -> int:
         """Calls between a frame going in and its result coming out (n - 1)."""
-        return self._steps - 1
+        return self.stage.steps - 1  # the whole stream's steps (a stage runs fewer)
 
     @property
     def devices(self) -> tuple[torch.device, ...]:
@@ -415,7 +414,8 @@ class Stream(StreamCalls):
 
     def _redraw_noise(self) -> None:
         """The whole stream's noise from the seed; a stage keeps its rows (and the next stage's first ones)."""
-        buf, f, rows = self.buffers, self.config.frames_per_step, self._rows
+        buf, f = self.buffers, self.config.frames_per_step
+        rows = self.stage.rows(f)
         # drawn and rotated on the host: copied into the buffers, so a seed change allocates nothing on the device
         noise = blended_noise(self._seeds, self._noise_shape, self._seed_method)
         buf.init_noise.copy_(noise[rows])
@@ -506,19 +506,18 @@ class Stream(StreamCalls):
 
         # 2. New rows: x_t = a[0:F] * z * scaling + b[0:F] * noise[0:F] (txt2img: the fixed noise itself). A later
         # stage of a step-parallel stream finds its first rows already written: the previous stage's hand-off.
-        if not stage.is_first:
-            pass
-        elif txt2img:
-            buf.x_batch[:f].copy_(buf.init_noise[:f])
-        else:
-            x_t = buf.tmp32[:f]
-            torch.mul(run.encode(buf.image_in), self._a0_scaled, out=x_t)
-            x_t.addcmul_(sch.b[:f], buf.init_noise[:f])
-            buf.x_batch[:f].copy_(x_t)
+        if stage.is_first:
+            if txt2img:
+                buf.x_batch[:f].copy_(buf.init_noise[:f])
+            else:
+                x_t = buf.tmp32[:f]
+                torch.mul(run.encode(buf.image_in), self._a0_scaled, out=x_t)
+                x_t.addcmul_(sch.b[:f], buf.init_noise[:f])
+                buf.x_batch[:f].copy_(x_t)
 
         # 3. The batch is [new rows | carried rows]; RCFG's stock noise moves down by F rows with it (into a later
         # stage from the stage before it).
-        if self._steps > 1 and cfg.uses_stock_noise:
+        if stage.steps > 1 and cfg.uses_stock_noise:
             if n > 1:
                 buf.stock_scratch.copy_(buf.stock[:-f])
                 buf.stock[f:].copy_(buf.stock_scratch)
