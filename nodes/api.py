@@ -610,8 +610,6 @@ def control_image(control: ComfyControl, width: int, height: int) -> torch.Tenso
     """``control``'s images ``[N, height, width, 3]`` as ComfyUI's ControlNet sizes them for a latent of that pixel
     size: a center crop to the stream's aspect, then its upscale method (nearest-exact for most ControlNets). The
     same hint at the same size is resized once (Apply ControlNet's output is cached between executions)."""
-    import comfy.utils
-
     hint = control.hint
     if tuple(hint.shape[-2:]) == (height, width):
         return hint.movedim(1, -1)
