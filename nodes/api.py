@@ -45,10 +45,10 @@ class Schema(io.Schema):
     """``io.Schema`` whose classic form is computed once per node class.
 
     ComfyUI converts a V3 schema to the classic ``INPUT_TYPES`` form (``get_v1_info``) every time it needs a
-    node's inputs: eight to eleven times per execution of the realtime graph, 0.93 ms of it on the H200 machine
-    (0.14 ms in a trivial graph; BENCHMARKS.md), for the same result every time. The conversion is kept per
-    node class. ComfyUI only reads the result, except that ``INPUT_TYPES`` removes
-    ``hidden`` from the top level of the inputs it gets, so each call gets its own copy of that level. A
+    node's inputs: eight to eleven times per execution of the realtime graph, 0.59 ms of it on the H200 machine
+    (run C of the ComfyUI section in BENCHMARKS.md; 0.09 ms in the trivial graph), for the same result every
+    time. The conversion is kept per node class. ComfyUI only reads the result, except that ``INPUT_TYPES``
+    removes ``hidden`` from the top level of the inputs it gets, so each call gets its own copy of that level. A
     schema built again (a loader whose model listing changed) starts a new cache.
     """
 
