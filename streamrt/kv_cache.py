@@ -11,9 +11,13 @@ Which slots take part is decided on the device from ``age`` (writes since the sl
 huge when never written): a slot is valid when ``age < window``. The window can change at run
 time (``set_window``) without reallocating; slots never written or outside the window are masked.
 
+The prompt's keys and values are cached too (:class:`PromptKV`): every cross-attention (``attn2``) layer
+projects the same prompt embeddings in every call, so a stream computes them once per prompt change and the
+layers read them (SDXL-turbo's UNet at 512² on an H200: 9.29 -> 8.40 ms per call; docs/DESIGN.md section 3).
+
 The caching processors live on the (shared) UNet and are inert unless a call passes
-``cross_attention_kwargs={"kv_cache": cache}``, so streams without a cache run the plain
-``AttnProcessor2_0`` path bit for bit.
+``cross_attention_kwargs={"kv_cache": cache}`` or ``{"prompt_kv": prompt_kv}``, so streams without them run
+the plain ``AttnProcessor2_0`` path bit for bit.
 """
 
 from __future__ import annotations
@@ -208,8 +212,9 @@ class KVCache:
 
 
 @dataclass
-class SelfAttnInput:
-    """What every self-attention variant starts from: the layer's projections of the current tokens."""
+class AttnInput:
+    """What every attention variant starts from: the layer's query of the current tokens and the keys and values
+    they attend to first (self-attention: the current tokens' own; cross-attention: the prompt's)."""
 
     residual: torch.Tensor
     image_shape: tuple[int, int, int, int] | None  # (batch, channels, height, width) for 4-d inputs
@@ -218,8 +223,9 @@ class SelfAttnInput:
     value: torch.Tensor
 
 
-def project_self_attention(attn: Attention, hidden_states: torch.Tensor, temb=None) -> SelfAttnInput:
-    """The input half of diffusers' ``AttnProcessor2_0`` for self-attention (norms, to_q/to_k/to_v)."""
+def _layer_tokens(attn: Attention, hidden_states: torch.Tensor, temb=None):
+    """The start of diffusers' ``AttnProcessor2_0``: the residual, the 4-d input's shape (or None) and the
+    normalised tokens ``[rows, tokens, C]`` that ``to_q`` (and self-attention's ``to_k``/``to_v``) project."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -230,14 +236,19 @@ def project_self_attention(attn: Attention, hidden_states: torch.Tensor, temb=No
         hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    return SelfAttnInput(residual, image_shape, attn.to_q(hidden_states), attn.to_k(hidden_states),
-                         attn.to_v(hidden_states))
+    return residual, image_shape, hidden_states
 
 
-def attend_and_project(attn: Attention, inp: SelfAttnInput, keys: torch.Tensor, values: torch.Tensor,
+def project_self_attention(attn: Attention, hidden_states: torch.Tensor, temb=None) -> AttnInput:
+    """The input half of diffusers' ``AttnProcessor2_0`` for self-attention (norms, to_q/to_k/to_v)."""
+    residual, image_shape, tokens = _layer_tokens(attn, hidden_states, temb)
+    return AttnInput(residual, image_shape, attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens))
+
+
+def attend_and_project(attn: Attention, inp: AttnInput, keys: torch.Tensor, values: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of the current queries over ``keys``/``values`` ``[rows, S_all, C]`` under a boolean
-    ``mask`` ``[1, 1, 1, S_all]``, then the output half of ``AttnProcessor2_0`` (to_out, residual)."""
+    """Attention of the current queries over ``keys``/``values`` ``[rows, S_all, C]`` under an additive
+    ``mask`` ``[1, 1, 1, S_all]`` (or none), then the output half of ``AttnProcessor2_0`` (to_out, residual)."""
     rows = inp.query.shape[0]
     heads, head_dim = attn.heads, inp.key.shape[-1] // attn.heads
     q = inp.query.view(rows, -1, heads, head_dim).transpose(1, 2)
@@ -257,6 +268,61 @@ def attend_and_project(attn: Attention, inp: SelfAttnInput, keys: torch.Tensor, 
     return out / attn.rescale_output_factor
 
 
+class PromptKV:
+    """The keys and values of every cross-attention (``attn2``) layer for a stream's prompt-embedding buffer.
+
+    Every UNet call of a stream projects the same embeddings ``[rows, L, D]`` to the same keys and values in each
+    cross-attention layer until the prompt changes. A ``PromptKV`` holds them, ``[rows, L, C_l]`` each for K and V
+    per layer, allocated when it is made (before any capture); :meth:`refresh` recomputes them from the buffer
+    after a prompt write, and :class:`CrossAttnProcessor` reads them in place of the projections: the same
+    numbers, with two GEMMs per layer fewer per call (docs/DESIGN.md section 3).
+
+    Args:
+        unet: the diffusers UNet whose ``attn2`` layers it serves (numbered as :func:`install_kv_processors`
+            numbers their processors).
+        embeds: the stream's prompt-embedding buffer, read by :meth:`refresh`.
+    """
+
+    def __init__(self, unet: torch.nn.Module, embeds: torch.Tensor) -> None:
+        self.embeds = embeds
+        self.layers: list[tuple[Attention, torch.Tensor, torch.Tensor]] = []
+        rows, tokens = embeds.shape[:2]
+        for attn in cross_attention_layers(unet):
+            key = embeds.new_empty(rows, tokens, attn.to_k.out_features)
+            value = embeds.new_empty(rows, tokens, attn.to_v.out_features)
+            self.layers.append((attn, key, value))
+
+    def refresh(self) -> None:
+        """Recompute every layer's keys and values from the embedding buffer (after a prompt write: not per
+        frame). Written straight into the same tensors, which a captured step reads, by the GEMM that ``to_k`` /
+        ``to_v`` run: no allocation, so a prompt change stays allocation-free (docs/DESIGN.md section 4)."""
+        embeds = self.embeds.view(-1, self.embeds.shape[-1])
+        with torch.no_grad():
+            for attn, key, value in self.layers:
+                for linear, out in ((attn.to_k, key), (attn.to_v, value)):
+                    out = out.view(-1, out.shape[-1])
+                    if linear.bias is None:
+                        torch.mm(embeds, linear.weight.t(), out=out)
+                    else:
+                        torch.addmm(linear.bias, embeds, linear.weight.t(), out=out)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``attn2`` layer ``index``."""
+        _, key, value = self.layers[index]
+        return key, value
+
+    def nbytes(self) -> int:
+        """Bytes held: ``rows * L * sum_l C_l * 2 (K and V) * element size``."""
+        return sum(key.nbytes + value.nbytes for _, key, value in self.layers)
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> list[Attention]:
+    """The UNet's cross-attention (``attn2``) modules, in the order of its attention processors."""
+    suffix = ".processor"
+    return [unet.get_submodule(name[:-len(suffix)]) for name in unet.attn_processors
+            if name.endswith("attn2" + suffix)]
+
+
 class CachedSelfAttnProcessor:
     """``attn1`` processor: current tokens attend to themselves and the cached frames of the same row."""
 
@@ -265,7 +331,8 @@ class CachedSelfAttnProcessor:
         self._plain = AttnProcessor2_0()
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, temb=None, kv_cache: KVCache | None = None, **kwargs) -> torch.Tensor:
+                 attention_mask=None, temb=None, kv_cache: KVCache | None = None, prompt_kv: PromptKV | None = None,
+                 **kwargs) -> torch.Tensor:
         if kv_cache is None or encoder_hidden_states is not None:
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         inp = project_self_attention(attn, hidden_states, temb)
@@ -283,29 +350,66 @@ class CachedSelfAttnProcessor:
         return out
 
 
+class CrossAttnProcessor:
+    """``attn2`` processor: with a :class:`PromptKV`, the current queries attend to the prompt's cached keys and
+    values; without one (or with an attention mask, which the stream never passes), diffusers' plain
+    ``AttnProcessor2_0``."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self._plain = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, kv_cache: KVCache | None = None, prompt_kv: PromptKV | None = None,
+                 **kwargs) -> torch.Tensor:
+        if prompt_kv is None or encoder_hidden_states is None or attention_mask is not None:
+            return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        residual, image_shape, tokens = _layer_tokens(attn, hidden_states, temb)
+        key, value = prompt_kv.layer(self.index)
+        return attend_and_project(attn, AttnInput(residual, image_shape, attn.to_q(tokens), key, value), key, value,
+                                  None)
+
+
 class PassThroughAttnProcessor(AttnProcessor2_0):
-    """Plain attention that accepts (and ignores) ``kv_cache``, for the non-cached layers."""
+    """Plain attention that accepts (and ignores) ``kv_cache`` and ``prompt_kv``, for any other attention layer."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 kv_cache: KVCache | None = None, **kwargs):
+                 kv_cache: KVCache | None = None, prompt_kv: PromptKV | None = None, **kwargs):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
-def install_kv_processors(unet) -> int:
-    """Put :class:`CachedSelfAttnProcessor` on every ``attn1`` and a pass-through on the rest (idempotent).
+_OURS = (CachedSelfAttnProcessor, CrossAttnProcessor, PassThroughAttnProcessor)
 
-    Returns the number of cached layers.
+
+def prompt_kv_fits(unet) -> bool:
+    """Whether a stream of ``unet`` can keep its prompt's keys and values (:class:`PromptKV`): every attention layer
+    runs diffusers' default ``AttnProcessor2_0`` or one of the caching processors here (which run it when not given
+    a cache), so :func:`install_kv_processors` changes nothing for other callers, and no cross-attention layer
+    normalises the prompt before projecting it (SD1.x, SD2.x and SDXL UNets do neither). A UNet with processors
+    of its own keeps them, and its streams project the prompt in every call."""
+    return (all(type(p) is AttnProcessor2_0 or isinstance(p, _OURS) for p in unet.attn_processors.values())
+            and not any(attn.norm_cross for attn in cross_attention_layers(unet)))
+
+
+def install_kv_processors(unet) -> int:
+    """Put :class:`CachedSelfAttnProcessor` on every ``attn1``, :class:`CrossAttnProcessor` on every ``attn2``
+    and a pass-through on the rest (idempotent). Each kind numbers its layers in processor order.
+
+    Returns the number of cached self-attention layers.
     """
     processors = unet.attn_processors
-    if all(isinstance(p, (CachedSelfAttnProcessor, PassThroughAttnProcessor)) for p in processors.values()):
+    if all(isinstance(p, _OURS) for p in processors.values()):
         return sum(isinstance(p, CachedSelfAttnProcessor) for p in processors.values())
-    new, index = {}, 0
+    new, self_index, cross_index = {}, 0, 0
     for name in processors:
         if name.endswith("attn1.processor"):
-            new[name] = CachedSelfAttnProcessor(index)
-            index += 1
+            new[name] = CachedSelfAttnProcessor(self_index)
+            self_index += 1
+        elif name.endswith("attn2.processor"):
+            new[name] = CrossAttnProcessor(cross_index)
+            cross_index += 1
         else:
             new[name] = PassThroughAttnProcessor()
     unet.set_attn_processor(new)
-    logger.info("cached-attention processors installed on %d attn1 layers", index)
-    return index
+    logger.info("caching attention processors installed on %d attn1 and %d attn2 layers", self_index, cross_index)
+    return self_index

@@ -25,7 +25,7 @@ from .buffers import StreamBuffers, allocate_buffers
 from .config import Acceleration, CfgType, StreamConfig, StreamStage
 from .controlnet import ControlNet, ControlState
 from .frames import FiniteCheck, check_frames
-from .kv_cache import KVCache, install_kv_processors
+from .kv_cache import KVCache, PromptKV, install_kv_processors, prompt_kv_fits
 from .kv_export import kv_cache_io_spec
 from .models import StreamModels
 from .prompts import (
@@ -310,8 +310,16 @@ class Stream(StreamCalls):
         self.similarity = SimilarityFilter(config.similarity_filter, tuple(self.buffers.image_in.shape),
                                            seed=config.seed, device=self.device, dtype=self.dtype)
         self.kv: KVCache | None = None
+        # the prompt's cross-attention keys and values, computed when it changes (docs/DESIGN.md section 3); an
+        # engine UNet projects the embeddings itself
+        self.prompt_kv: PromptKV | None = None
+        keeps_prompt_kv = (config.prompt_kv and "prompt_kv" in self.runtime.unet.accepts
+                           and prompt_kv_fits(models.unet))
+        if config.kv_cache.enabled or keeps_prompt_kv:
+            install_kv_processors(models.unet)  # inert for calls without them: other streams see plain attention
+        if keeps_prompt_kv:
+            self.prompt_kv = PromptKV(models.unet, self.buffers.embeds)  # filled by _write_embeddings
         if config.kv_cache.enabled:
-            install_kv_processors(models.unet)  # inert for calls without a cache: other streams see plain attention
             self.kv = KVCache(config.kv_cache, self.device)
             spec = kv_cache_io_spec(models.unet, config.unet_rows, config.height, config.width,
                                     config.kv_cache.max_frames, vae_scale_factor=scale)
@@ -325,7 +333,8 @@ class Stream(StreamCalls):
                                                  first_step=self.stage.first, steps=self.stage.steps)
         self._control_active: tuple[bool, ...] = self.control.active if self.control is not None else ()
         self.unet_extras = UNetExtras(kv_cache=self.kv, added_cond=added,
-                                      control=self.control.residuals if self.control is not None else None)
+                                      control=self.control.residuals if self.control is not None else None,
+                                      prompt_kv=self.prompt_kv)
         # What a graph capture's warm-up must leave as it found it: the carried latents, stock noise and control
         # images. The attention rings need no copy: the warm-up writes its K/V into the scratch slot
         # (KVCache.writes_held).
@@ -449,7 +458,8 @@ class Stream(StreamCalls):
 
     def _write_embeddings(self, prompt: Prompt, negative: PromptPart, method: str) -> None:
         """Encode first (which may refuse the text), then write into the embedding buffer, each prompt repeated
-        along the tokens to fill it (in place: no new tensor for the buffer)."""
+        along the tokens to fill it (in place: no new tensor for the buffer), and the prompt's cross-attention keys
+        and values from it."""
         enc, buf, u = self.models.prompt_encoder, self.buffers, self.config.uncond_rows
         cond = enc.encode_blend(prompt, method)
         uncond = enc.embeddings(negative, negative=True) if u else None
@@ -458,6 +468,8 @@ class Stream(StreamCalls):
         if uncond is not None:
             _fill_rows(buf.embeds[:u], uncond.tokens)
             _fill_pooled(None if buf.pooled is None else buf.pooled[:u], uncond)
+        if self.prompt_kv is not None:
+            self.prompt_kv.refresh()
         self.embedding_writes += 1
 
     def set_cache_window(self, window: int, interval: int | None = None) -> None:
@@ -614,8 +626,8 @@ class Stream(StreamCalls):
         return True
 
     def nbytes(self) -> int:
-        """Device bytes this stream holds beyond the shared models: its buffers and attention cache
-        (views counted once)."""
+        """Device bytes this stream holds beyond the shared models: its buffers, attention cache and the prompt's
+        keys and values (views counted once)."""
         seen, total = set(), 0
         for t in self.buffers.tensors().values():
             storage = t.untyped_storage()
@@ -623,7 +635,8 @@ class Stream(StreamCalls):
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()
         return (total + (self.kv.nbytes() if self.kv is not None else 0)
-                + (self.control.nbytes() if self.control is not None else 0))
+                + (self.control.nbytes() if self.control is not None else 0)
+                + (self.prompt_kv.nbytes() if self.prompt_kv is not None else 0))
 
     def close(self) -> None:
         """Release what this stream holds outside its buffers (captured graphs, engine runners)."""

@@ -4,6 +4,8 @@
   TAESD and the full VAE, and across prompt / seed / guidance changes and resets);
 - ``compile`` gives the eager outputs within a compiled-fp16 tolerance, and an eager stream on the same
   pipeline still runs the pipeline's own modules;
+- a stream that reads its prompt's cross-attention keys and values (the default) gives the frames of one that
+  projects the prompt in every call, captured and compiled;
 - ``auto`` resolves to ``cuda_graph`` on a GPU without engines;
 - zero CUDA allocations per frame in steady state (``allocation.all.allocated`` over 200 frames with
   a cached prompt change, an identical prompt and seed changes inside the window);
@@ -190,9 +192,10 @@ def test_compiled_cuda_graph_matches_eager():
     unet = models.unet
     cfg = make_config("self", 2)
     groups = frame_groups(6, seed=5)
-    expected = run(new_stream(models, cfg, "eager"), groups)
+    # the reference projects the prompt in every UNet call; the compiled stream reads its prompt's keys and values
+    expected = run(new_stream(models, cfg.with_(prompt_kv=False), "eager"), groups)
     stream = new_stream(models, cfg, "compile")
-    assert stream.acceleration is Acceleration.COMPILE and stream.runtime.captures
+    assert stream.acceleration is Acceleration.COMPILE and stream.runtime.captures and stream.prompt_kv is not None
     got = run(stream, groups)  # the first call compiles and captures
     # The first latency (n - 1) outputs come from the never-filled (all-zero) latent buffer. There, compiled
     # and eager differed by ~1.5e-2 even in fp32 (inductor on a CPU; the later outputs by ~1e-7), most
@@ -239,6 +242,7 @@ def test_auto_is_cuda_graph_on_a_gpu_without_engines(fp16_models):
 def test_zero_allocations_per_frame_with_prompt_and_seed_changes(fp16_models, cfg_type):
     models = fp16_models
     stream = new_stream(models, make_config(cfg_type, 2), "cuda_graph")
+    assert stream.prompt_kv is not None  # a prompt change also rewrites the prompt's keys and values, in place
     groups = frame_groups(8, seed=6)
     for g in groups:                      # the first call captures; then steady state
         stream.step(g)
@@ -268,6 +272,23 @@ def test_zero_allocations_per_frame_with_prompt_and_seed_changes(fp16_models, cf
     grown = allocations() - allocs0
     assert grown == 0, f"{grown} CUDA allocations over 200 frames ({grown / 200:.2f} per frame)"
     assert models.prompt_encoder.encoder_calls == calls0, "a cached or identical prompt reached the text encoder"
+
+
+@pytest.mark.parametrize("preset, cfg_type", [("tiny", "full"), ("tiny-xl", "initialize")])
+def test_cuda_graph_with_the_prompts_keys_and_values_matches_projecting_the_prompt(fp16_models, xl_fp16_models,
+                                                                                   preset, cfg_type):
+    """Captured, a stream that reads its prompt's cross-attention keys and values gives the frames of one that
+    projects the prompt in every call, through prompt and negative-prompt changes."""
+    models = fp16_models if preset == "tiny" else xl_fp16_models
+    cfg = make_config(cfg_type, 2)
+    keeps, plain = new_stream(models, cfg, "cuda_graph"), new_stream(models, cfg.with_(prompt_kv=False), "cuda_graph")
+    assert keeps.prompt_kv is not None and plain.prompt_kv is None
+    groups = frame_groups(6, seed=21)
+    for prompt, negative in ((PROMPT, None), (PROMPT_2, None), (PROMPT_2, "washed out")):
+        for stream in (keeps, plain):
+            stream.set_prompt(prompt, negative)
+        assert_outputs_close(run(keeps, groups), run(plain, groups), SAME_TOL[torch.float16],
+                             f"{preset} {cfg_type}, prompt {prompt!r}, negative {negative!r}")
 
 
 @pytest.mark.parametrize("cfg_type", ["self", "full"])

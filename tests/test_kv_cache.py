@@ -4,8 +4,13 @@ The reference (:class:`NaiveCachedSelfAttn`) keeps, per ``attn1`` layer, a Pytho
 past UNet calls (appended every ``interval`` calls), concatenates the last ``window`` of them after the
 current tokens with ``torch.cat`` and runs plain softmax attention. It is installed on a second load of
 the same model files, and a second :class:`Stream` with the stream's own cache *disabled* drives it: such
-a stream passes no ``cross_attention_kwargs`` and installs nothing, so the UNet simply runs the reference
-processors and the two streams run the same stream algorithm over the two caches.
+a stream passes no cache and, its UNet carrying processors of its own, installs nothing (nor keeps its
+prompt's cross-attention keys and values), so the UNet simply runs the reference processors and the two
+streams run the same stream algorithm over the two caches.
+
+The prompt's cross-attention keys and values (:class:`~streamrt.kv_cache.PromptKV`) are checked at the end: the
+same frames bit for bit as projecting the prompt in every call, through prompt changes, with none of the
+projections run per call.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from engine_helpers import tiny_xl_stream_models
 from stream_helpers import NEGATIVE, assert_all_equal, make_config, make_frames, quiet_load, run_steps
 
 from streamrt import Stream
-from streamrt.kv_cache import NEVER, CachedSelfAttnProcessor, KVCacheConfig, PassThroughAttnProcessor
+from streamrt.kv_cache import NEVER, CachedSelfAttnProcessor, CrossAttnProcessor, KVCacheConfig
 from streamrt.random_models import component_configs
 
 ATOL = 1e-5          # output frames in [0, 1]
@@ -155,8 +160,11 @@ def stream_pair(models, ref_models, config, **kwargs) -> tuple[Stream, Stream, N
     ours = Stream(models, config, **kwargs)
     control = install_reference(ref_models.unet, kv.window, kv.interval)
     ref = Stream(ref_models, config.with_(kv_cache=KVCacheConfig()), **kwargs)
-    # the reference stream calls the UNet without a cache (SDXL's added conditions both streams pass alike)
-    assert ref.kv is None and ref.unet_extras.given == ours.unet_extras.given - {"kv_cache"}
+    # the reference stream calls the UNet without a cache (SDXL's added conditions both streams pass alike); its
+    # naive processors keep it from caching the prompt's keys and values, which ours does
+    assert ref.kv is None and ref.prompt_kv is None
+    assert ref.unet_extras.given == ours.unet_extras.given - {"kv_cache", "prompt_kv"}
+    assert ours.prompt_kv is not None
     assert ours.kv is not None and ours.unet_extras.kv_cache is ours.kv
     return ours, ref, control
 
@@ -347,10 +355,11 @@ def test_sdxl_window_bounds_the_influence_of_old_frames(xl_models):
 # ---------------------------------------------------------------------------------------------- identity
 @pytest.mark.parametrize("cfg_type", ["self", "full"])
 def test_disabled_cache_is_bit_identical(tiny_folders, cfg_type):
-    """Cache off = the plain stream bit for bit, also after a cached stream installed its processors."""
+    """Cache off = the plain stream bit for bit, also after a cached stream installed its processors; so is a
+    stream that keeps its prompt's cross-attention keys and values."""
     private = quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])
     assert all(isinstance(p, AttnProcessor2_0) for p in private.unet.attn_processors.values())
-    plain_cfg = kv_config(2, cfg_type).with_(kv_cache=KVCacheConfig())
+    plain_cfg = kv_config(2, cfg_type).with_(kv_cache=KVCacheConfig(), prompt_kv=False)
     inputs = groups(6, seed=7)
     plain = run_steps(Stream(private, plain_cfg, prompt=PROMPT, negative_prompt=NEGATIVE), inputs)
 
@@ -360,7 +369,8 @@ def test_disabled_cache_is_bit_identical(tiny_folders, cfg_type):
     run_steps(cached, inputs[:3])
     processors = private.unet.attn_processors
     assert sum(isinstance(p, CachedSelfAttnProcessor) for p in processors.values()) == 4
-    assert all(isinstance(p, (CachedSelfAttnProcessor, PassThroughAttnProcessor)) for p in processors.values())
+    assert sum(isinstance(p, CrossAttnProcessor) for p in processors.values()) == 4
+    assert all(isinstance(p, (CachedSelfAttnProcessor, CrossAttnProcessor)) for p in processors.values())
 
     assert_all_equal(first_half + run_steps(early, inputs[3:]), plain)  # a stream that predates the install
     assert_all_equal(run_steps(Stream(private, plain_cfg, prompt=PROMPT, negative_prompt=NEGATIVE), inputs), plain)
@@ -368,6 +378,9 @@ def test_disabled_cache_is_bit_identical(tiny_folders, cfg_type):
     stream = Stream(private, disabled, prompt=PROMPT, negative_prompt=NEGATIVE)
     assert stream.kv is None and stream.unet_extras.given == frozenset()
     assert_all_equal(run_steps(stream, inputs), plain)
+    keeps = Stream(private, plain_cfg.with_(prompt_kv=True), prompt=PROMPT, negative_prompt=NEGATIVE)
+    assert keeps.unet_extras.given == {"prompt_kv"}
+    assert_all_equal(run_steps(keeps, inputs), plain)
 
 
 # ---------------------------------------------------------------------------------------------- horizon
@@ -758,3 +771,61 @@ def test_cuda_graph_capture_with_a_full_ring_matches_eager(tiny_folders):
     eager = run_steps(Stream(models, config, prompt=PROMPT), plan)
     graphed = run_steps(Stream(models, config.with_(acceleration="cuda_graph"), prompt=PROMPT), plan)
     assert_close_lists(graphed, eager, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the prompt's K/V
+def _cross_projection_calls(unet) -> tuple[list[int], list]:
+    """A counter of calls to every ``attn2`` key and value projection, and the hook handles."""
+    count = [0]
+
+    def hook(*_):
+        count[0] += 1
+
+    handles = [module.register_forward_hook(hook) for name, module in unet.named_modules()
+               if name.endswith(("attn2.to_k", "attn2.to_v"))]
+    assert handles
+    return count, handles
+
+
+@pytest.mark.parametrize("family, cfg_type", [("sd", "full"), ("sd", "self"), ("xl", "initialize")])
+def test_the_prompts_cross_attention_keys_and_values_are_computed_once_per_prompt(tiny_folders, family, cfg_type):
+    """A stream that keeps its prompt's keys and values gives the frames of one that projects the prompt in every
+    UNet call, bit for bit, through a prompt change, a negative-prompt change and a blend; it projects nothing per
+    call, and a prompt write leaves every layer's keys and values equal to the layer's projections of the new
+    embeddings."""
+    models = (quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"]) if family == "sd"
+              else tiny_xl_stream_models(seed=1))
+    config = make_config(t_index_list=T_INDEX[2], cfg_type=cfg_type, guidance_scale=1.5)
+    plain = Stream(models, config.with_(prompt_kv=False), prompt=PROMPT, negative_prompt=NEGATIVE)
+    keeps = Stream(models, config, prompt=PROMPT, negative_prompt=NEGATIVE)
+    assert plain.prompt_kv is None and plain.unet_extras.given == keeps.unet_extras.given - {"prompt_kv"}
+    layers = len(keeps.prompt_kv.layers)
+    assert layers == sum(name.endswith("attn2.processor") for name in models.unet.attn_processors) > 0
+    rows, tokens = keeps.buffers.embeds.shape[:2]
+    assert rows == config.unet_rows
+    # its memory: rows x L x (sum of the layers' widths) for K and for V, float32 here
+    widths = sum(attn.to_k.out_features for attn, _, _ in keeps.prompt_kv.layers)
+    assert keeps.prompt_kv.nbytes() == rows * tokens * widths * 2 * 4
+    assert keeps.nbytes() - plain.nbytes() == keeps.prompt_kv.nbytes()
+
+    count, handles = _cross_projection_calls(models.unet)
+    try:
+        changes = [(PROMPT, None), (PROMPT_2, None), (PROMPT_2, "blurry, ugly"),
+                   ([(PROMPT, 0.3), (PROMPT_2, 0.7)], None)]
+        inputs = groups(2 * len(changes), seed=11)
+        for k, (prompt, negative) in enumerate(changes):
+            for stream in (plain, keeps):
+                stream.set_prompt(prompt, negative)
+            before = count[0]
+            got = run_steps(keeps, inputs[2 * k:2 * k + 2])
+            assert count[0] == before, "the stream projected its prompt in a UNet call"
+            assert_all_equal(got, run_steps(plain, inputs[2 * k:2 * k + 2]))
+            assert count[0] > before  # the plain stream's calls project it, through the same hooks
+    finally:
+        for handle in handles:
+            handle.remove()
+    keeps.set_prompt(PROMPT, "blurry, ugly")
+    with torch.no_grad():
+        for index, (attn, key, value) in enumerate(keeps.prompt_kv.layers):
+            assert torch.equal(key, attn.to_k(keeps.buffers.embeds)), index
+            assert torch.equal(value, attn.to_v(keeps.buffers.embeds)), index

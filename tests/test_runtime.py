@@ -100,7 +100,7 @@ def test_rebuild_key_holds_what_needs_a_new_stream():
     assert config.acceleration is Acceleration.AUTO
     for changed in (config.with_(acceleration="eager"), config.with_(acceleration="compile"),
                     config.with_(frames_per_step=2), config.with_(t_index_list=(20,)),
-                    config.with_(prompt_length=154)):
+                    config.with_(prompt_length=154), config.with_(prompt_kv=False)):
         assert changed.rebuild_key() != config.rebuild_key(), changed
     for live in (config.with_(seed=5), config.with_(guidance_scale=2.0), config.with_(delta=0.5)):
         assert live.rebuild_key() == config.rebuild_key(), live

@@ -27,7 +27,7 @@ import torch
 from ..config import Acceleration, StreamConfig
 from ..controlnet import ControlResiduals, TorchControlNet, residual_levels
 from ..cuda_graphs import capture_graph
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, PromptKV
 from ..models import StreamModels, decode_latents, encode_images, predict_noise
 from .compiled import CompileOptions, compile_problem, compiled_calls, compiled_controlnet
 from .host_io import HostIO
@@ -89,23 +89,30 @@ class UNetExtras:
         added_cond (`AddedConditions`, optional): SDXL's pooled embeddings and size conditions.
         control (`ControlResiduals`, optional): the residuals the stream's ControlNets computed this call (set
             inside the step; none while every ControlNet is at strength 0).
+        prompt_kv (`PromptKV`, optional): the cross-attention keys and values of the stream's prompt, computed when
+            it changed (the torch path reads them through the caching attention processors; an engine projects
+            the embeddings itself and takes none).
     """
 
     kv_cache: KVCache | None = None
     added_cond: AddedConditions | None = None
     control: ControlResiduals | None = None
+    prompt_kv: PromptKV | None = None
 
     @functools.cached_property
     def given(self) -> frozenset[str]:
         """Names of the extras that are set (computed once: the extras of a stream never change)."""
-        return frozenset(name for name in ("kv_cache", "added_cond", "control") if getattr(self, name) is not None)
+        return frozenset(name for name in ("kv_cache", "added_cond", "control", "prompt_kv")
+                         if getattr(self, name) is not None)
 
     @functools.cached_property
     def torch_kwargs(self) -> dict[str, Any]:
         """The diffusers UNet keyword arguments that carry these extras (computed once, not per frame)."""
         kwargs: dict[str, Any] = {}
-        if self.kv_cache is not None:
-            kwargs["cross_attention_kwargs"] = {"kv_cache": self.kv_cache}
+        attention = {name: value for name, value in (("kv_cache", self.kv_cache), ("prompt_kv", self.prompt_kv))
+                     if value is not None}
+        if attention:
+            kwargs["cross_attention_kwargs"] = attention
         if self.added_cond is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.added_cond.text_embeds,
                                            "time_ids": self.added_cond.time_ids}
@@ -127,7 +134,7 @@ class UNetCall(Protocol):
 class TorchUNet:
     """The UNet on torch: the pipeline's module, or a compiled copy of it."""
 
-    accepts = frozenset({"kv_cache", "added_cond", "control"})
+    accepts = frozenset({"kv_cache", "added_cond", "control", "prompt_kv"})
 
     def __init__(self, module: Any) -> None:
         self.module = module
@@ -321,7 +328,7 @@ def unet_extras_needed(models: StreamModels, config: StreamConfig, control: bool
 
 
 _EXTRA_LABELS = {"kv_cache": "the attention cache", "added_cond": "added conditions (text_embeds, time_ids)",
-                 "control": "ControlNet residuals"}
+                 "control": "ControlNet residuals", "prompt_kv": "the prompt's cross-attention keys and values"}
 
 
 def _unet_engine(models: StreamModels, config: StreamConfig, found: AttachResult, notes: list[str],
