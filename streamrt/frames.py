@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
+
+from .host_memory import host_sum
 
 
 class FrameError(ValueError):
@@ -98,9 +99,8 @@ class FiniteCheck:
     """Refuses NaN / inf frames before they reach a stream's state, without allocating per call.
 
     NaN and inf survive a sum, which is written into a scalar kept per device. For frames on the CPU
-    (ComfyUI's IMAGE) this never touches the GPU, and numpy sums them on the calling thread (torch's sum would
-    wake its OpenMP pool: see :func:`streamrt.runtime.host_io.host_copy`); frames already on the GPU cost one
-    host sync.
+    (ComfyUI's IMAGE) this never touches the GPU, and numpy sums them (:func:`streamrt.host_memory.host_sum`, not
+    torch's OpenMP pool); frames already on the GPU cost one host sync.
     """
 
     def __init__(self) -> None:
@@ -109,7 +109,7 @@ class FiniteCheck:
     def __call__(self, frames: torch.Tensor) -> None:
         if frames.device.type == "cpu" and frames.dtype in (torch.float32, torch.float16) and not frames.requires_grad:
             # float32 accumulation, as below; numpy reads the tensor's memory through a view
-            if not math.isfinite(float(np.add.reduce(frames.numpy(), axis=None, dtype=np.float32))):
+            if not math.isfinite(host_sum(frames.numpy())):
                 raise FrameError("frames contain NaN or infinite values")
             return
         total = self._totals.get(frames.device)

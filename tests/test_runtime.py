@@ -144,19 +144,3 @@ def test_compiled_copies_go_with_their_pipeline(tiny_folders):
     del models, calls
     gc.collect()
     assert unet() is None, "the compiled copies keep the released pipeline's UNet alive"
-
-
-def test_host_copy_copies_views_broadcasts_and_casts():
-    """The host copy (on the calling thread, through numpy) writes what ``Tensor.copy_`` writes: a strided view
-    (alpha dropped), one frame broadcast to every row, a float16 source, and bfloat16 (numpy lacks it: torch's
-    copy)."""
-    from streamrt.runtime.host_io import host_copy
-
-    dest = torch.empty(2, 8, 8, 3)
-    rgba = torch.rand(2, 8, 8, 4)
-    sources = (rgba[..., :3], torch.rand(1, 8, 8, 3), torch.rand(2, 8, 8, 3).half(), torch.rand(2, 8, 8, 3).bfloat16())
-    for src in sources:
-        expected = torch.empty_like(dest).copy_(src)
-        dest.fill_(-1)
-        host_copy(dest, src)
-        assert torch.equal(dest, expected)

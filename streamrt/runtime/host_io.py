@@ -6,28 +6,15 @@ memory makes the GPU queue drain before it starts; through pinned memory it is a
 that last used it: a buffer is reused two calls later, by which time its copy has long finished, so the
 wait is immediate and the copy overlaps the GPU's work on the other frame.
 
-Copies between host buffers run on the calling thread alone (:func:`host_copy`), not on torch's OpenMP pool
-(docs/DESIGN.md section 4).
+Copies between host buffers go through :func:`streamrt.host_memory.host_copy` (numpy, large ones over a few
+threads of the pack's own, not torch's OpenMP pool: docs/DESIGN.md section 4).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-
-def host_copy(dest: torch.Tensor, src: torch.Tensor) -> None:
-    """``dest[...] = src`` for two CPU tensors (``src`` may broadcast to ``dest``), on the calling thread alone.
-
-    torch splits a large CPU copy over its OpenMP pool. Inside ComfyUI on a GPU machine the pool's threads
-    compete with the server's own, and the realtime graph's host work took several times longer with them
-    than with one thread (H200 machine, 16 cores, 512²: a 12.0 ms step with the pool, 7.1 ms without).
-    numpy copies on this thread; dtypes numpy lacks (bfloat16) take torch's copy.
-    """
-    try:
-        np.copyto(dest.numpy(), src.numpy(), casting="same_kind")
-    except (TypeError, RuntimeError):  # no numpy view of this dtype, or of a tensor that needs grad
-        dest.copy_(src)
+from ..host_memory import host_copy
 
 
 class PinnedPair:
