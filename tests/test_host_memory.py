@@ -12,8 +12,9 @@ from streamrt import host_memory
 from streamrt.frames import FiniteCheck, FrameError, check_frames
 from streamrt.host_memory import SLAB_BYTES, host_copy, host_sum, slabs
 
-#: [rows, H, W, 3] float32 sizes: a small frame (one slab) and a 512² batch (several slabs with two or more workers)
-SMALL, LARGE = (2, 8, 8, 3), (3, 512, 512, 3)
+#: [rows, H, W, 3] float32 sizes: a small frame (one slab) and a batch of four 512² frames (several slabs with two
+#: or more workers)
+SMALL, LARGE = (2, 8, 8, 3), (4, 512, 512, 3)
 
 
 def _sources(shape):
@@ -36,16 +37,17 @@ def test_host_copy_writes_what_copy_writes(shape):
 
 def test_slabs_cover_the_array_once_along_a_long_enough_axis():
     assert slabs(SMALL, 4 * 2 * 8 * 8 * 3, workers=4) == [()]  # small: the calling thread alone
-    nbytes = 4 * 512 * 512 * 3
-    for shape in ((1, 512, 512, 3), (3, 512, 512, 3)):  # a single frame is cut along its height
-        parts = slabs(shape, nbytes * shape[0], workers=4)
+    frame = 4 * 512 * 512 * 3
+    assert slabs((1, 512, 512, 3), frame, workers=4) == [()]  # one 512² frame: the calling thread alone
+    for shape in ((1, 1024, 1024, 3), (4, 512, 512, 3)):  # a single frame is cut along its height
+        parts = slabs(shape, frame * 4, workers=4)
         assert 2 <= len(parts) <= 4
         marks = torch.zeros(shape, dtype=torch.int32)
         for part in parts:
             marks[part] += 1
         assert torch.equal(marks, torch.ones_like(marks))
-    assert all(len(p) == 2 for p in slabs((1, 512, 512, 3), nbytes, workers=4))  # axis 1: (all, rows of H)
-    assert len(slabs((3, 512, 512, 3), SLAB_BYTES * 2, workers=8)) == 2  # never below a slab's size
+    assert all(len(p) == 2 for p in slabs((1, 1024, 1024, 3), frame * 4, workers=4))  # axis 1: (all, rows of H)
+    assert len(slabs((60, 512, 512, 3), SLAB_BYTES * 2, workers=8)) == 2  # never below a slab's size
 
 
 def test_large_copies_and_sums_run_on_several_threads_when_there_are_workers(monkeypatch):
