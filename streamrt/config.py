@@ -111,6 +111,11 @@ class StreamConfig:
             it changes, instead of projecting the embeddings in every UNet call (the same numbers; torch UNets
             with diffusers' default attention processors only: an engine projects them itself). Costs
             ``rows * L * sum_l C_l * 4`` bytes in fp16 (SDXL: 25.6 MB per UNet row at L = 77).
+        fused_qkv (`bool`, defaults to `False`): project every self-attention layer's query, key and value with one
+            GEMM over the layer's fused weight (kept by the pipeline at no extra memory: the three weights are views
+            of it) instead of three; the same numbers up to the GEMM's rounding. Same conditions as ``prompt_kv``.
+            Measured on the UNet alone (SDXL-turbo, 512², H200, with the prompt's keys and values): 8.40 -> 7.75 ms
+            per call; off until measured in the stream on the GPU.
     """
 
     width: int = 512
@@ -128,6 +133,7 @@ class StreamConfig:
     acceleration: Acceleration = Acceleration.AUTO
     prompt_length: int = 0
     prompt_kv: bool = True
+    fused_qkv: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
@@ -199,7 +205,8 @@ class StreamConfig:
 
     def rebuild_key(self) -> tuple:
         """Everything that needs a new stream when it changes: buffer shapes (the prompt-embedding length
-        included), the captured step (what it reads: the prompt's keys and values or the embeddings), the
+        included), the captured step (what it reads: the prompt's keys and values or the embeddings, fused or
+        separate projection weights), the
         similarity filter and the acceleration. The live scalars (seed,
         guidance, delta, cache window and interval) are not in it: they change in place."""
         flt = self.similarity_filter
@@ -207,7 +214,7 @@ class StreamConfig:
                 self.frames_per_step, self.cfg_type, self.guided, self.do_add_noise,
                 self.kv_cache.enabled, self.kv_cache.max_frames if self.kv_cache.enabled else 0,
                 (flt.enabled, flt.threshold, flt.max_skip) if flt.enabled else False, self.acceleration,
-                self.prompt_length, self.prompt_kv)
+                self.prompt_length, self.prompt_kv, self.fused_qkv)
 
     def with_(self, **changes) -> StreamConfig:
         """A copy with some fields changed (validated again)."""

@@ -34,6 +34,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 logger = logging.getLogger(__name__)
 
 NEVER = 1 << 30
+#: The non-persistent buffer of a self-attention layer that holds its query, key and value weights as one ``[3C, C]``
+#: tensor; the layer's three weights are views of it (:func:`fuse_self_attention_projections`).
+FUSED_QKV = "streamrt_fused_qkv"
 
 
 @dataclass(frozen=True)
@@ -239,9 +242,16 @@ def _layer_tokens(attn: Attention, hidden_states: torch.Tensor, temb=None):
     return residual, image_shape, hidden_states
 
 
-def project_self_attention(attn: Attention, hidden_states: torch.Tensor, temb=None) -> AttnInput:
-    """The input half of diffusers' ``AttnProcessor2_0`` for self-attention (norms, to_q/to_k/to_v)."""
+def project_self_attention(attn: Attention, hidden_states: torch.Tensor, temb=None,
+                           fused: bool = False) -> AttnInput:
+    """The input half of diffusers' ``AttnProcessor2_0`` for self-attention (norms, to_q/to_k/to_v). ``fused``: one
+    GEMM over the layer's fused query/key/value weight where it has one (:func:`fuse_self_attention_projections`),
+    the same numbers as the three projections up to the GEMM's rounding."""
     residual, image_shape, tokens = _layer_tokens(attn, hidden_states, temb)
+    weight = getattr(attn, FUSED_QKV, None) if fused else None
+    if weight is not None:
+        query, key, value = F.linear(tokens, weight).chunk(3, dim=-1)
+        return AttnInput(residual, image_shape, query, key, value)
     return AttnInput(residual, image_shape, attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens))
 
 
@@ -318,13 +328,56 @@ class PromptKV:
 
 def cross_attention_layers(unet: torch.nn.Module) -> list[Attention]:
     """The UNet's cross-attention (``attn2``) modules, in the order of its attention processors."""
+    return _attention_layers(unet, "attn2")
+
+
+def self_attention_layers(unet: torch.nn.Module) -> list[Attention]:
+    """The UNet's self-attention (``attn1``) modules, in the order of its attention processors."""
+    return _attention_layers(unet, "attn1")
+
+
+def _attention_layers(unet: torch.nn.Module, kind: str) -> list[Attention]:
     suffix = ".processor"
-    return [unet.get_submodule(name[:-len(suffix)]) for name in unet.attn_processors
-            if name.endswith("attn2" + suffix)]
+    return [unet.get_submodule(name[:-len(suffix)]) for name in unet.attn_processors if name.endswith(kind + suffix)]
+
+
+def fuse_self_attention_projections(unet: torch.nn.Module) -> int:
+    """Put every self-attention layer's query, key and value weights into one ``[3C, C]`` tensor, registered on the
+    layer as the non-persistent buffer :data:`FUSED_QKV`, the three ``Linear`` weights becoming views of it: the
+    same values and the same memory (each weight is freed once copied), and every in-place write to a weight (a
+    LoRA) lands in the fused tensor too. A stream with ``StreamConfig.fused_qkv`` then projects the three with one
+    GEMM (docs/DESIGN.md section 3).
+
+    Call it when a pipeline's models are made or moved, before any stream captures a step of them: the weights get
+    new storage. A layer whose weights are still views of its buffer is left as it is; one whose weights were
+    copied apart (``Module.to`` and ``deepcopy`` copy each parameter on its own) is fused again. Layers with biases
+    or unequal projection shapes are left unfused. Returns the number of fused layers."""
+    fused_layers = 0
+    if not hasattr(unet, "attn_processors"):  # not a diffusers UNet
+        return 0
+    with torch.no_grad():
+        for attn in self_attention_layers(unet):
+            linears = (attn.to_q, attn.to_k, attn.to_v)
+            weights = [linear.weight for linear in linears]
+            if (any(linear.bias is not None for linear in linears) or len({w.shape for w in weights}) != 1
+                    or len({(w.device, w.dtype) for w in weights}) != 1):
+                continue
+            rows = weights[0].shape[0]
+            fused = getattr(attn, FUSED_QKV, None)
+            if fused is None or not all(w.data_ptr() == fused[i * rows:].data_ptr() and w.dtype == fused.dtype
+                                        for i, w in enumerate(weights)):
+                fused = torch.cat(weights)
+                for i, linear in enumerate(linears):
+                    linear.weight = torch.nn.Parameter(fused[i * rows:(i + 1) * rows], requires_grad=False)
+                attn.register_buffer(FUSED_QKV, fused, persistent=False)
+            fused_layers += 1
+    return fused_layers
 
 
 class CachedSelfAttnProcessor:
-    """``attn1`` processor: current tokens attend to themselves and the cached frames of the same row."""
+    """``attn1`` processor: current tokens attend to themselves and the cached frames of the same row (with a
+    ``kv_cache``), their query, key and value projected by one GEMM (with ``fused_qkv``); without either, diffusers'
+    plain ``AttnProcessor2_0``."""
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -332,10 +385,12 @@ class CachedSelfAttnProcessor:
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, kv_cache: KVCache | None = None, prompt_kv: PromptKV | None = None,
-                 **kwargs) -> torch.Tensor:
-        if kv_cache is None or encoder_hidden_states is not None:
+                 fused_qkv: bool = False, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or (kv_cache is None and not fused_qkv):
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        inp = project_self_attention(attn, hidden_states, temb)
+        inp = project_self_attention(attn, hidden_states, temb, fused=fused_qkv)
+        if kv_cache is None:  # plain self-attention, its projections fused
+            return attend_and_project(attn, inp, inp.key, inp.value, None)
         rows, tokens, channels = inp.key.shape
         buf = kv_cache.layer(self.index, rows, tokens, channels, inp.key.dtype)
         key_all, value_all = buf.segments(buf.key), buf.segments(buf.value)
@@ -361,7 +416,7 @@ class CrossAttnProcessor:
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, kv_cache: KVCache | None = None, prompt_kv: PromptKV | None = None,
-                 **kwargs) -> torch.Tensor:
+                 fused_qkv: bool = False, **kwargs) -> torch.Tensor:
         if prompt_kv is None or encoder_hidden_states is None or attention_mask is not None:
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         residual, image_shape, tokens = _layer_tokens(attn, hidden_states, temb)
@@ -371,10 +426,12 @@ class CrossAttnProcessor:
 
 
 class PassThroughAttnProcessor(AttnProcessor2_0):
-    """Plain attention that accepts (and ignores) ``kv_cache`` and ``prompt_kv``, for any other attention layer."""
+    """Plain attention that accepts (and ignores) ``kv_cache``, ``prompt_kv`` and ``fused_qkv``, for any other
+    attention layer."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 kv_cache: KVCache | None = None, prompt_kv: PromptKV | None = None, **kwargs):
+                 kv_cache: KVCache | None = None, prompt_kv: PromptKV | None = None, fused_qkv: bool = False,
+                 **kwargs):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 

@@ -313,9 +313,10 @@ class Stream(StreamCalls):
         # the prompt's cross-attention keys and values, computed when it changes (docs/DESIGN.md section 3); an
         # engine UNet projects the embeddings itself
         self.prompt_kv: PromptKV | None = None
-        keeps_prompt_kv = (config.prompt_kv and "prompt_kv" in self.runtime.unet.accepts
-                           and prompt_kv_fits(models.unet))
-        if config.kv_cache.enabled or keeps_prompt_kv:
+        stock_attention = "prompt_kv" in self.runtime.unet.accepts and prompt_kv_fits(models.unet)
+        keeps_prompt_kv = config.prompt_kv and stock_attention
+        fuses_qkv = config.fused_qkv and stock_attention  # the weights were fused when the models were made
+        if config.kv_cache.enabled or keeps_prompt_kv or fuses_qkv:
             install_kv_processors(models.unet)  # inert for calls without them: other streams see plain attention
         if keeps_prompt_kv:
             self.prompt_kv = PromptKV(models.unet, self.buffers.embeds)  # filled by _write_embeddings
@@ -334,7 +335,7 @@ class Stream(StreamCalls):
         self._control_active: tuple[bool, ...] = self.control.active if self.control is not None else ()
         self.unet_extras = UNetExtras(kv_cache=self.kv, added_cond=added,
                                       control=self.control.residuals if self.control is not None else None,
-                                      prompt_kv=self.prompt_kv)
+                                      prompt_kv=self.prompt_kv, fused_qkv=fuses_qkv)
         # What a graph capture's warm-up must leave as it found it: the carried latents, stock noise and control
         # images. The attention rings need no copy: the warm-up writes its K/V into the scratch slot
         # (KVCache.writes_held).

@@ -278,17 +278,29 @@ def test_zero_allocations_per_frame_with_prompt_and_seed_changes(fp16_models, cf
 def test_cuda_graph_with_the_prompts_keys_and_values_matches_projecting_the_prompt(fp16_models, xl_fp16_models,
                                                                                    preset, cfg_type):
     """Captured, a stream that reads its prompt's cross-attention keys and values gives the frames of one that
-    projects the prompt in every call, through prompt and negative-prompt changes."""
+    projects the prompt in every call, through prompt and negative-prompt changes; so does one that also projects
+    its self-attention with the fused weights (``fused_qkv``), which allocates nothing per frame either."""
     models = fp16_models if preset == "tiny" else xl_fp16_models
     cfg = make_config(cfg_type, 2)
-    keeps, plain = new_stream(models, cfg, "cuda_graph"), new_stream(models, cfg.with_(prompt_kv=False), "cuda_graph")
-    assert keeps.prompt_kv is not None and plain.prompt_kv is None
+    plain = new_stream(models, cfg.with_(prompt_kv=False), "cuda_graph")
+    keeps, fused = new_stream(models, cfg, "cuda_graph"), new_stream(models, cfg.with_(fused_qkv=True), "cuda_graph")
+    assert keeps.prompt_kv is not None and plain.prompt_kv is None and "fused_qkv" in fused.unet_extras.given
     groups = frame_groups(6, seed=21)
     for prompt, negative in ((PROMPT, None), (PROMPT_2, None), (PROMPT_2, "washed out")):
-        for stream in (keeps, plain):
+        for stream in (keeps, plain, fused):
             stream.set_prompt(prompt, negative)
-        assert_outputs_close(run(keeps, groups), run(plain, groups), SAME_TOL[torch.float16],
-                             f"{preset} {cfg_type}, prompt {prompt!r}, negative {negative!r}")
+        expected = run(plain, groups)
+        for name, stream in (("prompt K/V", keeps), ("fused projections", fused)):
+            assert_outputs_close(run(stream, groups), expected, SAME_TOL[torch.float16],
+                                 f"{name}: {preset} {cfg_type}, prompt {prompt!r}, negative {negative!r}")
+    torch.cuda.synchronize()
+    before = allocations()
+    for k in range(60):
+        if k == 30:
+            fused.set_prompt(PROMPT)  # cached: the embeddings and the prompt's keys and values rewritten in place
+        fused.step(groups[k % 6])
+    torch.cuda.synchronize()
+    assert allocations() - before == 0
 
 
 @pytest.mark.parametrize("cfg_type", ["self", "full"])

@@ -829,3 +829,77 @@ def test_the_prompts_cross_attention_keys_and_values_are_computed_once_per_promp
         for index, (attn, key, value) in enumerate(keeps.prompt_kv.layers):
             assert torch.equal(key, attn.to_k(keeps.buffers.embeds)), index
             assert torch.equal(value, attn.to_v(keeps.buffers.embeds)), index
+
+
+# ---------------------------------------------------------------------------------------------- fused projections
+def test_the_pipelines_self_attention_weights_are_views_of_one_fused_tensor(tiny_folders):
+    """Making the models puts each attn1 layer's query, key and value weights into one tensor without changing a
+    value or adding memory; writes to a weight reach the fused tensor; moving the models fuses them again."""
+    from diffusers import UNet2DConditionModel
+
+    from streamrt.kv_cache import FUSED_QKV, fuse_self_attention_projections, self_attention_layers
+
+    models = quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])
+    raw = UNet2DConditionModel.from_pretrained(tiny_folders["tiny"] / "unet")
+    assert sum(p.numel() for p in models.unet.parameters()) == sum(p.numel() for p in raw.parameters())
+
+    def check(unet, reference):
+        layers = self_attention_layers(unet)
+        assert layers and fuse_self_attention_projections(unet) == len(layers)  # idempotent: nothing to redo
+        for attn, ref in zip(layers, self_attention_layers(reference)):
+            fused = getattr(attn, FUSED_QKV)
+            rows = attn.to_q.weight.shape[0]
+            assert FUSED_QKV not in unet.state_dict() and fused.shape == (3 * rows, attn.to_q.weight.shape[1])
+            for i, (linear, ref_linear) in enumerate(zip((attn.to_q, attn.to_k, attn.to_v),
+                                                           (ref.to_q, ref.to_k, ref.to_v))):
+                assert linear.weight.data_ptr() == fused[i * rows:].data_ptr()  # a view, not a copy
+                assert torch.equal(linear.weight, ref_linear.weight.to(linear.weight.dtype))
+
+    check(models.unet, raw)
+    attn = self_attention_layers(models.unet)[0]
+    with torch.no_grad():
+        attn.to_k.weight.mul_(2.0)  # as a LoRA fuses into a weight, in place (and exactly undone below)
+    rows = attn.to_q.weight.shape[0]
+    assert torch.equal(getattr(attn, FUSED_QKV)[rows:2 * rows], attn.to_k.weight)
+    with torch.no_grad():
+        attn.to_k.weight.div_(2.0)
+    models.to(dtype=torch.float64)  # Module.to copies each weight on its own: fused again afterwards
+    check(models.unet, raw)
+
+
+@pytest.mark.parametrize("family, cfg_type, cached", [("sd", "full", False), ("sd", "self", True),
+                                                      ("xl", "initialize", False)])
+def test_fused_self_attention_projections_give_the_frames_of_three(tiny_folders, family, cfg_type, cached):
+    """A stream with ``fused_qkv`` projects each self-attention layer's query, key and value with one GEMM (the
+    three projections never run in its calls) and gives the frames of a stream that runs the three, with and
+    without cached attention, through a prompt change."""
+    models = (quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"]) if family == "sd"
+              else tiny_xl_stream_models(seed=2))
+    config = make_config(t_index_list=T_INDEX[2], cfg_type=cfg_type, guidance_scale=1.5,
+                         kv_cache=KVCacheConfig(True, 3, 3, 1) if cached else KVCacheConfig())
+    three = Stream(models, config, prompt=PROMPT, negative_prompt=NEGATIVE)
+    fused = Stream(models, config.with_(fused_qkv=True), prompt=PROMPT, negative_prompt=NEGATIVE)
+    assert "fused_qkv" not in three.unet_extras.given and "fused_qkv" in fused.unet_extras.given
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+
+    handles = [module.register_forward_hook(hook) for name, module in models.unet.named_modules()
+               if name.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v"))]
+    assert handles
+    try:
+        inputs = groups(6, seed=13)
+        got = run_steps(fused, inputs[:3])
+        assert calls[0] == 0, "a fused stream ran the separate projections"
+        expected = run_steps(three, inputs[:3])
+        assert calls[0] > 0
+        for stream in (three, fused):
+            stream.set_prompt(PROMPT_2)
+        got += run_steps(fused, inputs[3:])
+        expected += run_steps(three, inputs[3:])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for k, (a, b) in enumerate(zip(got, expected)):
+        assert (a - b).abs().max().item() <= ATOL, f"output {k} differs by {(a - b).abs().max().item():.3g}"

@@ -144,3 +144,27 @@ def test_compiled_copies_go_with_their_pipeline(tiny_folders):
     del models, calls
     gc.collect()
     assert unet() is None, "the compiled copies keep the released pipeline's UNet alive"
+
+
+def test_a_compiled_stream_traces_the_fused_projections_and_the_prompts_keys_and_values(fresh_tiny_models):
+    """dynamo traces the caching processors' fused self-attention projections and the prompt's cross-attention keys
+    and values whole (as many graphs as for a stream without them: no graph break), and the compiled stream gives
+    the eager one's frames."""
+    models = fresh_tiny_models
+    config = make_config(fused_qkv=True)
+    inputs = frame_groups(4, 1, seed=8)
+    eager = Stream(models, config.with_(acceleration="eager"), prompt="a cat")
+    assert {"fused_qkv", "prompt_kv"} <= eager.unet_extras.given
+    expected = run_steps(eager, inputs)
+    graphs = {}
+    for name, changes in (("plain", dict(fused_qkv=False, prompt_kv=False)), ("fused", {})):
+        counter = CountingBackend()
+        cfg = config.with_(acceleration="compile", **changes)
+        stream = Stream(models, cfg, prompt="a cat",
+                        runtime=prepare(models, cfg, compile_options=CompileOptions(backend=counter)))
+        out = run_steps(stream, inputs)
+        graphs[name] = counter.compiled
+        if name == "fused":
+            for a, b in zip(out[1:], expected[1:]):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert graphs["fused"] == graphs["plain"] > 0

@@ -92,25 +92,31 @@ class UNetExtras:
         prompt_kv (`PromptKV`, optional): the cross-attention keys and values of the stream's prompt, computed when
             it changed (the torch path reads them through the caching attention processors; an engine projects
             the embeddings itself and takes none).
+        fused_qkv (`bool`, defaults to `False`): self-attention projects its query, key and value with one GEMM over
+            each layer's fused weight (the torch path's caching processors; an engine has its own kernels).
     """
 
     kv_cache: KVCache | None = None
     added_cond: AddedConditions | None = None
     control: ControlResiduals | None = None
     prompt_kv: PromptKV | None = None
+    fused_qkv: bool = False
 
     @functools.cached_property
     def given(self) -> frozenset[str]:
         """Names of the extras that are set (computed once: the extras of a stream never change)."""
-        return frozenset(name for name in ("kv_cache", "added_cond", "control", "prompt_kv")
-                         if getattr(self, name) is not None)
+        given = {name for name in ("kv_cache", "added_cond", "control", "prompt_kv") if getattr(self, name) is not None}
+        return frozenset(given | ({"fused_qkv"} if self.fused_qkv else set()))
 
     @functools.cached_property
     def torch_kwargs(self) -> dict[str, Any]:
         """The diffusers UNet keyword arguments that carry these extras (computed once, not per frame)."""
         kwargs: dict[str, Any] = {}
-        attention = {name: value for name, value in (("kv_cache", self.kv_cache), ("prompt_kv", self.prompt_kv))
-                     if value is not None}
+        attention: dict[str, Any] = {name: value for name, value in (("kv_cache", self.kv_cache),
+                                                                     ("prompt_kv", self.prompt_kv))
+                                     if value is not None}
+        if self.fused_qkv:
+            attention["fused_qkv"] = True
         if attention:
             kwargs["cross_attention_kwargs"] = attention
         if self.added_cond is not None:
@@ -134,7 +140,7 @@ class UNetCall(Protocol):
 class TorchUNet:
     """The UNet on torch: the pipeline's module, or a compiled copy of it."""
 
-    accepts = frozenset({"kv_cache", "added_cond", "control", "prompt_kv"})
+    accepts = frozenset({"kv_cache", "added_cond", "control", "prompt_kv", "fused_qkv"})
 
     def __init__(self, module: Any) -> None:
         self.module = module
@@ -328,7 +334,8 @@ def unet_extras_needed(models: StreamModels, config: StreamConfig, control: bool
 
 
 _EXTRA_LABELS = {"kv_cache": "the attention cache", "added_cond": "added conditions (text_embeds, time_ids)",
-                 "control": "ControlNet residuals", "prompt_kv": "the prompt's cross-attention keys and values"}
+                 "control": "ControlNet residuals", "prompt_kv": "the prompt's cross-attention keys and values",
+                 "fused_qkv": "fused self-attention projections"}
 
 
 def _unet_engine(models: StreamModels, config: StreamConfig, found: AttachResult, notes: list[str],
