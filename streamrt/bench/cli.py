@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "otherwise thrashes)")
     p.add_argument("--pin-input", action="store_true",
                    help="hand process_video a pinned input video (default: pageable, as ComfyUI does)")
+    p.add_argument("--fused-qkv", action="store_true",
+                   help="StreamRT rows project self-attention with the fused weights (StreamConfig.fused_qkv)")
+    p.add_argument("--no-prompt-kv", action="store_true",
+                   help="StreamRT rows project the prompt in every UNet call (StreamConfig.prompt_kv off)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode of the compile acceleration (default: default)")
     p.add_argument("--compile-cache", default=None, help="inductor cache folder (default: engine_cache/torch_compile)")
@@ -167,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["windows"] = {"warmup_frames": ctx.warmup_frames, "alloc_frames": ctx.alloc_frames,
                        "realtime_calls": ctx.realtime_calls, "prompt_trials": ctx.prompt_trials,
                        "pin_input": args.pin_input}
+    meta["stream_options"] = {"fused_qkv": args.fused_qkv, "prompt_kv": not args.no_prompt_kv}
     logger.info("device %s, torch %s, diffusers %s", meta["device_name"], torch.__version__,
                 meta["versions"].get("diffusers"))
 
