@@ -374,14 +374,20 @@ def fuse_self_attention_projections(unet: torch.nn.Module) -> int:
     return fused_layers
 
 
-class CachedSelfAttnProcessor:
-    """``attn1`` processor: current tokens attend to themselves and the cached frames of the same row (with a
-    ``kv_cache``), their query, key and value projected by one GEMM (with ``fused_qkv``); without either, diffusers'
-    plain ``AttnProcessor2_0``."""
+class _LayerProcessor:
+    """A caching processor of one numbered layer; calls it does not serve go to diffusers' ``AttnProcessor2_0``.
+    Its ``__call__`` names every keyword a stream passes (``kv_cache``, ``prompt_kv``, ``fused_qkv``): diffusers
+    hands a processor only the keywords its signature names."""
 
     def __init__(self, index: int) -> None:
         self.index = index
         self._plain = AttnProcessor2_0()
+
+
+class CachedSelfAttnProcessor(_LayerProcessor):
+    """``attn1`` processor: current tokens attend to themselves and the cached frames of the same row (with a
+    ``kv_cache``), their query, key and value projected by one GEMM (with ``fused_qkv``); without either, diffusers'
+    plain ``AttnProcessor2_0``."""
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, kv_cache: KVCache | None = None, prompt_kv: PromptKV | None = None,
@@ -405,14 +411,10 @@ class CachedSelfAttnProcessor:
         return out
 
 
-class CrossAttnProcessor:
+class CrossAttnProcessor(_LayerProcessor):
     """``attn2`` processor: with a :class:`PromptKV`, the current queries attend to the prompt's cached keys and
     values; without one (or with an attention mask, which the stream never passes), diffusers' plain
     ``AttnProcessor2_0``."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self._plain = AttnProcessor2_0()
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, kv_cache: KVCache | None = None, prompt_kv: PromptKV | None = None,
