@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from .families import ModelFamily, family_of_unet, pooled_dim_of_unet
-from .kv_cache import fuse_self_attention_projections
 from .prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -110,8 +109,6 @@ class StreamModels:
     def __post_init__(self) -> None:
         for module in self.modules():
             module.requires_grad_(False).eval()
-        # before any stream captures a step of it: the fused weights are new storage (docs/DESIGN.md section 3)
-        fuse_self_attention_projections(self.unet)
         self.family: ModelFamily = family_of_unet(self.unet.config)
         if (self.text_encoder_2 is not None) != (self.family.text_encoders == 2):
             raise ValueError(f"a {self.family} UNet takes {self.family.text_encoders} text encoder(s), "
@@ -185,6 +182,5 @@ class StreamModels:
         for module in self.modules():
             as_dtype = vae_dtype(module, dtype, self.family) if module is self.vae and dtype is not None else dtype
             module.to(device=device, dtype=as_dtype)
-        fuse_self_attention_projections(self.unet)  # moving copied each projection weight on its own
         self.prompt_encoder.clear()
         return self

@@ -25,7 +25,7 @@ from .buffers import StreamBuffers, allocate_buffers
 from .config import Acceleration, CfgType, StreamConfig, StreamStage
 from .controlnet import ControlNet, ControlState
 from .frames import FiniteCheck, check_frames
-from .kv_cache import KVCache, PromptKV, install_kv_processors, prompt_kv_fits
+from .kv_cache import KVCache, PromptKV, fuse_self_attention_projections, install_kv_processors, prompt_kv_fits
 from .kv_export import kv_cache_io_spec
 from .models import StreamModels
 from .prompts import (
@@ -315,9 +315,11 @@ class Stream(StreamCalls):
         self.prompt_kv: PromptKV | None = None
         stock_attention = "prompt_kv" in self.runtime.unet.accepts and prompt_kv_fits(models.unet)
         keeps_prompt_kv = config.prompt_kv and stock_attention
-        fuses_qkv = config.fused_qkv and stock_attention  # the weights were fused when the models were made
+        fuses_qkv = config.fused_qkv and stock_attention
         if config.kv_cache.enabled or keeps_prompt_kv or fuses_qkv:
             install_kv_processors(models.unet)  # inert for calls without them: other streams see plain attention
+        if fuses_qkv:
+            fuse_self_attention_projections(models.unet)  # once per UNet, before this stream captures
         if keeps_prompt_kv:
             self.prompt_kv = PromptKV(models.unet, self.buffers.embeds)  # filled by _write_embeddings
         if config.kv_cache.enabled:

@@ -832,39 +832,34 @@ def test_the_prompts_cross_attention_keys_and_values_are_computed_once_per_promp
 
 
 # ---------------------------------------------------------------------------------------------- fused projections
-def test_the_pipelines_self_attention_weights_are_views_of_one_fused_tensor(tiny_folders):
-    """Making the models puts each attn1 layer's query, key and value weights into one tensor without changing a
-    value or adding memory; writes to a weight reach the fused tensor; moving the models fuses them again."""
-    from diffusers import UNet2DConditionModel
-
-    from streamrt.kv_cache import FUSED_QKV, fuse_self_attention_projections, self_attention_layers
+def test_a_fused_stream_keeps_one_copy_of_each_layers_projection_weights(tiny_folders):
+    """The first stream with ``fused_qkv`` gives each attn1 layer one ``[3C, C]`` copy of its query, key and value
+    weights (not in the state dict), leaves the UNet's own weights as they were (a host's tensors stay shared), makes
+    it once per UNet, and the copy moves with the module."""
+    from streamrt.kv_cache import FUSED_QKV, self_attention_layers
 
     models = quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])
-    raw = UNet2DConditionModel.from_pretrained(tiny_folders["tiny"] / "unet")
-    assert sum(p.numel() for p in models.unet.parameters()) == sum(p.numel() for p in raw.parameters())
+    layers = self_attention_layers(models.unet)
+    pointers = [p.data_ptr() for p in models.unet.parameters()]
+    assert layers and not any(hasattr(attn, FUSED_QKV) for attn in layers)  # nothing until a stream asks
+    Stream(models, make_config(), prompt=PROMPT)
+    assert not any(hasattr(attn, FUSED_QKV) for attn in layers)
+    Stream(models, make_config(fused_qkv=True), prompt=PROMPT)
+    copies = [getattr(attn, FUSED_QKV) for attn in layers]
+    Stream(models, make_config(fused_qkv=True, t_index_list=(20,)), prompt=PROMPT)
+    assert [getattr(attn, FUSED_QKV) for attn in layers] == copies  # once per UNet
+    assert [p.data_ptr() for p in models.unet.parameters()] == pointers
+    assert not any(FUSED_QKV in key for key in models.unet.state_dict())
 
-    def check(unet, reference):
-        layers = self_attention_layers(unet)
-        assert layers and fuse_self_attention_projections(unet) == len(layers)  # idempotent: nothing to redo
-        for attn, ref in zip(layers, self_attention_layers(reference)):
-            fused = getattr(attn, FUSED_QKV)
-            rows = attn.to_q.weight.shape[0]
-            assert FUSED_QKV not in unet.state_dict() and fused.shape == (3 * rows, attn.to_q.weight.shape[1])
-            for i, (linear, ref_linear) in enumerate(zip((attn.to_q, attn.to_k, attn.to_v),
-                                                           (ref.to_q, ref.to_k, ref.to_v))):
-                assert linear.weight.data_ptr() == fused[i * rows:].data_ptr()  # a view, not a copy
-                assert torch.equal(linear.weight, ref_linear.weight.to(linear.weight.dtype))
+    def check():
+        for attn in layers:
+            assert torch.equal(getattr(attn, FUSED_QKV), torch.cat([attn.to_q.weight, attn.to_k.weight,
+                                                                    attn.to_v.weight]))
 
-    check(models.unet, raw)
-    attn = self_attention_layers(models.unet)[0]
-    with torch.no_grad():
-        attn.to_k.weight.mul_(2.0)  # as a LoRA fuses into a weight, in place (and exactly undone below)
-    rows = attn.to_q.weight.shape[0]
-    assert torch.equal(getattr(attn, FUSED_QKV)[rows:2 * rows], attn.to_k.weight)
-    with torch.no_grad():
-        attn.to_k.weight.div_(2.0)
-    models.to(dtype=torch.float64)  # Module.to copies each weight on its own: fused again afterwards
-    check(models.unet, raw)
+    check()
+    models.to(dtype=torch.float64)  # the copy is a buffer: it moves with the module
+    assert all(getattr(attn, FUSED_QKV).dtype == torch.float64 for attn in layers)
+    check()
 
 
 @pytest.mark.parametrize("family, cfg_type, cached", [("sd", "full", False), ("sd", "self", True),
