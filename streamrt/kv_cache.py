@@ -434,12 +434,12 @@ class PassThroughAttnProcessor(AttnProcessor2_0):
 _OURS = (CachedSelfAttnProcessor, CrossAttnProcessor, PassThroughAttnProcessor)
 
 
-def prompt_kv_fits(unet) -> bool:
-    """Whether a stream of ``unet`` can keep its prompt's keys and values (:class:`PromptKV`): every attention layer
-    runs diffusers' default ``AttnProcessor2_0`` or one of the caching processors here (which run it when not given
-    a cache), so :func:`install_kv_processors` changes nothing for other callers, and no cross-attention layer
-    normalises the prompt before projecting it (SD1.x, SD2.x and SDXL UNets do neither). A UNet with processors
-    of its own keeps them, and its streams project the prompt in every call."""
+def attention_caches_fit(unet) -> bool:
+    """Whether a stream of ``unet`` can keep its prompt's keys and values (:class:`PromptKV`) and fuse its
+    self-attention projections: every attention layer runs diffusers' default ``AttnProcessor2_0`` or one of the
+    caching processors here (which run it when not given a cache), so :func:`install_kv_processors` changes nothing
+    for other callers, and no cross-attention layer normalises the prompt before projecting it (SD1.x, SD2.x and
+    SDXL UNets do neither). A UNet with processors of its own keeps them, and its streams project in every call."""
     return (all(type(p) is AttnProcessor2_0 or isinstance(p, _OURS) for p in unet.attn_processors.values())
             and not any(attn.norm_cross for attn in cross_attention_layers(unet)))
 

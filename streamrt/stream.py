@@ -25,7 +25,7 @@ from .buffers import StreamBuffers, allocate_buffers
 from .config import Acceleration, CfgType, StreamConfig, StreamStage
 from .controlnet import ControlNet, ControlState
 from .frames import FiniteCheck, check_frames
-from .kv_cache import KVCache, PromptKV, fuse_self_attention_projections, install_kv_processors, prompt_kv_fits
+from .kv_cache import KVCache, PromptKV, attention_caches_fit, fuse_self_attention_projections, install_kv_processors
 from .kv_export import kv_cache_io_spec
 from .models import StreamModels
 from .prompts import (
@@ -313,7 +313,7 @@ class Stream(StreamCalls):
         # the prompt's cross-attention keys and values, computed when it changes (docs/DESIGN.md section 3); an
         # engine UNet projects the embeddings itself
         self.prompt_kv: PromptKV | None = None
-        stock_attention = "prompt_kv" in self.runtime.unet.accepts and prompt_kv_fits(models.unet)
+        stock_attention = "prompt_kv" in self.runtime.unet.accepts and attention_caches_fit(models.unet)
         keeps_prompt_kv = config.prompt_kv and stock_attention
         fuses_qkv = config.fused_qkv and stock_attention
         if config.kv_cache.enabled or keeps_prompt_kv or fuses_qkv:
