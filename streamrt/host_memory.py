@@ -6,7 +6,7 @@ over its OpenMP pool, whose threads keep spinning after each op and, inside Comf
 the server's own threads (H200 machine, 16 cores: the realtime graph's step took 12.0 ms with the pool, 7.1 ms with
 one thread; BENCHMARKS.md). On the calling thread alone the same work is slow where nothing competes: in the
 benchmark on that machine a 300-frame 512² video's fixed cost, mostly that check, grew from 11 to 129 ms, and a
-4-frame realtime call's host time from 0.8 to 4.2 ms.
+4-frame realtime call's host time beyond the step from 0.7 to 2.4 ms.
 
 So large copies and sums are cut into slabs that numpy runs on a small pool of ordinary threads (numpy releases
 the GIL for them), the calling thread taking one slab. Those threads wait on a queue, not in a spin loop, so they
