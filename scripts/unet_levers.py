@@ -12,11 +12,12 @@ and a markdown table::
 A variant is ``eager`` (the module in a CUDA graph) or levers joined by ``+`` on top of torch.compile:
 ``default`` (none), ``tuned`` (inductor's ``coordinate_descent_tuning`` and ``conv_1x1_as_mm``),
 ``autotune`` (mode ``max-autotune-no-cudagraphs``: GEMM/convolution templates benchmarked per shape),
-``freeze`` (inductor's ``freezing``: weights folded in as constants), ``qkv`` (diffusers'
-``fuse_qkv_projections``), ``cudnn`` (``cudnn.benchmark`` on while compiling and capturing), ``cl`` (the
-module's weights in channels-last; the UNet always is, as the runtime does), ``xkv`` (every cross-attention layer
-reads keys and values computed once from the prompt embeddings, as a per-prompt cache would hold them: what the
-two projections per layer cost per call; the result records the largest difference from the plain UNet).
+``freeze`` (inductor's ``freezing``: weights folded in as constants), ``qkv`` (self-attention's query, key and
+value projected by one GEMM over a fused copy of the weights: the stream's ``StreamConfig.fused_qkv``), ``cudnn``
+(``cudnn.benchmark`` on while compiling and capturing), ``cl`` (the module's weights in channels-last; the UNet
+always is, as the runtime does), ``xkv`` (every cross-attention layer reads keys and values computed once from the
+prompt embeddings: the stream's ``StreamConfig.prompt_kv``). ``qkv`` and ``xkv`` run the stream's own attention
+processors and buffers (``streamrt.kv_cache``); the result records the largest difference from the plain UNet.
 """
 
 from __future__ import annotations
@@ -49,44 +50,6 @@ def kernel_kind(name: str) -> str:
     return "elementwise / fused"
 
 
-class PrecomputedCrossKV:
-    """A cross-attention processor whose keys and values were computed once from the prompt embeddings (what a
-    per-prompt cache in the stream would hold), for measuring what the two projections cost per UNet call. The
-    rest is diffusers' ``AttnProcessor2_0`` for the layers SD and SDXL UNets have (no spatial or group norm, no
-    cross norm, no q/k norm). Measurement only."""
-
-    def __init__(self, attn, embeds):
-        import torch
-
-        if attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross or attn.norm_k is not None:
-            raise ValueError("PrecomputedCrossKV: a cross-attention layer with norms this measurement does not model")
-        rows, length = embeds.shape[:2]
-        self.head_dim = attn.to_k.out_features // attn.heads
-        with torch.inference_mode():
-            self.key, self.value = (proj(embeds).view(rows, length, attn.heads, self.head_dim).transpose(1, 2)
-                                    .contiguous() for proj in (attn.to_k, attn.to_v))
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        import torch.nn.functional as F
-
-        residual, rows = hidden_states, hidden_states.shape[0]
-        query = attn.to_q(hidden_states).view(rows, -1, attn.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, self.key, self.value)
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(rows, -1, attn.heads * self.head_dim)))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
-def precompute_cross_attention(unet, embeds) -> int:
-    """Give every cross-attention layer (``attn2``) of ``unet`` a :class:`PrecomputedCrossKV` for ``embeds``; the
-    number of layers."""
-    layers = [m for name, m in unet.named_modules() if name.endswith("attn2")]
-    for attn in layers:
-        attn.set_processor(PrecomputedCrossKV(attn, embeds))
-    return len(layers)
-
-
 def run_variant(variant: str, preset: str, size: int, rows: int, profile: bool, part: str = "unet") -> dict:
     """Compile and time one variant in this process."""
     import torch
@@ -94,6 +57,7 @@ def run_variant(variant: str, preset: str, size: int, rows: int, profile: bool, 
 
     from streamrt.cuda_graphs import graph_replay_ms
     from streamrt.families import pooled_dim_of_unet
+    from streamrt.kv_cache import PromptKV, fuse_self_attention_projections, install_kv_processors
     from streamrt.models import decode_latents, encode_images
     from streamrt.random_models import build_random_components
 
@@ -119,8 +83,6 @@ def run_variant(variant: str, preset: str, size: int, rows: int, profile: bool, 
     else:
         unet = parts["unet"]
         unet.to(memory_format=torch.channels_last)
-        if "qkv" in levers:
-            unet.fuse_qkv_projections()
         cfg = unet.config
         sample = torch.randn(rows, 4, latent, latent, device=device, dtype=torch.float16)
         timesteps = torch.full((rows,), 499, device=device, dtype=torch.long)
@@ -133,14 +95,24 @@ def run_variant(variant: str, preset: str, size: int, rows: int, profile: bool, 
                 "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * rows, device=device,
                                          dtype=torch.float16)}
 
-        def forward():
-            return unet(sample, timesteps, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+        attention: dict = {}  # the keywords the stream's attention processors take (docs/DESIGN.md section 3)
 
-        if "xkv" in levers:
+        def forward():
+            return unet(sample, timesteps, encoder_hidden_states=embeds, return_dict=False,
+                        cross_attention_kwargs=attention or None, **kwargs)[0]
+
+        if levers & {"xkv", "qkv"}:
             with torch.inference_mode():
                 plain = forward()
-                layers = precompute_cross_attention(unet, embeds)
-                extra = {"xkv_layers": layers, "max_abs_diff_vs_plain": float((forward() - plain).abs().max())}
+                install_kv_processors(unet)
+                if "xkv" in levers:
+                    attention["prompt_kv"] = PromptKV(unet, embeds)
+                    attention["prompt_kv"].refresh()
+                    extra["xkv_layers"] = len(attention["prompt_kv"].layers)
+                if "qkv" in levers:
+                    extra["qkv_layers"] = fuse_self_attention_projections(unet)
+                    attention["fused_qkv"] = True
+                extra["max_abs_diff_vs_plain"] = float((forward() - plain).abs().max())
 
     call = forward
     start = time.perf_counter()
