@@ -174,6 +174,8 @@ class StreamSampler(io.ComfyNode):
             "ms_per_frame": 1000.0 * seconds / count,
             "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
             "backend": runtime.describe(), "acceleration": runtime.acceleration.value, "parts": runtime.parts,
+            # what every UNet call is given beyond its inputs (the prompt's keys and values, fused projections, ...)
+            "unet_extras": sorted(stream.stages[0].unet_extras.given),
             "notes": runtime_notes(stream) + notes, "device": str(stream.device),
             # where this call's streams ran: several GPUs for a video split over them (Stream Devices)
             "devices": list(SESSIONS.ran_on.get(owner, (str(stream.device),))),

@@ -111,12 +111,11 @@ class StreamConfig:
             it changes, instead of projecting the embeddings in every UNet call (the same numbers; torch UNets
             with diffusers' default attention processors only: an engine projects them itself). Costs
             ``rows * L * sum_l C_l * 4`` bytes in fp16 (SDXL: 25.6 MB per UNet row at L = 77).
-        fused_qkv (`bool`, defaults to `False`): project every self-attention layer's query, key and value with one
+        fused_qkv (`bool`, defaults to `True`): project every self-attention layer's query, key and value with one
             GEMM over a fused copy of the three weights, kept once per pipeline (about 0.6 GB for SDXL, 75 MB for
             SD1.5 in fp16), instead of three; the same numbers up to the GEMM's rounding. Same conditions as
-            ``prompt_kv``.
-            Measured on the UNet alone (SDXL-turbo, 512², H200, with the prompt's keys and values): 8.40 -> 7.75 ms
-            per call; off until measured in the stream on the GPU.
+            ``prompt_kv``. Measured in the stream (SDXL-turbo-sized, 512², 1 step, compile, H200): 10.24 -> 9.59 ms
+            per frame (BENCHMARKS.md); off saves the copy's memory.
     """
 
     width: int = 512
@@ -134,7 +133,7 @@ class StreamConfig:
     acceleration: Acceleration = Acceleration.AUTO
     prompt_length: int = 0
     prompt_kv: bool = True
-    fused_qkv: bool = False
+    fused_qkv: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))

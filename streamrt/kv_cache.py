@@ -434,6 +434,14 @@ class PassThroughAttnProcessor(AttnProcessor2_0):
 _OURS = (CachedSelfAttnProcessor, CrossAttnProcessor, PassThroughAttnProcessor)
 
 
+def fused_projections_nbytes(unet: torch.nn.Module) -> int:
+    """Bytes of the fused projection weights :func:`fuse_self_attention_projections` keeps on ``unet`` (0 before a
+    stream asked for them)."""
+    if not hasattr(unet, "attn_processors"):
+        return 0
+    return sum(getattr(attn, FUSED_QKV).nbytes for attn in self_attention_layers(unet) if hasattr(attn, FUSED_QKV))
+
+
 def attention_caches_fit(unet) -> bool:
     """Whether a stream of ``unet`` can keep its prompt's keys and values (:class:`PromptKV`) and fuse its
     self-attention projections: every attention layer runs diffusers' default ``AttnProcessor2_0`` or one of the

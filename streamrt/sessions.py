@@ -34,6 +34,7 @@ import torch
 from .config import StreamConfig
 from .controlnet import ControlInput, check_control_images
 from .frames import FiniteCheck, check_frames
+from .kv_cache import fused_projections_nbytes
 from .models import StreamModels
 from .parallel import process_video_parallel, replicate
 from .prompts import Prompt, PromptPart
@@ -120,6 +121,9 @@ class StreamSessions:
         self._replicas: weakref.WeakKeyDictionary[StreamModels, dict[str, StreamModels]] = (
             weakref.WeakKeyDictionary())
         self._replica_bytes: dict[int, int] = {}  # id(copy) -> its weights' bytes, while the copy lives
+        # id(pipeline or copy) -> what streams added to its modules (the fused projection weights the first stream
+        # asking for them makes), counted when a stream is made, while the pipeline or copy lives
+        self._added_bytes: dict[int, int] = {}
         #: owner -> the devices of the streams its last call ran on (several for a video split over devices)
         self.ran_on: dict[Hashable, tuple[str, ...]] = {}
         self._controlnets: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()  # key -> (model, bytes), LRU
@@ -182,6 +186,7 @@ class StreamSessions:
         models = self._pipelines.get(key)
         if models is None or key in self._holders.values() or any(s.models is models for s in self._streams.values()):
             return False
+        self._added_bytes.pop(id(models), None)
         del self._pipelines[key], self._pipeline_bytes[key], models
         self._collect_pending = True
         logger.info("released a pipeline nothing uses any more (%d pipeline(s), %d stream(s) left)",
@@ -223,8 +228,7 @@ class StreamSessions:
                 except BaseException:
                     runtime.close()
                     raise
-                self._streams[owner], self._keys[owner] = stream, key
-                self._stream_bytes[owner] = stream.nbytes()
+                self._register(owner, stream, key)
                 return stream
             self._streams.move_to_end(owner)
             stream.set_prompt(request.prompt, request.negative_prompt)  # the one update that can refuse its input
@@ -301,9 +305,15 @@ class StreamSessions:
             for runtime in runtimes:
                 runtime.close()
             raise
+        self._register(owner, stream, key)
+        return stream
+
+    def _register(self, owner: Hashable, stream: LiveStream, key: tuple) -> None:
+        """Keep a new stream as the owner's, with its bytes and what it added to its pipelines' modules."""
         self._streams[owner], self._keys[owner] = stream, key
         self._stream_bytes[owner] = stream.nbytes()
-        return stream
+        for stage in stream.stages:
+            self._added_bytes[id(stage.models)] = fused_projections_nbytes(stage.models.unet)
 
     def replica(self, models: StreamModels, device: str) -> StreamModels:
         """``models`` on ``device``: itself where it is, else a copy made once and kept with the pipeline (until it
@@ -318,6 +328,7 @@ class StreamSessions:
                 copy = per_device[device] = replicate(models, device)
                 self._replica_bytes[id(copy)] = copy.weights_nbytes()  # once, at the copy
                 weakref.finalize(copy, self._replica_bytes.pop, id(copy), None)
+                weakref.finalize(copy, self._added_bytes.pop, id(copy), None)
             return copy
 
     def _controlnets_on(self, controls: tuple[ControlInput, ...], device: str) -> tuple[ControlInput, ...]:
@@ -373,10 +384,12 @@ class StreamSessions:
                     for owner, s in self._streams.items()}
 
     def total_bytes(self) -> int:
-        """Device bytes held: every cached pipeline's weights and every live stream's buffers."""
+        """Device bytes held: every cached pipeline's weights (with what streams added to them, the fused projection
+        weights) and every live stream's buffers."""
         with self._lock:
             return (sum(self._pipeline_bytes.values()) + sum(self._stream_bytes.values())
-                    + sum(size for _, size in self._controlnets.values()) + sum(self._replica_bytes.values()))
+                    + sum(size for _, size in self._controlnets.values()) + sum(self._replica_bytes.values())
+                    + sum(self._added_bytes.values()))
 
     def _collect(self) -> None:
         self._collect_pending = False
@@ -405,6 +418,7 @@ class StreamSessions:
                 self._drop(owner)
             self._pipelines.clear()
             self._pipeline_bytes.clear()
+            self._added_bytes.clear()
         if had and collect:
             self._collect()
         elif had:

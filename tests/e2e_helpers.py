@@ -35,14 +35,15 @@ SAMPLER_DEFAULTS = dict(
     prompt="a red fox in the snow", negative_prompt="blurry", t_index_list="20,35", num_inference_steps=50,
     cfg_type="self", guidance_scale=1.5, delta=1.0, seed=7, frames_per_step=1, width=0, height=0,
     add_noise=True, similarity_filter=False, similarity_threshold=0.98, similarity_max_skip=10,
-    acceleration="auto", cached_attention=False, cache_max_frames=4, cache_window=4, cache_interval=1, reset=False)
+    acceleration="auto", cached_attention=False, cache_max_frames=4, cache_window=4, cache_interval=1, reset=False,
+    fused_projections=True)
 
 #: option -> (settings node, its input); a Stream Settings node is added when one of its options differs from
 #: the node's default (that is: from what the sampler runs without settings)
 _STREAM_SETTINGS = {"cfg_type": ("cfg_type", "self"), "delta": ("delta", 1.0),
                     "frames_per_step": ("frames_per_step", 1), "add_noise": ("add_noise", True),
                     "acceleration": ("acceleration", "auto"), "width": ("width", 0), "height": ("height", 0),
-                    "num_inference_steps": ("schedule_length", 50)}
+                    "num_inference_steps": ("schedule_length", 50), "fused_projections": ("fused_projections", True)}
 _FILTER = {"similarity_threshold": "threshold", "similarity_max_skip": "max_skip"}
 _CACHE = {"cache_max_frames": "max_frames", "cache_window": "window", "cache_interval": "interval"}
 #: the sampler's own inputs (guidance_scale is its cfg; positive / negative / image are links)
@@ -95,7 +96,7 @@ def core_config(**overrides) -> StreamConfig:
     settings = StreamSettings(
         cfg_type=opts["cfg_type"], delta=opts["delta"], frames_per_step=opts["frames_per_step"],
         add_noise=opts["add_noise"], acceleration=opts["acceleration"], width=opts["width"], height=opts["height"],
-        schedule_length=opts["num_inference_steps"],
+        schedule_length=opts["num_inference_steps"], fused_projections=opts["fused_projections"],
         similarity_filter=SimilarityFilterConfig(opts["similarity_filter"], opts["similarity_threshold"],
                                                  opts["similarity_max_skip"]),
         kv_cache=KVCacheConfig(opts["cached_attention"], opts["cache_max_frames"],

@@ -282,8 +282,9 @@ def test_cuda_graph_with_the_prompts_keys_and_values_matches_projecting_the_prom
     its self-attention with the fused weights (``fused_qkv``), which allocates nothing per frame either."""
     models = fp16_models if preset == "tiny" else xl_fp16_models
     cfg = make_config(cfg_type, 2)
-    plain = new_stream(models, cfg.with_(prompt_kv=False), "cuda_graph")
-    keeps, fused = new_stream(models, cfg, "cuda_graph"), new_stream(models, cfg.with_(fused_qkv=True), "cuda_graph")
+    plain = new_stream(models, cfg.with_(prompt_kv=False, fused_qkv=False), "cuda_graph")
+    keeps = new_stream(models, cfg.with_(fused_qkv=False), "cuda_graph")
+    fused = new_stream(models, cfg, "cuda_graph")  # both, the default
     assert keeps.prompt_kv is not None and plain.prompt_kv is None and "fused_qkv" in fused.unet_extras.given
     groups = frame_groups(6, seed=21)
     for prompt, negative in ((PROMPT, None), (PROMPT_2, None), (PROMPT_2, "washed out")):

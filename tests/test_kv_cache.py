@@ -161,9 +161,10 @@ def stream_pair(models, ref_models, config, **kwargs) -> tuple[Stream, Stream, N
     control = install_reference(ref_models.unet, kv.window, kv.interval)
     ref = Stream(ref_models, config.with_(kv_cache=KVCacheConfig()), **kwargs)
     # the reference stream calls the UNet without a cache (SDXL's added conditions both streams pass alike); its
-    # naive processors keep it from caching the prompt's keys and values, which ours does
+    # naive processors keep it from caching the prompt's keys and values and fusing its projections, which ours does
     assert ref.kv is None and ref.prompt_kv is None
-    assert ref.unet_extras.given == ours.unet_extras.given - {"kv_cache", "prompt_kv"}
+    assert ref.unet_extras.given == ours.unet_extras.given - {"kv_cache", "prompt_kv", "fused_qkv"}
+    assert "fused_qkv" in ours.unet_extras.given
     assert ours.prompt_kv is not None
     assert ours.kv is not None and ours.unet_extras.kv_cache is ours.kv
     return ours, ref, control
@@ -359,7 +360,8 @@ def test_disabled_cache_is_bit_identical(tiny_folders, cfg_type):
     stream that keeps its prompt's cross-attention keys and values."""
     private = quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])
     assert all(isinstance(p, AttnProcessor2_0) for p in private.unet.attn_processors.values())
-    plain_cfg = kv_config(2, cfg_type).with_(kv_cache=KVCacheConfig(), prompt_kv=False)
+    # the fused projections are the same numbers up to the GEMM's rounding, not bit for bit: off here
+    plain_cfg = kv_config(2, cfg_type).with_(kv_cache=KVCacheConfig(), prompt_kv=False, fused_qkv=False)
     inputs = groups(6, seed=7)
     plain = run_steps(Stream(private, plain_cfg, prompt=PROMPT, negative_prompt=NEGATIVE), inputs)
 
@@ -836,20 +838,22 @@ def test_a_fused_stream_keeps_one_copy_of_each_layers_projection_weights(tiny_fo
     """The first stream with ``fused_qkv`` gives each attn1 layer one ``[3C, C]`` copy of its query, key and value
     weights (not in the state dict), leaves the UNet's own weights as they were (a host's tensors stay shared), makes
     it once per UNet, and the copy moves with the module."""
-    from streamrt.kv_cache import FUSED_QKV, self_attention_layers
+    from streamrt.kv_cache import FUSED_QKV, fused_projections_nbytes, self_attention_layers
 
     models = quiet_load(tiny_folders["tiny"], taesd=tiny_folders["taesd"])
     layers = self_attention_layers(models.unet)
     pointers = [p.data_ptr() for p in models.unet.parameters()]
     assert layers and not any(hasattr(attn, FUSED_QKV) for attn in layers)  # nothing until a stream asks
-    Stream(models, make_config(), prompt=PROMPT)
-    assert not any(hasattr(attn, FUSED_QKV) for attn in layers)
-    Stream(models, make_config(fused_qkv=True), prompt=PROMPT)
+    Stream(models, make_config(fused_qkv=False), prompt=PROMPT)
+    assert not any(hasattr(attn, FUSED_QKV) for attn in layers) and fused_projections_nbytes(models.unet) == 0
+    Stream(models, make_config(), prompt=PROMPT)  # on by default
     copies = [getattr(attn, FUSED_QKV) for attn in layers]
     Stream(models, make_config(fused_qkv=True, t_index_list=(20,)), prompt=PROMPT)
     assert [getattr(attn, FUSED_QKV) for attn in layers] == copies  # once per UNet
     assert [p.data_ptr() for p in models.unet.parameters()] == pointers
     assert not any(FUSED_QKV in key for key in models.unet.state_dict())
+    assert fused_projections_nbytes(models.unet) == sum(
+        3 * attn.to_q.weight.nbytes for attn in layers) > 0
 
     def check():
         for attn in layers:
@@ -872,8 +876,8 @@ def test_fused_self_attention_projections_give_the_frames_of_three(tiny_folders,
               else tiny_xl_stream_models(seed=2))
     config = make_config(t_index_list=T_INDEX[2], cfg_type=cfg_type, guidance_scale=1.5,
                          kv_cache=KVCacheConfig(True, 3, 3, 1) if cached else KVCacheConfig())
-    three = Stream(models, config, prompt=PROMPT, negative_prompt=NEGATIVE)
-    fused = Stream(models, config.with_(fused_qkv=True), prompt=PROMPT, negative_prompt=NEGATIVE)
+    three = Stream(models, config.with_(fused_qkv=False), prompt=PROMPT, negative_prompt=NEGATIVE)
+    fused = Stream(models, config, prompt=PROMPT, negative_prompt=NEGATIVE)  # on by default
     assert "fused_qkv" not in three.unet_extras.given and "fused_qkv" in fused.unet_extras.given
     calls = [0]
 

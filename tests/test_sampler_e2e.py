@@ -97,6 +97,8 @@ def test_the_sampler_and_the_settings_nodes_as_object_info_lists_them(server: Co
         assert info[node]["input"]["optional"]["settings"][0] == "STREAMRT_SETTINGS", node
     assert info["StreamRTSettings"]["input"]["required"]["acceleration"][1]["default"] == "auto"
     assert info["StreamRTSettings"]["input"]["required"]["cfg_type"][1]["default"] == "self"
+    # optional, so workflows saved before it still validate; on unless turned off
+    assert info["StreamRTSettings"]["input"]["optional"]["fused_projections"][1]["default"] is True
     pack = {name: spec for name, spec in info.items() if spec.get("python_module", "").endswith(".StreamRT")}
     assert set(pack) >= {"StreamRTSampler", "StreamRTSettings", "StreamRTSimilarityFilter",
                          "StreamRTCachedAttention", "StreamRTLoadPipeline", "StreamRTBuildEngines"}
@@ -179,6 +181,27 @@ def test_a_chain_of_settings_nodes_applies_all_of_them(server: ComfyServer, core
     assert config.cfg_type.value == "full" and config.similarity_filter.enabled and config.kv_cache.enabled
     for k in range(len(clip)):
         assert_close(got[k], stream.step(as_tensor(clip[k:k + 1]))[0])
+
+
+def test_stream_settings_turn_the_fused_projections_off(server: ComfyServer, core_models) -> None:
+    """The sampler's streams fuse their self-attention projections unless Stream Settings' fused_projections is off,
+    and say what their UNet calls take; both give the core's frames."""
+    clip = frames(2, seed=46)
+    for fused in (True, False):
+        prefix = uid()
+        names = upload(server, clip, prefix)
+        options = dict(fused_projections=fused, acceleration="eager")
+        with server.websocket() as ws:
+            got = [run_images(server, graph(prefix, [n], **options), prefix, ws)[0] for n in names]
+            ws.wait_for(lambda kind, d, prefix=prefix: kind == "streamrt.status"
+                        and len(status_events(ws, prefix)) == 2, timeout=30)
+            events = status_events(ws, prefix)
+        extras = [("fused_qkv" in e["unet_extras"], "prompt_kv" in e["unet_extras"]) for e in events]
+        assert extras == [(fused, True)] * 2, events
+        stream = core_stream(core_models, **options)
+        assert stream.config.fused_qkv is fused
+        for k in range(len(clip)):
+            assert_close(got[k], stream.step(as_tensor(clip[k:k + 1]))[0])
 
 
 def test_stream_devices_split_a_batch_video_and_refuse_devices_that_do_not_exist(server: ComfyServer) -> None:

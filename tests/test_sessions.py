@@ -19,6 +19,7 @@ import torch
 from stream_helpers import frame_groups, make_config, make_frames, quiet_load, run_steps
 
 from streamrt import AccelerationUnavailable, FrameError, LoraSpec, Stream, StreamConfig, StreamRequest, StreamSessions
+from streamrt.kv_cache import fused_projections_nbytes
 
 
 def request(config: StreamConfig, prompt: str = "a cat", **kwargs) -> StreamRequest:
@@ -94,7 +95,10 @@ def test_pipelines_are_kept_while_used_and_released_after(tiny_folders):
     assert weights > 0 and sessions.total_bytes() == weights
     assert sessions.pipeline("A", loader("A"), holder="loader-2") is a and loads == ["A"]  # cached, two holders
     stream, _ = sessions.run("sampler", a, request(make_config()), make_frames(1, 0))
-    assert sessions.total_bytes() == weights + stream.nbytes() and stream.nbytes() > 0
+    # the first stream made the fused projection weights (StreamConfig.fused_qkv): counted with the pipeline
+    fused = fused_projections_nbytes(a.unet)
+    assert fused > 0 and stream.nbytes() > 0
+    assert sessions.total_bytes() == weights + fused + stream.nbytes()
 
     sessions.pipeline("B", loader("B"), holder="loader-1")
     assert sessions.counts() == (2, 1)  # A: held by loader-2 and used by the stream
@@ -103,7 +107,8 @@ def test_pipelines_are_kept_while_used_and_released_after(tiny_folders):
     b = sessions.pipeline("B", loader("B"))
     sessions.run("sampler", b, request(make_config()), make_frames(1, 0))  # the stream moves to B
     assert sessions.counts() == (1, 1) and loads == ["A", "B"]
-    assert sessions.total_bytes() == weights + stream.nbytes()  # one pipeline (same architecture) + one stream
+    # one pipeline, B (A's architecture), with its fused weights + one stream: A's fused weights went with A
+    assert sessions.total_bytes() == weights + fused + stream.nbytes()
     sessions.release()
     assert sessions.counts() == (0, 0) and sessions.total_bytes() == 0
 

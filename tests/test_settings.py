@@ -74,14 +74,16 @@ def test_no_settings_are_the_sampler_defaults():
     assert config.frames_per_step == 1 and config.do_add_noise and config.seed == 2
     assert config.acceleration is Acceleration.AUTO
     assert not config.similarity_filter.enabled and not config.kv_cache.enabled
+    assert config.fused_qkv and config.prompt_kv
     txt2img = StreamSettings().stream_config()
     assert (txt2img.width, txt2img.height) == (512, 512)
 
 
 def test_the_sampler_numbers_and_the_settings_make_the_config():
     settings = StreamSettings(cfg_type="full", delta=0.5, frames_per_step=2, add_noise=False, acceleration="eager",
-                              width=128, height=0, schedule_length=40)
+                              width=128, height=0, schedule_length=40, fused_projections=False)
     config = settings.stream_config(steps=3, strength=0.5, guidance_scale=2.0, seed=9, frame_size=(64, 96))
+    assert not config.fused_qkv
     assert (config.width, config.height) == (128, 64)
     assert config.t_index_list == strength_t_index_list(3, 0.5, 40) and config.num_inference_steps == 40
     assert (config.cfg_type, config.delta, config.frames_per_step, config.do_add_noise) == (CfgType.FULL, 0.5, 2, False)

@@ -81,8 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "otherwise thrashes)")
     p.add_argument("--pin-input", action="store_true",
                    help="hand process_video a pinned input video (default: pageable, as ComfyUI does)")
-    p.add_argument("--fused-qkv", action="store_true",
-                   help="StreamRT rows project self-attention with the fused weights (StreamConfig.fused_qkv)")
+    p.add_argument("--fused-qkv", action=argparse.BooleanOptionalAction, default=True,
+                   help="StreamRT rows project self-attention with the fused weights (StreamConfig.fused_qkv, the "
+                        "default); --no-fused-qkv: with the three separate projections")
     p.add_argument("--no-prompt-kv", action="store_true",
                    help="StreamRT rows project the prompt in every UNet call (StreamConfig.prompt_kv off)")
     p.add_argument("--compile-mode", default="default",

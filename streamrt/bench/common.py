@@ -237,7 +237,7 @@ def scenario_config(args: argparse.Namespace, sc: Scenario, acceleration: str = 
                         num_inference_steps=NUM_INFERENCE_STEPS, frames_per_step=sc.frames_per_step,
                         cfg_type=sc.cfg_type, guidance_scale=GUIDANCE, delta=DELTA, seed=args.seed,
                         kv_cache=KVCacheConfig(bool(sc.kv_window), max(sc.kv_window, 1), max(sc.kv_window, 1)),
-                        fused_qkv=getattr(args, "fused_qkv", False), prompt_kv=not getattr(args, "no_prompt_kv", False))
+                        fused_qkv=getattr(args, "fused_qkv", True), prompt_kv=not getattr(args, "no_prompt_kv", False))
 
 
 @dataclass
