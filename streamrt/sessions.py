@@ -26,7 +26,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -70,6 +70,8 @@ class StreamRequest:
     controlnets: tuple[ControlInput, ...] = ()
     video_devices: tuple[str, ...] = ()
     step_devices: tuple[str, ...] = ()
+    # (models, prompt, negative prompt, the sized config): what stream_config gave last; a call asks three times
+    _sized: tuple | None = field(default=None, init=False, repr=False)
 
     def staged(self) -> bool:
         """Whether this request's stream splits its steps over several devices."""
@@ -80,8 +82,12 @@ class StreamRequest:
         when it is 0 (so a prompt of another token length needs a new stream)."""
         if self.config.prompt_length:
             return self.config
-        return self.config.with_(prompt_length=prompt_length(models, self.config, self.prompt,
-                                                             self.negative_prompt))
+        sized = self._sized
+        if sized is not None and sized[0] is models and sized[1] is self.prompt and sized[2] is self.negative_prompt:
+            return sized[3]
+        config = self.config.with_(prompt_length=prompt_length(models, self.config, self.prompt, self.negative_prompt))
+        self._sized = (models, self.prompt, self.negative_prompt, config)
+        return config
 
     def rebuild_key(self, models: StreamModels) -> tuple:
         """What needs a new stream when it changes (the stream config's rebuild key, the engine source and the set

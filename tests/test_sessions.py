@@ -113,6 +113,19 @@ def test_pipelines_are_kept_while_used_and_released_after(tiny_folders):
     assert sessions.counts() == (0, 0) and sessions.total_bytes() == 0
 
 
+def test_a_request_sizes_its_config_once_per_models_and_prompts(tiny_models):
+    """A call asks for the request's sized config three times (checks, rebuild key, new stream): it is made once,
+    and made again for other models or another prompt."""
+    r = request(make_config(), prompt="a cat")
+    first = r.stream_config(tiny_models)
+    assert first.prompt_length == 77 and r.stream_config(tiny_models) is first
+    long_prompt = torch.zeros(1, 154, tiny_models.embed_dim)
+    r.prompt = long_prompt
+    assert r.stream_config(tiny_models).prompt_length == 154
+    sized = request(make_config(prompt_length=231))
+    assert sized.stream_config(tiny_models) is sized.config  # sized by the caller: taken as it is
+
+
 def test_streams_are_bounded_least_recently_used_first(tiny_models):
     sessions = StreamSessions(max_streams=2)
     frames = make_frames(1, 0)
