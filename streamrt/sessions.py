@@ -318,8 +318,9 @@ class StreamSessions:
         """Keep a new stream as the owner's, with its bytes and what it added to its pipelines' modules."""
         self._streams[owner], self._keys[owner] = stream, key
         self._stream_bytes[owner] = stream.nbytes()
-        for stage in stream.stages:
-            self._added_bytes[id(stage.models)] = fused_projections_nbytes(stage.models.unet)
+        for stage in stream.stages:  # counted for the pipelines and copies counted here (their weights are)
+            if id(stage.models) in self._replica_bytes or self._key_of(stage.models) is not None:
+                self._added_bytes[id(stage.models)] = fused_projections_nbytes(stage.models.unet)
 
     def replica(self, models: StreamModels, device: str) -> StreamModels:
         """``models`` on ``device``: itself where it is, else a copy made once and kept with the pipeline (until it

@@ -111,6 +111,9 @@ def test_pipelines_are_kept_while_used_and_released_after(tiny_folders):
     assert sessions.total_bytes() == weights + fused + stream.nbytes()
     sessions.release()
     assert sessions.counts() == (0, 0) and sessions.total_bytes() == 0
+    # models the sessions did not load: neither their weights nor their fused copy are counted, only the stream
+    stream, _ = sessions.run("other", b, request(make_config()), make_frames(1, 0))
+    assert fused_projections_nbytes(b.unet) > 0 and sessions.total_bytes() == stream.nbytes()
 
 
 def test_a_request_sizes_its_config_once_per_models_and_prompts(tiny_models):
