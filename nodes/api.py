@@ -189,9 +189,9 @@ def preview_image(frame: torch.Tensor, max_size: int | None = None) -> tuple[str
     """A frame ``[H, W, 3]`` in [0, 1] as ComfyUI's preview ``("JPEG", image, max_size)``: what a progress bar
     carries to the browser over the websocket; no file is written. A frame larger than ``max_size`` (its longest
     side; 0 or None: any size) is scaled down by the server."""
-    # numpy on this thread, not torch's OpenMP pool (streamrt.runtime.host_io.host_copy); two passes: clip into one
-    # copy, then scale straight into the 8-bit image, truncating as Preview Image and Save Image do (a fifth less
-    # time per 512² frame than scaling, clipping and rounding in three: 0.98 -> 0.77 ms on the CI machine)
+    # numpy on this thread, not torch's OpenMP pool (streamrt.runtime.host_io.host_copy); two passes over the frame
+    # (clip into one copy, then scale straight into the 8-bit image, truncating as Preview Image and Save Image do)
+    # instead of scaling, clipping, rounding and casting in four
     pixels = np.clip(frame.detach().to("cpu", torch.float32).numpy(), 0.0, 1.0)
     pixels = np.multiply(pixels, 255.0, out=np.empty(pixels.shape, np.uint8), casting="unsafe")
     larger = max_size and max(pixels.shape[0], pixels.shape[1]) > max_size
