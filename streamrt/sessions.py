@@ -26,7 +26,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -70,8 +70,6 @@ class StreamRequest:
     controlnets: tuple[ControlInput, ...] = ()
     video_devices: tuple[str, ...] = ()
     step_devices: tuple[str, ...] = ()
-    # (models, prompt, negative prompt, the sized config): what stream_config gave last; a call asks three times
-    _sized: tuple | None = field(default=None, init=False, repr=False)
 
     def staged(self) -> bool:
         """Whether this request's stream splits its steps over several devices."""
@@ -82,24 +80,22 @@ class StreamRequest:
         when it is 0 (so a prompt of another token length needs a new stream)."""
         if self.config.prompt_length:
             return self.config
-        sized = self._sized
-        if sized is not None and sized[0] is models and sized[1] is self.prompt and sized[2] is self.negative_prompt:
-            return sized[3]
-        config = self.config.with_(prompt_length=prompt_length(models, self.config, self.prompt, self.negative_prompt))
-        self._sized = (models, self.prompt, self.negative_prompt, config)
-        return config
+        return self.config.with_(prompt_length=prompt_length(models, self.config, self.prompt,
+                                                             self.negative_prompt))
 
-    def rebuild_key(self, models: StreamModels) -> tuple:
-        """What needs a new stream when it changes (the stream config's rebuild key, the engine source and the set
-        of ControlNets)."""
-        return (self.stream_config(models).rebuild_key(), None if self.engines is None else self.engines.key,
+    def rebuild_key(self, config: StreamConfig) -> tuple:
+        """What needs a new stream when it changes: the rebuild key of ``config`` (this request's
+        :meth:`stream_config`), the engine source and the set of ControlNets."""
+        return (config.rebuild_key(), None if self.engines is None else self.engines.key,
                 tuple(c.rebuild_key for c in self.controlnets), self.step_devices if self.staged() else ())
 
-    def check(self, models: StreamModels) -> None:
+    def check(self, models: StreamModels) -> StreamConfig:
         """Raise ValueError naming what cannot be used (prompt texts, embeddings, weights), before anything
-        changes."""
+        changes; else return the request's :meth:`stream_config` (sized once per call: each is a validated copy)."""
         check_prompts(models, self.prompt, self.negative_prompt)
-        check_fits(models, self.stream_config(models), self.prompt, self.negative_prompt)
+        config = self.stream_config(models)
+        check_fits(models, config, self.prompt, self.negative_prompt)
+        return config
 
 
 class StreamSessions:
@@ -212,9 +208,8 @@ class StreamSessions:
         Otherwise a new stream replaces the old one. What can be refused (prompt texts and embeddings, the
         acceleration) is checked before anything of the old stream changes.
         """
-        request.check(models)
-        cfg = request.stream_config(models)
-        key = request.rebuild_key(models)
+        cfg = request.check(models)
+        key = request.rebuild_key(cfg)
         with self._lock:
             stream = self._streams.get(owner)
             if stream is None or stream.models is not models or self._keys.get(owner) != key:

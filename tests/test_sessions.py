@@ -116,17 +116,25 @@ def test_pipelines_are_kept_while_used_and_released_after(tiny_folders):
     assert fused_projections_nbytes(b.unet) > 0 and sessions.total_bytes() == stream.nbytes()
 
 
-def test_a_request_sizes_its_config_once_per_models_and_prompts(tiny_models):
-    """A call asks for the request's sized config three times (checks, rebuild key, new stream): it is made once,
-    and made again for other models or another prompt."""
+def test_a_request_sizes_its_config_once_per_call(tiny_models, monkeypatch):
+    """A call needs the request's sized config for its checks, its rebuild key and a new stream: it is made once
+    per call (each is a validated copy), for a new stream and for a kept one, and follows the prompt."""
     r = request(make_config(), prompt="a cat")
-    first = r.stream_config(tiny_models)
-    assert first.prompt_length == 77 and r.stream_config(tiny_models) is first
+    first = r.check(tiny_models)
+    assert first.prompt_length == 77 and first == r.stream_config(tiny_models)
     long_prompt = torch.zeros(1, 154, tiny_models.embed_dim)
     r.prompt = long_prompt
     assert r.stream_config(tiny_models).prompt_length == 154
     sized = request(make_config(prompt_length=231))
     assert sized.stream_config(tiny_models) is sized.config  # sized by the caller: taken as it is
+
+    made = []
+    original = StreamRequest.stream_config
+    monkeypatch.setattr(StreamRequest, "stream_config", lambda self, models: made.append(1) or original(self, models))
+    sessions = StreamSessions()
+    sessions.stream("sampler", tiny_models, request(make_config()))  # a new stream
+    sessions.stream("sampler", tiny_models, request(make_config()))  # the same stream, kept
+    assert len(made) == 2
 
 
 def test_streams_are_bounded_least_recently_used_first(tiny_models):
