@@ -28,8 +28,8 @@ from pathlib import Path
 logger = logging.getLogger("fp8_gemm_shapes")
 
 E4M3_MAX = 448.0
-#: calls captured back to back in one graph per timing: a replayed graph has a floor of about 9 us (measured on an
-#: H200), larger than many of these GEMMs, so one call per graph would time the floor
+#: calls captured back to back in one graph per timing (``--repeats``): a replayed graph has a floor of about 9 us
+#: (``--repeats 1`` on an H200, BENCHMARKS.md), larger than many of these GEMMs, so one call per graph times the floor
 REPEATS = 20
 
 
@@ -68,15 +68,15 @@ def block_count(shapes: Counter) -> int:
     return sum(count for (m, k, n), count in shapes.items() if n == 3 * k)
 
 
-def time_shape(m: int, k: int, n: int, device) -> dict:
-    """GPU microseconds of one GEMM ``[m, k] x [k, n]`` per variant (:data:`REPEATS` calls in a CUDA graph, median
+def time_shape(m: int, k: int, n: int, device, repeats: int = REPEATS) -> dict:
+    """GPU microseconds of one GEMM ``[m, k] x [k, n]`` per variant (``repeats`` calls in a CUDA graph, median
     replay over the calls)."""
     import torch
 
     from streamrt.cuda_graphs import graph_replay_ms as replay_ms
 
     def graph_replay_ms(call, device, replays):
-        return replay_ms(lambda: [call() for _ in range(REPEATS)], device, replays=replays) / REPEATS
+        return replay_ms(lambda: [call() for _ in range(repeats)], device, replays=replays) / repeats
 
     a = torch.randn(m, k, device=device, dtype=torch.float16)
     w = torch.randn(n, k, device=device, dtype=torch.float16) / k ** 0.5
@@ -112,6 +112,8 @@ def main() -> None:
     p.add_argument("--preset", default="sdxl-turbo")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--rows", default="1", help="comma list of UNet batch rows")
+    p.add_argument("--repeats", type=int, default=REPEATS,
+                   help=f"calls per captured graph (default {REPEATS}; 1 times the graph replay's floor)")
     p.add_argument("--list", action="store_true", help="only list the shapes (no GPU needed)")
     p.add_argument("--out")
     args = p.parse_args()
@@ -133,9 +135,12 @@ def main() -> None:
     import torch
 
     device = torch.device("cuda")
-    timed = {shape: time_shape(*shape, device) for shape in sorted({s for shapes in cases.values() for s in shapes})}
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    shapes_all = sorted({s for shapes in cases.values() for s in shapes})
+    timed = {shape: time_shape(*shape, device, args.repeats) for shape in shapes_all}
     gpu = torch.cuda.get_device_name()
-    report = {"preset": args.preset, "size": args.size, "gpu": gpu, "torch": torch.__version__,
+    report = {"preset": args.preset, "size": args.size, "gpu": gpu, "torch": torch.__version__, "repeats": args.repeats,
               "shapes": [{"m": m, "k": k, "n": n, **t} for (m, k, n), t in timed.items()], "per_call_ms": {}}
     lines = [f"# FP8 GEMMs at {args.preset} transformer shapes, {args.size}², {gpu}, torch {torch.__version__}",
              "", "| rows | variant | GEMM ms per UNet call |", "|---|---|---|"]
