@@ -28,6 +28,7 @@ from comfy_execution.utils import get_executing_context
 from PIL import Image
 
 from ..streamrt.families import FAMILIES
+from ..streamrt.frame_inbox import FrameInbox, FrameInputError
 from ..streamrt.loading import LdmWeights, ModelLoadError
 from ..streamrt.names import FolderIndex, plain_relative_name
 from ..streamrt.prompts import TextEmbedding
@@ -499,6 +500,52 @@ def show_text(node_id: str | None, text: str) -> None:
     server = PromptServer.instance
     if server is not None and server.client_id is not None and node_id is not None:
         server.send_progress_text(text, node_id, server.client_id)
+
+
+# ---- frames posted from outside a graph (nodes/frame_input.py) ----------------------------------------------
+FRAMES_ROUTE = "/streamrt/frames"
+
+
+def register_frame_routes(inbox: FrameInbox) -> None:
+    """Serve ``inbox`` over HTTP on ComfyUI's server (also under ``/api``, as ComfyUI serves its own routes):
+
+    * ``POST /streamrt/frames/{source}``: the body is the frame: a JPEG, PNG or WebP file, or raw 8-bit RGB / RGBA
+      pixels as ``application/octet-stream`` with ``?width=&height=``. Answers what was kept (JSON), or 400 with
+      ``{"error": ...}`` naming what is wrong;
+    * ``GET /streamrt/frames``: every source and its newest frame (no pixels);
+    * ``DELETE /streamrt/frames/{source}``: forget a source (404 if there was none).
+
+    The event loop only checks and keeps the bytes; the node decodes on ComfyUI's worker thread. Called once, at
+    the pack's import, before ComfyUI adds its routes to the server (a later call adds nothing)."""
+    from aiohttp import web
+
+    server = _server()
+    if server is None or getattr(server, "_streamrt_frame_routes", False):
+        return
+    server._streamrt_frame_routes = True
+    routes = server.routes
+
+    @routes.post(FRAMES_ROUTE + "/{source}")
+    async def post_frame(request):
+        data = await request.read()
+        try:
+            frame = inbox.post(request.match_info["source"], data, request.content_type,
+                               width=request.query.get("width"), height=request.query.get("height"))
+        except FrameInputError as err:
+            return web.json_response({"error": str(err)}, status=400)
+        return web.json_response(frame.describe())
+
+    @routes.get(FRAMES_ROUTE)
+    async def list_frames(request):
+        return web.json_response(inbox.sources())
+
+    @routes.delete(FRAMES_ROUTE + "/{source}")
+    async def delete_frames(request):
+        try:
+            removed = inbox.remove(request.match_info["source"])
+        except FrameInputError as err:
+            return web.json_response({"error": str(err)}, status=400)
+        return web.json_response({"removed": removed}, status=200 if removed else 404)
 
 
 # ---- CONDITIONING (nodes/sampler.py) ------------------------------------------------------------------

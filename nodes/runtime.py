@@ -1,4 +1,4 @@
-"""The pack's live state inside ComfyUI: one session registry and the memory watch around it."""
+"""The pack's live state inside ComfyUI: one session registry, the memory watch around it, and the frame inbox."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..streamrt.controlnet_loading import controlnet_from_state_dict
+from ..streamrt.frame_inbox import FrameInbox
 from ..streamrt.loading import PipelineSpec
 from ..streamrt.models import StreamModels
 from ..streamrt.sessions import StreamSessions
@@ -16,6 +17,8 @@ from .api import MemoryWatch
 
 SESSIONS = StreamSessions()
 MEMORY = MemoryWatch(SESSIONS.release)
+#: frames posted to the server (a browser's camera, other programs) for Stream Frame Input nodes
+FRAMES = FrameInbox()
 
 
 def workflow_id(extra_pnginfo) -> str | None:
