@@ -6,6 +6,7 @@
 #   there:  bash scripts/gpu_comfyui.sh soak [soak args]   (carry .gpu and .whl; see scripts/soak.py)
 #           bash scripts/gpu_comfyui.sh pytest [pytest args] (e2e tests with the server on the GPU)
 #           bash scripts/gpu_comfyui.sh overhead [args]      (scripts/node_overhead.py with the server on the GPU)
+#           bash scripts/gpu_comfyui.sh routes [args]        (scripts/webcam_routes.py with the server on the GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -25,7 +26,7 @@ prepare)
   [ -f .whl/diffusers-0.42.1-py3-none-any.whl ] || bash ../shared/device/wheels.sh
   du -sh .gpu .gpu/ComfyUI .gpu/wheels
   ;;
-soak|pytest|overhead)
+soak|pytest|overhead|routes)
   what=$1
   shift
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -36,13 +37,15 @@ soak|pytest|overhead)
     python3 scripts/soak.py --front-end-root /tmp/streamrt-frontend "$@"
   elif [ "$what" = overhead ]; then
     python3 scripts/node_overhead.py --server-arg=--front-end-root --server-arg=/tmp/streamrt-frontend "$@"
+  elif [ "$what" = routes ]; then
+    python3 scripts/webcam_routes.py --server-arg=--front-end-root --server-arg=/tmp/streamrt-frontend "$@"
   else
     STREAMRT_SERVER_GPU=1 STREAMRT_SERVER_ARGS="--front-end-root /tmp/streamrt-frontend ${STREAMRT_SERVER_ARGS:-}" \
       STREAMRT_CACHE_MODES=default python3 -m pytest -q -p no:cacheprovider "$@"
   fi
   ;;
 *)
-  echo "usage: $0 prepare | soak [scripts/soak.py arguments] | pytest [pytest arguments] | overhead [scripts/node_overhead.py arguments]" >&2
+  echo "usage: $0 prepare | soak [scripts/soak.py arguments] | pytest [pytest arguments] | overhead [scripts/node_overhead.py arguments] | routes [scripts/webcam_routes.py arguments]" >&2
   exit 2
   ;;
 esac
