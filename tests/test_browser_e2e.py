@@ -2,17 +2,18 @@
 
 Headless Chromium (selenium, Debian's chromium + chromedriver) opens the page served by the
 ``comfy_server`` fixture (ComfyUI 0.3.75 with its frontend 1.32.9), loads
-example_workflows/Realtime webcam (StreamRT).json with ``app.loadGraphData`` and runs it. The WebcamCapture node is
-kept: Chromium runs with a fake camera (``--use-fake-device-for-media-stream``), so each queue captures
-Chromium's synthetic test pattern and uploads it like a real webcam frame. For speed the test only
-switches the loader to the tiny random models and the capture size to 64x64.
+example_workflows/Realtime webcam (StreamRT).json with ``app.loadGraphData`` and runs it. Its Stream Frame Input
+node is kept: Chromium runs with a fake camera (``--use-fake-device-for-media-stream``), which the node's camera
+switches on when the workflow is queued and posts to the server like a real webcam (tests/test_browser_camera_e2e.py
+checks the camera itself). For speed the test only switches the loader to the tiny random models and the frame size
+to 64x64.
 
-Checked: the example matches the node definitions (WebcamCapture -> sampler -> Stream Preview); the sampler's
+Checked: the example matches the node definitions (Stream Frame Input -> sampler -> Stream Preview); the sampler's
 panel (fps EMA seeded by the first measurement, ms/frame, frames, backend, state) from the "streamrt.status"
 events, read from the node and from the page (its text, and the state colour's pixels in a screenshot);
 "▶ Stream" (a real click) switches on the frontend's own instant queue ("Run (Instant)"): >= 4 executions, no
 pile-up, frames on the Stream Preview node (a new preview per execution, as loaded images) with no file
-written into the temp folder but the webcam's uploads, replaced preview URLs revoked, ■ Stop ends it; the
+written into the temp folder, replaced preview URLs revoked, ■ Stop ends it; the
 panel's loop rate against the executions per second of the server's own timestamps (within 10%); Cancel, an
 execution error and a workflow the server refuses each stop the stream; "Nodes 2.0" (the Vue node renderer):
 the button's label changes and the panel is not clipped, the preview shows there too; a video shows
@@ -80,11 +81,7 @@ def _node(workflow: dict, node_type: str) -> dict:
 
 def load_example(page: ComfyPage, example: dict) -> None:
     page.js_async("await app.loadGraphData(arguments[0]);", example)
-    # The fake camera is up once WebcamCapture's button says "capture" (queueing before would fail).
-    page.wait_js("""
-        const cam = app.graph.nodes.find(n => n.type === "WebcamCapture");
-        return cam.widgets.some(w => w.type === "button" && !w.disabled);
-    """, timeout=30, what="the (fake) camera")
+    # (the node's camera starts at the first queue: the node waits for its first frame)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +99,7 @@ def page(comfy_server: ComfyServer, e2e_tiny_models: Path, example: dict):
 @pytest.fixture(scope="module")
 def ids(example: dict) -> dict:
     return {t: _node(example, t)["id"]
-            for t in ("WebcamCapture", "StreamRTLoadPipeline", "StreamRTSampler", "StreamRTPreview")}
+            for t in ("StreamRTFrameInput", "StreamRTLoadPipeline", "StreamRTSampler", "StreamRTPreview")}
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +185,8 @@ def use_tiny_models(page: ComfyPage, ids: dict, **sampler_values) -> None:
         };
         set(ids.StreamRTLoadPipeline, "model", model);
         set(ids.StreamRTLoadPipeline, "taesd", taesd);
-        set(ids.WebcamCapture, "width", size);
-        set(ids.WebcamCapture, "height", size);
+        set(ids.StreamRTFrameInput, "width", size);
+        set(ids.StreamRTFrameInput, "height", size);
         for (const [name, value] of Object.entries(samplerValues)) set(ids.StreamRTSampler, name, value);
     """, ids, sampler_values, SIZE, MODEL, TAESD)
 
@@ -252,16 +249,13 @@ def test_example_workflow_matches_node_definitions(page: ComfyPage, comfy_server
         saved = widget_values_by_name(node, spec)  # types and ranges checked by workflow_problems
         for name, saved_value in saved.items():
             value = inputs[name]
-            if declared[name][0] == "WEBCAM":
-                assert re.fullmatch(r"webcam/\d+\.png \[temp\]", value), value  # a capture was uploaded
-                continue
             intended = EXAMPLE_VALUES.get(node["type"], {}).get(name, spec_opts(declared[name]).get("default"))
             assert value == intended, f"{node['type']}.{name}: the example gives {value!r}, meant {intended!r}"
             assert value == saved_value, f"{node['type']}.{name}: the frontend sends {value!r}, saved {saved_value!r}"
             checked += 1
     assert checked >= 15
     links = {(link[1], link[3]) for link in example["links"]}
-    assert links == {(ids["WebcamCapture"], ids["StreamRTSampler"]),
+    assert links == {(ids["StreamRTFrameInput"], ids["StreamRTSampler"]),
                      (ids["StreamRTLoadPipeline"], ids["StreamRTSampler"]),
                      (ids["StreamRTSampler"], ids["StreamRTPreview"])}
     assert not [n for n in example["nodes"] if n["type"] in ("PreviewImage", "SaveImage")]  # no file per frame
@@ -361,8 +355,8 @@ api.addEventListener("b_preview_with_metadata", (e) => {
 def test_stream_toggle_shows_frames_on_the_stream_preview(page: ComfyPage, comfy_server: ComfyServer, ids: dict,
                                                           shots: Path) -> None:
     """▶ Stream (a real click) switches on the frontend's instant queue: the workflow runs again and again, one
-    prompt at a time, and each execution's frame appears on Stream Preview, with no file but the webcam's upload
-    written; ■ Stop ends it."""
+    prompt at a time, and each execution's frame appears on Stream Preview, with no file written (the camera's
+    frames are posted, and kept in memory); ■ Stop ends it."""
     sampler, view = ids["StreamRTSampler"], ids["StreamRTPreview"]
     use_tiny_models(page, ids)
     show_node(page, sampler)
@@ -415,10 +409,8 @@ def test_stream_toggle_shows_frames_on_the_stream_preview(page: ComfyPage, comfy
     urls = page.js("return window.__views[arguments[0]].urls;", view)
     assert len(set(urls)) == runs - before and all(u.startswith("blob:") for u in urls)
     assert len(loaded) >= 2, "the Stream Preview node did not show the frames"
-    # No file from the view: the temp folder only gained the webcam's uploads, one per execution.
-    new = sorted(set(temp_files(comfy_server)) - set(temp_before))
-    assert all(re.fullmatch(r"webcam/\d+\.png", name) for name in new), new
-    assert len(new) == runs - before
+    # No file from the camera or the view: the frames were posted and kept in memory.
+    assert temp_files(comfy_server) == temp_before
     # The replaced previews' object URLs were revoked (the frontend keeps them otherwise); the shown one works.
     fetched = page.js_async("""
         const ok = async (url) => { try { await (await fetch(url)).blob(); return true; } catch (e) { return false; } };

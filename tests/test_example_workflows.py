@@ -24,9 +24,9 @@ to API prompts by :func:`workflows.to_api_prompt` with the tiny random models an
 
 * Batch video (StreamRT).json with a synthetic mp4 (PyAV): one SaveImage output per input frame, and the saved
   video has the input's frame count and frame rate (fps is linked from GetVideoComponents);
-* Realtime webcam (StreamRT).json with an uploaded PNG as WebcamCapture's image (an API prompt has no camera):
-  queued twice, the stream advanced (frame 1, then 2), Stream Preview sent each frame over the websocket
-  (with its node id, as to the frontend; nothing saved) and the two frames differ.
+* Realtime webcam (StreamRT).json with a PNG posted to its Stream Frame Input's source before each run (an API
+  prompt has no camera): queued twice, the stream advanced (frame 1, then 2), Stream Preview sent each frame over
+  the websocket (with its node id, as to the frontend; nothing saved) and the two frames differ.
 
 Runs under ONE cache mode (``default``, or the first of $STREAMRT_CACHE_MODES): what is checked here is
 the example files and that they run; how the sampler behaves under --cache-none / --cache-lru is covered
@@ -55,7 +55,7 @@ import numpy as np
 import pytest
 from browser.build_example_workflow import EXAMPLES as BUILT_EXAMPLES
 from browser.page import ComfyPage, browser_missing_reason, prepare_user_settings
-from comfy_harness import ComfyServer, decode_preview, image_bytes_to_array
+from comfy_harness import ComfyServer, array_to_png_bytes, decode_preview, image_bytes_to_array
 from e2e_helpers import MODEL, TAESD
 from model_files import (
     SD15_LAYOUT_CKPT,
@@ -261,11 +261,22 @@ def test_batch_video_graph(info: dict) -> None:
         assert words in note.lower() or words in note, words
 
 
-def webcam_frame(server: ComfyServer, seed: int) -> str:
-    """An uploaded PNG of 8x8 random blocks standing in for WebcamCapture's frame (an API prompt has no camera)."""
+def webcam_pixels(seed: int) -> np.ndarray:
+    """8x8 random blocks standing in for a camera's frame (an API prompt has no camera)."""
     rng = np.random.default_rng(seed)
-    image = np.repeat(np.repeat(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
-    return server.write_input_image(image, name=f"webcam_{uuid.uuid4().hex[:8]}.png")
+    return np.repeat(np.repeat(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
+
+
+def webcam_frame(server: ComfyServer, seed: int) -> str:
+    """An uploaded PNG standing in for WebcamCapture's frame; its name."""
+    return server.write_input_image(webcam_pixels(seed), name=f"webcam_{uuid.uuid4().hex[:8]}.png")
+
+
+def post_webcam_frame(server: ComfyServer, source: str, seed: int) -> None:
+    """A PNG posted to Stream Frame Input's ``source``, as its camera posts frames."""
+    answer = server.session.post(f"{server.base_url}/streamrt/frames/{source}", timeout=30,
+                                 data=array_to_png_bytes(webcam_pixels(seed)), headers={"Content-Type": "image/png"})
+    assert answer.status_code == 200, answer.text
 
 
 def test_controlnet_graph(info: dict) -> None:
@@ -368,11 +379,14 @@ def test_batch_video_example_runs(server: ComfyServer, info: dict) -> None:
 
 
 def test_realtime_example_runs_and_streams(server: ComfyServer, info: dict) -> None:
-    """WebcamCapture is a LoadImage in the API: an uploaded PNG stands in for the camera."""
-    name = webcam_frame(server, seed=3)
+    """PNGs posted to Stream Frame Input's source stand in for the camera (a source of this test's own: the
+    example's is "webcam")."""
+    source = f"example-{uuid.uuid4().hex[:8]}"
     prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "Realtime webcam (StreamRT).json"), info),
                             "example-")
-    substitute(prompt, "WebcamCapture", image=name)
+    (frame_input,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "StreamRTFrameInput"]
+    assert (frame_input["source"], frame_input["wait_for_new"]) == ("webcam", True)
+    substitute(prompt, "StreamRTFrameInput", source=source, width=SIZE, height=SIZE)
     substitute(prompt, "StreamRTLoadPipeline", model=MODEL, taesd=TAESD)
     (sampler_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSampler"]
     assert "settings" not in prompt[sampler_id]["inputs"]  # runs as shipped: the defaults, acceleration auto
@@ -383,8 +397,9 @@ def test_realtime_example_runs_and_streams(server: ComfyServer, info: dict) -> N
 
     results, events = [], []
     with server.websocket(feature_flags={"supports_preview_metadata": True}) as ws:
-        for graph in (first, prompt):
+        for seed, graph in ((3, first), (4, prompt)):
             ws.clear()
+            post_webcam_frame(server, source, seed)
             pid, entry = server.run_entry(graph, timeout=120, client_id=ws.client_id)
             assert not entry["outputs"].get(view_id), entry["outputs"]  # the view saves nothing
             ws.wait_prompt_done(pid)  # every message of the prompt is in

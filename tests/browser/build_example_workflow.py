@@ -10,14 +10,15 @@ saved file no longer matches the node definitions.
     .venv/bin/python tests/browser/build_example_workflow.py --workflow batch_video
     .venv/bin/python tests/browser/build_example_workflow.py --url http://127.0.0.1:8188
 
-Examples (``--workflow``): ``realtime`` ("Realtime webcam (StreamRT).json": WebcamCapture -> Realtime Sampler
--> Stream Preview), ``batch_video`` ("Batch video (StreamRT).json": LoadVideo -> GetVideoComponents -> Realtime
-Sampler (with Stream Settings; pipeline and prompts from Load Checkpoint -> Stream Pipeline from Model and CLIP
-Text Encode) -> SaveImage and CreateVideo -> SaveVideo) and ``engine_build`` ("TensorRT engines
-(StreamRT).json": Load Stream Pipeline -> Build Engines -> Realtime Sampler, one Stream Settings node into both
-(the engines' shapes), fed by WebcamCapture) and ``controlnet`` ("ControlNet webcam (StreamRT).json": WebcamCapture
--> Canny -> Apply ControlNet (Advanced) on CLIP Text Encode's conditioning, Load Checkpoint -> Stream Pipeline
-from Model -> Realtime Sampler -> Stream Preview). The file names are the titles ComfyUI's template browser shows.
+Examples (``--workflow``): ``realtime`` ("Realtime webcam (StreamRT).json": Stream Frame Input (the browser's
+camera) -> Realtime Sampler -> Stream Preview), ``batch_video`` ("Batch video (StreamRT).json": LoadVideo ->
+GetVideoComponents -> Realtime Sampler (with Stream Settings; pipeline and prompts from Load Checkpoint -> Stream
+Pipeline from Model and CLIP Text Encode) -> SaveImage and CreateVideo -> SaveVideo) and ``engine_build``
+("TensorRT engines (StreamRT).json": Load Stream Pipeline -> Build Engines -> Realtime Sampler, one Stream Settings
+node into both (the engines' shapes), fed by WebcamCapture) and ``controlnet`` ("ControlNet webcam
+(StreamRT).json": WebcamCapture -> Canny -> Apply ControlNet (Advanced) on CLIP Text Encode's conditioning, Load
+Checkpoint -> Stream Pipeline from Model -> Realtime Sampler -> Stream Preview). The file names are the titles
+ComfyUI's template browser shows.
 
 Thumbnails (``<name>.jpg`` beside each file, what the template browser shows) are screenshots of these graphs:
 tests/browser/make_thumbnails.py.
@@ -56,16 +57,18 @@ NOTE = """Realtime webcam -> StreamRT
 1. Put a Stable Diffusion 1.x / 2.x model in models/diffusers (a diffusers folder, e.g. sd-turbo) or in \
 models/checkpoints (one file), and optionally TAESD in models/vae_approx (ComfyUI's taesd_encoder / \
 taesd_decoder files, listed as taesd). Pick them in "Load Stream Pipeline".
-2. Allow the camera when the browser asks (open ComfyUI on localhost, or over https).
-3. Press "▶ Stream" on the Realtime Sampler: it switches on the instant queue ("Run (Instant)"), so the \
-workflow is queued again each time the queue is empty, until "■ Stop", Cancel, or an error. Stream Preview \
-shows each new frame, sent over the websocket: nothing is written to disk (to keep frames, connect a Save \
-Image node to the sampler as well). The sampler shows the loop's real rate, its own fps and ms per frame, \
-the frames of the stream, what runs it and the state (cold / warming / streaming / reset). Only the newest \
-entries of the loop stay in the queue history.
+2. Press "▶ Stream" on the Realtime Sampler, and allow the camera when the browser asks (open ComfyUI on \
+localhost, or over https). Queueing switches on the camera of Stream Frame Input ("● Camera" does it by \
+hand); "▶ Stream" switches on the instant queue ("Run (Instant)"), so the workflow is queued again each time \
+the queue is empty, until "■ Stop", Cancel, or an error. Stream Preview shows each new frame, sent over the \
+websocket: nothing is written to disk (to keep frames, connect a Save Image node to the sampler as well). \
+The sampler shows the loop's real rate, its own fps and ms per frame, the frames of the stream, what runs it \
+and the state (cold / warming / streaming / reset). Only the newest entries of the loop stay in the queue \
+history.
 
-Each frame is captured in the browser and uploaded to ComfyUI's temp folder (one small PNG per frame; \
-ComfyUI empties that folder when it starts).
+The camera posts its frames to the server, which keeps the newest one in memory (no file per frame); each \
+execution takes the next new frame (wait_for_new), so the stream runs at the camera's rate. Other programs \
+can feed the same node: POST a JPEG or PNG to /streamrt/frames/webcam (the node's source name).
 
 steps (denoising steps in flight) and strength (how much each frame changes) set the look; a CONDITIONING \
 (CLIP Text Encode) can replace the prompt texts through positive / negative. Without settings the sampler \
@@ -77,7 +80,7 @@ stream on every frame); turn it on for one run to restart."""
 
 #: what the example sets, per node; everything else keeps the node's defaults
 VALUES = {
-    "WebcamCapture": {"width": 512, "height": 384, "capture_on_queue": True},
+    "StreamRTFrameInput": {"source": "webcam", "width": 512, "height": 512},
     "StreamRTLoadPipeline": {"model": "sd-turbo", "taesd": "taesd", "dtype": "auto", "device": "auto"},
     "StreamRTSampler": {"prompt": "a watercolor portrait, soft light, vivid colors",
                         "negative_prompt": "blurry, low quality, distorted"},
@@ -114,7 +117,7 @@ return JSON.stringify(app.graph.serialize());
 """
 
 BUILD_JS = _ADD_JS + """
-const cam = add("WebcamCapture", [40, 60], [330, 440]);
+const cam = add("StreamRTFrameInput", [40, 60], [330, 440]);
 const load = add("StreamRTLoadPipeline", [40, 560], [330, 130]);
 const sampler = add("StreamRTSampler", [410, 60], [400, 0]);
 const view = add("StreamRTPreview", [850, 60], [520, 480]);
