@@ -3,7 +3,7 @@ kept in memory: no file per frame, nothing hashed, decoded once."""
 
 from __future__ import annotations
 
-from ..streamrt.frame_inbox import FrameInputError, check_source
+from ..streamrt.frame_inbox import check_source
 from ..streamrt.frames import resize_frames
 from . import api
 from .api import io
@@ -15,8 +15,10 @@ DISPLAY_NAME = "Stream Frame Input (webcam, StreamRT)"
 class StreamFrameInput(io.ComfyNode):
     """The newest frame of a source of the pack's frame inbox (``streamrt.frame_inbox``), as an IMAGE."""
 
-    #: (workflow, node, source) -> the number of the frame that node gave last (what "new" means for it)
+    #: (workflow, node, source) -> the number of the frame that node gave last (what "new" means for it); the
+    #: least recently used half goes when it holds LAST_GIVEN_MAX (a node forgotten there waits for one new frame)
     last_given: dict[tuple, int] = {}
+    LAST_GIVEN_MAX = 1024
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -36,9 +38,11 @@ class StreamFrameInput(io.ComfyNode):
                                         "this node posts under it; other programs post to /streamrt/frames/<source>."),
                 io.Int.Input("width", default=512, min=0, max=4096, step=8,
                              tooltip="Frame width: the camera captures at this size (center crop), and frames "
-                                     "posted at another size are resized to it. 0 = as posted."),
+                                     "posted at another size are resized to it. 0 = as posted (with height set: "
+                                     "the posted frame's aspect)."),
                 io.Int.Input("height", default=512, min=0, max=4096, step=8,
-                             tooltip="Frame height, as width. 0 = as posted."),
+                             tooltip="Frame height, as width. 0 = as posted (with width set: the posted frame's "
+                                     "aspect)."),
                 io.Boolean.Input("wait_for_new", default=True,
                                  tooltip="Wait for a frame newer than the one this node gave last time, so the "
                                          "stream runs at the camera's rate instead of repeating frames. After the "
@@ -59,10 +63,7 @@ class StreamFrameInput(io.ComfyNode):
 
     @classmethod
     def execute(cls, source: str, width: int, height: int, wait_for_new: bool, timeout: float) -> io.NodeOutput:
-        try:
-            check_source(source)
-        except FrameInputError as err:
-            raise ValueError(str(err)) from None
+        check_source(source)  # a FrameInputError (ValueError) naming what a source name looks like
         key = (workflow_id(cls.hidden.extra_pnginfo), cls.hidden.unique_id, source)
         taken = FRAMES.take(source, newer_than=cls.last_given.get(key, 0) if wait_for_new else 0,
                             timeout=timeout, interrupted=api.check_interrupted)
@@ -72,7 +73,11 @@ class StreamFrameInput(io.ComfyNode):
                 f"Frame Input node with this source (● Camera; allow the camera in the browser), or POST frames to "
                 f"{api.FRAMES_ROUTE}/{source}")
         frame, image = taken
+        cls.last_given.pop(key, None)  # re-inserted last: the dict's order is the order of use
         cls.last_given[key] = frame.sequence
+        if len(cls.last_given) > cls.LAST_GIVEN_MAX:
+            for old in list(cls.last_given)[: cls.LAST_GIVEN_MAX // 2]:
+                del cls.last_given[old]
         if width > 0 and height > 0:
             image = resize_frames(image, width, height)
         elif width > 0 or height > 0:  # one side given: keep the aspect

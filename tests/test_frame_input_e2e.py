@@ -67,6 +67,8 @@ def test_posted_frames_reach_the_graph_as_the_posted_pixels(server: ComfyServer)
     post_frame(server, source, array_to_png_bytes(small))
     graph, save = input_graph(source, width=SIZE, height=SIZE)
     assert saved(server, graph, save).shape == (SIZE, SIZE, 3)
+    graph, save = input_graph(source, width=0, height=SIZE)  # one side: the posted frame's aspect kept
+    assert saved(server, graph, save).shape == (SIZE, 2 * SIZE, 3)
 
 
 def test_a_stream_from_posted_frames_makes_the_frames_of_the_load_image_route(server: ComfyServer) -> None:
