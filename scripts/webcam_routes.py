@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                            "p90_ms": 1000.0 * float(np.quantile(times[route], 0.9)),
                            "executions_per_s": 1000.0 / medians[route]} for route in ROUTES},
         "saved_ms": medians["upload"] - medians["post"],
+        "round_medians_ms": {route: [1000.0 * statistics.median(values[k * args.per_round:(k + 1) * args.per_round])
+                                     for k in range(args.rounds)] for route, values in times.items()},
         "command": "python scripts/webcam_routes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"\nwebcam frame -> {'Realtime Sampler -> ' if args.sampler else ''}Stream Preview, {args.size}x{args.size}, "
