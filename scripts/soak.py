@@ -1,7 +1,8 @@
 """Realtime soak on the real ComfyUI server: the webcam-style graph queued back to back N times.
 
 Starts ComfyUI with this pack (on the GPU when there is one), writes a small random-weight model, runs
-LoadImage -> Realtime Sampler -> PreviewImage ``--executions`` times (``tests/soak.py``), and prints the rate,
+LoadImage (or, with ``--posted-frames``, Stream Frame Input fed by posts) -> Realtime Sampler -> PreviewImage
+``--executions`` times (``tests/soak.py``), and prints the rate,
 the failures and the server's resident memory and device memory after every window, with their slopes.
 
     python scripts/soak.py --executions 10000 --acceleration compile      # GPU machine
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceleration", default="auto", choices=[a.value for a in Acceleration])
     parser.add_argument("--size", type=int, default=128, help="frame size (default 128)")
     parser.add_argument("--window", type=int, default=500, help="executions queued per window (default 500)")
+    parser.add_argument("--posted-frames", action="store_true",
+                        help="the frame from Stream Frame Input, new frames posted all along (default: Load Image)")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the result here as JSON")
     parser.add_argument("--front-end-root", default=None,
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                      extra_args=extra) as server:
         try:
             result = soak(server, executions=args.executions, model="soak-tiny", taesd="soak-taesd",
-                          acceleration=args.acceleration, size=args.size, window=args.window, log=logger.info)
+                          acceleration=args.acceleration, size=args.size, window=args.window,
+                          posted=args.posted_frames, log=logger.info)
         finally:
             log_tail = server.log_tail(60)
             if args.server_log:
@@ -73,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size, "executions": result.executions, "failures": len(result.failures),
         "seconds": result.seconds, "executions_per_second": result.executions_per_second,
         "rss_slope_mb_per_1000": result.slope_mb_per_1000(1), "gpu_slope_mb_per_1000": result.slope_mb_per_1000(2),
-        "samples": result.samples, "first_failures": result.failures[:5],
+        "samples": result.samples, "first_failures": result.failures[:5], "frames": "posted" if args.posted_frames
+        else "Load Image",
     }
+    if result.poster is not None:
+        summary.update(frames_posted=result.poster.posted, post_errors=result.poster.errors[:5])
     logger.info("soak result: %s", json.dumps({k: v for k, v in summary.items() if k != "samples"}))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2), encoding="utf-8")

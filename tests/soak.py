@@ -1,22 +1,24 @@
 """A realtime soak on the real ComfyUI server: the webcam-style graph queued back to back, many times.
 
 Used by tests/test_soak_e2e.py (CPU, in CI) and by ``scripts/soak.py`` (the GPU machine, compile). The graph is
-LoadImage -> Realtime Sampler -> PreviewImage, one frame per execution, as ComfyUI's instant queue runs a
-webcam graph. Prompts are queued in windows (the queue never runs dry), the history is cleared after each
-window (a streaming client prunes its own entries: ComfyUI keeps up to 10,000 otherwise, which would
-show as growth that is not the pack's), and after each window the server's resident memory (and, on a GPU,
-the memory the server's torch holds) is sampled.
+LoadImage -> Realtime Sampler -> PreviewImage, one frame per execution, as ComfyUI's instant queue runs a webcam
+graph; with ``posted=True`` its frame comes from Stream Frame Input instead, fed by a thread that posts new frames
+to the server all along (as the node's camera does), each execution waiting for a new one. Prompts are queued in
+windows (the queue never runs dry), the history is cleared after each window (a streaming client prunes its own
+entries: ComfyUI keeps up to 10,000 otherwise, which would show as growth that is not the pack's), and after each
+window the server's resident memory (and, on a GPU, the memory the server's torch holds) is sampled.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from comfy_harness import ComfyServer, Graph
+from comfy_harness import ComfyServer, Graph, array_to_png_bytes
 from e2e_helpers import add_sampler
 
 SAMPLER = dict(prompt="a watercolor portrait", negative_prompt="", t_index_list="32", cfg_type="none",
@@ -31,6 +33,8 @@ class SoakResult:
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     samples: list[tuple[int, float, float | None]] = field(default_factory=list)
+    #: the thread that posted the frames (``posted=True``): its count and refusals
+    poster: FramePoster | None = None
 
     @property
     def executions_per_second(self) -> float:
@@ -63,10 +67,48 @@ def gpu_mb(server: ComfyServer) -> float | None:
     return (device["vram_total"] - device["vram_free"]) / 2**20
 
 
-def realtime_graph(prefix: str, image: str, model: str, taesd: str, acceleration: str) -> Graph:
+class FramePoster(threading.Thread):
+    """Posts ``frames`` (PNG bytes, cycled) to a Stream Frame Input source, at most ``rate`` per second, until
+    stopped; counts the posts the server took and keeps the first refusals."""
+
+    def __init__(self, server: ComfyServer, source: str, frames: list[bytes], rate: float = 100.0) -> None:
+        super().__init__(daemon=True, name=f"post-{source}")
+        self.server, self.source, self.frames, self.interval = server, source, frames, 1.0 / rate
+        self.posted, self.errors = 0, []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        url = f"{self.server.base_url}/streamrt/frames/{self.source}"
+        while not self._done.is_set():
+            data = self.frames[self.posted % len(self.frames)]
+            try:
+                answer = self.server.session.post(url, data=data, headers={"Content-Type": "image/png"}, timeout=30)
+            except Exception as err:  # a dropped connection is a finding, not a crash of the soak
+                self.errors.append(repr(err))
+            else:
+                if answer.status_code == 200:
+                    self.posted += 1
+                else:
+                    self.errors.append(f"{answer.status_code}: {answer.text[:200]}")
+            if len(self.errors) > 20:
+                return
+            self._done.wait(self.interval)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=30)
+
+
+def realtime_graph(prefix: str, image: str | None, model: str, taesd: str, acceleration: str,
+                   source: str | None = None) -> Graph:
+    """The soak's graph: the frame from Load Image ``image``, or from Stream Frame Input ``source``."""
     g = Graph(prefix=prefix)
     load = g.node("StreamRTLoadPipeline", id=f"{prefix}load", model=model, taesd=taesd, dtype="auto", device="auto")
-    frame = g.node("LoadImage", image=image).out(0)
+    if source is not None:
+        frame = g.node("StreamRTFrameInput", id=f"{prefix}in", source=source, width=0, height=0, wait_for_new=True,
+                       timeout=10.0).out(0)
+    else:
+        frame = g.node("LoadImage", image=image).out(0)
     sampler = add_sampler(g, load.out(0), id=f"{prefix}sampler", image=frame,
                           **dict(SAMPLER, acceleration=acceleration))
     g.node("PreviewImage", id=f"{prefix}preview", images=sampler.out(0))
@@ -74,12 +116,29 @@ def realtime_graph(prefix: str, image: str, model: str, taesd: str, acceleration
 
 
 def soak(server: ComfyServer, *, executions: int, model: str, taesd: str, acceleration: str = "auto",
-         size: int = 64, window: int = 200, log=None) -> SoakResult:
-    """Queue the realtime graph ``executions`` times (after one warm-up execution, not counted)."""
+         size: int = 64, window: int = 200, posted: bool = False, log=None) -> SoakResult:
+    """Queue the realtime graph ``executions`` times (after one warm-up execution, not counted); ``posted``: the
+    frames come from Stream Frame Input, posted by a :class:`FramePoster` all along (``result.poster``)."""
     rng = np.random.default_rng(5)
-    pixels = np.repeat(np.repeat(rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
-    image = server.write_input_image(pixels, name=f"soak_{uuid.uuid4().hex[:8]}.png")
-    graph = realtime_graph("soak" + uuid.uuid4().hex[:6], image, model, taesd, acceleration)
+    pixels = [np.repeat(np.repeat(rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
+              for _ in range(16 if posted else 1)]
+    prefix = "soak" + uuid.uuid4().hex[:6]
+    if posted:
+        image, source = None, prefix
+        poster = FramePoster(server, source, [array_to_png_bytes(p) for p in pixels])
+        poster.start()
+    else:
+        image, source, poster = server.write_input_image(pixels[0], name=f"{prefix}.png"), None, None
+    try:
+        return _soak(server, realtime_graph(prefix, image, model, taesd, acceleration, source), executions, window,
+                     poster, log)
+    finally:
+        if poster is not None:
+            poster.stop()
+
+
+def _soak(server: ComfyServer, graph: Graph, executions: int, window: int, poster: FramePoster | None,
+          log) -> SoakResult:
     server.run(graph, timeout=1800)  # load, compile, capture
     result = SoakResult()
     pid = server.proc.pid
@@ -103,4 +162,5 @@ def soak(server: ComfyServer, *, executions: int, model: str, taesd: str, accele
                 f"RSS {result.samples[-1][1]:.1f} MB, GPU {result.samples[-1][2]} MB, {len(result.failures)} failed")
     result.executions = done
     result.seconds = time.perf_counter() - started
+    result.poster = poster
     return result
