@@ -267,11 +267,6 @@ def webcam_pixels(seed: int) -> np.ndarray:
     return np.repeat(np.repeat(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
 
 
-def webcam_frame(server: ComfyServer, seed: int) -> str:
-    """An uploaded PNG standing in for WebcamCapture's frame; its name."""
-    return server.write_input_image(webcam_pixels(seed), name=f"webcam_{uuid.uuid4().hex[:8]}.png")
-
-
 def post_webcam_frame(server: ComfyServer, source: str, seed: int) -> None:
     """A PNG posted to Stream Frame Input's ``source``, as its camera posts frames."""
     answer = server.session.post(f"{server.base_url}/streamrt/frames/{source}", timeout=30,
@@ -287,7 +282,8 @@ def test_controlnet_graph(info: dict) -> None:
     edges = {(types[link[1]], link[5], types[link[3]],
               next(n for n in workflow["nodes"] if n["id"] == link[3])["inputs"][link[4]]["name"])
              for link in workflow["links"]}
-    assert {("WebcamCapture", "IMAGE", "Canny", "image"), ("WebcamCapture", "IMAGE", "StreamRTSampler", "image"),
+    assert {("StreamRTFrameInput", "IMAGE", "Canny", "image"),
+            ("StreamRTFrameInput", "IMAGE", "StreamRTSampler", "image"),
             ("Canny", "IMAGE", "ControlNetApplyAdvanced", "image"),
             ("ControlNetLoader", "CONTROL_NET", "ControlNetApplyAdvanced", "control_net"),
             ("CLIPTextEncode", "CONDITIONING", "ControlNetApplyAdvanced", "positive"),
@@ -301,13 +297,14 @@ def test_controlnet_graph(info: dict) -> None:
 
 
 def test_controlnet_example_runs_and_applies_the_controlnet(server: ComfyServer, info: dict) -> None:
-    """As shipped (acceleration auto), with the tiny checkpoint and ControlNet substituted and an uploaded PNG as
-    the webcam's frame: it runs twice as a stream, and the ControlNet shapes the frames (strength 0, which Apply
-    ControlNet turns into no control, gives other frames)."""
-    name = webcam_frame(server, seed=5)
+    """As shipped (acceleration auto), with the tiny checkpoint and ControlNet substituted and a PNG posted to Stream
+    Frame Input (a source of this test's own, taken again by every run): it runs twice as a stream, and the
+    ControlNet shapes the frames (strength 0, which Apply ControlNet turns into no control, gives other frames)."""
+    source = f"example-cn-{uuid.uuid4().hex[:8]}"
+    post_webcam_frame(server, source, seed=5)
     prompt = with_id_prefix(to_api_prompt(load_example(EXAMPLES_DIR / "ControlNet webcam (StreamRT).json"), info),
                             "example-cn-")
-    substitute(prompt, "WebcamCapture", image=name)
+    substitute(prompt, "StreamRTFrameInput", source=source, width=SIZE, height=SIZE, wait_for_new=False)
     substitute(prompt, "CheckpointLoaderSimple", ckpt_name=SD15_LAYOUT_CKPT)
     substitute(prompt, "ControlNetLoader", control_net_name=SD15_LAYOUT_CONTROLNET)
     (sampler_id,) = [nid for nid, n in prompt.items() if n["class_type"] == "StreamRTSampler"]
@@ -456,26 +453,17 @@ def test_example_loads_in_the_frontend(path: Path, page: ComfyPage, server: Comf
     saved = {node_id: values or [] for node_id, values in state["saved"].items()}
     assert saved == {str(n["id"]): n.get("widgets_values") or [] for n in workflow["nodes"]}
 
-    # and makes the same API prompt as to_api_prompt (WebcamCapture uploads a capture: wait for the camera)
-    if any(n["type"] == "WebcamCapture" for n in workflow["nodes"]):
-        page.wait_js("""
-            const cam = app.graph.nodes.find(n => n.type === "WebcamCapture");
-            return cam.widgets.some(w => w.type === "button" && !w.disabled);
-        """, timeout=30, what="the (fake) camera")
+    # and makes the same API prompt as to_api_prompt
     frontend = page.js_async("return (await app.graphToPrompt()).output;")
     ours = to_api_prompt(workflow, info)
-    for node_id, node in frontend.items():
+    for node in frontend.values():
         node.pop("_meta", None)
-        # The frontend also sends frontend-only widgets as inputs (WebcamCapture's button as
-        # "waiting for camera...": null, PreviewAny's "preview": ""); the server ignores inputs a node
-        # does not declare.
+        # The frontend also sends frontend-only widgets as inputs (PreviewAny's "preview": ""); the server
+        # ignores inputs a node does not declare.
         declared, _ = declared_inputs(info[node["class_type"]])
         undeclared = {k: v for k, v in node["inputs"].items() if k not in declared}
         assert all(v in (None, "") for v in undeclared.values()), undeclared
         node["inputs"] = {k: v for k, v in node["inputs"].items() if k in declared}
-        if node["class_type"] == "WebcamCapture":  # the capture just taken vs the saved (empty) value
-            assert re.fullmatch(r"webcam/\d+\.png \[temp\]", node["inputs"]["image"]), node
-            node["inputs"]["image"] = ours[node_id]["inputs"]["image"]
     assert frontend == ours
 
 

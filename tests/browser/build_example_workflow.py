@@ -2,7 +2,7 @@
 
 Each graph is built in the browser page (LiteGraph.createNode, connect) and saved with the frontend's
 own ``app.graph.serialize()``, so widgets_values have exactly the order and the extra entries (e.g.
-WebcamCapture's "capture" button, LoadVideo's "upload" button) that this frontend writes. Run it again
+LoadVideo's "upload" button) that this frontend writes. Run it again
 when a node's inputs change; tests/test_browser_e2e.py and tests/test_example_workflows.py fail while a
 saved file no longer matches the node definitions.
 
@@ -15,8 +15,8 @@ camera) -> Realtime Sampler -> Stream Preview), ``batch_video`` ("Batch video (S
 GetVideoComponents -> Realtime Sampler (with Stream Settings; pipeline and prompts from Load Checkpoint -> Stream
 Pipeline from Model and CLIP Text Encode) -> SaveImage and CreateVideo -> SaveVideo) and ``engine_build``
 ("TensorRT engines (StreamRT).json": Load Stream Pipeline -> Build Engines -> Realtime Sampler, one Stream Settings
-node into both (the engines' shapes), fed by WebcamCapture) and ``controlnet`` ("ControlNet webcam
-(StreamRT).json": WebcamCapture -> Canny -> Apply ControlNet (Advanced) on CLIP Text Encode's conditioning, Load
+node into both (the engines' shapes), fed by Stream Frame Input) and ``controlnet`` ("ControlNet webcam
+(StreamRT).json": Stream Frame Input -> Canny -> Apply ControlNet (Advanced) on CLIP Text Encode's conditioning, Load
 Checkpoint -> Stream Pipeline from Model -> Realtime Sampler -> Stream Preview). The file names are the titles
 ComfyUI's template browser shows.
 
@@ -251,7 +251,7 @@ model."""
 
 #: what the engine example sets, per node; everything else keeps the node's defaults
 ENGINE_VALUES = {
-    "WebcamCapture": {"width": 512, "height": 512, "capture_on_queue": True},
+    "StreamRTFrameInput": {"source": "webcam", "width": 512, "height": 512},
     "StreamRTLoadPipeline": {"model": "sd-turbo", "taesd": "taesd", "dtype": "auto", "device": "auto"},
     "StreamRTBuildEngines": {"steps": 2, "width": 0, "height": 0, "components": "unet + vae"},
     "StreamRTSettings": {"width": 512, "height": 512, "frames_per_step": 1, "cfg_type": "self",
@@ -262,7 +262,7 @@ ENGINE_VALUES = {
 
 ENGINE_BUILD_JS = _ADD_JS + """
 const load = add("StreamRTLoadPipeline", [40, 60], [330, 154]);
-const cam = add("WebcamCapture", [40, 300], [330, 440]);
+const cam = add("StreamRTFrameInput", [40, 300], [330, 440]);
 const settings = add("StreamRTSettings", [410, 60], [360, 0]);
 const build = add("StreamRTBuildEngines", [410, 400], [360, 0]);
 const report = add("PreviewAny", [410, 820], [560, 260]);
@@ -311,7 +311,7 @@ Settings) is faster: on an H200 one ControlNet costs about 1.36x the plain step.
 
 #: what the ControlNet example sets, per node; everything else keeps the node's defaults
 CONTROL_VALUES = {
-    "WebcamCapture": {"width": 512, "height": 512, "capture_on_queue": True},
+    "StreamRTFrameInput": {"source": "webcam", "width": 512, "height": 512},
     "CheckpointLoaderSimple": {"ckpt_name": CONTROL_CHECKPOINT},
     "ControlNetLoader": {"control_net_name": CONTROL_NET_FILE},
     "ControlNetApplyAdvanced": {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0},
@@ -324,7 +324,7 @@ CONTROL_TEXTS = {"Prompt": "a marble statue in a museum, soft light, detailed",
                  "Negative prompt": "blurry, low quality, distorted"}
 
 CONTROL_BUILD_JS = _ADD_JS + """
-const cam = add("WebcamCapture", [40, 60], [330, 440]);
+const cam = add("StreamRTFrameInput", [40, 60], [330, 440]);
 const canny = add("Canny", [40, 560], [330, 0]);
 const ckpt = add("CheckpointLoaderSimple", [40, 720], [330, 0]);
 const positive = add("CLIPTextEncode", [410, 60], [400, 160]);

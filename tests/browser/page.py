@@ -2,8 +2,8 @@
 
 Nothing is downloaded: selenium talks to ``/usr/bin/chromedriver``, which starts ``/usr/bin/chromium``
 (override with ``$STREAMRT_CHROMIUM`` / ``$STREAMRT_CHROMEDRIVER``). Chromium runs with a fake camera
-(``--use-fake-device-for-media-stream``, ``--use-fake-ui-for-media-stream``), so ComfyUI's
-WebcamCapture node works: it captures Chromium's synthetic test pattern.
+(``--use-fake-device-for-media-stream``, ``--use-fake-ui-for-media-stream``), so the camera of Stream Frame
+Input (and ComfyUI's WebcamCapture) works: it captures Chromium's synthetic test pattern.
 
 Typical use::
 
