@@ -9,6 +9,7 @@ from . import api
 from .api import io
 from .runtime import FRAMES, workflow_id
 
+#: the node's title; node search (fuzzy, a match starting within the first 30 characters) finds it by these words
 DISPLAY_NAME = "Stream Frame Input (webcam, StreamRT)"
 
 

@@ -608,8 +608,10 @@ return Object.fromEntries(arguments[0].map(q => [q, store.nodeSearchService.sear
 
 def test_the_node_search_finds_the_pack(page: ComfyPage) -> None:
     """What a user types into the node search box finds the sampler (or the engine nodes, the view), near the top."""
-    words = ["StreamDiffusion", "realtime", "webcam", "TensorRT", "stream sampler", "stream preview"]
+    words = ["StreamDiffusion", "realtime", "webcam", "TensorRT", "stream sampler", "stream preview", "frame input"]
     results = page.js_async(SEARCH_JS, words)
+    assert "StreamRTFrameInput" in results["frame input"][:3], results["frame input"]
+    assert "StreamRTFrameInput" in results["webcam"][:5], results["webcam"]
     for word in ("StreamDiffusion", "realtime", "webcam", "stream sampler"):
         assert "StreamRTSampler" in results[word][:3], (word, results[word])
     assert {"StreamRTBuildEngines", "StreamRTLoadEngines"} <= set(results["TensorRT"][:5]), results["TensorRT"]
