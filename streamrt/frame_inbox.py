@@ -12,12 +12,12 @@ post is refused at once with a message naming the problem and the source keeps i
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class FrameInputError(ValueError):
     """A posted frame, source name or request the inbox cannot take; the message names the problem."""
 
 
-@dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PostedFrame:
     """One frame as it was posted: checked, not decoded.
 
@@ -88,9 +88,10 @@ def _int_param(value: object, name: str) -> int:
         raise FrameInputError(f"raw pixels need an integer {name}, got {value!r}") from None
 
 
-def read_frame(source: str, data: bytes, content_type: str | None, *, width: object = None, height: object = None,
-               sequence: int = 0) -> PostedFrame:
-    """Check a posted frame from its header and byte count (nothing is decoded) and describe it.
+def read_frame(source: str, data: bytes, content_type: str | None, *, width: object = None,
+               height: object = None) -> PostedFrame:
+    """Check a posted frame from its header and byte count (nothing is decoded) and describe it (its ``sequence``
+    is 0: the inbox numbers what it keeps).
 
     ``content_type`` ``application/octet-stream`` means raw 8-bit pixels, row by row, RGB or RGBA (told apart by
     the byte count), of ``width`` x ``height``; anything else is read as an image file (JPEG, PNG or WebP).
@@ -104,7 +105,7 @@ def read_frame(source: str, data: bytes, content_type: str | None, *, width: obj
         if len(data) not in (w * h * 3, w * h * 4):
             raise FrameInputError(f"a raw {w}x{h} frame is {w * h * 3} bytes (RGB) or {w * h * 4} bytes (RGBA), "
                                   f"the one posted to {source!r} has {len(data)}")
-        return PostedFrame(source, sequence, data, "RAW", w, h, len(data) // (w * h), time.monotonic())
+        return PostedFrame(source, 0, data, "RAW", w, h, len(data) // (w * h), time.monotonic())
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
             fmt, (w, h) = image.format, image.size
@@ -115,7 +116,7 @@ def read_frame(source: str, data: bytes, content_type: str | None, *, width: obj
     if fmt not in ENCODED_FORMATS:
         raise FrameInputError(f"the frame posted to {source!r} is {fmt}; post JPEG, PNG or WebP, or raw pixels")
     _check_size(w, h, f"the frame posted to {source!r}")
-    return PostedFrame(source, sequence, data, fmt, w, h, 0, time.monotonic())
+    return PostedFrame(source, 0, data, fmt, w, h, 0, time.monotonic())
 
 
 def decode_frame(frame: PostedFrame) -> torch.Tensor:
@@ -158,8 +159,7 @@ class FrameInbox:
                 raise FrameInputError(f"the inbox holds {len(self._frames)} sources, its limit: remove one "
                                       f"(DELETE /streamrt/frames/<source>) before posting to {frame.source!r}")
             self._sequence += 1
-            frame = PostedFrame(frame.source, self._sequence, frame.data, frame.format, frame.width, frame.height,
-                                frame.channels, frame.posted_at)
+            frame = dataclasses.replace(frame, sequence=self._sequence)
             self._frames[frame.source] = frame
             self._changed.notify_all()
         return frame
