@@ -7,7 +7,8 @@
 //   /api/streamrt/frames/<source>; the server keeps the newest frame in memory for the node (no file, nothing
 //   hashed). One post is in flight at a time: frames the server cannot take yet are dropped, never queued.
 // * Queueing a prompt from this browser switches on the camera of every Stream Frame Input node of the workflow
-//   that is not bypassed and was not switched off on the node (the node waits for its first frame: its timeout).
+//   that is not bypassed and was not switched off on the node (the node waits for its first frame: its timeout),
+//   unless something else fed its source in the last FED_WITHIN_S seconds (another program posting frames).
 // * A refused post (a source name that is not valid, say) stops the camera and says why on the node.
 //
 // The widget has serialize = false: it is not in the workflow's widgets_values and not in the prompt.
@@ -20,6 +21,8 @@ const CAMERA_WIDGET = "streamrt_camera";
 const JPEG_QUALITY = 0.9;
 /** the posting rate on the status line is taken over this many posts */
 const RATE_WINDOW = 15;
+/** a source that got a frame this recently has another feeder: a queue does not switch the camera on */
+const FED_WITHIN_S = 2;
 
 const typeOf = (node) => node?.comfyClass ?? node?.type;
 const widgetValue = (node, name) => node.widgets?.find((w) => w.name === name)?.value;
@@ -216,10 +219,19 @@ app.registerExtension({
 
   async setup() {
     // mode 0: the node runs (not muted or bypassed)
-    api.addEventListener("promptQueued", () => {
-      for (const node of frameInputs()) {
+    api.addEventListener("promptQueued", async () => {
+      const idle = frameInputs().filter((node) => {
         const camera = node.streamrtCamera;
-        if (camera && !camera.userOff && (node.mode ?? 0) === 0) camera.start();
+        return camera && !camera.on && !camera.userOff && (node.mode ?? 0) === 0;
+      });
+      if (!idle.length) return;
+      let sources = {};
+      try {
+        sources = await (await api.fetchApi("/streamrt/frames")).json();
+      } catch { /* the server's list is only a hint: start the cameras */ }
+      for (const node of idle) {
+        const fed = sources[String(widgetValue(node, "source") ?? "")];
+        if (!(fed && fed.age_s < FED_WITHIN_S)) node.streamrtCamera.start();
       }
     });
   },

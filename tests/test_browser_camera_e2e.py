@@ -11,6 +11,7 @@ models) -> Save Image is built with the frontend's own node API, then:
 * "■ Camera off" stops the posts, and a queue then does not switch it on again; on a new node, a queue switches
   the camera on by itself (the node waits for its first frame);
 * a source name the server refuses stops the camera with the server's message on the node;
+* a queue does not switch the camera on over a source that another program feeds;
 * no console errors from the extension.
 
 Skipped, with the reason, when chromium, chromedriver or selenium is missing.
@@ -24,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from browser.page import ComfyPage, browser_missing_reason, prepare_user_settings
-from comfy_harness import ComfyServer
+from comfy_harness import ComfyServer, array_to_png_bytes
 from e2e_helpers import MODEL, TAESD, uid
+from soak import FramePoster
 from stream_helpers import first_cache_mode
 
 SIZE = 64
@@ -157,3 +159,24 @@ def test_a_queue_switches_the_camera_on_and_a_refused_source_stops_it(page: Comf
     assert not state["on"]
     assert state["line"].startswith("refused: source name 'bad name' is not valid"), state
     assert state["button"] == "● Camera"
+
+
+def test_a_source_fed_by_another_program_keeps_the_camera_off(page: ComfyPage, comfy_server: ComfyServer) -> None:
+    """A queue does not switch the camera on over a source another program feeds: its frames are what streams."""
+    source = uid()
+    node = page.js(BUILD_JS, source, SIZE, MODEL, TAESD, uid())
+    picture = np.full((SIZE, SIZE, 3), 200, np.uint8)
+    poster = FramePoster(comfy_server, source, [array_to_png_bytes(picture)], rate=20.0)
+    poster.start()
+    try:
+        deadline = time.monotonic() + 10
+        while poster.posted == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (entry,) = queue_and_wait(page, comfy_server, 1)
+    finally:
+        poster.stop()
+    assert poster.posted > 0 and not poster.errors, poster.errors
+    time.sleep(0.5)  # the queue's handler has run
+    assert not camera(page, node)["on"], "a queue switched the camera on over a source another program feeds"
+    assert comfy_server.get("/streamrt/frames").json()[source]["format"] == "png"  # only the program's frames
+    assert any(entry["outputs"].values())
