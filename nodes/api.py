@@ -65,6 +65,15 @@ class Schema(io.Schema):
         return replace(info, input=dict(info.input))
 
 
+class AlwaysExecutes(io.ComfyNode):
+    """Base of the nodes whose output may change on every execution though their inputs do not (a stream that
+    advances, the newest camera frame, the engine cache as it is now): ComfyUI never reuses their cached output."""
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs) -> float:
+        return float("nan")  # NaN equals nothing, not even itself: the cache key never matches
+
+
 def schema_built_once(node: type[io.ComfyNode]) -> type[io.ComfyNode]:
     """Make a node's ``define_schema`` build its schema once per process and hand that one back after.
 

@@ -108,7 +108,7 @@ def list_engines(models: StreamModels, cache: EngineCache) -> str:
     return "\n".join(lines)
 
 
-class BuildEngines(io.ComfyNode):
+class BuildEngines(api.AlwaysExecutes):  # engines may have been deleted or damaged meanwhile
     """Build (or reuse) the engines a sampler's stream runs on, and attach them to the pipeline."""
 
     @classmethod
@@ -181,10 +181,6 @@ class BuildEngines(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, **kwargs) -> float:
-        return float("nan")  # always look at the cache: engines may have been deleted or damaged meanwhile
-
-    @classmethod
     def execute(cls, pipeline: PipelineHandle, steps: int, width: int, height: int, min_size: int, max_size: int,
                 backend: str, target: str, precision: str, components: str, rebuild: bool,
                 settings: StreamSettings | None = None, control_net=None) -> io.NodeOutput:
@@ -232,7 +228,7 @@ def build_report(config, results) -> str:
     return "\n".join(lines)
 
 
-class LoadEngines(io.ComfyNode):
+class LoadEngines(api.AlwaysExecutes):  # the listing shows the cache as it is now
     """Attach the cached engines to a pipeline; the sampler uses those that fit."""
 
     @classmethod
@@ -257,10 +253,6 @@ class LoadEngines(io.ComfyNode):
             is_output_node=True,
             not_idempotent=True,
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs) -> float:
-        return float("nan")  # the listing shows the cache as it is now
 
     @classmethod
     def execute(cls, pipeline: PipelineHandle, backend: str) -> io.NodeOutput:

@@ -13,7 +13,7 @@ from .runtime import FRAMES, workflow_id
 DISPLAY_NAME = "Stream Frame Input (webcam, StreamRT)"
 
 
-class StreamFrameInput(io.ComfyNode):
+class StreamFrameInput(api.AlwaysExecutes):
     """The newest frame of a source of the pack's frame inbox (``streamrt.frame_inbox``), as an IMAGE."""
 
     #: (workflow, node, source) -> the number of the frame that node gave last (what "new" means for it); the
@@ -56,11 +56,6 @@ class StreamFrameInput(io.ComfyNode):
             hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
             not_idempotent=True,
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs) -> float:
-        # a new frame may have arrived since the last execution: never reuse a cached output
-        return float("nan")
 
     @classmethod
     def execute(cls, source: str, width: int, height: int, wait_for_new: bool, timeout: float) -> io.NodeOutput:

@@ -68,7 +68,7 @@ def control_inputs(positive, negative, models: StreamModels, config: StreamConfi
     return tuple(out)
 
 
-class StreamSampler(io.ComfyNode):
+class StreamSampler(api.AlwaysExecutes):
     """The stateful realtime sampler."""
 
     @classmethod
@@ -130,11 +130,6 @@ class StreamSampler(io.ComfyNode):
             hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
             not_idempotent=True,
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs) -> float:
-        # A stream advances on every execution: never reuse a cached output.
-        return float("nan")
 
     @classmethod
     def execute(cls, pipeline: PipelineHandle, prompt: str, negative_prompt: str, steps: int, strength: float,
