@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .frames import mark_finite
+
 #: a source name: letters, digits, ``_ . -``, starting with a letter or digit (it is only ever a key, never a path)
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: the longest side a posted frame may have
@@ -133,7 +135,7 @@ def decode_frame(frame: PostedFrame) -> torch.Tensor:
                                   f"{err}") from None
     out = np.empty((1, frame.height, frame.width, 3), np.float32)
     np.divide(pixels, np.float32(255.0), out=out[0], casting="unsafe")
-    return torch.from_numpy(out)
+    return mark_finite(torch.from_numpy(out))  # 8-bit values / 255: a stream need not check them for NaN / inf
 
 
 class FrameInbox:
