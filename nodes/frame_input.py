@@ -4,7 +4,7 @@ kept in memory: no file per frame, nothing hashed, decoded once."""
 from __future__ import annotations
 
 from ..streamrt.frame_inbox import check_source
-from ..streamrt.frames import resize_frames
+from ..streamrt.frames import mark_finite, resize_frames
 from . import api
 from .api import io
 from .runtime import FRAMES, workflow_id
@@ -74,10 +74,11 @@ class StreamFrameInput(api.AlwaysExecutes):
         if len(cls.last_given) > cls.LAST_GIVEN_MAX:
             for old in list(cls.last_given)[: cls.LAST_GIVEN_MAX // 2]:
                 del cls.last_given[old]
-        if width > 0 and height > 0:
-            image = resize_frames(image, width, height)
-        elif width > 0 or height > 0:  # one side given: keep the aspect
-            scale = width / frame.width if width > 0 else height / frame.height
-            image = resize_frames(image, max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
+        if width > 0 or height > 0:
+            if width == 0 or height == 0:  # one side given: keep the aspect
+                scale = width / frame.width if width > 0 else height / frame.height
+                width, height = max(1, round(frame.width * scale)), max(1, round(frame.height * scale))
+            # bilinear weights are convex: the resized frame is as finite as the decoded one
+            image = mark_finite(resize_frames(image, width, height))
         return io.NodeOutput(image)
 
