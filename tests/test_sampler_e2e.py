@@ -117,8 +117,9 @@ def test_the_pack_is_found_by_the_words_people_search_for(server: ComfyServer) -
 
     for word in SEARCH_WORDS:
         assert found(word), f"no StreamRT node is found by {word!r}"
-    assert found("StreamDiffusion") == found("realtime") == found("webcam") == ["Realtime Sampler (webcam, "
-                                                                                  "StreamDiffusion)"]
+    assert found("StreamDiffusion") == found("realtime") == ["Realtime Sampler (webcam, StreamDiffusion)"]
+    assert sorted(found("webcam")) == ["Realtime Sampler (webcam, StreamDiffusion)",
+                                       "Stream Frame Input (webcam, StreamRT)"]
 
 
 def test_steps_and_strength_give_the_frames_of_their_t_index_list(server: ComfyServer, core_models) -> None:
