@@ -4,7 +4,7 @@ kept in memory: no file per frame, nothing hashed, decoded once."""
 from __future__ import annotations
 
 from ..streamrt.frame_inbox import check_source
-from ..streamrt.frames import mark_finite, resize_frames
+from ..streamrt.frames import resize_frames
 from . import api
 from .api import io
 from .runtime import FRAMES, workflow_id
@@ -78,7 +78,6 @@ class StreamFrameInput(api.AlwaysExecutes):
             if width == 0 or height == 0:  # one side given: keep the aspect
                 scale = width / frame.width if width > 0 else height / frame.height
                 width, height = max(1, round(frame.width * scale)), max(1, round(frame.height * scale))
-            # bilinear weights are convex: the resized frame is as finite as the decoded one
-            image = mark_finite(resize_frames(image, width, height))
+            image = resize_frames(image, width, height)  # still recorded as finite (streamrt.frames.mark_finite)
         return io.NodeOutput(image)
 

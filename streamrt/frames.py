@@ -42,6 +42,8 @@ def resize_frames(frames: torch.Tensor, width: int, height: int) -> torch.Tensor
     resized = torch.nn.functional.interpolate(batch.movedim(-1, 1), size=(height, width), mode="bilinear",
                                               align_corners=False, antialias=antialias)
     resized = resized.movedim(1, -1).contiguous()
+    if _finite_by_construction(frames):  # bilinear weights are convex: as finite as its input
+        mark_finite(resized)
     return resized if frames.dim() == 4 else resized[0]
 
 

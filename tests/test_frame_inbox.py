@@ -151,7 +151,7 @@ def test_decoded_frames_skip_the_streams_nan_check_and_copies_do_not(monkeypatch
     """8-bit pixels / 255 are finite by construction: a stream's NaN / inf check (a sum over the frame, 0.2-0.7 ms
     at 512²) is skipped for the inbox's frames and their views, not for anything else."""
     from streamrt import frames as frames_module
-    from streamrt.frames import check_frames
+    from streamrt.frames import check_frames, resize_frames
 
     inbox = FrameInbox()
     inbox.post("cam", _encoded(_pixels()), "image/png")
@@ -160,6 +160,7 @@ def test_decoded_frames_skip_the_streams_nan_check_and_copies_do_not(monkeypatch
     monkeypatch.setattr(frames_module, "host_sum", lambda array: sums.append(array.shape) or 0.0)
     check_frames(image, width=40, height=24, frames_per_step=1)
     check_frames(image[0], width=40, height=24, frames_per_step=1)  # a view of it
+    check_frames(resize_frames(image, 16, 8), width=16, height=8, frames_per_step=1)  # resized: convex weights
     assert sums == []
     check_frames(image.clone(), width=40, height=24, frames_per_step=1)  # a copy may have been changed
     assert len(sums) == 1
