@@ -370,17 +370,18 @@ def test_stream_toggle_shows_frames_on_the_stream_preview(page: ComfyPage, comfy
     page.wait_js("return window.StreamRT.loop.active;", timeout=5, what="the stream to start")
     pending_seen, loaded = [], set()
 
-    def requeued_four_times() -> bool:  # and, until then, how many prompts wait and what the view shows
+    def requeued_four_times() -> bool:  # and shown 2 frames; until then, how many prompts wait and what the view shows
         loaded.update(page.js("""
             const node = app.graph.getNodeById(arguments[0]);
             return (node.imgs ?? []).filter(i => i.complete && i.naturalWidth === arguments[1]).map(i => i.src);
         """, view, SIZE))
-        if len(events_for(page, sampler)) >= before + 4:
+        if len(events_for(page, sampler)) >= before + 4 and len(loaded) >= 2:
             return True
         pending_seen.append(len(comfy_server.queue_state()["queue_pending"]))
         return False
 
-    page.wait_until(requeued_four_times, timeout=90, what="the stream to re-queue 4 times")
+    # (the loop goes on while this polls: a fast loop can run 4 executions before the page has loaded 2 previews)
+    page.wait_until(requeued_four_times, timeout=90, what="the stream to re-queue 4 times and show 2 frames")
     state = status(page, sampler)
     assert state["loop"]["active"] and state["loop"]["mode"] == "instant" and state["button"] == "■ Stop"
     assert page.js("return document.body.innerText.includes('Run (Instant)');")  # the frontend's own Run button
