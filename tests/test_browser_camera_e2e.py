@@ -63,7 +63,7 @@ return input.id;
 
 CAMERA_JS = """
 const camera = window.StreamRT.camera(app.graph.getNodeById(arguments[0]));
-return {on: camera.on, posted: camera.posted, error: camera.error, userOff: camera.userOff,
+return {on: camera.on, posted: camera.posted, error: camera.error, userOff: camera.userOff, inFlight: camera.inFlight,
         line: camera.element.querySelector(".streamrt-camera-status").textContent,
         button: camera.element.querySelector(".streamrt-camera-toggle").textContent};
 """
@@ -131,6 +131,7 @@ def test_the_camera_posts_frames_that_stream_without_files(page: ComfyPage, comf
     click_camera(page, node)  # off
     state = camera(page, node)
     assert not state["on"] and state["userOff"] and state["button"] == "● Camera"
+    page.wait_until(lambda: not camera(page, node)["inFlight"], timeout=10, what="the last post to end")
     sequence = comfy_server.get("/streamrt/frames").json()[source]["sequence"]
     time.sleep(1.0)
     assert comfy_server.get("/streamrt/frames").json()[source]["sequence"] == sequence  # no more posts
