@@ -106,8 +106,7 @@ def one_execution(server: ComfyServer, ws, route: str, graph: dict, prefix: str,
         answer.raise_for_status()
         graph[f"{prefix}in"]["inputs"]["image"] = f"webcam/{answer.json()['name']} [temp]"
     else:
-        answer = server.session.post(f"{server.base_url}/streamrt/frames/{source}", data=frame["jpeg"], timeout=60,
-                                     headers={"Content-Type": "image/jpeg"})
+        answer = server.post_frame(source, frame["jpeg"], "image/jpeg")
         answer.raise_for_status()
     overhead.run_once(server, ws, graph)
     return time.perf_counter() - start

@@ -644,6 +644,13 @@ class ComfyServer:
         kw.setdefault("timeout", 30)
         return self.session.post(self.base_url + path, json=json_body, **kw)
 
+    def post_frame(self, source: str, data: bytes, content_type: str = "image/png", *, prefix: str = "",
+                   **query: Any) -> requests.Response:
+        """``POST <prefix>/streamrt/frames/<source>`` with ``data`` as the body (a frame for Stream Frame Input:
+        an image file, or raw pixels as ``application/octet-stream`` with ``width`` / ``height`` in ``query``)."""
+        return self.session.post(f"{self.base_url}{prefix}/streamrt/frames/{source}", data=data, params=query or None,
+                                 headers={"Content-Type": content_type}, timeout=30)
+
     def object_info(self, node_class: str | None = None) -> dict:
         """``GET /object_info`` (all nodes), or the entry of one node class."""
         if node_class is None:

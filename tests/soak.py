@@ -78,11 +78,10 @@ class FramePoster(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
-        url = f"{self.server.base_url}/streamrt/frames/{self.source}"
         while not self._done.is_set():
             data = self.frames[self.posted % len(self.frames)]
             try:
-                answer = self.server.session.post(url, data=data, headers={"Content-Type": "image/png"}, timeout=30)
+                answer = self.server.post_frame(self.source, data)
             except Exception as err:  # a dropped connection is a finding, not a crash of the soak
                 self.errors.append(repr(err))
             else:

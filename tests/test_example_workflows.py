@@ -269,8 +269,7 @@ def webcam_pixels(seed: int) -> np.ndarray:
 
 def post_webcam_frame(server: ComfyServer, source: str, seed: int) -> None:
     """A PNG posted to Stream Frame Input's ``source``, as its camera posts frames."""
-    answer = server.session.post(f"{server.base_url}/streamrt/frames/{source}", timeout=30,
-                                 data=array_to_png_bytes(webcam_pixels(seed)), headers={"Content-Type": "image/png"})
+    answer = server.post_frame(source, array_to_png_bytes(webcam_pixels(seed)))
     assert answer.status_code == 200, answer.text
 
 

@@ -28,8 +28,7 @@ def server(comfy_server: ComfyServer, e2e_tiny_models: Path) -> ComfyServer:
 
 def post_frame(server: ComfyServer, source: str, data: bytes, content_type: str = "image/png", prefix: str = "",
                **query) -> dict:
-    answer = server.session.post(f"{server.base_url}{prefix}/streamrt/frames/{source}", data=data, params=query,
-                                 headers={"Content-Type": content_type}, timeout=30)
+    answer = server.post_frame(source, data, content_type, prefix=prefix, **query)
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -117,17 +116,15 @@ def test_wait_for_new_waits_for_the_next_post_and_repeats_the_newest_after_its_t
 def test_bad_posts_and_unknown_sources_are_refused_by_name_and_the_server_keeps_working(server: ComfyServer) -> None:
     source = uid()
     url = f"{server.base_url}/streamrt/frames"
-    refusals = {
-        "not an image file": dict(data=b"not a picture", headers={"Content-Type": "image/jpeg"}),
-        "raw 64x64 frame is": dict(data=b"\0" * 10, headers={"Content-Type": "application/octet-stream"},
-                                   params={"width": SIZE, "height": SIZE}),
-        "is empty": dict(data=b"", headers={"Content-Type": "image/png"}),
+    refusals = {  # message -> (body, content type, query)
+        "not an image file": (b"not a picture", "image/jpeg", {}),
+        "raw 64x64 frame is": (b"\0" * 10, "application/octet-stream", {"width": SIZE, "height": SIZE}),
+        "is empty": (b"", "image/png", {}),
     }
-    for message, request in refusals.items():
-        answer = server.session.post(f"{url}/{source}", timeout=30, **request)
+    for message, (data, content_type, query) in refusals.items():
+        answer = server.post_frame(source, data, content_type, **query)
         assert answer.status_code == 400 and message in answer.json()["error"], answer.text
-    answer = server.session.post(f"{url}/bad%20name", data=array_to_png_bytes(frames(1, 1)[0]), timeout=30,
-                                 headers={"Content-Type": "image/png"})
+    answer = server.post_frame("bad%20name", array_to_png_bytes(frames(1, 1)[0]))
     assert answer.status_code == 400 and "source name" in answer.json()["error"]
     assert source not in server.get("/streamrt/frames").json()
 
