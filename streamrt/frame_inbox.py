@@ -179,11 +179,6 @@ class FrameInbox:
             frames = list(self._frames.values())
         return {frame.source: frame.describe() for frame in frames}
 
-    def newest(self, source: str) -> PostedFrame | None:
-        """``source``'s newest frame (not decoded), or None."""
-        with self._changed:
-            return self._frames.get(check_source(source))
-
     def take(self, source: str, *, newer_than: int = 0, timeout: float = 0.0,
              interrupted: Callable[[], None] | None = None) -> tuple[PostedFrame, torch.Tensor] | None:
         """``source``'s newest frame and its IMAGE tensor, waiting up to ``timeout`` seconds for one numbered above

@@ -105,8 +105,9 @@ _FINITE_BY_CONSTRUCTION: weakref.WeakValueDictionary[int, torch.Tensor] = weakre
 
 def mark_finite(frames: torch.Tensor) -> torch.Tensor:
     """Record that ``frames`` (and views of it) hold finite values by construction, e.g. 8-bit pixels divided by 255,
-    so that :class:`FiniteCheck` need not sum them (a 512² frame costs 0.2-0.7 ms of host time per call). The record
-    goes with the tensor; its holders treat it as immutable, as ComfyUI does its IMAGE tensors."""
+    so that :class:`FiniteCheck` need not sum them (0.66 ms per 512² frame on the H200 machine: BENCHMARKS.md, run D
+    of the realtime graph through ComfyUI). The record goes with the tensor; its holders treat it as immutable, as
+    ComfyUI does its IMAGE tensors."""
     _FINITE_BY_CONSTRUCTION[id(frames)] = frames
     return frames
 

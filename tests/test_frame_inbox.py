@@ -148,8 +148,8 @@ def test_the_number_of_sources_is_bounded_and_remove_frees_one():
 
 
 def test_decoded_frames_skip_the_streams_nan_check_and_copies_do_not(monkeypatch):
-    """8-bit pixels / 255 are finite by construction: a stream's NaN / inf check (a sum over the frame, 0.2-0.7 ms
-    at 512²) is skipped for the inbox's frames and their views, not for anything else."""
+    """8-bit pixels / 255 are finite by construction: a stream's NaN / inf check (a sum over the frame) is skipped for
+    the inbox's frames, their views and their resizes, not for anything else."""
     from streamrt import frames as frames_module
     from streamrt.frames import check_frames, resize_frames
 
