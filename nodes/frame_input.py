@@ -3,7 +3,8 @@ kept in memory: no file per frame, nothing hashed, decoded once."""
 
 from __future__ import annotations
 
-from ..streamrt.frame_inbox import check_source
+import math
+
 from ..streamrt.frames import resize_frames
 from . import api
 from .api import io
@@ -59,7 +60,8 @@ class StreamFrameInput(api.AlwaysExecutes):
 
     @classmethod
     def execute(cls, source: str, width: int, height: int, wait_for_new: bool, timeout: float) -> io.NodeOutput:
-        check_source(source)  # a FrameInputError (ValueError) naming what a source name looks like
+        if not math.isfinite(timeout):  # a JSON NaN passes ComfyUI's min/max check
+            raise ValueError(f"timeout must be a finite number of seconds, got {timeout!r}")
         key = (workflow_id(cls.hidden.extra_pnginfo), cls.hidden.unique_id, source)
         taken = FRAMES.take(source, newer_than=cls.last_given.get(key, 0) if wait_for_new else 0,
                             timeout=timeout, interrupted=api.check_interrupted)

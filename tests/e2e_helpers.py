@@ -8,6 +8,7 @@ to PNG quantisation (SaveImage writes 8-bit files): :data:`PNG_ATOL`.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import uuid
@@ -120,6 +121,15 @@ def as_tensor(images: np.ndarray) -> torch.Tensor:
 def upload(server: ComfyServer, images: np.ndarray, tag: str) -> list[str]:
     """Write the frames into the server's input folder as ``<tag>_<k>.png``; their names."""
     return [server.write_input_image(img, name=f"{tag}_{k}.png") for k, img in enumerate(images)]
+
+
+def queue_raw(server: ComfyServer, prompt: dict, client_id: str | None = None) -> dict:
+    """POST a prompt as raw JSON (NaN allowed, lone surrogates escaped) and wait for its history entry."""
+    body = json.dumps({"prompt": prompt, "client_id": client_id or server.client_id}, allow_nan=True)
+    r = server.session.post(server.base_url + "/prompt", data=body, headers={"Content-Type": "application/json"},
+                            timeout=30)
+    assert r.status_code == 200, r.text
+    return server.wait(r.json()["prompt_id"], timeout=120)
 
 
 def uid() -> str:

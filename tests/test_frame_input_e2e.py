@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_harness import ComfyServer, ExecutionFailed, Graph, array_to_png_bytes
-from e2e_helpers import MODEL, SIZE, TAESD, add_sampler, frames, uid, upload
+from comfy_harness import ComfyServer, ExecutionFailed, Graph, array_to_png_bytes, as_prompt
+from e2e_helpers import MODEL, SIZE, TAESD, add_sampler, frames, queue_raw, uid, upload
 from stream_helpers import first_cache_mode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("comfy_server", [first_cache_mode()], indirect=True)]
@@ -134,6 +134,9 @@ def test_bad_posts_and_unknown_sources_are_refused_by_name_and_the_server_keeps_
     bad_graph, _ = input_graph("../models")
     with pytest.raises(ExecutionFailed, match="source name '../models' is not valid"):
         server.run(bad_graph)
+    nan_graph, _ = input_graph(source, timeout=float("nan"))  # JSON NaN passes ComfyUI's min / max check
+    with pytest.raises(ExecutionFailed, match="timeout must be a finite number"):
+        ComfyServer.raise_for_status(queue_raw(server, as_prompt(nan_graph)))
 
     picture = frames(1, seed=75)[0]
     post_frame(server, source, array_to_png_bytes(picture))  # the next prompt works

@@ -14,7 +14,6 @@ After every refusal the next prompt runs, on the same stream.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import uuid
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from comfy_harness import ComfyServer, ExecutionFailed, Graph, as_prompt
-from e2e_helpers import MODEL, TAESD, add_sampler, frames, upload
+from e2e_helpers import MODEL, TAESD, add_sampler, frames, queue_raw, upload
 from stream_helpers import first_cache_mode
 
 from streamrt.random_models import write_random_pipeline
@@ -51,15 +50,6 @@ def graph(tag: str, image: str | None, *, model: str = MODEL, taesd: str = TAESD
     sampler = add_sampler(g, load.out(0), id=f"{tag}sampler", **inputs)
     g.node("PreviewImage", id=f"{tag}preview", images=sampler.out(0))
     return g
-
-
-def queue_raw(server: ComfyServer, prompt: dict, client_id: str | None = None) -> dict:
-    """POST a prompt as raw JSON (NaN allowed, lone surrogates escaped) and wait for its history entry."""
-    body = json.dumps({"prompt": prompt, "client_id": client_id or server.client_id}, allow_nan=True)
-    r = server.session.post(server.base_url + "/prompt", data=body, headers={"Content-Type": "application/json"},
-                            timeout=30)
-    assert r.status_code == 200, r.text
-    return server.wait(r.json()["prompt_id"], timeout=120)
 
 
 def failure(entry: dict) -> str:
