@@ -149,7 +149,8 @@ class StreamSampler(api.AlwaysExecutes):
                                 prompt_input(negative, negative_prompt, "negative", "negative_prompt", notes),
                                 reset=reset, engines=engine_source(pipeline),
                                 controlnets=control_inputs(positive, negative, models, config),
-                                video_devices=settings.video_devices, step_devices=settings.step_devices)
+                                video_devices=settings.video_devices, step_devices=settings.step_devices,
+                                overlap=settings.overlap_executions)
         if len(settings.step_devices) > 1 and config.num_steps == 1:
             notes.append("Stream Devices splits the denoising steps, and this stream has one: it runs on one GPU")
         node_id = cls.hidden.unique_id
@@ -164,10 +165,14 @@ class StreamSampler(api.AlwaysExecutes):
         seconds = time.perf_counter() - start
         count = int(frames.shape[0])
         runtime = stream.runtime
+        # an overlapped execution's time is the host's part alone (its GPU work runs on after it): no sampler
+        # speed then, the panel's loop rate is the stream's
+        overlapped = request.overlap and not video
         api.send_status({
             "node": node_id, "workflow": owner[0], "frames": count, "seconds": seconds,
-            "ms_per_frame": 1000.0 * seconds / count,
-            "fps": count / seconds if seconds > 0 else None, "stream_frames": stream.frames_processed,
+            "ms_per_frame": None if overlapped else 1000.0 * seconds / count,
+            "fps": None if overlapped or seconds <= 0 else count / seconds, "overlap": overlapped,
+            "stream_frames": stream.frames_processed,
             "backend": runtime.describe(), "acceleration": runtime.acceleration.value, "parts": runtime.parts,
             # what every UNet call is given beyond its inputs (the prompt's keys and values, fused projections, ...)
             "unet_extras": sorted(stream.stages[0].unet_extras.given),
@@ -176,7 +181,7 @@ class StreamSampler(api.AlwaysExecutes):
             "devices": list(SESSIONS.ran_on.get(owner, (str(stream.device),))),
             "sessions": dict(zip(("pipelines", "streams"), SESSIONS.counts())),  # what the pack holds now
             "state": "reset" if reset else (
-                "warming" if fresh or stream.frames_processed <= stream.latency * config.frames_per_step
+                "warming" if fresh or stream.frames_processed <= (stream.latency + overlapped) * config.frames_per_step
                 else "streaming"),
         })
         note = engine_note(pipeline, runtime)  # which parts run on engines, which on torch, and why

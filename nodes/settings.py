@@ -78,6 +78,13 @@ class StreamSettingsNode(io.ComfyNode):
                                          "with one matrix product over a fused copy of the three weights: faster "
                                          "(SDXL about 6 % per frame), for about 0.6 GB more GPU memory with SDXL "
                                          "(75 MB with SD1.5). Off saves the memory."),
+                io.Boolean.Input("overlap_executions", default=False, optional=True,
+                                 tooltip="Realtime (one frame per execution): each execution returns the frame of "
+                                         "the execution before it and leaves its own GPU work running while "
+                                         "ComfyUI finishes the graph and starts the next execution. More "
+                                         "executions per second when ComfyUI's own time per execution is close to "
+                                         "the GPU's, for one execution more latency; the first frame comes twice. "
+                                         "Videos (a batch) and the similarity filter run as without it."),
             ],
             outputs=[chain_output()],
         )
@@ -85,10 +92,10 @@ class StreamSettingsNode(io.ComfyNode):
     @classmethod
     def execute(cls, cfg_type: str, delta: float, frames_per_step: int, add_noise: bool, acceleration: str,
                 width: int, height: int, schedule_length: int, settings: StreamSettings | None = None,
-                fused_projections: bool = True) -> io.NodeOutput:
+                fused_projections: bool = True, overlap_executions: bool = False) -> io.NodeOutput:
         return apply(settings, cfg_type=cfg_type, delta=delta, frames_per_step=frames_per_step, add_noise=add_noise,
                      acceleration=acceleration, width=width, height=height, schedule_length=schedule_length,
-                     fused_projections=fused_projections)
+                     fused_projections=fused_projections, overlap_executions=overlap_executions)
 
 
 class StreamSimilarityFilter(io.ComfyNode):

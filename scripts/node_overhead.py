@@ -84,7 +84,8 @@ LABELS = {"trivial": "(a) trivial: LoadImage -> passthrough -> PreviewImage",
           "trivial_v3": "    the same with a V3 passthrough (reference)",
           "shaped": "    shaped: LoadImage -> Load Pipeline -> sampler's schema, passthrough -> Preview",
           "realtime": "(b) realtime: LoadImage -> Load Pipeline -> Stream Sampler -> Preview",
-          "bare": "    bare: the same shape, the body only steps the sampler's stream"}
+          "bare": "    bare: the same shape, the body only steps the sampler's stream",
+          "overlapped": "(b') realtime, overlap_executions on (frames handed over one execution later)"}
 PART_LABELS = {"overhead": "overhead = (b) - step - (a)",
                "shape": "  ComfyUI on the graph's shape: shaped - (a)",
                "step_in_a_node": "  a torch step inside a node, around it: bare - step - shaped",
@@ -156,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the sampler's t_index_list (default: the e2e tests' 20,35)")
     parser.add_argument("--sink", default=overhead.SINK, choices=("PreviewImage", "StreamRTPreview"),
                         help="every graph's output node (default PreviewImage)")
+    parser.add_argument("--source", default="LoadImage", choices=("LoadImage", "StreamRTFrameInput"),
+                        help="every graph's image in (default LoadImage: a file, hashed every execution; "
+                             "StreamRTFrameInput: one frame posted to Stream Frame Input, kept in memory)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="also measure the realtime graph with Stream Settings' overlap_executions on")
     parser.add_argument("--acceleration", default=None, choices=[a.value for a in Acceleration],
                         help="the sampler's acceleration (default: auto, no settings node: eager on a CPU)")
     parser.add_argument("--server-threads", type=int, default=None,
@@ -188,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if cuda else "cpu",
         "cpu": cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
         "acceleration": acceleration, "size": args.size, "model": f"{args.preset} random-weight pipeline + TAESD",
-        "sink": args.sink, "sampler_inputs": overhead.sampler_inputs(acceleration, **sampler_options),
+        "sink": args.sink, "source": args.source,
+        "sampler_inputs": overhead.sampler_inputs(acceleration, **sampler_options),
         "target_ms": TARGET_MS,
         "python_gauge_ms_before": python_gauge_ms(),
         "command": "python scripts/node_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -205,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             summary["comfyui"] = server.system_stats().get("system", {}).get("comfyui_version")
             image = overhead.write_frame(server, args.size)
-            graphs = overhead.build_graphs("oh", image, model, TAESD, acceleration, sink=args.sink, **sampler_options)
+            graphs = overhead.build_graphs("oh", image, model, TAESD, acceleration, sink=args.sink,
+                                           source=args.source, overlap=args.overlap, **sampler_options)
             overhead.probe_install(server, "step")
             result = overhead.measure(server, graphs, rounds=args.rounds, per_round=args.per_round,
                                       warmup=args.warmup, log=logger.info)

@@ -59,7 +59,9 @@ class StreamRequest:
     ``video_devices``: the devices a batch video is split over (one stream each, on a copy of the pipeline per
     device, see :mod:`streamrt.parallel`); empty or one device: the pipeline's stream alone. ``step_devices``: the
     devices one stream's denoising steps are split over (a :class:`~streamrt.stages.StagedStream`, for realtime
-    frame rate; it runs videos too); empty, one device or one step: a one-device stream.
+    frame rate; it runs videos too); empty, one device or one step: a one-device stream. ``overlap``: a call of
+    one step (one group of frames, or txt2img) hands over the previous call's frames and leaves its own device
+    work running (``Stream.step``'s ``overlap``); videos are not affected.
     """
 
     config: StreamConfig
@@ -70,6 +72,7 @@ class StreamRequest:
     controlnets: tuple[ControlInput, ...] = ()
     video_devices: tuple[str, ...] = ()
     step_devices: tuple[str, ...] = ()
+    overlap: bool = False
 
     def staged(self) -> bool:
         """Whether this request's stream splits its steps over several devices."""
@@ -263,10 +266,8 @@ class StreamSessions:
             return self._run_split(owner, models, request, frames, progress, preview)
         stream = self.stream(owner, models, request)
         self.ran_on[owner] = tuple(str(d) for d in stream.devices)
-        if frames is None:
-            return stream, stream.step(None, control=control, validated=True)
-        if frames.shape[0] == cfg.frames_per_step:
-            return stream, stream.step(frames, validated=True, control=control)
+        if frames is None or frames.shape[0] == cfg.frames_per_step:
+            return stream, stream.step(frames, validated=True, control=control, overlap=request.overlap)
         return stream, stream.process_video(frames, progress=progress, preview=preview, validated=True,
                                             control=control)
 

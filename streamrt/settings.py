@@ -52,6 +52,9 @@ class StreamSettings:
             (see :mod:`streamrt.stages`); empty: the pipeline's device alone.
         fused_projections (`bool`, defaults to `True`): ``StreamConfig.fused_qkv``: faster torch UNet calls for a
             fused copy of the self-attention projection weights (about 0.6 GB for SDXL, 75 MB for SD1.5 in fp16).
+        overlap_executions (`bool`, defaults to `False`): a realtime call (one step's frames) hands over the frames
+            of the call before it and returns while its own GPU work runs on (``StreamRequest.overlap``): the host's
+            work between calls overlaps the GPU's, at one call more latency.
     """
 
     cfg_type: CfgType = CfgType.SELF
@@ -67,6 +70,7 @@ class StreamSettings:
     video_devices: tuple[str, ...] = ()
     step_devices: tuple[str, ...] = ()
     fused_projections: bool = True
+    overlap_executions: bool = False
 
     def __post_init__(self) -> None:
         # Checked here too (not only when the stream config is made), so the settings node with the bad

@@ -170,6 +170,7 @@ class StagedStream(StreamCalls):
         for stage in self.stages:
             stage.reset()
         self._handoff_pending = False  # the rows handed on belong to the old state
+        self._handover = None
 
     def set_prompt(self, prompt: Prompt, negative_prompt: PromptPart | None = None, method: str = "linear") -> None:
         """As :meth:`Stream.set_prompt`; the first stage checks it before any stage changes."""

@@ -142,10 +142,13 @@ class StreamCalls:
         self.similarity.remember(result)
         return result
 
+    #: the frames of the last ``overlap`` call, still to be handed over (see :meth:`step`)
+    _handover: tuple[torch.Tensor, int] | None = None
+
     @torch.inference_mode()
     def step(self, frames: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
              synchronize: bool = True, validated: bool = False,
-             control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+             control: Sequence[torch.Tensor] | None = None, overlap: bool = False) -> torch.Tensor:
         """Run one call of the stream: F frames ``[F, H, W, C]`` in [0, 1] in, F frames out.
 
         The output is the result for the frames given ``latency`` calls earlier (the first ``latency``
@@ -155,11 +158,23 @@ class StreamCalls:
         ``control`` through :func:`streamrt.controlnet.check_control_images`.
         ``control``: with ControlNets, one control image batch ``[F or 1, H, W, 3]`` in [0, 1] per ControlNet,
         the control of these frames.
+        ``overlap``: hand over the output of the previous call instead of this call's, and return while this call's
+        device work still runs (it is handed over by the next ``overlap`` call): a host that does other work
+        between calls runs it in parallel with the device, at one call more latency. The first such call (after
+        any other call, a reset, or with the similarity filter on, which needs each output when it is made)
+        returns its own output, which the next one then returns again (docs/DESIGN.md section 4).
         """
         if frames is not None and not validated:
             frames = self.check_frames(frames, self.config.frames_per_step)
         images = self.check_control(control, self.config.frames_per_step, validated)
-        return self._output(self._call(frames, images), out, synchronize)
+        previous, self._handover = self._handover, None
+        ran = self._call(frames, images)
+        if not overlap or not ran or self.similarity.enabled or out is not None:
+            return self._output(ran, out, synchronize)
+        self._handover = self._host.start_handover(self._frames_out)
+        if previous is None:  # the pipeline fills: this output now, and again (the same frames) next call
+            return self._host.hand_over(self._handover).clone()
+        return self._host.hand_over(previous)
 
     def check_control(self, control: Sequence[torch.Tensor] | None, count: int,
                       validated: bool = False) -> list[torch.Tensor] | None:
@@ -198,6 +213,7 @@ class StreamCalls:
         f = self.config.frames_per_step
         if not validated:
             frames = self.check_frames(frames)  # values checked once for the whole video
+        self._handover = None  # its frames belong before this video: an overlapped call's output is dropped
         total = frames.shape[0]
         control = self.check_control(control, total, validated)
         result = torch.empty((total, self.config.height, self.config.width, 3), dtype=torch.float32)
@@ -400,6 +416,7 @@ class Stream(StreamCalls):
             self.buffers.stock_in.zero_()
         self.similarity.reset()
         self.frames_processed = 0
+        self._handover = None
         if self.kv is not None:
             self.kv.clear()
         if self.control is not None:

@@ -37,14 +37,15 @@ SAMPLER_DEFAULTS = dict(
     cfg_type="self", guidance_scale=1.5, delta=1.0, seed=7, frames_per_step=1, width=0, height=0,
     add_noise=True, similarity_filter=False, similarity_threshold=0.98, similarity_max_skip=10,
     acceleration="auto", cached_attention=False, cache_max_frames=4, cache_window=4, cache_interval=1, reset=False,
-    fused_projections=True)
+    fused_projections=True, overlap_executions=False)
 
 #: option -> (settings node, its input); a Stream Settings node is added when one of its options differs from
 #: the node's default (that is: from what the sampler runs without settings)
 _STREAM_SETTINGS = {"cfg_type": ("cfg_type", "self"), "delta": ("delta", 1.0),
                     "frames_per_step": ("frames_per_step", 1), "add_noise": ("add_noise", True),
                     "acceleration": ("acceleration", "auto"), "width": ("width", 0), "height": ("height", 0),
-                    "num_inference_steps": ("schedule_length", 50), "fused_projections": ("fused_projections", True)}
+                    "num_inference_steps": ("schedule_length", 50), "fused_projections": ("fused_projections", True),
+                    "overlap_executions": ("overlap_executions", False)}
 _FILTER = {"similarity_threshold": "threshold", "similarity_max_skip": "max_skip"}
 _CACHE = {"cache_max_frames": "max_frames", "cache_window": "window", "cache_interval": "interval"}
 #: the sampler's own inputs (guidance_scale is its cfg; positive / negative / image are links)

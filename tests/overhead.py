@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from comfy_harness import ComfyServer, ExecutionFailed, Graph, WSCollector
+from comfy_harness import ComfyServer, ExecutionFailed, Graph, WSCollector, array_to_png_bytes
 from e2e_helpers import add_sampler
 
 PROBE_DIR = Path(__file__).resolve().parent / "overhead_probe"
@@ -80,12 +80,28 @@ def sink_node(kind: str, images: list) -> dict:
     return {"class_type": kind, "inputs": inputs}
 
 
+#: the graphs' image source with the one frame posted to it (``--source``): Stream Frame Input, not waiting for a
+#: new frame, gives the posted frame's decoded tensor again (decoded once), as LoadImage gives its cached output
+FRAME_SOURCE = "overhead"
+
+
+def source_node(kind: str, image: str) -> dict:
+    """The graphs' image in: ``LoadImage`` of ``image`` (a file in the input folder; hashed every execution) or
+    ``StreamRTFrameInput`` of :data:`FRAME_SOURCE` (a frame posted before, kept in memory)."""
+    if kind == "LoadImage":
+        return {"class_type": "LoadImage", "inputs": {"image": image}}
+    return {"class_type": "StreamRTFrameInput", "inputs": {"source": FRAME_SOURCE, "width": 0, "height": 0,
+                                                           "wait_for_new": False, "timeout": 5.0}}
+
+
 def build_graphs(prefix: str, image: str, model: str, taesd: str, acceleration: str, *, sink: str = SINK,
-                 **sampler_options) -> dict[str, dict]:
+                 source: str = "LoadImage", overlap: bool = False, **sampler_options) -> dict[str, dict]:
     """API-format prompts of the graphs (node ids prefixed, so the sampler's stream is this run's own);
-    ``sampler_options`` as for :func:`sampler_nodes`."""
-    load = {"class_type": "LoadImage", "inputs": {"image": image}}
-    sink = sink_node(sink, [f"{prefix}x", 0])
+    ``sampler_options`` as for :func:`sampler_nodes`; ``source`` as for :func:`source_node`. ``overlap`` adds
+    ``overlapped``: the realtime graph with Stream Settings' ``overlap_executions`` on (its own sampler node, so
+    its own stream), whose executions hand over the previous execution's frame while their GPU work runs on."""
+    load = source_node(source, image)
+    sink_kind, sink = sink, sink_node(sink, [f"{prefix}x", 0])
     loader = {"class_type": "StreamRTLoadPipeline",
               "inputs": {"model": model, "taesd": taesd, "dtype": "auto", "device": "auto"}}
     sampler = sampler_nodes(prefix, acceleration, **sampler_options)
@@ -108,16 +124,22 @@ def build_graphs(prefix: str, image: str, model: str, taesd: str, acceleration: 
                  f"{prefix}x": {"class_type": "OverheadBareStep", "inputs": sampler_like},
                  f"{prefix}sink": sink},
     }
+    if overlap:
+        p = f"{prefix}v"
+        graphs["overlapped"] = {**sampler_nodes(p, acceleration, overlap_executions=True, **sampler_options),
+                                f"{p}img": load, f"{p}load": loader, f"{p}sink": sink_node(sink_kind, [f"{p}x", 0])}
     return {name: {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in g.items()}
             for name, g in graphs.items()}
 
 
 def write_frame(server: ComfyServer, size: int) -> str:
-    """A ``size`` x ``size`` frame of noise in the server's input folder; its LoadImage name. Noise, because the
-    tiny random model's output is noise-like, and PreviewImage's PNG encoding costs more for noise than for a
-    smooth picture: with noise in both graphs the sink costs the same in both."""
+    """A ``size`` x ``size`` frame of noise in the server's input folder, also posted to Stream Frame Input's
+    :data:`FRAME_SOURCE`; its LoadImage name. Noise, because the tiny random model's output is noise-like, and
+    PreviewImage's PNG encoding costs more for noise than for a smooth picture: with noise in both graphs the sink
+    costs the same in both."""
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    server.post_frame(FRAME_SOURCE, array_to_png_bytes(pixels)).raise_for_status()
     return server.write_input_image(pixels, name=f"overhead_{uuid.uuid4().hex[:8]}.png")
 
 

@@ -10,7 +10,9 @@
 - zero CUDA allocations per frame in steady state (``allocation.all.allocated`` over 200 frames with
   a cached prompt change, an identical prompt and seed changes inside the window);
 - ``reset()`` after the capture replays the first outputs;
-- ``process_video`` on CUDA equals feeding the frames one call at a time.
+- ``process_video`` on CUDA equals feeding the frames one call at a time;
+- overlapped calls (``step(overlap=True)``) hand over the plain outputs one call later, allocate nothing and do
+  not wait for the call's GPU work.
 
 Run on the GPU machine: ``python -m pytest tests/test_gpu.py -q``.
 """
@@ -235,6 +237,35 @@ def test_auto_is_cuda_graph_on_a_gpu_without_engines(fp16_models):
     assert stream.runtime.captures
     expected = run(new_stream(fp16_models, make_config("self", 2), "cuda_graph"), frame_groups(4, seed=13))
     assert_outputs_close(run(stream, frame_groups(4, seed=13)), expected, SAME_TOL[torch.float16], "auto vs cuda_graph")
+
+
+@pytest.mark.parametrize("acceleration", ["cuda_graph", "compile"])
+def test_overlapped_calls_are_the_plain_outputs_one_call_later_without_a_stream_sync(fp16_models, acceleration):
+    """``step(overlap=True)`` (Stream Settings' overlap_executions) on CUDA: the plain stream's outputs one call
+    later (the first twice), zero CUDA allocations per call, and the host back from a call while its GPU work still
+    runs (a plain call returns when its frames are on the host)."""
+    cfg = make_config("self", 2)
+    groups = frame_groups(8, seed=21)
+    expected = run(new_stream(fp16_models, cfg, acceleration), groups)
+    stream = new_stream(fp16_models, cfg, acceleration)
+    got = [stream.step(g, overlap=True).clone() for g in groups]
+    assert_outputs_close(got, [expected[0]] + expected[:-1], SAME_TOL[torch.float16], "overlapped vs plain")
+
+    torch.cuda.synchronize()
+    before = allocations()
+    for g in groups * 20:
+        stream.step(g, overlap=True)
+    torch.cuda.synchronize()
+    assert allocations() - before == 0
+
+    # a slow kernel queued before a call keeps the CUDA stream busy: an overlapped call returns before it is done,
+    # a plain call only after it (its frames must be on the host)
+    for overlap in (True, False):
+        stream.step(groups[1], overlap=overlap)
+        torch.cuda._sleep(100_000_000)  # about 50 ms of GPU time
+        stream.step(groups[2], overlap=overlap)
+        assert torch.cuda.current_stream().query() is not overlap, f"overlap={overlap}"
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------- (3) zero allocations

@@ -6,6 +6,10 @@ memory makes the GPU queue drain before it starts; through pinned memory it is a
 that last used it: a buffer is reused two calls later, by which time its copy has long finished, so the
 wait is immediate and the copy overlaps the GPU's work on the other frame.
 
+A realtime call may also hand its frames over one call later (:meth:`HostIO.start_handover`,
+:meth:`HostIO.hand_over`): the copy to the host is queued behind the call's GPU work and waited for only when the
+next call asks for it, so the host does not wait for the GPU in between (docs/DESIGN.md section 4).
+
 Copies between host buffers go through :func:`streamrt.host_memory.host_copy` (numpy, large ones over a few
 threads of the pack's own, not torch's OpenMP pool: docs/DESIGN.md section 4).
 """
@@ -46,6 +50,8 @@ class HostIO:
         self._up = PinnedPair(shape) if self.pinned else None
         self._down = PinnedPair(shape) if self.pinned and download else None
         self._pending: tuple[int, torch.Tensor] | None = None
+        self._handover_events = [torch.cuda.Event() for _ in range(2)] if self.pinned and download else None
+        self._handover_slot = 0
 
     def _stream(self) -> torch.cuda.Stream:
         """The stream the copies to and from this device run on (its current stream, whichever device is
@@ -72,6 +78,29 @@ class HostIO:
         out.copy_(src, non_blocking=True)
         if synchronize and self.pinned and out.device.type == "cpu":
             torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def start_handover(self, src: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Queue a copy of ``src`` into a new CPU tensor (pinned on CUDA) behind the work on the stream, without
+        waiting for it; :meth:`hand_over` with the returned token gives the tensor once that copy has finished.
+
+        Tokens are handed over in the order they were started, at most one outstanding: the event of a token is
+        recorded again two starts later.
+        """
+        out = torch.empty(src.shape, dtype=src.dtype, pin_memory=self.pinned)
+        out.copy_(src, non_blocking=self.pinned)
+        slot = self._handover_slot
+        if self._handover_events is not None:
+            self._handover_slot ^= 1
+            self._handover_events[slot].record(self._stream())
+        return out, slot
+
+    def hand_over(self, token: tuple[torch.Tensor, int]) -> torch.Tensor:
+        """The tensor of a :meth:`start_handover` token, its copy finished (only that copy: the work queued on the
+        stream after it runs on)."""
+        out, slot = token
+        if self._handover_events is not None:
+            self._handover_events[slot].synchronize()
         return out
 
     def drain(self, src: torch.Tensor, dest: torch.Tensor) -> None:
