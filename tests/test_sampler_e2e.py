@@ -13,6 +13,7 @@
   (ConditioningConcat, 154 tokens) rebuilds the stream; one of another model's width (LotusConditioning: 1024),
   with several entries (ConditioningCombine) or with an area (ConditioningSetArea) is refused by name, and the
   next prompt runs. (CLIPTextEncode needs a real CLIP, which the tiny test models are not.)
+* Stream Settings' overlap_executions: each execution hands over the frame of the one before it.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def test_the_sampler_and_the_settings_nodes_as_object_info_lists_them(server: Co
     assert info["StreamRTSettings"]["input"]["required"]["cfg_type"][1]["default"] == "self"
     # optional, so workflows saved before it still validate; on unless turned off
     assert info["StreamRTSettings"]["input"]["optional"]["fused_projections"][1]["default"] is True
+    assert info["StreamRTSettings"]["input"]["optional"]["overlap_executions"][1]["default"] is False
     pack = {name: spec for name, spec in info.items() if spec.get("python_module", "").endswith(".StreamRT")}
     assert set(pack) >= {"StreamRTSampler", "StreamRTSettings", "StreamRTSimilarityFilter",
                          "StreamRTCachedAttention", "StreamRTLoadPipeline", "StreamRTBuildEngines"}
@@ -203,6 +205,33 @@ def test_stream_settings_turn_the_fused_projections_off(server: ComfyServer, cor
         assert stream.config.fused_qkv is fused
         for k in range(len(clip)):
             assert_close(got[k], stream.step(as_tensor(clip[k:k + 1]))[0])
+
+
+def test_stream_settings_overlap_executions_hands_each_frame_over_one_execution_later(server: ComfyServer,
+                                                                                      core_models) -> None:
+    """overlap_executions on: each execution returns the core's frame of the execution before it (the first one
+    twice), its status event says so and gives no sampler speed (its GPU work runs on after it); a batch video
+    through the same sampler stays aligned; off again, the next execution returns its own frame."""
+    prefix, clip = uid(), frames(5, seed=47)
+    names = upload(server, clip, prefix)
+    options = dict(overlap_executions=True, acceleration="eager")
+    with server.websocket() as ws:
+        got = [run_images(server, graph(prefix, [n], **options), prefix, ws)[0] for n in names[:3]]
+        ws.wait_for(lambda kind, d: kind == "streamrt.status" and len(status_events(ws, prefix)) == 3, timeout=30)
+        events = status_events(ws, prefix)
+    stream = core_stream(core_models, acceleration="eager")
+    expected = [stream.step(as_tensor(clip[k:k + 1]))[0] for k in range(3)]
+    for k, index in enumerate([0, 0, 1]):
+        assert_close(got[k], expected[index])
+    assert np.abs(got[2] - got[1]).max() > 10 * PNG_ATOL  # the shift is visible
+    assert [(e["overlap"], e["fps"], e["ms_per_frame"]) for e in events] == [(True, None, None)] * 3, events
+    assert [e["stream_frames"] for e in events] == [1, 2, 3]  # one stream all along
+    # a video (two frames) through the same sampler: aligned as always, the pending frame dropped
+    video = run_images(server, graph(prefix, names[3:5], **options), prefix)
+    assert_close(video, stream.process_video(as_tensor(clip[3:5])))
+    # overlap off (the stream is kept: the option is not part of its config): its own frame at once
+    alone = run_images(server, graph(prefix, names[:1], acceleration="eager"), prefix)[0]
+    assert_close(alone, stream.step(as_tensor(clip[0:1]))[0])
 
 
 def test_stream_devices_split_a_batch_video_and_refuse_devices_that_do_not_exist(server: ComfyServer) -> None:
