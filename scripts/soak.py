@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=500, help="executions queued per window (default 500)")
     parser.add_argument("--posted-frames", action="store_true",
                         help="the frame from Stream Frame Input, new frames posted all along (default: Load Image)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="Stream Settings' overlap_executions on (each execution hands over the previous frame)")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the result here as JSON")
     parser.add_argument("--front-end-root", default=None,
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = soak(server, executions=args.executions, model="soak-tiny", taesd="soak-taesd",
                           acceleration=args.acceleration, size=args.size, window=args.window,
-                          posted=args.posted_frames, log=logger.info)
+                          posted=args.posted_frames, overlap=args.overlap, log=logger.info)
         finally:
             log_tail = server.log_tail(60)
             if args.server_log:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": result.seconds, "executions_per_second": result.executions_per_second,
         "rss_slope_mb_per_1000": result.slope_mb_per_1000(1), "gpu_slope_mb_per_1000": result.slope_mb_per_1000(2),
         "samples": result.samples, "first_failures": result.failures[:5], "frames": "posted" if args.posted_frames
-        else "Load Image",
+        else "Load Image", "overlap_executions": args.overlap,
     }
     if result.poster is not None:
         summary.update(frames_posted=result.poster.posted, post_errors=result.poster.errors[:5])

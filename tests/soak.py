@@ -99,8 +99,9 @@ class FramePoster(threading.Thread):
 
 
 def realtime_graph(prefix: str, image: str | None, model: str, taesd: str, acceleration: str,
-                   source: str | None = None) -> Graph:
-    """The soak's graph: the frame from Load Image ``image``, or from Stream Frame Input ``source``."""
+                   source: str | None = None, overlap: bool = False) -> Graph:
+    """The soak's graph: the frame from Load Image ``image``, or from Stream Frame Input ``source``; ``overlap``:
+    Stream Settings' overlap_executions on."""
     g = Graph(prefix=prefix)
     load = g.node("StreamRTLoadPipeline", id=f"{prefix}load", model=model, taesd=taesd, dtype="auto", device="auto")
     if source is not None:
@@ -109,15 +110,16 @@ def realtime_graph(prefix: str, image: str | None, model: str, taesd: str, accel
     else:
         frame = g.node("LoadImage", image=image).out(0)
     sampler = add_sampler(g, load.out(0), id=f"{prefix}sampler", image=frame,
-                          **dict(SAMPLER, acceleration=acceleration))
+                          **dict(SAMPLER, acceleration=acceleration, overlap_executions=overlap))
     g.node("PreviewImage", id=f"{prefix}preview", images=sampler.out(0))
     return g
 
 
 def soak(server: ComfyServer, *, executions: int, model: str, taesd: str, acceleration: str = "auto",
-         size: int = 64, window: int = 200, posted: bool = False, log=None) -> SoakResult:
+         size: int = 64, window: int = 200, posted: bool = False, overlap: bool = False, log=None) -> SoakResult:
     """Queue the realtime graph ``executions`` times (after one warm-up execution, not counted); ``posted``: the
-    frames come from Stream Frame Input, posted by a :class:`FramePoster` all along (``result.poster``)."""
+    frames come from Stream Frame Input, posted by a :class:`FramePoster` all along (``result.poster``); ``overlap``:
+    each execution hands over the previous one's frame (Stream Settings' overlap_executions)."""
     rng = np.random.default_rng(5)
     pixels = [np.repeat(np.repeat(rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
               for _ in range(16 if posted else 1)]
@@ -129,8 +131,8 @@ def soak(server: ComfyServer, *, executions: int, model: str, taesd: str, accele
     else:
         image, source, poster = server.write_input_image(pixels[0], name=f"{prefix}.png"), None, None
     try:
-        return _soak(server, realtime_graph(prefix, image, model, taesd, acceleration, source), executions, window,
-                     poster, log)
+        return _soak(server, realtime_graph(prefix, image, model, taesd, acceleration, source, overlap), executions,
+                     window, poster, log)
     finally:
         if poster is not None:
             poster.stop()

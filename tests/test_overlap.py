@@ -15,6 +15,7 @@ import torch
 from stream_helpers import assert_all_equal, frame_groups, make_config, make_frames, run_steps
 
 from streamrt import SimilarityFilterConfig, Stream, StreamRequest, StreamSessions, StreamSettings
+from streamrt.stages import StagedStream
 
 
 def overlapped(stream: Stream, groups) -> list[torch.Tensor]:
@@ -105,3 +106,16 @@ def test_sessions_run_overlapped_calls_for_a_request_that_asks(tiny_models):
 def test_settings_carry_the_option_and_default_to_off():
     assert StreamSettings().overlap_executions is False
     assert StreamSettings().with_(overlap_executions=True).overlap_executions is True
+
+
+def test_a_stream_split_into_stages_overlaps_the_same_way(tiny_models):
+    """A step-parallel stream (streamrt.stages, here both stages on the CPU): overlapped calls hand over its own
+    plain outputs one call later, and a reset drops the pending frames."""
+    config = make_config()
+    inputs = frame_groups(5, 1, seed=15)
+    plain = run_steps(StagedStream([tiny_models] * 2, config, prompt="a cat"), inputs)
+    staged = StagedStream([tiny_models] * 2, config, prompt="a cat")
+    assert_all_equal(overlapped(staged, inputs), [plain[0]] + plain[:-1])
+    staged.reset()
+    again = run_steps(StagedStream([tiny_models] * 2, config, prompt="a cat"), inputs[:2])
+    assert_all_equal(overlapped(staged, inputs[:2]), [again[0], again[0]])
