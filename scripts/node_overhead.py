@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 overhead.probe_install(server, "timers")
                 summary["breakdown"] = {"executions": args.breakdown, "graphs": {
                     name: overhead.breakdown(overhead.per_execution(server, graphs[name], args.breakdown))
-                    for name in ("trivial", "shaped", "realtime", "bare")}}
+                    for name in ("trivial", "shaped", "realtime", "bare") + (("overlapped",) if args.overlap else ())}}
             if args.counts:
                 overhead.probe_install(server, "counts")
                 records = overhead.per_execution(server, graphs["realtime"], args.counts)
