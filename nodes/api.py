@@ -29,6 +29,7 @@ from PIL import Image
 
 from ..streamrt.families import FAMILIES
 from ..streamrt.frame_inbox import FrameInbox, FrameInputError
+from ..streamrt.frames import is_clamped
 from ..streamrt.loading import LdmWeights, ModelLoadError
 from ..streamrt.names import FolderIndex, plain_relative_name
 from ..streamrt.prompts import TextEmbedding
@@ -201,8 +202,11 @@ def preview_image(frame: torch.Tensor, max_size: int | None = None) -> tuple[str
     side; 0 or None: any size) is scaled down by the server."""
     # numpy on this thread, not torch's OpenMP pool (streamrt.runtime.host_io.host_copy); two passes over the frame
     # (clip into one copy, then scale straight into the 8-bit image, truncating as Preview Image and Save Image do)
-    # instead of scaling, clipping, rounding and casting in four
-    pixels = np.clip(frame.detach().to("cpu", torch.float32).numpy(), 0.0, 1.0)
+    # instead of scaling, clipping, rounding and casting in four; one pass for frames that cannot leave [0, 1] (a
+    # stream's outputs: streamrt.frames.mark_clamped)
+    pixels = frame.detach().to("cpu", torch.float32).numpy()
+    if not is_clamped(frame):
+        pixels = np.clip(pixels, 0.0, 1.0)
     pixels = np.multiply(pixels, 255.0, out=np.empty(pixels.shape, np.uint8), casting="unsafe")
     larger = max_size and max(pixels.shape[0], pixels.shape[1]) > max_size
     return "JPEG", Image.fromarray(pixels[..., :3]), int(max_size) if larger else None

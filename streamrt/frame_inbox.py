@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .frames import mark_finite
+from .frames import mark_clamped, mark_finite
 
 #: a source name: letters, digits, ``_ . -``, starting with a letter or digit (it is only ever a key, never a path)
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -121,9 +121,11 @@ def read_frame(source: str, data: bytes, content_type: str | None, *, width: obj
     return PostedFrame(source, 0, data, fmt, w, h, 0, time.monotonic())
 
 
-def decode_frame(frame: PostedFrame) -> torch.Tensor:
+def decode_frame(frame: PostedFrame, pin_memory: bool = False) -> torch.Tensor:
     """The frame as an IMAGE ``[1, H, W, 3]`` float32 tensor in [0, 1], computed as ComfyUI's Load Image does (8-bit
-    values divided by 255 in float32), so a PNG gives the same tensor either way. An alpha channel is dropped."""
+    values divided by 255 in float32), so a PNG gives the same tensor either way. An alpha channel is dropped.
+    ``pin_memory``: in page-locked memory, which a stream on a GPU uploads without first copying it into its own
+    pinned buffer (docs/DESIGN.md section 4)."""
     if frame.format == "RAW":
         pixels = np.frombuffer(frame.data, np.uint8).reshape(frame.height, frame.width, frame.channels)[..., :3]
     else:
@@ -133,20 +135,23 @@ def decode_frame(frame: PostedFrame) -> torch.Tensor:
         except Exception as err:  # a header that read well over a body that does not decode
             raise FrameInputError(f"the {frame.format} frame posted to {frame.source!r} could not be decoded: "
                                   f"{err}") from None
-    out = np.empty((1, frame.height, frame.width, 3), np.float32)
-    np.divide(pixels, np.float32(255.0), out=out[0], casting="unsafe")
-    return mark_finite(torch.from_numpy(out))  # 8-bit values / 255: a stream need not check them for NaN / inf
+    out = torch.empty((1, frame.height, frame.width, 3), dtype=torch.float32, pin_memory=pin_memory)
+    np.divide(pixels, np.float32(255.0), out=out.numpy()[0], casting="unsafe")
+    return mark_clamped(mark_finite(out))  # 8-bit values / 255: no NaN / inf to check, nothing outside [0, 1]
 
 
 class FrameInbox:
     """The newest frame posted under each source name, and its decoded copy once a graph asked for it.
 
     Thread-safe: the server's event loop posts, ComfyUI's worker thread takes. Holds at most
-    :data:`MAX_SOURCES` sources; a post to a new name beyond that is refused until one is removed.
+    :data:`MAX_SOURCES` sources; a post to a new name beyond that is refused until one is removed. ``pin_memory``:
+    decode into page-locked memory (see :func:`decode_frame`); None (the default): when the process has initialised
+    CUDA by the time of the decode (a process that runs on the CPU alone is not made to create a CUDA context).
     """
 
-    def __init__(self, max_sources: int = MAX_SOURCES) -> None:
+    def __init__(self, max_sources: int = MAX_SOURCES, pin_memory: bool | None = None) -> None:
         self._max_sources = max_sources
+        self._pin_memory = pin_memory
         self._frames: dict[str, PostedFrame] = {}
         self._decoded: dict[str, tuple[int, torch.Tensor]] = {}
         self._sequence = 0
@@ -203,7 +208,8 @@ class FrameInbox:
             decoded = self._decoded.get(source)
             if decoded is not None and decoded[0] == frame.sequence:
                 return frame, decoded[1]
-        image = decode_frame(frame)  # outside the lock: a post must not wait for a decode
+        pinned = torch.cuda.is_initialized() if self._pin_memory is None else self._pin_memory
+        image = decode_frame(frame, pinned)  # outside the lock: a post must not wait for a decode
         with self._changed:
             if self._frames.get(source) is frame:
                 self._decoded[source] = (frame.sequence, image)

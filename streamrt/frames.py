@@ -44,6 +44,8 @@ def resize_frames(frames: torch.Tensor, width: int, height: int) -> torch.Tensor
     resized = resized.movedim(1, -1).contiguous()
     if _finite_by_construction(frames):  # bilinear weights are convex: as finite as its input
         mark_finite(resized)
+    if is_clamped(frames):  # ... and within its range
+        mark_clamped(resized)
     return resized if frames.dim() == 4 else resized[0]
 
 
@@ -98,8 +100,10 @@ def check_frames(frames: torch.Tensor, *, width: int, height: int, frames_per_st
     return frames
 
 
-#: id -> frames made from 8-bit pixels by the pack itself (:func:`mark_finite`), finite by construction. Keyed by id
-#: and compared by identity: a tensor's ``==`` is elementwise, so weak sets of tensors cannot test membership.
+#: storage address -> frames made from 8-bit pixels by the pack itself (:func:`mark_finite`), finite by construction.
+#: Keyed by the address of the tensor's memory, so that views of it are found too (``Tensor._base`` is not kept for
+#: views of inference tensors, which a stream's outputs are); while the recorded tensor lives, no other memory can
+#: have its address. (A weak set of tensors cannot test membership: a tensor's ``==`` is elementwise.)
 _FINITE_BY_CONSTRUCTION: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
@@ -108,12 +112,40 @@ def mark_finite(frames: torch.Tensor) -> torch.Tensor:
     so that :class:`FiniteCheck` need not sum them (0.66 ms per 512² frame on the H200 machine: BENCHMARKS.md, run D
     of the realtime graph through ComfyUI). The record goes with the tensor; its holders treat it as immutable, as
     ComfyUI does its IMAGE tensors."""
-    _FINITE_BY_CONSTRUCTION[id(frames)] = frames
+    _FINITE_BY_CONSTRUCTION[_address(frames)] = frames
     return frames
 
 
+def _address(frames: torch.Tensor) -> int:
+    return frames.untyped_storage().data_ptr()
+
+
+def _recorded(registry: weakref.WeakValueDictionary[int, torch.Tensor], frames: torch.Tensor) -> bool:
+    """Whether ``frames`` is, or is a view of, a tensor in ``registry``."""
+    address = _address(frames)
+    recorded = registry.get(address)
+    return recorded is not None and _address(recorded) == address
+
+
 def _finite_by_construction(frames: torch.Tensor) -> bool:
-    return any(t is not None and _FINITE_BY_CONSTRUCTION.get(id(t)) is t for t in (frames, frames._base))
+    return _recorded(_FINITE_BY_CONSTRUCTION, frames)
+
+
+#: id -> frames whose values cannot lie outside [0, 1] (:func:`mark_clamped`), as :data:`_FINITE_BY_CONSTRUCTION`
+_CLAMPED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def mark_clamped(frames: torch.Tensor) -> torch.Tensor:
+    """Record that no value of ``frames`` (or of views of it) lies outside [0, 1]: a stream's outputs, clamped on the
+    device, and 8-bit pixels divided by 255. NaN is not excluded (a clamp keeps it), so this is no finiteness record;
+    what it saves is clipping before a conversion to 8 bits (the stream view's preview, ``nodes/api.py``)."""
+    _CLAMPED[_address(frames)] = frames
+    return frames
+
+
+def is_clamped(frames: torch.Tensor) -> bool:
+    """Whether :func:`mark_clamped` recorded ``frames`` or the tensor it is a view of."""
+    return _recorded(_CLAMPED, frames)
 
 
 class FiniteCheck:

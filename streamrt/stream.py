@@ -24,7 +24,7 @@ import torch
 from .buffers import StreamBuffers, allocate_buffers
 from .config import Acceleration, CfgType, StreamConfig, StreamStage
 from .controlnet import ControlNet, ControlState
-from .frames import FiniteCheck, check_frames
+from .frames import FiniteCheck, check_frames, mark_clamped
 from .kv_cache import KVCache, PromptKV, attention_caches_fit, fuse_self_attention_projections, install_kv_processors
 from .kv_export import kv_cache_io_spec
 from .models import StreamModels
@@ -170,11 +170,11 @@ class StreamCalls:
         previous, self._handover = self._handover, None
         ran = self._call(frames, images)
         if not overlap or not ran or self.similarity.enabled or out is not None:
-            return self._output(ran, out, synchronize)
+            return mark_clamped(self._output(ran, out, synchronize))
         self._handover = self._host.start_handover(self._frames_out)
         if previous is None:  # the pipeline fills: this output now, and again (the same frames) next call
-            return self._host.hand_over(self._handover).clone()
-        return self._host.hand_over(previous)
+            return mark_clamped(self._host.hand_over(self._handover).clone())
+        return mark_clamped(self._host.hand_over(previous))
 
     def check_control(self, control: Sequence[torch.Tensor] | None, count: int,
                       validated: bool = False) -> list[torch.Tensor] | None:
@@ -245,7 +245,7 @@ class StreamCalls:
             torch.cuda.current_stream(host.device).synchronize()
         if preview is not None:
             preview(result)
-        return result
+        return mark_clamped(result)  # every frame came out of the device's clamp to [0, 1]
 
     @torch.inference_mode()
     def txt2img(self, count: int = 1) -> torch.Tensor:
@@ -256,7 +256,7 @@ class StreamCalls:
             self.step(None, out=result[target * f:(target + 1) * f] if target >= 0 else None, synchronize=False)
         if self._host.pinned:
             torch.cuda.current_stream(self._host.device).synchronize()
-        return result
+        return mark_clamped(result)  # every frame came out of the device's clamp to [0, 1]
 
 
 class Stream(StreamCalls):

@@ -169,3 +169,31 @@ def test_decoded_frames_skip_the_streams_nan_check_and_copies_do_not(monkeypatch
     monkeypatch.undo()
     with pytest.raises(ValueError, match="NaN"):
         check_frames(poisoned, width=40, height=24, frames_per_step=1)
+
+
+def test_frames_that_cannot_leave_0_1_are_recorded_as_clamped_and_a_streams_outputs_stay_checked(tiny_models,
+                                                                                                 monkeypatch):
+    """Decoded frames and a stream's outputs (clamped on the device) are recorded as within [0, 1], views and
+    resizes too, so the preview's conversion to 8 bits need not clip them; a stream's output is not recorded as
+    finite (a clamp keeps NaN), so a stream fed with it still checks it."""
+    from stream_helpers import make_config, make_frames
+
+    from streamrt import Stream
+    from streamrt import frames as frames_module
+    from streamrt.frames import check_frames, is_clamped, resize_frames
+
+    inbox = FrameInbox()
+    inbox.post("cam", _encoded(_pixels()), "image/png")
+    _, image = inbox.take("cam")
+    assert is_clamped(image) and is_clamped(image[0]) and is_clamped(resize_frames(image, 16, 8))
+    assert not is_clamped(image.clone())
+    stream = Stream(tiny_models, make_config(), prompt="a cat")
+    frame = make_frames(1, seed=1)
+    outputs = [stream.step(frame), stream.step(frame, overlap=True), stream.step(frame, overlap=True),
+               stream.process_video(make_frames(2, seed=2)), stream.txt2img(1)]
+    assert all(is_clamped(out) and is_clamped(out[-1]) for out in outputs)
+    assert not is_clamped(frame)
+    sums = []
+    monkeypatch.setattr(frames_module, "host_sum", lambda array: sums.append(array.shape) or 0.0)
+    check_frames(outputs[0], width=64, height=64, frames_per_step=1)
+    assert len(sums) == 1

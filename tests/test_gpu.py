@@ -12,7 +12,8 @@
 - ``reset()`` after the capture replays the first outputs;
 - ``process_video`` on CUDA equals feeding the frames one call at a time;
 - overlapped calls (``step(overlap=True)``) hand over the plain outputs one call later, allocate nothing and do
-  not wait for the call's GPU work.
+  not wait for the call's GPU work;
+- Stream Frame Input's frames are decoded into pinned memory in a CUDA process and stream as ordinary ones.
 
 Run on the GPU machine: ``python -m pytest tests/test_gpu.py -q``.
 """
@@ -266,6 +267,31 @@ def test_overlapped_calls_are_the_plain_outputs_one_call_later_without_a_stream_
         stream.step(groups[2], overlap=overlap)
         assert torch.cuda.current_stream().query() is not overlap, f"overlap={overlap}"
         torch.cuda.synchronize()
+
+
+def test_a_posted_frame_is_decoded_into_pinned_memory_and_streams_as_a_pageable_copy(fp16_models):
+    """Stream Frame Input's frames (streamrt.frame_inbox) in a process that uses CUDA are decoded into page-locked
+    memory, which a stream uploads without its own staging copy; the values are Load Image's and the stream's
+    outputs those of the same frame in ordinary memory."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from streamrt.frame_inbox import FrameInbox
+
+    pixels = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    inbox = FrameInbox()  # pins by default once CUDA is initialised, as it is here
+    inbox.post("cam", png.getvalue(), "image/png")
+    _, frame = inbox.take("cam")
+    assert frame.is_pinned()
+    assert torch.equal(frame, torch.from_numpy(pixels.astype(np.float32) / 255.0)[None])
+    cfg = make_config("self", 2)
+    posted, pageable = new_stream(fp16_models, cfg, "cuda_graph"), new_stream(fp16_models, cfg, "cuda_graph")
+    for _ in range(3):
+        assert torch.equal(posted.step(frame), pageable.step(frame.clone()))
 
 
 # ---------------------------------------------------------------------------------------------- (3) zero allocations
