@@ -13,7 +13,7 @@
 //   the prompts that ran the sampler while streaming, over the last LOOP_WINDOW intervals: what the stream
 //   really delivers, capture, upload and queueing included.
 // * Status events. The sampler sends "streamrt.status" after each execution: {node, workflow, prompt_id, frames,
-//   seconds, ms_per_frame, fps, stream_frames, backend, acceleration, parts, notes, device, state}; "node" is the
+//   seconds, ms_per_frame, fps, overlap, stream_frames, backend, acceleration, parts, notes, device, state}; "node" is the
 //   node's unique id (the graph node id, or "outer:inner" inside a subgraph). A video also sends
 //   {state: "batch", done, total, fps} while it runs (with its newest frame as the node's preview).
 //   The sampler fps on the panel is an exponential moving average seeded with the first measurement of a stream.
@@ -109,10 +109,14 @@ function applyStatus(node, data) {
   const newStream = !prev || prev.stream_frames === null || data.state === "reset" ||
     (streamFrames !== null && frames !== null && streamFrames <= frames) ||
     (streamFrames !== null && streamFrames < prev.stream_frames);
-  let ema = newStream ? null : prev.fps;
+  // Overlapped executions (Stream Settings' overlap_executions) hand over the frame of the execution before and
+  // report no speed of their own: the loop's rate is the stream's; an average from before would be stale.
+  const overlap = data.overlap === true;
+  let ema = newStream || overlap ? null : prev.fps;
   if (fps !== null) ema = ema === null ? fps : ema + EMA_ALPHA * (fps - ema);
   node.streamrtStatus = {
     state: typeof data.state === "string" ? data.state : "streaming",
+    overlap,
     fps: ema,
     last_fps: fps,
     ms_per_frame: finite(data.ms_per_frame),
@@ -192,6 +196,7 @@ function statusLines(node) {
   if (!s) return [state, "loop –   sampler –", "frames 0   backend –"];
   const speed = s.state === "batch"
     ? `sampler ${fpsText(s.batch_fps)} so far`
+    : s.overlap ? `loop ${fpsText(rate)}   sampler overlapped (frames 1 execution later)`
     : `loop ${fpsText(rate)}   sampler ${fpsText(s.fps)}   ${fmt(s.ms_per_frame, 1)} ms`;
   const device = s.device ? ` · ${s.device}` : "";
   return [state, speed, `frames ${s.stream_frames ?? "–"}   ${s.backend ?? "–"}${device}`];

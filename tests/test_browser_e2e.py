@@ -644,7 +644,7 @@ def test_status_events_of_another_workflow_are_ignored(page: ComfyPage, comfy_se
 
 #: LoadImage [-> RepeatImageBatch] -> Realtime Sampler (tiny models) -> Stream Preview, built in the page
 GRAPH_JS = """
-const [model, taesd, image, repeat, steps] = arguments;
+const [model, taesd, image, repeat, steps, overlap] = arguments;
 app.graph.clear();
 const add = (type, pos) => { const n = LiteGraph.createNode(type); app.graph.add(n); n.pos = pos; return n; };
 const set = (node, name, value) => { node.widgets.find(w => w.name === name).value = value; };
@@ -665,6 +665,11 @@ view.setSize([300, 300]);
 load.connect(0, sampler, "pipeline");
 frames.connect(0, sampler, "image");
 sampler.connect(0, view, "images");
+if (overlap) {
+    const settings = add("StreamRTSettings", [420, 700]);
+    set(settings, "overlap_executions", true);
+    settings.connect(0, sampler, "settings");
+}
 app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];
 return {sampler: sampler.id, view: view.id};
 """
@@ -672,14 +677,14 @@ return {sampler: sampler.id, view: view.id};
 
 @pytest.fixture
 def own_graph(page: ComfyPage, comfy_server: ComfyServer, example: dict):
-    """Build a graph with GRAPH_JS (``own_graph(repeat=..., steps=..., size=...)``); load the example again
-    afterwards."""
+    """Build a graph with GRAPH_JS (``own_graph(repeat=..., steps=..., size=..., overlap=...)``); load the example
+    again afterwards."""
     rng = np.random.default_rng(5)
 
-    def build(repeat: int = 0, steps: int = 2, size: int = SIZE) -> dict:
+    def build(repeat: int = 0, steps: int = 2, size: int = SIZE, overlap: bool = False) -> dict:
         picture = np.repeat(np.repeat(rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8), 8, 0), 8, 1)
         name = comfy_server.write_input_image(picture, name=f"browser_frame_{size}.png")
-        return page.js(GRAPH_JS, MODEL, TAESD, name, repeat, steps)
+        return page.js(GRAPH_JS, MODEL, TAESD, name, repeat, steps, overlap)
 
     yield build
     stop_streaming(page, comfy_server)
@@ -728,6 +733,25 @@ def test_a_video_previews_on_the_sampler_before_it_ends(page: ComfyPage, comfy_s
     assert final["status"]["state"] in ("warming", "streaming") and final["status"]["frames"] == frames_in
     # the node keeps the last frame
     assert page.js("return (app.nodePreviewImages[String(arguments[0])] ?? []).length;", graph["sampler"]) == 1
+
+
+def test_overlapped_executions_show_the_loop_rate_and_the_frames(page: ComfyPage, comfy_server: ComfyServer,
+                                                                   own_graph) -> None:
+    """A sampler with Stream Settings' overlap_executions on, streamed with ▶ Stream: its panel says that it is
+    overlapped instead of showing a sampler speed of its own (its executions return before their work is done), the
+    loop's rate is there, and the Stream Preview shows frames."""
+    graph = own_graph(steps=1, size=SIZE // 2, overlap=True)
+    page.js("window.StreamRT.loop.start();")
+    page.wait_until(lambda: status(page, graph["sampler"])["loop"]["executions"] >= 6, timeout=300, poll=0.5,
+                    what="6 overlapped executions")
+    state = status(page, graph["sampler"])
+    stop_streaming(page, comfy_server)
+    events = events_for(page, graph["sampler"])[-6:]
+    assert all(e["overlap"] is True and e["fps"] is None for e in events), events
+    assert state["status"]["overlap"] is True and state["status"]["fps"] is None, state
+    overlapped_line = r"loop \d+(?:\.\d+)? fps\s+sampler overlapped \(frames 1 execution later\)"
+    assert re.fullmatch(overlapped_line, state["lines"][1]), state["lines"]
+    assert page.js("return (app.nodePreviewImages[String(arguments[0])] ?? []).length;", graph["view"]) == 1
 
 
 def test_history_stays_bounded_over_200_executions(page: ComfyPage, comfy_server: ComfyServer, own_graph) -> None:
