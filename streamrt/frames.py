@@ -131,7 +131,8 @@ def _finite_by_construction(frames: torch.Tensor) -> bool:
     return _recorded(_FINITE_BY_CONSTRUCTION, frames)
 
 
-#: id -> frames whose values cannot lie outside [0, 1] (:func:`mark_clamped`), as :data:`_FINITE_BY_CONSTRUCTION`
+#: storage address -> frames whose values cannot lie outside [0, 1] (:func:`mark_clamped`), as
+#: :data:`_FINITE_BY_CONSTRUCTION`
 _CLAMPED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 

@@ -170,7 +170,8 @@ class StreamCalls:
         previous, self._handover = self._handover, None
         ran = self._call(frames, images)
         if not overlap or not ran or self.similarity.enabled or out is not None:
-            return mark_clamped(self._output(ran, out, synchronize))
+            result = self._output(ran, out, synchronize)
+            return result if out is not None else mark_clamped(result)  # a caller's buffer may hold more than this
         self._handover = self._host.start_handover(self._frames_out)
         if previous is None:  # the pipeline fills: this output now, and again (the same frames) next call
             return mark_clamped(self._host.hand_over(self._handover).clone())

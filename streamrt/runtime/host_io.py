@@ -50,7 +50,7 @@ class HostIO:
         self._up = PinnedPair(shape) if self.pinned else None
         self._down = PinnedPair(shape) if self.pinned and download else None
         self._pending: tuple[int, torch.Tensor] | None = None
-        self._handover_events = [torch.cuda.Event() for _ in range(2)] if self.pinned and download else None
+        self._handover_events = [torch.cuda.Event() for _ in range(2)] if self.pinned else None
         self._handover_slot = 0
 
     def _stream(self) -> torch.cuda.Stream:
