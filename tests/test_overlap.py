@@ -119,3 +119,24 @@ def test_a_stream_split_into_stages_overlaps_the_same_way(tiny_models):
     staged.reset()
     again = run_steps(StagedStream([tiny_models] * 2, config, prompt="a cat"), inputs[:2])
     assert_all_equal(overlapped(staged, inputs[:2]), [again[0], again[0]])
+
+
+def test_a_controlnet_stream_overlaps_the_same_way(tiny_models):
+    """With a ControlNet each call stages its control image with its frames: overlapped, the outputs are still the
+    plain stream's one call later."""
+    from test_stream_controlnet import tiny_controlnet
+
+    from streamrt.controlnet import ControlNet
+
+    net = tiny_controlnet(tiny_models.unet, seed=3)
+    config = make_config()
+    inputs = frame_groups(4, 1, seed=16)
+    controls = frame_groups(4, 1, seed=17)
+
+    def stream() -> Stream:
+        return Stream(tiny_models, config, prompt="a cat", controlnets=[ControlNet(net, 1.0)])
+
+    plain_stream, overlapped_stream = stream(), stream()
+    plain = [plain_stream.step(g, control=[c]).clone() for g, c in zip(inputs, controls)]
+    got = [overlapped_stream.step(g, control=[c], overlap=True).clone() for g, c in zip(inputs, controls)]
+    assert_all_equal(got, [plain[0]] + plain[:-1])
