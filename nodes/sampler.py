@@ -167,7 +167,7 @@ class StreamSampler(api.AlwaysExecutes):
         runtime = stream.runtime
         # an overlapped execution's time is the host's part alone (its GPU work runs on after it): no sampler
         # speed then, the panel's loop rate is the stream's
-        overlapped = request.overlap and not video
+        overlapped = stream.overlapped
         api.send_status({
             "node": node_id, "workflow": owner[0], "frames": count, "seconds": seconds,
             "ms_per_frame": None if overlapped else 1000.0 * seconds / count,

@@ -145,6 +145,12 @@ class StreamCalls:
     #: the frames of the last ``overlap`` call, still to be handed over (see :meth:`step`)
     _handover: tuple[torch.Tensor, int] | None = None
 
+    @property
+    def overlapped(self) -> bool:
+        """Whether the last call left its frames to be handed over by the next one (``step(overlap=True)`` that
+        did overlap: not with the similarity filter, not a video)."""
+        return self._handover is not None
+
     @torch.inference_mode()
     def step(self, frames: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
              synchronize: bool = True, validated: bool = False,

@@ -101,7 +101,7 @@ def build_graphs(prefix: str, image: str, model: str, taesd: str, acceleration: 
     ``overlapped``: the realtime graph with Stream Settings' ``overlap_executions`` on (its own sampler node, so
     its own stream), whose executions hand over the previous execution's frame while their GPU work runs on."""
     load = source_node(source, image)
-    sink_kind, sink = sink, sink_node(sink, [f"{prefix}x", 0])
+    view = sink_node(sink, [f"{prefix}x", 0])
     loader = {"class_type": "StreamRTLoadPipeline",
               "inputs": {"model": model, "taesd": taesd, "dtype": "auto", "device": "auto"}}
     sampler = sampler_nodes(prefix, acceleration, **sampler_options)
@@ -110,24 +110,24 @@ def build_graphs(prefix: str, image: str, model: str, taesd: str, acceleration: 
     graphs = {
         "trivial": {f"{prefix}img": load, f"{prefix}x": {"class_type": "OverheadPassthrough",
                                                            "inputs": {"image": [f"{prefix}img", 0]}},
-                    f"{prefix}sink": sink},
+                    f"{prefix}sink": view},
         "trivial_v3": {f"{prefix}img": load, f"{prefix}x": {"class_type": "OverheadPassthroughV3",
                                                               "inputs": {"image": [f"{prefix}img", 0]}},
-                       f"{prefix}sink": sink},
+                       f"{prefix}sink": view},
         "shaped": {**settings, f"{prefix}img": load, f"{prefix}load": loader,
                    f"{prefix}x": {"class_type": "OverheadShapedSampler", "inputs": sampler_like},
-                   f"{prefix}sink": sink},
+                   f"{prefix}sink": view},
         "realtime": {**settings, f"{prefix}img": load, f"{prefix}load": loader,
                      f"{prefix}x": {"class_type": "StreamRTSampler", "inputs": sampler_like},
-                     f"{prefix}sink": sink},
+                     f"{prefix}sink": view},
         "bare": {**settings, f"{prefix}img": load, f"{prefix}load": loader,
                  f"{prefix}x": {"class_type": "OverheadBareStep", "inputs": sampler_like},
-                 f"{prefix}sink": sink},
+                 f"{prefix}sink": view},
     }
     if overlap:
         p = f"{prefix}v"
         graphs["overlapped"] = {**sampler_nodes(p, acceleration, overlap_executions=True, **sampler_options),
-                                f"{p}img": load, f"{p}load": loader, f"{p}sink": sink_node(sink_kind, [f"{p}x", 0])}
+                                f"{p}img": load, f"{p}load": loader, f"{p}sink": sink_node(sink, [f"{p}x", 0])}
     return {name: {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in g.items()}
             for name, g in graphs.items()}
 

@@ -28,9 +28,13 @@ def test_overlapped_outputs_are_the_plain_streams_one_call_later(tiny_models, fr
     config = make_config(frames_per_step=frames_per_step)
     inputs = frame_groups(6, frames_per_step, seed=4)
     plain = run_steps(Stream(tiny_models, config, prompt="a cat"), inputs)
-    got = overlapped(Stream(tiny_models, config, prompt="a cat"), inputs)
+    stream = Stream(tiny_models, config, prompt="a cat")
+    got = overlapped(stream, inputs)
     assert_all_equal(got, [plain[0]] + plain[:-1])
     assert not torch.equal(plain[2], plain[3])  # the shift is visible: consecutive outputs differ
+    assert stream.overlapped  # its last frames wait for the next call
+    stream.step(inputs[0])
+    assert not stream.overlapped
 
 
 def test_overlapped_txt2img_is_shifted_too(tiny_models):
@@ -76,7 +80,9 @@ def test_with_the_similarity_filter_each_call_answers_with_its_own_frames(tiny_m
     still = make_frames(1, seed=9)
     inputs = [still, still, make_frames(1, seed=10), still]
     plain = run_steps(Stream(tiny_models, config, prompt="a cat"), inputs)
-    assert_all_equal(overlapped(Stream(tiny_models, config, prompt="a cat"), inputs), plain)
+    stream = Stream(tiny_models, config, prompt="a cat")
+    assert_all_equal(overlapped(stream, inputs), plain)
+    assert not stream.overlapped  # what the sampler's status reports: this stream does not overlap
 
 
 def test_the_frames_handed_over_twice_are_separate_tensors(tiny_models):

@@ -234,6 +234,25 @@ def test_stream_settings_overlap_executions_hands_each_frame_over_one_execution_
     assert_close(alone, stream.step(as_tensor(clip[0:1]))[0])
 
 
+def test_with_the_similarity_filter_overlap_executions_reports_what_really_runs(server: ComfyServer,
+                                                                                core_models) -> None:
+    """The similarity filter needs every output when it is made, so with it a stream does not overlap: each execution
+    returns its own frame and its status event says so, with the sampler's speed."""
+    prefix, clip = uid(), frames(2, seed=48)
+    names = upload(server, clip, prefix)
+    options = dict(overlap_executions=True, similarity_filter=True, similarity_threshold=0.9999,
+                   similarity_max_skip=1, acceleration="eager")
+    with server.websocket() as ws:
+        got = [run_images(server, graph(prefix, [n], **options), prefix, ws)[0] for n in names]
+        ws.wait_for(lambda kind, d: kind == "streamrt.status" and len(status_events(ws, prefix)) == 2, timeout=30)
+        events = status_events(ws, prefix)
+    stream = core_stream(core_models, **options)
+    for k in range(len(clip)):
+        assert_close(got[k], stream.step(as_tensor(clip[k:k + 1]))[0])
+    assert [e["overlap"] for e in events] == [False, False], events
+    assert all(e["fps"] > 0 and e["ms_per_frame"] > 0 for e in events), events
+
+
 def test_stream_devices_split_a_batch_video_and_refuse_devices_that_do_not_exist(server: ComfyServer) -> None:
     """Stream Devices (multi-GPU) chained into the settings: a batch video split over two streams (here both on the
     CPU, which this machine has) gives the frames of one stream, bit for bit; a GPU that does not exist is refused
