@@ -9,6 +9,7 @@ parent adds the interpreter's start (process wall time minus the child's own tot
 
     python scripts/compile_restart.py --preset sd-turbo --size 512 --work /tmp/restart --json restart.json
     python scripts/compile_restart.py --device cpu --size 64      # the tiny model on a CPU (compiled, no graph)
+    python scripts/compile_restart.py --profile prof   # + each process's cProfile and import times in prof/
 
 The stream is the benchmark's scenario a: 1 step (t_index 32), cfg none, one frame per step.
 """
@@ -53,6 +54,7 @@ def child(args: argparse.Namespace) -> dict:
     config = StreamConfig(width=args.size, height=args.size, t_index_list=(32,), cfg_type="none",
                           acceleration="compile")
     runtime = prepare(models, config, compile_options=CompileOptions(cache_dir=str(work / "torch_compile")))
+    mark("prepared")
     stream = Stream(models, config, prompt="a watercolor painting of a lighthouse", runtime=runtime)
     mark("stream made")
     frame = torch.rand(1, args.size, args.size, 3, generator=torch.Generator().manual_seed(0))
@@ -65,6 +67,26 @@ def child(args: argparse.Namespace) -> dict:
             "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
+def slowest_imports(importtime: str, count: int = 25) -> str:
+    """The ``count`` top-level-most imports with the largest cumulative time, from ``-X importtime`` output."""
+    rows = []
+    for line in importtime.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append((int(parts[1]), parts[2].rstrip()))
+    return "\n".join(f"{us:>10} {name}" for us, name in sorted(rows, reverse=True)[:count])
+
+
+def profile_summary(path: Path, count: int = 45) -> str:
+    """The ``count`` entries of a cProfile dump with the largest cumulative time."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    pstats.Stats(str(path), stream=out).sort_stats("cumulative").print_stats(count)
+    return out.getvalue()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="random-weight preset (default: sd-turbo on a GPU, tiny on a CPU)")
@@ -72,10 +94,20 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--work", default=None, help="folder for the pipeline and the cache (default: a temporary one)")
     p.add_argument("--json", default=None, help="write the result here")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one timed start (internal)
+    p.add_argument("--profile", default=None,
+                   help="folder for each process's cProfile (<name>.prof) and import times (<name>_imports.txt)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one timed start, named (internal)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args)))  # the parent reads this line
+        if args.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            result = profiler.runcall(child, args)
+            profiler.dump_stats(str(Path(args.profile) / f"{args.child}.prof"))
+        else:
+            result = child(args)
+        print(json.dumps(result))  # the parent reads this line
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     sys.path.insert(0, str(REPO))
@@ -88,13 +120,21 @@ def main() -> int:
     shutil.rmtree(work / "torch_compile", ignore_errors=True)
     runs = {}
     for name in ("cold", "warm"):
-        cmd = [sys.executable, __file__, "--child", "--size", str(args.size), "--device", args.device,
+        cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size), "--device", args.device,
                "--work", str(work)]
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            cmd[1:1] = ["-X", "importtime"]
+            cmd += ["--profile", args.profile]
         start = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode:
             raise SystemExit(f"the {name} process failed:\n{done.stderr[-4000:]}")
+        if args.profile:
+            (Path(args.profile) / f"{name}_imports.txt").write_text(done.stderr, encoding="utf-8")
+            logger.info("%s: slowest imports (cumulative us):\n%s", name, slowest_imports(done.stderr))
+            logger.info("%s: profile (cumulative):\n%s", name, profile_summary(Path(args.profile) / f"{name}.prof"))
         result = json.loads(done.stdout.strip().splitlines()[-1])
         marks = result["marks_s"]
         result["process_wall_s"] = round(wall, 3)
