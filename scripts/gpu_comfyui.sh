@@ -7,6 +7,7 @@
 #           bash scripts/gpu_comfyui.sh pytest [pytest args] (e2e tests with the server on the GPU)
 #           bash scripts/gpu_comfyui.sh overhead [args]      (scripts/node_overhead.py with the server on the GPU)
 #           bash scripts/gpu_comfyui.sh routes [args]        (scripts/webcam_routes.py with the server on the GPU)
+#           bash scripts/gpu_comfyui.sh restart [args]       (scripts/compile_restart.py, no server)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -19,14 +20,16 @@ prepare)
      comfy/text_encoders/*_tokenizer comfy/text_encoders/t5_pile_tokenizer && find . -name __pycache__ -prune -exec rm -rf {} +)
   # ComfyUI's start needs av (comfy_api) and torchsde (samplers); pydantic-settings (comfy_config), the
   # database (alembic, SQLAlchemy), kornia and spandrel are optional or only used by extra nodes; websocket-client
-  # drives the server in the e2e tests and scripts/node_overhead.py.
+  # drives the server in the e2e tests and scripts/node_overhead.py. accelerate (+ psutil) is in our requirements:
+  # without it diffusers initialises every weight randomly before loading, so load times would not be a user's.
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d .gpu/wheels av==18.1.0 torchsde==0.2.6 trampoline==0.1.2 websocket-client==1.9.2
+    --platform any -d .gpu/wheels av==18.1.0 torchsde==0.2.6 trampoline==0.1.2 websocket-client==1.9.2 \
+    accelerate==1.15.0 psutil==7.2.2
   [ -f .whl/diffusers-0.42.1-py3-none-any.whl ] || bash ../shared/device/wheels.sh
   du -sh .gpu .gpu/ComfyUI .gpu/wheels
   ;;
-soak|pytest|overhead|routes)
+soak|pytest|overhead|routes|restart)
   what=$1
   shift
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -37,6 +40,8 @@ soak|pytest|overhead|routes)
     python3 scripts/soak.py --front-end-root /tmp/streamrt-frontend "$@"
   elif [ "$what" = overhead ]; then
     python3 scripts/node_overhead.py --server-arg=--front-end-root --server-arg=/tmp/streamrt-frontend "$@"
+  elif [ "$what" = restart ]; then
+    python3 scripts/compile_restart.py "$@"
   elif [ "$what" = routes ]; then
     python3 scripts/webcam_routes.py --server-arg=--front-end-root --server-arg=/tmp/streamrt-frontend "$@"
   else
@@ -45,7 +50,7 @@ soak|pytest|overhead|routes)
   fi
   ;;
 *)
-  echo "usage: $0 prepare | soak [scripts/soak.py arguments] | pytest [pytest arguments] | overhead [scripts/node_overhead.py arguments] | routes [scripts/webcam_routes.py arguments]" >&2
+  echo "usage: $0 prepare | soak [scripts/soak.py arguments] | pytest [pytest arguments] | overhead [scripts/node_overhead.py arguments] | routes [scripts/webcam_routes.py arguments] | restart [scripts/compile_restart.py arguments]" >&2
   exit 2
   ;;
 esac
