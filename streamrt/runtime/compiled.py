@@ -68,11 +68,22 @@ class CompileOptions:
         backend (`str` or callable, defaults to `"inductor"`): ``torch.compile`` backend (tests pass a
             counting backend to see which calls go through the compiler).
         cache_dir (`str`, optional): inductor's cache folder (default: :data:`DEFAULT_CACHE_DIR`).
+        ahead_of_time (`bool`, defaults to `False`): with inductor, run the UNet and VAE calls from packages
+            compiled ahead of time (:mod:`.ahead_of_time`), which a new process loads without tracing the models
+            again; a stream with cached attention, and a call whose package cannot be made, use
+            ``torch.compile``'d calls. Off by default until it has run on a GPU (the GPU machine's torch 2.11
+            could not load any AOTInductor package: docs/DESIGN.md section 6).
     """
 
     mode: str = "default"
     backend: str | Callable = "inductor"
     cache_dir: str | None = None
+    ahead_of_time: bool = False
+
+    @property
+    def cache_path(self) -> Path:
+        """The cache folder these options use."""
+        return Path(self.cache_dir) if self.cache_dir is not None else DEFAULT_CACHE_DIR
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,14 @@ _compiled: weakref.WeakKeyDictionary[StreamModels, dict[CompileOptions, Compiled
 _lock = threading.Lock()
 
 
+def use_channels_last(models: StreamModels) -> None:
+    """Put the UNet's and VAE's weights in channels-last memory format on a CUDA device (once; the values stay the
+    same): compiled convolutions run fastest on it (module docstring)."""
+    if models.device.type == "cuda":
+        models.unet.to(memory_format=torch.channels_last)
+        models.vae.to(memory_format=torch.channels_last)
+
+
 def compiled_calls(models: StreamModels, options: CompileOptions = CompileOptions()) -> CompiledCalls:
     """The compiled calls of the modules of ``models`` for ``options``, made on first use and shared by every
     stream of that pipeline; they go with it. Compilation itself happens lazily, on the first call of each
@@ -103,9 +122,7 @@ def compiled_calls(models: StreamModels, options: CompileOptions = CompileOption
             return calls
         if options.backend == "inductor":
             use_compile_cache(options.cache_dir)
-        if models.device.type == "cuda":
-            models.unet.to(memory_format=torch.channels_last)
-            models.vae.to(memory_format=torch.channels_last)
+        use_channels_last(models)
         kwargs = dict(backend=options.backend, dynamic=False)
         if options.backend == "inductor":
             kwargs["mode"] = options.mode

@@ -29,7 +29,16 @@ from ..controlnet import ControlResiduals, TorchControlNet, residual_levels
 from ..cuda_graphs import capture_graph
 from ..kv_cache import KVCache, PromptKV
 from ..models import StreamModels, decode_latents, encode_images, predict_noise
-from .compiled import CompileOptions, compile_problem, compiled_calls, compiled_controlnet
+from .ahead_of_time import AheadOfTimeUNet, AheadOfTimeVae
+from .compiled import (
+    CompiledCalls,
+    CompileOptions,
+    compile_problem,
+    compiled_calls,
+    compiled_controlnet,
+    use_channels_last,
+    use_compile_cache,
+)
 from .host_io import HostIO
 
 logger = logging.getLogger(__name__)
@@ -599,11 +608,33 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
         problem = compile_problem(device) if options.backend == "inductor" else None
         if problem:
             raise _unavailable(requested, problem)
-        calls = compiled_calls(models, options)
         if not cuda:
             notes.append(f"no CUDA GPU ({device}): compiled calls run without a CUDA graph")
-        return Runtime(requested=requested, acceleration=requested, device=device, unet=TorchUNet(calls.unet),
-                       encode=calls.encode, decode=calls.decode,
+        unet: UNetCall
+        if options.ahead_of_time and options.backend == "inductor":
+            # the torch.compile'd calls are made only if a package fails: making them imports dynamo (seconds)
+            use_compile_cache(options.cache_dir)
+            use_channels_last(models)
+
+            def compiled() -> CompiledCalls:
+                return compiled_calls(models, options)
+
+            if config.kv_cache.enabled:
+                notes.append("unet: cached attention runs through torch.compile, which traces the UNet again in a "
+                             "new process (its ring state is not part of an ahead-of-time package)")
+                unet = TorchUNet(compiled().unet)
+            else:
+                unet = AheadOfTimeUNet(models.unet, options.cache_path,
+                                       fallback=lambda *call: TorchUNet(compiled().unet)(*call))
+            encode = AheadOfTimeVae(VAE_ENCODER, models.vae, encode_images, options.cache_path,
+                                    fallback=lambda images: compiled().encode(images))
+            decode = AheadOfTimeVae(VAE_DECODER, models.vae, decode_latents, options.cache_path,
+                                    fallback=lambda latents: compiled().decode(latents))
+        else:
+            calls = compiled_calls(models, options)
+            unet, encode, decode = TorchUNet(calls.unet), calls.encode, calls.decode
+        return Runtime(requested=requested, acceleration=requested, device=device, unet=unet,
+                       encode=encode, decode=decode,
                        parts={UNET: "compiled", VAE_ENCODER: "compiled", VAE_DECODER: "compiled"},
                        captures=cuda, host=host, notes=notes,
                        controlnet=lambda module: TorchControlNet(compiled_controlnet(module, options)))
