@@ -10,6 +10,7 @@ parent adds the interpreter's start (process wall time minus the child's own tot
     python scripts/compile_restart.py --preset sd-turbo --size 512 --work /tmp/restart --json restart.json
     python scripts/compile_restart.py --device cpu --size 64      # the tiny model on a CPU (compiled, no graph)
     python scripts/compile_restart.py --profile prof   # + each process's cProfile and import times in prof/
+    python scripts/compile_restart.py --ahead-of-time      # through packages compiled ahead of time
 
 The stream is the benchmark's scenario a: 1 step (t_index 32), cfg none, one frame per step.
 """
@@ -53,7 +54,8 @@ def child(args: argparse.Namespace) -> dict:
     mark("loaded")
     config = StreamConfig(width=args.size, height=args.size, t_index_list=(32,), cfg_type="none",
                           acceleration="compile")
-    runtime = prepare(models, config, compile_options=CompileOptions(cache_dir=str(work / "torch_compile")))
+    options = CompileOptions(cache_dir=str(work / "torch_compile"), ahead_of_time=args.ahead_of_time)
+    runtime = prepare(models, config, compile_options=options)
     mark("prepared")
     stream = Stream(models, config, prompt="a watercolor painting of a lighthouse", runtime=runtime)
     mark("stream made")
@@ -96,9 +98,13 @@ def main() -> int:
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--profile", default=None,
                    help="folder for each process's cProfile (<name>.prof) and import times (<name>_imports.txt)")
+    p.add_argument("--ahead-of-time", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile through packages compiled ahead of time (CompileOptions.ahead_of_time); default: "
+                        "torch.compile'd calls, which dynamo traces again in the new process")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one timed start, named (internal)
     args = p.parse_args()
     if args.child:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
         if args.profile:
             import cProfile
 
@@ -121,7 +127,7 @@ def main() -> int:
     runs = {}
     for name in ("cold", "warm"):
         cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size), "--device", args.device,
-               "--work", str(work)]
+               "--work", str(work), "--ahead-of-time" if args.ahead_of_time else "--no-ahead-of-time"]
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             cmd[1:1] = ["-X", "importtime"]
@@ -135,6 +141,9 @@ def main() -> int:
             (Path(args.profile) / f"{name}_imports.txt").write_text(done.stderr, encoding="utf-8")
             logger.info("%s: slowest imports (cumulative us):\n%s", name, slowest_imports(done.stderr))
             logger.info("%s: profile (cumulative):\n%s", name, profile_summary(Path(args.profile) / f"{name}.prof"))
+        for line in done.stderr.splitlines():
+            if "streamrt" in line and ("ahead" in line or "torch.compile" in line):
+                logger.info("%s: %s", name, line)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         marks = result["marks_s"]
         result["process_wall_s"] = round(wall, 3)
@@ -143,7 +152,8 @@ def main() -> int:
         runs[name] = result
         logger.info("%s: %s", name, result)
     warm = runs["warm"]["marks_s"]
-    summary = {"preset": preset, "size": args.size, "device": args.device, "target_s": TARGET_S, "runs": runs,
+    summary = {"preset": preset, "size": args.size, "device": args.device, "ahead_of_time": args.ahead_of_time,
+               "target_s": TARGET_S, "runs": runs,
                "warm_first_frame_since_start_s": warm["first frame"],
                "target_met": warm["first frame"] <= TARGET_S}
     lines = ["| process | imports s | pipeline loaded s | stream made s | first frame s | second frame s |",

@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode of the compile acceleration (default: default)")
     p.add_argument("--compile-cache", default=None, help="inductor cache folder (default: engine_cache/torch_compile)")
+    p.add_argument("--compile-ahead-of-time", action="store_true",
+                   help="compile runs packages compiled ahead of time (CompileOptions.ahead_of_time; default: "
+                        "torch.compile'd calls, traced again in every process)")
     p.add_argument("--budget-s", type=float, default=500.0,
                    help="seconds for the whole run (default: 500): a row starts only with 20 s (compile: 120 s; "
                         "SDXL compile: 170 s, at 1024x1024 190 s) of it left, later rows are listed as skipped")

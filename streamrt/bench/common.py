@@ -280,7 +280,8 @@ class BenchContext:
         self.alloc_frames = args.alloc_frames if args.alloc_frames is not None else (200 if cuda else 2)
         self.realtime_calls = args.realtime_calls if args.realtime_calls is not None else (100 if cuda else 2)
         self.prompt_trials = args.prompt_trials if args.prompt_trials is not None else (5 if cuda else 1)
-        self.compile_options = CompileOptions(mode=args.compile_mode, cache_dir=args.compile_cache)
+        self.compile_options = CompileOptions(mode=args.compile_mode, cache_dir=args.compile_cache,
+                                              ahead_of_time=args.compile_ahead_of_time)
         self.rows: list[dict[str, Any]] = []
 
         scenarios = [SCENARIOS[k] for k in getattr(args, "scenarios", None) or DEFAULT_SCENARIOS]
