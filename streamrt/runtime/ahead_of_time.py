@@ -319,6 +319,9 @@ class AheadOfTimeUNet:
         self.fallback = fallback
         self.packages = CompiledPackages("unet", cache_dir)
         self._wrappers: dict[tuple, _UNetCall] = {}
+        # the prompt's keys and values as flat inputs, per PromptKV (a stream keeps one for good): listed once, not
+        # by a loop over the layers in every call
+        self._prompt_inputs: dict[Any, tuple[torch.Tensor, ...]] = {}
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
                  extras: UNetExtras) -> torch.Tensor:
@@ -333,9 +336,12 @@ class AheadOfTimeUNet:
             residuals = len(control.down) + 1
         prompt_layers = 0
         if extras.prompt_kv is not None:
-            for _, key, value in extras.prompt_kv.layers:
-                inputs += (key, value)
-            prompt_layers = len(extras.prompt_kv.layers)
+            flat = self._prompt_inputs.get(extras.prompt_kv)
+            if flat is None:
+                flat = self._prompt_inputs[extras.prompt_kv] = tuple(
+                    t for _, key, value in extras.prompt_kv.layers for t in (key, value))
+            inputs += flat
+            prompt_layers = len(flat) // 2
         signature = ("unet", added, residuals, prompt_layers, extras.fused_qkv)
         wrapper = self._wrappers.get(signature)
         if wrapper is None:

@@ -80,11 +80,6 @@ class CompileOptions:
     cache_dir: str | None = None
     ahead_of_time: bool = False
 
-    @property
-    def cache_path(self) -> Path:
-        """The cache folder these options use."""
-        return Path(self.cache_dir) if self.cache_dir is not None else DEFAULT_CACHE_DIR
-
 
 @dataclass(frozen=True)
 class CompiledCalls:

@@ -613,7 +613,7 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
         unet: UNetCall
         if options.ahead_of_time and options.backend == "inductor":
             # the torch.compile'd calls are made only if a package fails: making them imports dynamo (seconds)
-            use_compile_cache(options.cache_dir)
+            cache = use_compile_cache(options.cache_dir)
             use_channels_last(models)
 
             def compiled() -> CompiledCalls:
@@ -624,11 +624,11 @@ def prepare(models: StreamModels, config: StreamConfig, acceleration: Accelerati
                              "new process (its ring state is not part of an ahead-of-time package)")
                 unet = TorchUNet(compiled().unet)
             else:
-                unet = AheadOfTimeUNet(models.unet, options.cache_path,
+                unet = AheadOfTimeUNet(models.unet, cache,
                                        fallback=lambda *call: TorchUNet(compiled().unet)(*call))
-            encode = AheadOfTimeVae(VAE_ENCODER, models.vae, encode_images, options.cache_path,
+            encode = AheadOfTimeVae(VAE_ENCODER, models.vae, encode_images, cache,
                                     fallback=lambda images: compiled().encode(images))
-            decode = AheadOfTimeVae(VAE_DECODER, models.vae, decode_latents, options.cache_path,
+            decode = AheadOfTimeVae(VAE_DECODER, models.vae, decode_latents, cache,
                                     fallback=lambda latents: compiled().decode(latents))
         else:
             calls = compiled_calls(models, options)
